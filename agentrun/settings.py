@@ -1,0 +1,115 @@
+"""Settings of the gateway and the executor, read from the environment (AGENTRUN_*).
+
+| variable | default | meaning |
+|---|---|---|
+| AGENTRUN_DATABASE_URL | (SQLite under AGENTRUN_DATA_DIR) | postgresql://... or sqlite:///dir |
+| AGENTRUN_DATA_DIR | ./.agentrun | SQLite files, send_email's outbox, nats data of `up` |
+| AGENTRUN_NATS_URL | nats://127.0.0.1:4222 | NATS servers, comma separated |
+| AGENTRUN_EXECUTOR_TARGET | 127.0.0.1:50052 | the gateway's executors: host:port, a list of |
+|   |   | ip:port (comma separated, round robin) or a gRPC target (dns:///executors:50052) |
+| AGENTRUN_GATEWAY_LISTEN | 127.0.0.1:50051 | where the gateway listens |
+| AGENTRUN_EXECUTOR_LISTEN | 127.0.0.1:50052 | where the executor listens |
+| AGENTRUN_API_KEYS | (none) | tenant:key pairs, comma separated |
+| AGENTRUN_API_KEYS_FILE | (none) | JSON file: {"tenant": ["key", "sha256:<hex>", ...], ...} |
+| AGENTRUN_EVENT_RETENTION | 604800 (7 days) | seconds a run's event stream stays in JetStream |
+| AGENTRUN_MAX_INPUT_BYTES | 65536 | the largest user input accepted |
+| AGENTRUN_EXECUTOR_ID | (random) | this executor's name in logs and run records |
+| AGENTRUN_LIVENESS_INTERVAL | 1.0 | seconds between watchers' checks that a run's executor lives |
+| AGENTRUN_RECONCILE_INTERVAL | 5.0 | seconds between the executor's sweeps for lost runs |
+
+With no API keys configured, every caller is the tenant "local" (the embedded default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOCAL_TENANT = "local"
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    """Maps API keys to tenants. Keys are held only as SHA-256 digests."""
+
+    digests: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.digests)
+
+    def tenant_of(self, key: str) -> str | None:
+        return self.digests.get(hashlib.sha256(key.encode()).hexdigest())
+
+    @staticmethod
+    def parse(pairs: str, file: str | None) -> ApiKeys:
+        digests: dict[str, str] = {}
+
+        def add(tenant: str, key: str) -> None:
+            tenant, key = tenant.strip(), key.strip()
+            if not tenant or not key:
+                raise ValueError("an API key entry needs a tenant and a key")
+            if key.startswith("sha256:"):
+                digests[key.removeprefix("sha256:").lower()] = tenant
+            else:
+                digests[hashlib.sha256(key.encode()).hexdigest()] = tenant
+
+        for pair in filter(None, (p.strip() for p in pairs.split(","))):
+            tenant, sep, key = pair.partition(":")
+            if not sep:
+                raise ValueError("AGENTRUN_API_KEYS entries look like tenant:key")
+            add(tenant, key)
+        if file:
+            data = json.loads(Path(file).read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"{file}: expected an object of tenant -> list of keys")
+            for tenant, keys in data.items():
+                for key in [keys] if isinstance(keys, str) else keys:
+                    add(tenant, key)
+        return ApiKeys(digests)
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = ""
+    data_dir: Path = Path(".agentrun")
+    nats_urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    executor_target: str = "127.0.0.1:50052"
+    gateway_listen: str = "127.0.0.1:50051"
+    executor_listen: str = "127.0.0.1:50052"
+    api_keys: ApiKeys = ApiKeys()
+    event_retention: float = 7 * 24 * 3600.0
+    max_input_bytes: int = 64 * 1024
+    executor_id: str = ""
+    liveness_interval: float = 1.0
+    reconcile_interval: float = 5.0
+
+    @staticmethod
+    def from_env(env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        defaults = Settings()
+
+        def get(name: str, default: str) -> str:
+            return env.get(f"AGENTRUN_{name}", "") or default
+
+        return Settings(
+            database_url=get("DATABASE_URL", ""),
+            data_dir=Path(get("DATA_DIR", str(defaults.data_dir))),
+            nats_urls=tuple(
+                u.strip() for u in get("NATS_URL", ",".join(defaults.nats_urls)).split(",") if u
+            ),
+            executor_target=get("EXECUTOR_TARGET", defaults.executor_target),
+            gateway_listen=get("GATEWAY_LISTEN", defaults.gateway_listen),
+            executor_listen=get("EXECUTOR_LISTEN", defaults.executor_listen),
+            api_keys=ApiKeys.parse(get("API_KEYS", ""), get("API_KEYS_FILE", "") or None),
+            event_retention=float(get("EVENT_RETENTION", str(defaults.event_retention))),
+            max_input_bytes=int(get("MAX_INPUT_BYTES", str(defaults.max_input_bytes))),
+            executor_id=get("EXECUTOR_ID", "") or f"executor-{uuid.uuid4().hex[:8]}",
+            liveness_interval=float(get("LIVENESS_INTERVAL", str(defaults.liveness_interval))),
+            reconcile_interval=float(get("RECONCILE_INTERVAL", str(defaults.reconcile_interval))),
+        )

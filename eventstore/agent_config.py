@@ -1,0 +1,203 @@
+"""An agent's configuration as the domain sees it: immutable values with a JSON-native form.
+
+The JSON form is what the store records, both in the agent's own history and pinned into
+every run that starts (a run keeps the configuration as of its start).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from agentrun.errors import InvalidArgument
+
+ExecutionMode = Literal["classic", "durable"]
+EXECUTION_MODES: tuple[ExecutionMode, ...] = ("classic", "durable")
+MODEL_PROVIDERS = ("scripted", "openai")
+BUILTIN_TOOL_NAMES = ("clock", "calculator", "send_email")
+
+DEFAULT_APPROVAL_TIMEOUT = 24 * 3600.0
+DEFAULT_TOOL_TIMEOUT = 30.0
+DEFAULT_MAX_MODEL_CALLS = 16
+MAX_MODEL_CALLS_LIMIT = 1000
+AGENT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class ScriptedToolCall:
+    name: str
+    arguments_json: str
+
+
+@dataclass(frozen=True)
+class ScriptedTurn:
+    text: str
+    tool_calls: tuple[ScriptedToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScriptedSettings:
+    first_token_delay: float = 0.0
+    token_delay: float = 0.0
+    turns: tuple[ScriptedTurn, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    provider: str
+    name: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    base_url: str = ""
+    api_key_env: str = ""
+    scripted: ScriptedSettings = ScriptedSettings()
+
+
+@dataclass(frozen=True)
+class ToolSettings:
+    name: str
+    description: str = ""
+    requires_approval: bool = False
+    timeout: float = DEFAULT_TOOL_TIMEOUT
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """What an agent is at one version."""
+
+    agent_id: str
+    model: ModelSettings
+    version: int = 0
+    display_name: str = ""
+    execution_mode: ExecutionMode = "classic"
+    instructions: str = ""
+    tools: tuple[ToolSettings, ...] = ()
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT
+    max_model_calls: int = DEFAULT_MAX_MODEL_CALLS
+
+    def tool(self, name: str) -> ToolSettings | None:
+        return next((t for t in self.tools if t.name == name), None)
+
+    def with_version(self, version: int) -> AgentConfig:
+        return replace(self, version=version)
+
+    def validate(self) -> None:
+        """Raises InvalidArgument naming the first thing wrong with the configuration."""
+        if not AGENT_ID_PATTERN.match(self.agent_id):
+            raise InvalidArgument(
+                "agent.id",
+                "must be 1-63 characters of a-z, 0-9 and '-', starting with a letter",
+            )
+        if self.model.provider not in MODEL_PROVIDERS:
+            raise InvalidArgument(
+                "agent.model.provider", f"must be one of {', '.join(MODEL_PROVIDERS)}"
+            )
+        if self.model.provider == "openai" and not self.model.name:
+            raise InvalidArgument("agent.model.name", "is required for the openai provider")
+        scripted = self.model.scripted
+        if scripted.first_token_delay < 0 or scripted.token_delay < 0:
+            raise InvalidArgument("agent.model.scripted", "delays must not be negative")
+        names = [t.name for t in self.tools]
+        for tool in self.tools:
+            if tool.name not in BUILTIN_TOOL_NAMES:
+                raise InvalidArgument(
+                    "agent.tools",
+                    f"unknown tool {tool.name!r}; built-in tools: {', '.join(BUILTIN_TOOL_NAMES)}",
+                )
+            if tool.timeout <= 0:
+                raise InvalidArgument("agent.tools.timeout", "must be positive")
+        if len(set(names)) != len(names):
+            raise InvalidArgument("agent.tools", "a tool is listed twice")
+        if self.approval_timeout <= 0:
+            raise InvalidArgument("agent.approval_timeout", "must be positive")
+        if not 1 <= self.max_model_calls <= MAX_MODEL_CALLS_LIMIT:
+            raise InvalidArgument(
+                "agent.max_model_calls", f"must be between 1 and {MAX_MODEL_CALLS_LIMIT}"
+            )
+        if len(self.instructions) > 100_000:
+            raise InvalidArgument("agent.instructions", "must be at most 100,000 characters")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "agent_id": self.agent_id,
+            "version": self.version,
+            "display_name": self.display_name,
+            "execution_mode": self.execution_mode,
+            "instructions": self.instructions,
+            "approval_timeout": self.approval_timeout,
+            "max_model_calls": self.max_model_calls,
+            "model": {
+                "provider": self.model.provider,
+                "name": self.model.name,
+                "parameters": self.model.parameters,
+                "base_url": self.model.base_url,
+                "api_key_env": self.model.api_key_env,
+                "scripted": {
+                    "first_token_delay": self.model.scripted.first_token_delay,
+                    "token_delay": self.model.scripted.token_delay,
+                    "turns": [
+                        {
+                            "text": turn.text,
+                            "tool_calls": [
+                                {"name": c.name, "arguments_json": c.arguments_json}
+                                for c in turn.tool_calls
+                            ],
+                        }
+                        for turn in self.model.scripted.turns
+                    ],
+                },
+            },
+            "tools": [
+                {
+                    "name": t.name,
+                    "description": t.description,
+                    "requires_approval": t.requires_approval,
+                    "timeout": t.timeout,
+                }
+                for t in self.tools
+            ],
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> AgentConfig:
+        model = data["model"]
+        scripted = model.get("scripted") or {}
+        return AgentConfig(
+            agent_id=data["agent_id"],
+            version=int(data.get("version", 0)),
+            display_name=data.get("display_name", ""),
+            execution_mode=data.get("execution_mode", "classic"),
+            instructions=data.get("instructions", ""),
+            approval_timeout=float(data.get("approval_timeout", DEFAULT_APPROVAL_TIMEOUT)),
+            max_model_calls=int(data.get("max_model_calls", DEFAULT_MAX_MODEL_CALLS)),
+            model=ModelSettings(
+                provider=model["provider"],
+                name=model.get("name", ""),
+                parameters=dict(model.get("parameters") or {}),
+                base_url=model.get("base_url", ""),
+                api_key_env=model.get("api_key_env", ""),
+                scripted=ScriptedSettings(
+                    first_token_delay=float(scripted.get("first_token_delay", 0.0)),
+                    token_delay=float(scripted.get("token_delay", 0.0)),
+                    turns=tuple(
+                        ScriptedTurn(
+                            text=turn.get("text", ""),
+                            tool_calls=tuple(
+                                ScriptedToolCall(c["name"], c.get("arguments_json", ""))
+                                for c in turn.get("tool_calls", [])
+                            ),
+                        )
+                        for turn in scripted.get("turns", [])
+                    ),
+                ),
+            ),
+            tools=tuple(
+                ToolSettings(
+                    name=t["name"],
+                    description=t.get("description", ""),
+                    requires_approval=bool(t.get("requires_approval", False)),
+                    timeout=float(t.get("timeout", DEFAULT_TOOL_TIMEOUT)),
+                )
+                for t in data.get("tools", [])
+            ),
+        )

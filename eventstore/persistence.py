@@ -1,0 +1,116 @@
+"""Where the store keeps its data: one database URL configures every application and read model.
+
+- ``postgresql://user:password@host:port/dbname[?schema=name]``: PostgreSQL (production). Every
+  application gets its own ``<name>_events`` table; read models get their own tables. The
+  optional schema (created if missing) isolates one deployment or test session from another.
+- ``sqlite:///path/to/dir`` or no URL: SQLite files under that directory (default ./.agentrun).
+  Each application gets its own file: eventsourcing always names its SQLite table
+  ``stored_events``, so two applications must not share a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+from agentrun.errors import InvalidArgument
+
+DEFAULT_DATA_DIR = Path(".agentrun")
+
+
+@dataclass(frozen=True)
+class PostgresParams:
+    host: str
+    port: int
+    user: str
+    password: str
+    dbname: str
+    schema: str = ""
+
+    def conninfo(self) -> str:
+        """A libpq connection string for psycopg (values quoted, password included)."""
+
+        def quote(value: str) -> str:
+            return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+        parts = {
+            "host": self.host,
+            "port": str(self.port),
+            "user": self.user,
+            "dbname": self.dbname,
+        }
+        if self.password:
+            parts["password"] = self.password
+        return " ".join(f"{k}={quote(v)}" for k, v in parts.items())
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Either ``postgres`` is set, or the store uses SQLite files under ``sqlite_dir``."""
+
+    sqlite_dir: Path = DEFAULT_DATA_DIR
+    postgres: PostgresParams | None = None
+
+    @staticmethod
+    def from_url(url: str | None, default_dir: Path = DEFAULT_DATA_DIR) -> StoreConfig:
+        if not url:
+            return StoreConfig(sqlite_dir=default_dir)
+        parsed = urlparse(url)
+        if parsed.scheme == "sqlite":
+            path = unquote(parsed.path) or str(default_dir)
+            return StoreConfig(sqlite_dir=Path(path))
+        if parsed.scheme in ("postgres", "postgresql"):
+            query = parse_qs(parsed.query)
+            schema = query.get("schema", [""])[0]
+            if schema and not schema.replace("_", "").isalnum():
+                raise InvalidArgument("database url", "schema must be letters, digits and _")
+            return StoreConfig(
+                postgres=PostgresParams(
+                    host=parsed.hostname or "127.0.0.1",
+                    port=parsed.port or 5432,
+                    user=unquote(parsed.username or "postgres"),
+                    password=unquote(parsed.password or ""),
+                    dbname=(parsed.path or "/postgres").lstrip("/") or "postgres",
+                    schema=schema,
+                )
+            )
+        raise InvalidArgument("database url", "must start with postgresql:// or sqlite://")
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.postgres is not None
+
+    def describe(self) -> str:
+        """The store's location, without credentials, for logs."""
+        if self.postgres is None:
+            return f"sqlite:{self.sqlite_dir}"
+        pg = self.postgres
+        suffix = f"?schema={pg.schema}" if pg.schema else ""
+        return f"postgresql://{pg.user}@{pg.host}:{pg.port}/{pg.dbname}{suffix}"
+
+    def application_env(self, name: str) -> dict[str, str]:
+        """The eventsourcing settings for the application called ``name``."""
+        if self.postgres is None:
+            self.sqlite_dir.mkdir(parents=True, exist_ok=True)
+            return {
+                "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+                "SQLITE_DBNAME": str(self.sqlite_dir / f"{name.lower()}.sqlite"),
+                "SQLITE_LOCK_TIMEOUT": "10",
+            }
+        pg = self.postgres
+        env = {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_DBNAME": pg.dbname,
+            "POSTGRES_HOST": pg.host,
+            "POSTGRES_PORT": str(pg.port),
+            "POSTGRES_USER": pg.user,
+            "POSTGRES_PASSWORD": pg.password,
+            "POSTGRES_POOL_SIZE": "4",
+            "POSTGRES_MAX_OVERFLOW": "8",
+            "POSTGRES_CONNECT_TIMEOUT": "5",
+            "POSTGRES_PRE_PING": "y",
+        }
+        if pg.schema:
+            env["POSTGRES_SCHEMA"] = pg.schema
+        return env

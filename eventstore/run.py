@@ -1,0 +1,194 @@
+"""A run as an event-sourced aggregate: pure domain, no I/O.
+
+Both execution modes drive this same aggregate. Classic mode applies its events in memory only;
+durable mode stores them (a step's events in one save) before the next step starts. Its events are
+the results of the run's steps; eventstore.run_steps decides the next step from them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate, event
+
+from agentrun.errors import FailedPrecondition
+from eventstore.agent_config import AgentConfig
+from eventstore.messages import (
+    ChatMessage,
+    ToolCall,
+    Usage,
+    add_usage,
+    assistant_message,
+    no_usage,
+    tool_message,
+    user_message,
+)
+
+RunStatus = Literal["running", "awaiting_approval", "completed", "failed", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+
+class Decision(TypedDict):
+    approved: bool
+    reason: str
+    timed_out: bool
+
+
+class ToolOutcome(TypedDict):
+    output: str
+    is_error: bool
+
+
+class RunError(TypedDict):
+    code: str
+    message: str
+    retryable: bool
+
+
+class Run(Aggregate):
+    """One run of an agent. The aggregate id is the run id (a UUID)."""
+
+    @staticmethod
+    def create_id(run_id: str) -> UUID:
+        return UUID(run_id)
+
+    @event("Requested")
+    def __init__(
+        self,
+        run_id: str,
+        tenant: str,
+        request_id: str,
+        agent: dict[str, Any],
+        input: str,
+        conversation_id: str,
+        history: list[ChatMessage],
+        execution_mode: str,
+    ) -> None:
+        self.run_id = run_id
+        self.tenant = tenant
+        self.request_id = request_id
+        self.agent = agent
+        self.input = input
+        self.conversation_id = conversation_id
+        self.history = history
+        self.execution_mode = execution_mode
+        self.messages: list[ChatMessage] = [user_message(input)]
+        self.status: RunStatus = "running"
+        self.model_calls = 0
+        self.steps_completed = 0
+        self.usage: Usage = no_usage()
+        self.approvals_required: dict[str, float] = {}
+        self.decisions: dict[str, Decision] = {}
+        self.outcomes: dict[str, ToolOutcome] = {}
+        self.output = ""
+        self.error: RunError | None = None
+        self.cancel_reason = ""
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @property
+    def agent_config(self) -> AgentConfig:
+        return AgentConfig.from_json(self.agent)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def model_messages(self) -> list[ChatMessage]:
+        """What the model sees: the conversation's earlier turns, then this run's messages."""
+        return [*self.history, *self.messages]
+
+    def pending_tool_calls(self) -> list[ToolCall]:
+        """The last model call's tool calls that have no outcome yet, in the model's order."""
+        last = self.messages[-1]
+        if last["role"] == "tool":
+            last = next(m for m in reversed(self.messages) if m["role"] == "assistant")
+        if last["role"] != "assistant":
+            return []
+        return [c for c in last.get("tool_calls", []) if c["id"] not in self.outcomes]
+
+    def requires_approval(self, call: ToolCall) -> bool:
+        return any(
+            t["name"] == call["name"] and t.get("requires_approval", False)
+            for t in self.agent.get("tools", [])
+        )
+
+    def awaiting_decision(self) -> list[ToolCall]:
+        """Tool calls whose approval was required and not yet decided."""
+        return [
+            c
+            for c in self.pending_tool_calls()
+            if c["id"] in self.approvals_required and c["id"] not in self.decisions
+        ]
+
+    def check_decision(self, tool_call_id: str, approved: bool) -> bool:
+        """Validates a decision. True if it is new; False if it repeats the recorded one.
+
+        Raises FailedPrecondition if the call is not awaiting approval, or was decided otherwise.
+        """
+        recorded = self.decisions.get(tool_call_id)
+        if recorded is not None:
+            if recorded["approved"] == approved:
+                return False
+            verdict = "approved" if recorded["approved"] else "denied"
+            how = " by the approval timeout" if recorded["timed_out"] else ""
+            raise FailedPrecondition(
+                f"tool call {tool_call_id!r} was already {verdict}{how}; a decision cannot change"
+            )
+        if self.is_finished:
+            raise FailedPrecondition(f"run {self.run_id} has already ended ({self.status})")
+        if tool_call_id not in self.approvals_required:
+            raise FailedPrecondition(f"tool call {tool_call_id!r} is not awaiting approval")
+        return True
+
+    # -- events ----------------------------------------------------------------------------------
+
+    @event("ModelCallCompleted")
+    def record_model_call(
+        self, step_index: int, text: str, tool_calls: list[ToolCall], usage: Usage
+    ) -> None:
+        self.messages.append(assistant_message(text, tool_calls))
+        self.model_calls += 1
+        self.steps_completed = step_index
+        self.usage = add_usage(self.usage, usage)
+
+    @event("ToolApprovalRequired")
+    def require_approval(self, step_index: int, tool_call_id: str, expire_at: float) -> None:
+        self.approvals_required[tool_call_id] = expire_at
+        self.status = "awaiting_approval"
+
+    @event("ToolApprovalDecided")
+    def decide(self, tool_call_id: str, approved: bool, reason: str, timed_out: bool) -> None:
+        self.decisions[tool_call_id] = {
+            "approved": approved,
+            "reason": reason,
+            "timed_out": timed_out,
+        }
+        if not self.awaiting_decision():
+            self.status = "running"
+
+    @event("ToolCallCompleted")
+    def record_tool_outcome(
+        self, step_index: int, tool_call_id: str, output: str, is_error: bool
+    ) -> None:
+        self.outcomes[tool_call_id] = {"output": output, "is_error": is_error}
+        self.messages.append(tool_message(tool_call_id, output, is_error))
+        if not self.pending_tool_calls():
+            self.steps_completed = step_index
+
+    @event("Completed")
+    def complete(self, output: str) -> None:
+        self.output = output
+        self.status = "completed"
+
+    @event("Failed")
+    def fail(self, code: str, message: str, retryable: bool) -> None:
+        self.error = {"code": code, "message": message, "retryable": retryable}
+        self.status = "failed"
+
+    @event("Cancelled")
+    def cancel(self, reason: str) -> None:
+        self.cancel_reason = reason
+        self.status = "cancelled"

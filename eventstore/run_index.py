@@ -1,0 +1,348 @@
+"""The run list: one row per run, for GetRun and ListRuns, on SQLite or PostgreSQL.
+
+Classic runs write their row directly (claimed at start, updated as the run changes state).
+Writes use PostgreSQL's asynchronous commit: a row lost to a database crash belongs to a classic
+run, which such a crash loses anyway, so the first-token path does not wait for an fsync.
+
+Every method is synchronous: call it through a thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import psycopg
+import psycopg.errors
+import psycopg_pool
+
+from agentrun.errors import InvalidArgument, NotFound, Unavailable
+from eventstore.messages import ToolCall
+from eventstore.persistence import StoreConfig
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+_COLUMNS_SQL = """
+    run_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    agent_version BIGINT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    execution_mode TEXT NOT NULL,
+    status TEXT NOT NULL,
+    input TEXT NOT NULL,
+    output TEXT NOT NULL,
+    input_tokens BIGINT NOT NULL,
+    output_tokens BIGINT NOT NULL,
+    error_code TEXT NOT NULL,
+    error_message TEXT NOT NULL,
+    error_retryable BOOLEAN NOT NULL,
+    pending_approvals TEXT NOT NULL,
+    decisions TEXT NOT NULL,
+    executor_id TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    version BIGINT NOT NULL,
+    forked_from_run_id TEXT NOT NULL,
+    forked_at_version BIGINT NOT NULL
+"""
+_LIST_INDEX_SQL = (
+    "CREATE INDEX IF NOT EXISTS agentrun_runs_by_tenant "
+    "ON agentrun_runs (tenant, created_at DESC, run_id DESC)"
+)
+_ACTIVE_INDEX_SQL = (
+    "CREATE INDEX IF NOT EXISTS agentrun_runs_active ON agentrun_runs (execution_mode, status)"
+)
+
+
+@dataclass
+class RunRecord:
+    """One row of the run list."""
+
+    run_id: str
+    tenant: str
+    agent_id: str
+    request_id: str = ""
+    agent_version: int = 0
+    conversation_id: str = ""
+    execution_mode: str = "classic"
+    status: str = "running"
+    input: str = ""
+    output: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    error_code: str = ""
+    error_message: str = ""
+    error_retryable: bool = False
+    pending_approvals: list[ToolCall] = field(default_factory=list)
+    decisions: dict[str, bool] = field(default_factory=dict)
+    executor_id: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    version: int = 0
+    forked_from_run_id: str = ""
+    forked_at_version: int = 0
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(RunRecord))
+_UPDATABLE = frozenset(_FIELD_NAMES) - {"run_id", "tenant", "created_at"}
+_JSON_FIELDS = frozenset({"pending_approvals", "decisions"})
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    agent_id: str = ""
+    conversation_id: str = ""
+    statuses: Sequence[str] = ()
+    execution_mode: str = ""
+
+
+class RunIndex:
+    """The run list over one SQL database (see module docstring)."""
+
+    def __init__(self, store: StoreConfig) -> None:
+        self._db: _Database
+        if store.postgres is None:
+            store.sqlite_dir.mkdir(parents=True, exist_ok=True)
+            self._db = _SqliteDatabase(str(store.sqlite_dir / "runindex.sqlite"))
+        else:
+            self._db = _PostgresDatabase(store.postgres.conninfo(), store.postgres.schema)
+        with self._db.cursor() as cur:
+            cur.execute(f"CREATE TABLE IF NOT EXISTS agentrun_runs ({_COLUMNS_SQL})")
+            cur.execute(_LIST_INDEX_SQL)
+            cur.execute(_ACTIVE_INDEX_SQL)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def claim(self, record: RunRecord) -> RunRecord | None:
+        """Inserts the run's row unless one exists. None if inserted; else the existing row.
+
+        The run id is derived from (tenant, request_id) when there is a request_id, so a repeated
+        start finds the first start's row: this insert is the idempotency check.
+        """
+        now = time.time()
+        record.created_at = record.created_at or now
+        record.updated_at = now
+        values = _to_row(record)
+        placeholders = ", ".join(["%s"] * len(values))
+        with self._db.cursor() as cur:
+            cur.execute(
+                f"INSERT INTO agentrun_runs ({', '.join(_FIELD_NAMES)}) VALUES ({placeholders}) "
+                "ON CONFLICT (run_id) DO NOTHING",
+                values,
+            )
+            if cur.rowcount == 1:
+                return None
+            cur.execute(
+                f"SELECT {', '.join(_FIELD_NAMES)} FROM agentrun_runs WHERE run_id = %s",
+                (record.run_id,),
+            )
+            row = cur.fetchone()
+        if row is None:  # deleted between the two statements: treat as a new claim
+            return self.claim(record)
+        return _from_row(row)
+
+    def update(self, run_id: str, **changes: Any) -> None:
+        unknown = set(changes) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        changes["updated_at"] = time.time()
+        for name in _JSON_FIELDS & changes.keys():
+            changes[name] = json.dumps(changes[name])
+        assignments = ", ".join(f"{name} = %s" for name in changes)
+        with self._db.cursor() as cur:
+            cur.execute(
+                f"UPDATE agentrun_runs SET {assignments} WHERE run_id = %s",
+                (*changes.values(), run_id),
+            )
+
+    def remove(self, run_id: str) -> None:
+        with self._db.cursor() as cur:
+            cur.execute("DELETE FROM agentrun_runs WHERE run_id = %s", (run_id,))
+
+    def get(self, tenant: str, run_id: str) -> RunRecord:
+        with self._db.cursor() as cur:
+            cur.execute(
+                f"SELECT {', '.join(_FIELD_NAMES)} FROM agentrun_runs "
+                "WHERE run_id = %s AND tenant = %s",
+                (run_id, tenant),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise NotFound("run", run_id)
+        return _from_row(row)
+
+    def list_runs(
+        self, tenant: str, run_filter: RunFilter, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[RunRecord], str]:
+        """Runs newest first, a page at a time; the token encodes the filter it belongs to."""
+        if page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        filter_key = json.dumps(asdict(run_filter) | {"statuses": sorted(run_filter.statuses)})
+        where = ["tenant = %s"]
+        params: list[Any] = [tenant]
+        for column in ("agent_id", "conversation_id", "execution_mode"):
+            value = getattr(run_filter, column)
+            if value:
+                where.append(f"{column} = %s")
+                params.append(value)
+        if run_filter.statuses:
+            where.append(f"status IN ({', '.join(['%s'] * len(run_filter.statuses))})")
+            params.extend(run_filter.statuses)
+        if page_token:
+            created_at, last_id = _decode_page_token(page_token, filter_key)
+            where.append("(created_at < %s OR (created_at = %s AND run_id < %s))")
+            params.extend([created_at, created_at, last_id])
+        with self._db.cursor() as cur:
+            cur.execute(
+                f"SELECT {', '.join(_FIELD_NAMES)} FROM agentrun_runs "
+                f"WHERE {' AND '.join(where)} "
+                "ORDER BY created_at DESC, run_id DESC LIMIT %s",
+                (*params, size + 1),
+            )
+            rows = cur.fetchall()
+        records = [_from_row(r) for r in rows[:size]]
+        token = ""
+        if len(rows) > size:
+            last = records[-1]
+            token = _encode_page_token(last.created_at, last.run_id, filter_key)
+        return records, token
+
+    def active_classic_runs(self) -> list[RunRecord]:
+        """Classic runs not yet ended, for the reconciler that finds runs whose executor died."""
+        with self._db.cursor() as cur:
+            cur.execute(
+                f"SELECT {', '.join(_FIELD_NAMES)} FROM agentrun_runs "
+                "WHERE execution_mode = 'classic' AND status IN ('running', 'awaiting_approval')"
+            )
+            return [_from_row(r) for r in cur.fetchall()]
+
+
+def _to_row(record: RunRecord) -> tuple[Any, ...]:
+    values = asdict(record)
+    for name in _JSON_FIELDS:
+        values[name] = json.dumps(values[name])
+    return tuple(values[name] for name in _FIELD_NAMES)
+
+
+def _from_row(row: Sequence[Any]) -> RunRecord:
+    values = dict(zip(_FIELD_NAMES, row, strict=True))
+    for name in _JSON_FIELDS:
+        values[name] = json.loads(values[name])
+    values["error_retryable"] = bool(values["error_retryable"])
+    return RunRecord(**values)
+
+
+def _encode_page_token(created_at: float, run_id: str, filter_key: str) -> str:
+    raw = json.dumps({"c": created_at, "r": run_id, "f": filter_key})
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_page_token(token: str, filter_key: str) -> tuple[float, str]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        created_at, run_id, key = float(data["c"]), str(data["r"]), str(data["f"])
+    except (ValueError, KeyError, TypeError):
+        raise InvalidArgument("page_token", "is not a token from a previous response") from None
+    if key != filter_key:
+        raise InvalidArgument("page_token", "was issued for different filters")
+    return created_at, run_id
+
+
+class _Cursor:
+    """The small part of a DB-API cursor this module uses, with %s placeholders everywhere."""
+
+    def __init__(self, cursor: Any, placeholder: str) -> None:
+        self._cursor = cursor
+        self._placeholder = placeholder
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        if self._placeholder != "%s":
+            sql = sql.replace("%s", self._placeholder)
+        self._cursor.execute(sql, tuple(params))
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cursor.rowcount)
+
+    def fetchone(self) -> Sequence[Any] | None:
+        row: Sequence[Any] | None = self._cursor.fetchone()
+        return row
+
+    def fetchall(self) -> list[Sequence[Any]]:
+        return list(self._cursor.fetchall())
+
+
+class _Database:
+    def cursor(self) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _SqliteDatabase(_Database):
+    """One connection shared by threads under a lock: SQLite serialises writers anyway."""
+
+    def __init__(self, path: str) -> None:
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=10000")
+
+    @contextmanager
+    def cursor(self) -> Iterator[_Cursor]:
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Cursor(cur, "?")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class _PostgresDatabase(_Database):
+    def __init__(self, conninfo: str, schema: str) -> None:
+        if schema:
+            # Another process may create the schema at the same moment.
+            duplicate = (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema)
+            with psycopg.connect(conninfo, autocommit=True) as db, contextlib.suppress(*duplicate):
+                db.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            conninfo += f" options='-c search_path={schema}'"
+
+        def configure(conn: psycopg.Connection[Any]) -> None:
+            conn.execute("SET synchronous_commit = off")
+            conn.commit()
+
+        self._pool = psycopg_pool.ConnectionPool(
+            conninfo, min_size=1, max_size=8, configure=configure, open=True, timeout=5.0
+        )
+
+    @contextmanager
+    def cursor(self) -> Iterator[_Cursor]:
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                yield _Cursor(cur, "%s")
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            raise Unavailable("database", f"the database is unavailable: {exc}") from exc
+
+    def close(self) -> None:
+        self._pool.close()

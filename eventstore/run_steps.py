@@ -1,0 +1,100 @@
+"""The run's state machine: from a run's events alone, decide its one next step. No I/O.
+
+Both modes ask ``next_step`` what to do, do it, record its result as events, and ask again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eventstore.messages import ToolCall
+from eventstore.run import Decision, Run
+
+
+@dataclass(frozen=True)
+class CallModel:
+    """Call the model with the run's messages. ``call_index`` counts the run's model calls."""
+
+    step_index: int
+    call_index: int
+
+
+@dataclass(frozen=True)
+class RequestApprovals:
+    """Ask a human to decide on these tool calls (record that approval is required)."""
+
+    step_index: int
+    calls: tuple[ToolCall, ...]
+
+
+@dataclass(frozen=True)
+class AwaitApprovals:
+    """Wait until these tool calls are decided, or until ``expire_at`` (epoch seconds)."""
+
+    step_index: int
+    calls: tuple[ToolCall, ...]
+    expire_at: float
+
+
+@dataclass(frozen=True)
+class RunTool:
+    """Execute one tool call; if ``denial`` is set, record the denial instead of executing."""
+
+    step_index: int
+    call: ToolCall
+    denial: Decision | None
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Complete the run with this output."""
+
+    output: str
+
+
+@dataclass(frozen=True)
+class FailRun:
+    """Fail the run."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The run has ended; nothing is left to do."""
+
+
+Step = CallModel | RequestApprovals | AwaitApprovals | RunTool | Finish | FailRun | Finished
+
+
+def next_step(run: Run) -> Step:
+    """The one next step of ``run``, decided from its recorded events alone."""
+    if run.is_finished:
+        return Finished()
+    step_index = run.steps_completed + 1
+    last = run.messages[-1]
+    if last["role"] == "assistant" and not last.get("tool_calls"):
+        return Finish(last["content"])
+    pending = run.pending_tool_calls()
+    if not pending:
+        max_calls = int(run.agent.get("max_model_calls", 16))
+        if run.model_calls >= max_calls:
+            return FailRun(
+                "MAX_MODEL_CALLS",
+                f"the run needed more than the agent's {max_calls} model calls",
+            )
+        return CallModel(step_index=step_index, call_index=run.model_calls)
+    unrequested = tuple(
+        c for c in pending if run.requires_approval(c) and c["id"] not in run.approvals_required
+    )
+    if unrequested:
+        return RequestApprovals(step_index=step_index, calls=unrequested)
+    undecided = tuple(run.awaiting_decision())
+    if undecided:
+        expire_at = min(run.approvals_required[c["id"]] for c in undecided)
+        return AwaitApprovals(step_index=step_index, calls=undecided, expire_at=expire_at)
+    call = pending[0]
+    decision = run.decisions.get(call["id"])
+    denial = decision if decision is not None and not decision["approved"] else None
+    return RunTool(step_index=step_index, call=call, denial=denial)

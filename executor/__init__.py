@@ -1,0 +1,1 @@
+"""The executor: runs agents (the agent loop, model providers, tools) behind ExecutorService."""

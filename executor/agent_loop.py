@@ -1,0 +1,257 @@
+"""The agent loop: one loop for both execution modes.
+
+It asks the run's state machine for the next step, performs it (model call, approvals, tool
+call), records the result as the run's events, and emits what clients see. What differs between
+the modes is behind ``RunHost``: classic keeps events in memory and waits for approvals in
+memory; durable commits every step's events before the next step and suspends on approvals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, Protocol
+
+from agentrun.v1 import run_pb2
+from eventstore.messages import ToolCall
+from eventstore.run import Run
+from eventstore.run_steps import (
+    AwaitApprovals,
+    CallModel,
+    FailRun,
+    Finish,
+    Finished,
+    RequestApprovals,
+    RunTool,
+    Step,
+    next_step,
+)
+from executor.models import ModelProviders
+from executor.models.base import ModelError, ModelRequest, ToolSpec
+from executor.run_stream import RunStream
+from executor.tools import get_tool
+from executor.tools.base import ToolContext, ToolError
+from executor.translation import ERROR_ENUMS
+
+log = logging.getLogger(__name__)
+
+MODEL_CALL = run_pb2.STEP_KIND_MODEL_CALL
+TOOL_CALLS = run_pb2.STEP_KIND_TOOL_CALLS
+
+
+class RunHost(Protocol):
+    """What the execution mode provides to the loop."""
+
+    def attempt(self, step_index: int) -> int:
+        """The attempt number of ``step_index`` (1 unless the step was interrupted before)."""
+        ...
+
+    async def commit(self, run: Run) -> None:
+        """Records the run's new events (durable: stores them; classic: drops them)."""
+        ...
+
+    async def status_changed(self, run: Run) -> None:
+        """The run started or stopped waiting for approvals."""
+        ...
+
+    async def wait_for_decisions(self, run: Run, step: AwaitApprovals) -> bool:
+        """Waits for the decisions (or their deadline). False stops the loop (run suspended)."""
+        ...
+
+    async def finished(self, run: Run) -> None:
+        """The run has ended (its terminal event is applied): record what outlives it."""
+        ...
+
+
+class AgentLoop:
+    """Drives one run to its end, or until its host suspends it."""
+
+    def __init__(
+        self,
+        run: Run,
+        stream: RunStream,
+        host: RunHost,
+        models: ModelProviders,
+        data_dir: Any,
+    ) -> None:
+        self.run = run
+        self.stream = stream
+        self.host = host
+        self.models = models
+        self.data_dir = data_dir
+        self._announced: set[int] = set()
+
+    async def drive(self) -> None:
+        while True:
+            step = next_step(self.run)
+            if isinstance(step, Finished):
+                return
+            if not await self._perform(step):
+                return
+
+    async def _perform(self, step: Step) -> bool:
+        if isinstance(step, CallModel):
+            await self._call_model(step)
+        elif isinstance(step, RequestApprovals):
+            await self._request_approvals(step)
+        elif isinstance(step, AwaitApprovals):
+            return await self.host.wait_for_decisions(self.run, step)
+        elif isinstance(step, RunTool):
+            await self._run_tool(step)
+        elif isinstance(step, Finish):
+            self.run.complete(step.output)
+            await self.end()
+        elif isinstance(step, FailRun):
+            await self.fail(step.code, step.message, retryable=False)
+        return True
+
+    async def fail(self, code: str, message: str, *, retryable: bool) -> None:
+        """Ends the run as failed (also used by the modes for failures outside the steps)."""
+        self.run.fail(code, message, retryable)
+        await self.end()
+
+    async def cancel(self, reason: str) -> None:
+        self.run.cancel(reason)
+        await self.end()
+
+    async def end(self) -> None:
+        """Persists the ended run, then emits its terminal event."""
+        run = self.run
+        await self.host.commit(run)
+        await self.host.finished(run)
+        if run.status == "completed":
+            self.stream.run_completed(run.output, run.usage)
+        elif run.status == "cancelled":
+            self.stream.run_cancelled(run.cancel_reason)
+        elif run.error is not None:
+            code = ERROR_ENUMS.get(run.error["code"], run_pb2.RUN_ERROR_CODE_INTERNAL)
+            self.stream.run_failed(code, run.error["message"], run.error["retryable"])
+
+    def _announce(self, step_index: int, kind: run_pb2.StepKind.ValueType) -> int:
+        attempt = self.host.attempt(step_index)
+        if step_index not in self._announced:
+            self._announced.add(step_index)
+            self.stream.step_started(step_index, kind, attempt)
+        return attempt
+
+    async def _call_model(self, step: CallModel) -> None:
+        run, stream = self.run, self.stream
+        attempt = self._announce(step.step_index, MODEL_CALL)
+        config = run.agent_config
+        try:
+            provider = self.models.get(config.model.provider)
+        except Exception as exc:
+            await self.fail("INVALID_AGENT", str(exc), retryable=False)
+            return
+        request = ModelRequest(
+            model=config.model,
+            instructions=config.instructions,
+            messages=run.model_messages,
+            tools=self._tool_specs(),
+            call_index=step.call_index,
+            run_id=run.run_id,
+        )
+
+        def on_text(text: str) -> None:
+            stream.text(step.step_index, attempt, text)
+
+        try:
+            reply = await provider.complete(request, on_text)
+        except ModelError as exc:
+            await self.fail("MODEL_ERROR", exc.message, retryable=exc.retryable)
+            return
+        tool_calls = _unique_ids(reply.tool_calls, run, step.call_index)
+        run.record_model_call(step.step_index, reply.text, tool_calls, reply.usage)
+        await self.host.commit(run)
+        for call in tool_calls:
+            stream.tool_call_requested(step.step_index, call, run.requires_approval(call))
+        stream.step_completed(step.step_index, MODEL_CALL, reply.usage)
+
+    async def _request_approvals(self, step: RequestApprovals) -> None:
+        self._announce(step.step_index, TOOL_CALLS)
+        expire_at = time.time() + self.run.agent_config.approval_timeout
+        for call in step.calls:
+            self.run.require_approval(step.step_index, call["id"], expire_at)
+        await self.host.commit(self.run)
+        for call in step.calls:
+            self.stream.approval_required(step.step_index, call, expire_at)
+        await self.host.status_changed(self.run)
+
+    async def _run_tool(self, step: RunTool) -> None:
+        self._announce(step.step_index, TOOL_CALLS)
+        call = step.call
+        if step.denial is not None:
+            reason = step.denial["reason"]
+            why = "the approval timed out" if step.denial["timed_out"] else "a human denied it"
+            output = json.dumps({"error": f"not run: {why}", "reason": reason})
+            is_error = True
+        else:
+            output, is_error = await self._invoke(call)
+        self.run.record_tool_outcome(step.step_index, call["id"], output, is_error)
+        await self.host.commit(self.run)
+        self.stream.tool_result(step.step_index, call, output, is_error)
+        if self.run.steps_completed == step.step_index:
+            self.stream.step_completed(step.step_index, TOOL_CALLS)
+
+    async def _invoke(self, call: ToolCall) -> tuple[str, bool]:
+        """Runs a tool call; every failure becomes an error result for the model."""
+        settings = self.run.agent_config.tool(call["name"])
+        tool = get_tool(call["name"])
+        if settings is None or tool is None:
+            return _error(f"unknown tool {call['name']!r}"), True
+        try:
+            arguments = json.loads(call["arguments_json"] or "{}")
+        except ValueError as exc:
+            return _error(f"malformed arguments (not JSON): {exc}"), True
+        if not isinstance(arguments, dict):
+            return _error("malformed arguments: expected a JSON object"), True
+        context = ToolContext(
+            tenant=self.run.tenant,
+            run_id=self.run.run_id,
+            tool_call_id=call["id"],
+            data_dir=self.data_dir,
+        )
+        try:
+            return await asyncio.wait_for(tool.invoke(arguments, context), settings.timeout), False
+        except ToolError as exc:
+            return _error(str(exc)), True
+        except TimeoutError:
+            return _error(f"the tool timed out after {settings.timeout:g} s"), True
+        except Exception as exc:
+            log.exception("tool %s failed", call["name"])
+            return _error(f"the tool failed: {type(exc).__name__}"), True
+
+    def _tool_specs(self) -> list[ToolSpec]:
+        specs = []
+        for settings in self.run.agent_config.tools:
+            tool = get_tool(settings.name)
+            if tool is not None:
+                specs.append(
+                    ToolSpec(
+                        name=tool.name,
+                        description=settings.description or tool.description,
+                        parameters=tool.parameters,
+                    )
+                )
+        return specs
+
+
+def _error(message: str) -> str:
+    return json.dumps({"error": message})
+
+
+def _unique_ids(calls: list[ToolCall], run: Run, call_index: int) -> list[ToolCall]:
+    """Tool call ids must be unique within the run (approvals name calls by id)."""
+    seen = {c["id"] for m in run.messages for c in m.get("tool_calls", [])}
+    unique: list[ToolCall] = []
+    for i, call in enumerate(calls):
+        call_id = call["id"] or f"call_{call_index}_{i}"
+        if call_id in seen:
+            call_id = f"{call_id}_{call_index}_{i}"
+        seen.add(call_id)
+        unique.append(
+            {"id": call_id, "name": call["name"], "arguments_json": call["arguments_json"]}
+        )
+    return unique

@@ -1,0 +1,213 @@
+"""Classic runs: one in-process agent loop per run, held in this executor's memory.
+
+A ClassicRun owns its loop task, its event stream and its JetStream publisher. It outlives the
+RPC that started it (disconnecting is not cancelling), answers control requests for its run on
+NATS (approvals and cancellation from any gateway, liveness probes), and is the RunHost of its
+loop: nothing is committed per step, approvals wait in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from nats.aio.msg import Msg
+
+from agentrun.errors import AgentrunError, FailedPrecondition, NotFound
+from eventstore.run import Run
+from eventstore.run_steps import AwaitApprovals
+from executor.agent_loop import AgentLoop
+from executor.context import ExecutorContext
+from executor.event_publisher import RunPublisher
+from executor.run_stream import RunStream
+from executor.translation import record_of, run_to_proto
+
+log = logging.getLogger(__name__)
+
+PUBLISH_FLUSH_TIMEOUT = 10.0
+
+
+class ClassicRun:
+    """A classic run in this executor's memory (see module docstring)."""
+
+    def __init__(
+        self, ctx: ExecutorContext, run: Run, *, on_done: Callable[[ClassicRun], None]
+    ) -> None:
+        self.ctx = ctx
+        self.run = run
+        self.publisher = RunPublisher(ctx.link, run.run_id, run.tenant)
+        self.stream = RunStream(
+            run.run_id, on_taken=self.publisher.enqueue, pace=self.publisher.pace
+        )
+        self.loop = AgentLoop(run, self.stream, self, ctx.models, ctx.settings.data_dir)
+        self._decided = asyncio.Event()
+        self._cancel_reason: str | None = None
+        self._shutting_down = False
+        self._index_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+        self._on_done = on_done
+        self.started = run_to_proto(run, ctx.executor_id)
+        self.stream.run_started(self.started)
+        self.task = asyncio.create_task(self._main(), name=f"classic-{run.run_id}")
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    async def start_control(self) -> None:
+        await self.ctx.link.subscribe_control(self.run_id, self._on_control)
+
+    # -- steering ------------------------------------------------------------------------------
+
+    def decide(self, tenant: str, tool_call_id: str, approved: bool, reason: str) -> None:
+        """Records a decision; repeating the recorded decision is accepted and changes nothing."""
+        self._check_tenant(tenant)
+        if self.run.check_decision(tool_call_id, approved):
+            self.run.decide(tool_call_id, approved, reason, False)
+            self.stream.approval_resolved(tool_call_id, approved, reason, False)
+            self._decided.set()
+
+    def cancel(self, tenant: str, reason: str) -> None:
+        self._check_tenant(tenant)
+        if self.run.is_finished or self._cancel_reason is not None:
+            raise FailedPrecondition(f"run {self.run_id} has already ended ({self.run.status})")
+        self._cancel_reason = reason
+        self.task.cancel()
+
+    def abandon(self) -> None:
+        """Ends the run because this executor is shutting down: it fails with EXECUTOR_LOST."""
+        if not self.run.is_finished:
+            self._shutting_down = True
+            self.task.cancel()
+
+    def _check_tenant(self, tenant: str) -> None:
+        if tenant != self.run.tenant:
+            raise NotFound("run", self.run_id)
+
+    # -- the run's life ------------------------------------------------------------------------
+
+    async def _main(self) -> None:
+        try:
+            try:
+                await self.loop.drive()
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+                if self._cancel_reason is not None:
+                    await self.loop.cancel(self._cancel_reason)
+                elif self._shutting_down:
+                    await self.loop.fail(
+                        "EXECUTOR_LOST", "the executor running the run shut down", retryable=True
+                    )
+                else:
+                    raise
+            except Exception as exc:
+                log.exception("run %s failed unexpectedly", self.run_id)
+                if not self.run.is_finished:
+                    await self.loop.fail(
+                        "INTERNAL", f"internal error: {type(exc).__name__}", retryable=True
+                    )
+            await self.stream.wait_ended()
+            await self.publisher.close(PUBLISH_FLUSH_TIMEOUT)
+        finally:
+            await self.stream.close()
+            await self.ctx.link.unsubscribe_control(self.run_id)
+            self._on_done(self)
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            request = json.loads(msg.data)
+            op = request.get("op")
+            if op == "decide":
+                self.decide(
+                    str(request["tenant"]),
+                    str(request["tool_call_id"]),
+                    bool(request["approved"]),
+                    str(request.get("reason", "")),
+                )
+            elif op == "cancel":
+                self.cancel(str(request["tenant"]), str(request.get("reason", "")))
+            elif op != "ping":
+                raise FailedPrecondition(f"unknown control operation {op!r}")
+            reply: dict[str, object] = {"ok": True}
+        except AgentrunError as exc:
+            reply = {"error": {"reason": exc.reason, "message": exc.message}}
+        except (ValueError, KeyError, TypeError) as exc:
+            reply = {"error": {"reason": "INVALID_ARGUMENT", "message": f"bad request: {exc}"}}
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(json.dumps(reply).encode())
+
+    # -- RunHost ---------------------------------------------------------------------------------
+
+    def attempt(self, step_index: int) -> int:
+        return 1
+
+    async def commit(self, run: Run) -> None:
+        run.collect_events()  # classic runs keep no per-step history
+
+    async def status_changed(self, run: Run) -> None:
+        await self.update_index(
+            status=run.status,
+            pending_approvals=run.awaiting_decision(),
+            decisions={call_id: d["approved"] for call_id, d in run.decisions.items()},
+        )
+
+    async def wait_for_decisions(self, run: Run, step: AwaitApprovals) -> bool:
+        while undecided := run.awaiting_decision():
+            now = time.time()
+            expired = [c for c in undecided if run.approvals_required[c["id"]] <= now]
+            for call in expired:
+                reason = "no decision before the approval timeout"
+                run.decide(call["id"], False, reason, True)
+                self.stream.approval_resolved(call["id"], False, reason, True)
+            if expired:
+                continue
+            deadline = min(run.approvals_required[c["id"]] for c in undecided)
+            self._decided.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._decided.wait(), max(deadline - now, 0.0))
+        await self.status_changed(run)
+        return True
+
+    async def finished(self, run: Run) -> None:
+        """Records the ended run before its terminal event goes out: a client that sees the
+        end and asks again (GetRun, the next run of the conversation) sees it recorded."""
+        record = record_of(run, self.ctx.executor_id)
+        fields = {
+            k: v for k, v in vars(record).items() if k not in ("run_id", "tenant", "created_at")
+        }
+        work = [self.update_index(**fields)]
+        if run.status == "completed":
+            work.append(self._record_turn(run))
+        await asyncio.gather(*work)
+
+    async def _record_turn(self, run: Run) -> None:
+        try:
+            await asyncio.to_thread(
+                self.ctx.conversations.record_turn,
+                run.tenant,
+                run.conversation_id,
+                run.run_id,
+                run.messages,
+            )
+        except AgentrunError as exc:
+            log.error("run %s: could not record its turn: %s", self.run_id, exc.message)
+
+    def update_index_soon(self, **fields: object) -> None:
+        task = asyncio.create_task(self.update_index(**fields))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def update_index(self, **fields: object) -> None:
+        """Updates the run's row; updates of one run apply in the order they were made."""
+        async with self._index_lock:
+            try:
+                await asyncio.to_thread(self.ctx.index.update, self.run_id, **fields)
+            except AgentrunError as exc:
+                log.error("run %s: could not update the run list: %s", self.run_id, exc.message)

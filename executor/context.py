@@ -1,0 +1,65 @@
+"""Everything an executor process shares between its runs, opened and closed in one place."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from agentrun.nats_link import NatsLink
+from agentrun.settings import Settings
+from eventstore.agents import AgentCatalog
+from eventstore.conversations import ConversationLog
+from eventstore.persistence import StoreConfig
+from eventstore.run_index import RunIndex
+from executor.models import ModelProviders
+
+
+@dataclass
+class ExecutorContext:
+    settings: Settings
+    store: StoreConfig
+    agents: AgentCatalog
+    conversations: ConversationLog
+    index: RunIndex
+    link: NatsLink
+    models: ModelProviders
+
+    @property
+    def executor_id(self) -> str:
+        return self.settings.executor_id
+
+    @staticmethod
+    async def open(settings: Settings, *, nats_wait: float = 2.0) -> ExecutorContext:
+        store = StoreConfig.from_url(settings.database_url, settings.data_dir)
+
+        def open_store() -> tuple[RunIndex, AgentCatalog, ConversationLog]:
+            index = RunIndex(store)  # first: it creates the PostgreSQL schema if there is one
+            return index, AgentCatalog(store), ConversationLog(store)
+
+        index, agents, conversations = await asyncio.to_thread(open_store)
+        link = NatsLink(
+            list(settings.nats_urls),
+            name=settings.executor_id,
+            event_retention=settings.event_retention,
+        )
+        await link.start(wait=nats_wait)
+        return ExecutorContext(
+            settings=settings,
+            store=store,
+            agents=agents,
+            conversations=conversations,
+            index=index,
+            link=link,
+            models=ModelProviders(),
+        )
+
+    async def close(self) -> None:
+        await self.link.close()
+        await self.models.aclose()
+
+        def close_store() -> None:
+            self.agents.close()
+            self.conversations.close()
+            self.index.close()
+
+        await asyncio.to_thread(close_store)

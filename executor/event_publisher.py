@@ -1,0 +1,136 @@
+"""Publishes a run's events to its JetStream subject, off the hot path, in order.
+
+One task per run publishes one message at a time and waits for its acknowledgement, so a run's
+messages are stored in sequence order; whatever arrives meanwhile goes into the next message
+(events coalesce while a publish is in flight). A failed publish is retried with the same
+``Nats-Msg-Id``, so the stream deduplicates it. The live stream never waits for any of this: if
+NATS is down, events queue here until it is back (bounded by ``max_queued`` and ``give_up_after``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import nats.errors
+import nats.js.errors
+
+from agentrun.errors import Unavailable
+from agentrun.nats_link import TENANT_HEADER, NatsLink, events_subject, message_id
+from agentrun.v1 import executor_service_pb2, run_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 512 * 1024
+PUBLISH_TIMEOUT = 2.0
+
+
+class RunPublisher:
+    """The JetStream publisher of one run (see module docstring)."""
+
+    def __init__(
+        self,
+        link: NatsLink,
+        run_id: str,
+        tenant: str,
+        *,
+        max_queued: int = 100_000,
+        give_up_after: float = 300.0,
+    ) -> None:
+        self._link = link
+        self._run_id = run_id
+        self._tenant = tenant
+        self._subject = events_subject(run_id)
+        self._queue: list[run_pb2.RunEvent] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self._max_queued = max_queued
+        self._give_up_after = give_up_after
+        self._task = asyncio.create_task(self._publish_loop(), name=f"publish-{run_id}")
+        self.published_sequence = 0
+
+    def enqueue(self, events: list[run_pb2.RunEvent]) -> None:
+        if not events:
+            return
+        self._queue.extend(events)
+        if len(self._queue) > self._max_queued:
+            dropped = len(self._queue) - self._max_queued
+            del self._queue[:dropped]
+            log.warning("run %s: NATS backlog full, dropped %d events", self._run_id, dropped)
+        self._idle.clear()
+        self._wake.set()
+
+    async def pace(self) -> None:
+        """Waits (briefly) for the publish in flight, so that more events share the next message."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), 0.05)
+
+    async def close(self, wait: float) -> bool:
+        """Publishes what is queued (waiting at most ``wait`` seconds), then stops.
+
+        True if everything was published."""
+        self._closing = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), wait)
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            return False
+        return not self._queue
+
+    async def _publish_loop(self) -> None:
+        started_waiting: float | None = None
+        while True:
+            if not self._queue:
+                self._idle.set()
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = _take_batch(self._queue)
+            try:
+                await self._publish(batch)
+            except (TimeoutError, Unavailable, nats.errors.Error) as exc:
+                now = time.monotonic()
+                started_waiting = started_waiting or now
+                if self._closing and now - started_waiting > self._give_up_after:
+                    log.error("run %s: giving up publishing to NATS: %s", self._run_id, exc)
+                    self._queue.clear()
+                    return
+                self._queue[:0] = batch
+                await asyncio.sleep(0.2)
+                continue
+            started_waiting = None
+
+    async def _publish(self, batch: list[run_pb2.RunEvent]) -> None:
+        payload = executor_service_pb2.PublishedRunEvents(events=batch).SerializeToString()
+        headers = {
+            "Nats-Msg-Id": message_id(self._run_id, batch[0].sequence),
+            TENANT_HEADER: self._tenant,
+        }
+        js = self._link.js
+        try:
+            await js.publish(self._subject, payload, timeout=PUBLISH_TIMEOUT, headers=headers)
+        except nats.js.errors.NoStreamResponseError as exc:
+            raise Unavailable("nats", "no JetStream response") from exc
+        self.published_sequence = batch[-1].sequence
+
+
+def _take_batch(queue: list[run_pb2.RunEvent]) -> list[run_pb2.RunEvent]:
+    size = 0
+    count = 0
+    for event in queue:
+        size += event.ByteSize()
+        if count and size > MAX_MESSAGE_BYTES:
+            break
+        count += 1
+    batch = queue[:count]
+    del queue[:count]
+    return batch

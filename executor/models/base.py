@@ -1,0 +1,68 @@
+"""The one small interface every model provider implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from eventstore.agent_config import ModelSettings
+from eventstore.messages import ChatMessage, ToolCall, Usage, no_usage
+
+TextSink = Callable[[str], None]
+"""Receives the model's text as it streams, one token (or chunk) at a time. Never blocks."""
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool as offered to the model: its name, description and JSON Schema of arguments."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """One model call: the agent's model settings, instructions, the messages so far, the tools.
+
+    ``messages`` holds the conversation's earlier turns followed by this run's user input and any
+    assistant/tool messages of this run so far. ``call_index`` counts this run's model calls from
+    0; deterministic providers (scripted) may use it.
+    """
+
+    model: ModelSettings
+    instructions: str
+    messages: Sequence[ChatMessage]
+    tools: Sequence[ToolSpec] = ()
+    call_index: int = 0
+    run_id: str = ""
+
+
+@dataclass(frozen=True)
+class ModelReply:
+    """What a finished model call produced."""
+
+    text: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    usage: Usage = field(default_factory=no_usage)
+
+
+class ModelError(Exception):
+    """The provider failed. ``retryable`` says whether trying the call again could succeed."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+
+
+class ModelProvider(Protocol):
+    """Streams one model call: text goes to ``on_text`` as it arrives; the reply is returned.
+
+    Tool calls are returned complete in the reply (their ids unique within the run), never
+    streamed. Implementations raise ModelError for provider failures and must be cancellable
+    (a cancelled run cancels its model call).
+    """
+
+    async def complete(self, request: ModelRequest, on_text: TextSink) -> ModelReply: ...

@@ -1,0 +1,62 @@
+"""The executor process: ExecutorService over gRPC, with health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from agentrun.rpc import serve
+from agentrun.settings import Settings
+from agentrun.v1 import executor_service_pb2, executor_service_pb2_grpc
+from executor.context import ExecutorContext
+from executor.runs import RunManager
+from executor.servicer import ExecutorServicer
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 10.0
+
+
+async def run_executor(
+    settings: Settings,
+    *,
+    ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serves until SIGTERM/SIGINT (or ``stop``); then lets classic runs finish for a while."""
+    ctx = await ExecutorContext.open(settings)
+    runs = RunManager(ctx)
+    runs.start_reconciler()
+    servicer = ExecutorServicer(ctx, runs)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(servicer, server)
+        return [executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name]
+
+    def on_ready(port: int) -> None:
+        log.info(
+            "executor %s listening on port %d (store %s)",
+            settings.executor_id,
+            port,
+            ctx.store.describe(),
+        )
+        if ready is not None:
+            ready(port)
+
+    async def on_stopping() -> None:
+        await runs.shutdown(SHUTDOWN_GRACE)
+
+    try:
+        await serve(
+            settings.executor_listen,
+            register,
+            ready=on_ready,
+            stop=stop,
+            grace=SHUTDOWN_GRACE,
+            on_stopping=on_stopping,
+        )
+    finally:
+        await ctx.close()

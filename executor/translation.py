@@ -1,0 +1,209 @@
+"""Translation between the API's messages and the domain's values. Nothing else."""
+
+from __future__ import annotations
+
+from google.protobuf import json_format, struct_pb2
+
+from agentrun.errors import InvalidArgument
+from agentrun.v1 import agent_pb2, run_pb2
+from eventstore.agent_config import (
+    DEFAULT_APPROVAL_TIMEOUT,
+    DEFAULT_MAX_MODEL_CALLS,
+    DEFAULT_TOOL_TIMEOUT,
+    AgentConfig,
+    ExecutionMode,
+    ModelSettings,
+    ScriptedSettings,
+    ScriptedToolCall,
+    ScriptedTurn,
+    ToolSettings,
+)
+from eventstore.run import Run
+from eventstore.run_index import RunRecord
+from executor.run_stream import tool_call_proto
+
+MODES: dict[int, ExecutionMode] = {
+    agent_pb2.EXECUTION_MODE_CLASSIC: "classic",
+    agent_pb2.EXECUTION_MODE_DURABLE: "durable",
+}
+MODE_ENUMS: dict[str, agent_pb2.ExecutionMode.ValueType] = {
+    "classic": agent_pb2.EXECUTION_MODE_CLASSIC,
+    "durable": agent_pb2.EXECUTION_MODE_DURABLE,
+}
+STATUS_ENUMS: dict[str, run_pb2.RunStatus.ValueType] = {
+    "running": run_pb2.RUN_STATUS_RUNNING,
+    "awaiting_approval": run_pb2.RUN_STATUS_AWAITING_APPROVAL,
+    "completed": run_pb2.RUN_STATUS_COMPLETED,
+    "failed": run_pb2.RUN_STATUS_FAILED,
+    "cancelled": run_pb2.RUN_STATUS_CANCELLED,
+}
+STATUSES = {v: k for k, v in STATUS_ENUMS.items()}
+ERROR_ENUMS: dict[str, run_pb2.RunErrorCode.ValueType] = {
+    "EXECUTOR_LOST": run_pb2.RUN_ERROR_CODE_EXECUTOR_LOST,
+    "MODEL_ERROR": run_pb2.RUN_ERROR_CODE_MODEL_ERROR,
+    "MAX_MODEL_CALLS": run_pb2.RUN_ERROR_CODE_MAX_MODEL_CALLS,
+    "INVALID_AGENT": run_pb2.RUN_ERROR_CODE_INVALID_AGENT,
+    "ATTEMPTS_EXHAUSTED": run_pb2.RUN_ERROR_CODE_ATTEMPTS_EXHAUSTED,
+    "INTERNAL": run_pb2.RUN_ERROR_CODE_INTERNAL,
+}
+
+
+def mode_of(value: int) -> ExecutionMode | None:
+    """The mode an enum value names; None for UNSPECIFIED."""
+    if value == agent_pb2.EXECUTION_MODE_UNSPECIFIED:
+        return None
+    mode = MODES.get(value)
+    if mode is None:
+        raise InvalidArgument("execution_mode", f"unknown execution mode {value}")
+    return mode
+
+
+def agent_from_proto(agent: agent_pb2.Agent) -> AgentConfig:
+    model = agent.model
+    scripted = model.scripted
+    return AgentConfig(
+        agent_id=agent.id,
+        version=agent.version,
+        display_name=agent.display_name,
+        execution_mode=mode_of(agent.execution_mode) or "classic",
+        instructions=agent.instructions,
+        approval_timeout=(
+            agent.approval_timeout.ToTimedelta().total_seconds()
+            if agent.HasField("approval_timeout")
+            else DEFAULT_APPROVAL_TIMEOUT
+        ),
+        max_model_calls=agent.max_model_calls or DEFAULT_MAX_MODEL_CALLS,
+        model=ModelSettings(
+            provider=model.provider,
+            name=model.name,
+            parameters=json_format.MessageToDict(model.parameters),
+            base_url=model.base_url,
+            api_key_env=model.api_key_env,
+            scripted=ScriptedSettings(
+                first_token_delay=scripted.first_token_delay.ToTimedelta().total_seconds(),
+                token_delay=scripted.token_delay.ToTimedelta().total_seconds(),
+                turns=tuple(
+                    ScriptedTurn(
+                        text=turn.text,
+                        tool_calls=tuple(
+                            ScriptedToolCall(c.name, c.arguments_json) for c in turn.tool_calls
+                        ),
+                    )
+                    for turn in scripted.turns
+                ),
+            ),
+        ),
+        tools=tuple(
+            ToolSettings(
+                name=tool.name,
+                description=tool.description,
+                requires_approval=tool.requires_approval,
+                timeout=(
+                    tool.timeout.ToTimedelta().total_seconds()
+                    if tool.HasField("timeout")
+                    else DEFAULT_TOOL_TIMEOUT
+                ),
+            )
+            for tool in agent.tools
+        ),
+    )
+
+
+def agent_to_proto(config: AgentConfig) -> agent_pb2.Agent:
+    agent = agent_pb2.Agent(
+        id=config.agent_id,
+        version=config.version,
+        display_name=config.display_name,
+        execution_mode=MODE_ENUMS[config.execution_mode],
+        instructions=config.instructions,
+        max_model_calls=config.max_model_calls,
+    )
+    agent.approval_timeout.FromNanoseconds(int(config.approval_timeout * 1e9))
+    model = agent.model
+    model.provider = config.model.provider
+    model.name = config.model.name
+    model.base_url = config.model.base_url
+    model.api_key_env = config.model.api_key_env
+    parameters = struct_pb2.Struct()
+    parameters.update(config.model.parameters)
+    model.parameters.CopyFrom(parameters)
+    scripted = config.model.scripted
+    model.scripted.first_token_delay.FromNanoseconds(int(scripted.first_token_delay * 1e9))
+    model.scripted.token_delay.FromNanoseconds(int(scripted.token_delay * 1e9))
+    for turn in scripted.turns:
+        model.scripted.turns.add(
+            text=turn.text,
+            tool_calls=[
+                agent_pb2.ScriptedToolCall(name=c.name, arguments_json=c.arguments_json)
+                for c in turn.tool_calls
+            ],
+        )
+    for tool in config.tools:
+        added = agent.tools.add(
+            name=tool.name, description=tool.description, requires_approval=tool.requires_approval
+        )
+        added.timeout.FromNanoseconds(int(tool.timeout * 1e9))
+    return agent
+
+
+def record_to_proto(record: RunRecord) -> run_pb2.Run:
+    run = run_pb2.Run(
+        id=record.run_id,
+        agent_id=record.agent_id,
+        agent_version=record.agent_version,
+        conversation_id=record.conversation_id,
+        execution_mode=MODE_ENUMS.get(record.execution_mode, agent_pb2.EXECUTION_MODE_UNSPECIFIED),
+        status=STATUS_ENUMS.get(record.status, run_pb2.RUN_STATUS_UNSPECIFIED),
+        input=record.input,
+        output=record.output,
+        usage=run_pb2.Usage(input_tokens=record.input_tokens, output_tokens=record.output_tokens),
+        pending_approvals=[tool_call_proto(c) for c in record.pending_approvals],
+        request_id=record.request_id,
+        version=record.version,
+        forked_from_run_id=record.forked_from_run_id,
+        forked_at_version=record.forked_at_version,
+    )
+    if record.error_code:
+        run.error.CopyFrom(
+            run_pb2.RunError(
+                code=ERROR_ENUMS.get(record.error_code, run_pb2.RUN_ERROR_CODE_INTERNAL),
+                message=record.error_message,
+                retryable=record.error_retryable,
+            )
+        )
+    run.create_time.FromNanoseconds(int(record.created_at * 1e9))
+    run.update_time.FromNanoseconds(int(record.updated_at * 1e9))
+    return run
+
+
+def record_of(run: Run, executor_id: str = "") -> RunRecord:
+    """The run-list row of a run aggregate, as it is now."""
+    error = run.error
+    pending = run.awaiting_decision()
+    return RunRecord(
+        run_id=run.run_id,
+        tenant=run.tenant,
+        agent_id=run.agent["agent_id"],
+        request_id=run.request_id,
+        agent_version=int(run.agent.get("version", 0)),
+        conversation_id=run.conversation_id,
+        execution_mode=run.execution_mode,
+        status=run.status,
+        input=run.input,
+        output=run.output,
+        input_tokens=run.usage["input_tokens"],
+        output_tokens=run.usage["output_tokens"],
+        error_code=error["code"] if error else "",
+        error_message=error["message"] if error else "",
+        error_retryable=error["retryable"] if error else False,
+        pending_approvals=pending,
+        decisions={call_id: d["approved"] for call_id, d in run.decisions.items()},
+        executor_id=executor_id,
+        created_at=run.created_on.timestamp(),
+        updated_at=run.modified_on.timestamp(),
+        version=run.version if run.execution_mode == "durable" else 0,
+    )
+
+
+def run_to_proto(run: Run, executor_id: str = "") -> run_pb2.Run:
+    return record_to_proto(record_of(run, executor_id))

@@ -1,0 +1,29 @@
+"""Who is calling: the bearer token of a call names its tenant."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from agentrun.errors import Unauthenticated
+from agentrun.settings import LOCAL_TENANT, ApiKeys
+
+
+def tenant_of(context: grpc.aio.ServicerContext[Any, Any], keys: ApiKeys) -> str:
+    """The caller's tenant. With no keys configured, every caller is the local tenant."""
+    if not keys.enabled:
+        return LOCAL_TENANT
+    token = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            scheme, _, token = str(value).partition(" ")
+            if scheme.lower() != "bearer":
+                raise Unauthenticated("the authorization metadata must be 'Bearer <api key>'")
+            break
+    if not token:
+        raise Unauthenticated("missing API key: send metadata 'authorization: Bearer <api key>'")
+    tenant = keys.tenant_of(token.strip())
+    if tenant is None:
+        raise Unauthenticated("invalid API key")
+    return tenant

@@ -1,0 +1,291 @@
+"""How a gateway gets a run's events to its client: live from an executor, or from JetStream.
+
+- ``ExecutedRun``: a run started on an executor over one ExecuteRun call; its events stream
+  straight through. If the call breaks before the run's end, the gateway checks whether any
+  executor still holds the run (its NATS control subject answers): if so, the client continues
+  from JetStream without a gap; if not, the run is lost and the client gets RunFailed
+  (EXECUTOR_LOST) right after the last event it saw, appended to the run's stream for everyone.
+- ``Relay.watch``: a run's events after a sequence, from JetStream: the stored ones, then live.
+  While it waits it checks every ``liveness_interval`` that a classic run's executor still lives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+import nats.errors
+from nats.js.api import DeliverPolicy
+
+from agentrun.errors import OutOfRange, Unavailable
+from agentrun.nats_link import EVENTS_STREAM, NatsLink, control_subject, events_subject
+from agentrun.rpc import STATUS_DETAILS_KEY, metadata_pairs
+from agentrun.run_events import (
+    append_executor_lost,
+    decode,
+    executor_lost_event,
+    is_terminal,
+    last_published,
+)
+from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
+from agentrun.v1 import executor_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from agentrun.v1.executor_service_pb2_grpc import ExecutorServiceAsyncStub
+
+log = logging.getLogger(__name__)
+
+TERMINAL_STATUSES = frozenset(
+    {run_pb2.RUN_STATUS_COMPLETED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED}
+)
+RELAYED_TAIL = 1024
+PROBE_TIMEOUT = 2.0
+
+
+class Relay:
+    """A gateway's access to runs' event streams (see module docstring)."""
+
+    def __init__(
+        self, link: NatsLink, executors: ExecutorServiceAsyncStub, liveness_interval: float
+    ) -> None:
+        self.link = link
+        self.executors = executors
+        self.liveness_interval = liveness_interval
+        self._background: set[asyncio.Task[None]] = set()
+
+    def execute(
+        self, tenant: str, run_id: str, request: run_service_pb2.StreamRunRequest
+    ) -> ExecutedRun:
+        return ExecutedRun(self, tenant, run_id, request)
+
+    async def get_run(self, tenant: str, run_id: str) -> run_pb2.Run:
+        response = await self.executors.GetRun(
+            pb.ExecutorServiceGetRunRequest(
+                tenant=tenant, request=run_service_pb2.GetRunRequest(run_id=run_id)
+            )
+        )
+        return response.response.run
+
+    async def watch(
+        self,
+        tenant: str,
+        run_id: str,
+        after_sequence: int,
+        *,
+        run: run_pb2.Run | None = None,
+        relayed: list[run_pb2.RunEvent] | None = None,
+        probe_first: bool = False,
+    ) -> AsyncIterator[run_pb2.RunEvent]:
+        """The run's events after ``after_sequence`` until its terminal event."""
+        if run is None:
+            run = await self.get_run(tenant, run_id)
+        classic = run.execution_mode == agent_pb2.EXECUTION_MODE_CLASSIC
+        _, last = await last_published(self.link, run_id)
+        if last is None and run.status in TERMINAL_STATUSES:
+            raise OutOfRange(f"the events of run {run_id} are no longer retained")
+        if last is not None and is_terminal(last) and last.sequence <= after_sequence:
+            return
+        sub = await self.link.js.subscribe(
+            events_subject(run_id),
+            stream=EVENTS_STREAM,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        seen = after_sequence
+        check_at = time.monotonic() if probe_first else time.monotonic() + self.liveness_interval
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=max(check_at - time.monotonic(), 0.001))
+                except nats.errors.TimeoutError:
+                    if classic:
+                        await self._check_holder(tenant, run_id, relayed)
+                    check_at = time.monotonic() + self.liveness_interval
+                    continue
+                for event in decode(msg.data):
+                    if event.sequence <= seen:
+                        continue
+                    if event.sequence != seen + 1 and seen:
+                        log.warning(
+                            "run %s: events %d..%d missing", run_id, seen + 1, event.sequence - 1
+                        )
+                    seen = event.sequence
+                    yield event
+                    if is_terminal(event):
+                        return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _check_holder(
+        self, tenant: str, run_id: str, relayed: list[run_pb2.RunEvent] | None
+    ) -> None:
+        """If no process holds the run, appends its failure (the watch then delivers it)."""
+        if await self.holder_alive(run_id):
+            return
+        failure = await append_executor_lost(self.link, run_id, tenant, relayed)
+        if failure is None:
+            raise Unavailable("nats", "the run's executor is gone and NATS cannot record it")
+        self._report_lost(tenant, run_id)
+
+    async def holder_alive(self, run_id: str) -> bool:
+        """Whether some process answers the run's control subject (unknown counts as alive)."""
+        try:
+            await self.link.nc.request(
+                control_subject(run_id), b'{"op": "ping"}', timeout=PROBE_TIMEOUT
+            )
+        except nats.errors.NoRespondersError:
+            return False
+        except (nats.errors.Error, TimeoutError, Unavailable):
+            return True
+        return True
+
+    def _report_lost(self, tenant: str, run_id: str) -> None:
+        """Tells an executor to record the lost run in the run list (best effort)."""
+
+        async def report() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.executors.ReportRunLost(
+                    pb.ReportRunLostRequest(tenant=tenant, run_id=run_id), timeout=10.0
+                )
+
+        task = asyncio.create_task(report())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class AttachedRun:
+    """Steers a run that this gateway does not stream from its executor: through any executor."""
+
+    def __init__(self, relay: Relay, tenant: str, run_id: str) -> None:
+        self._executors = relay.executors
+        self.tenant = tenant
+        self.run_id = run_id
+
+    async def approve(self, decision: run_service_pb2.ToolApprovalDecision) -> None:
+        await self._executors.SubmitToolApproval(
+            pb.ExecutorServiceSubmitToolApprovalRequest(
+                tenant=self.tenant,
+                request=run_service_pb2.SubmitToolApprovalRequest(
+                    run_id=self.run_id, decision=decision
+                ),
+            )
+        )
+
+    async def cancel(self, reason: str) -> None:
+        await self._executors.CancelRun(
+            pb.ExecutorServiceCancelRunRequest(
+                tenant=self.tenant,
+                request=run_service_pb2.CancelRunRequest(run_id=self.run_id, reason=reason),
+            )
+        )
+
+
+class ExecutedRun:
+    """A run started on an executor over one ExecuteRun call (see module docstring)."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        tenant: str,
+        run_id: str,
+        request: run_service_pb2.StreamRunRequest,
+    ) -> None:
+        self._relay = relay
+        self.tenant = tenant
+        self.run_id = run_id
+        self._request = request
+        self._call: grpc.aio.StreamStreamCall[pb.ExecuteRunRequest, pb.ExecuteRunResponse] = (
+            # No request iterator: the requests are written to the call as they come.
+            relay.executors.ExecuteRun()  # type: ignore[call-arg]
+        )
+        self._detached = False  # the events come from JetStream, not from the call
+        self._elsewhere = AttachedRun(relay, tenant, run_id)
+
+    async def approve(self, decision: run_service_pb2.ToolApprovalDecision) -> None:
+        if self._detached:
+            await self._elsewhere.approve(decision)
+        else:
+            await self._call.write(pb.ExecuteRunRequest(tool_approval=decision))
+
+    async def cancel(self, reason: str) -> None:
+        if self._detached:
+            await self._elsewhere.cancel(reason)
+        else:
+            await self._call.write(
+                pb.ExecuteRunRequest(cancel=run_service_pb2.ConverseCancel(reason=reason))
+            )
+
+    async def events(self) -> AsyncIterator[run_pb2.RunEvent]:
+        start = pb.ExecuteRunStart(tenant=self.tenant, run_id=self.run_id, request=self._request)
+        relayed: deque[run_pb2.RunEvent] = deque(maxlen=RELAYED_TAIL)
+        try:
+            await self._call.write(pb.ExecuteRunRequest(start=start))
+            async for response in self._call:
+                if response.HasField("relayed_run"):
+                    self._detached = True
+                    async for event in self._relay.watch(
+                        self.tenant, self.run_id, 0, run=response.relayed_run
+                    ):
+                        yield event
+                    return
+                for event in response.events:
+                    relayed.append(event)
+                    yield event
+        except grpc.aio.AioRpcError as exc:
+            if not relayed or not _executor_went_away(exc):
+                raise
+            if is_terminal(relayed[-1]):
+                return
+            log.warning("run %s: lost the executor stream (%s)", self.run_id, exc.code().name)
+            async for event in self._continue_after_loss(list(relayed)):
+                yield event
+        finally:
+            self._call.cancel()
+
+    async def _continue_after_loss(
+        self, relayed: list[run_pb2.RunEvent]
+    ) -> AsyncIterator[run_pb2.RunEvent]:
+        self._detached = True
+        last = relayed[-1].sequence
+        try:
+            async for event in self._relay.watch(
+                self.tenant,
+                self.run_id,
+                last,
+                relayed=relayed,
+                probe_first=True,
+                run=_classic_placeholder(self.run_id),
+            ):
+                yield event
+        except Unavailable:
+            # NATS is down too: the client still learns at once that the run is lost.
+            yield executor_lost_event(self.run_id, last + 1)
+
+
+def _classic_placeholder(run_id: str) -> run_pb2.Run:
+    """What the watch needs to know of a run this gateway was streaming: it is classic and
+    still running (no need to ask an executor, which may be the one that is gone)."""
+    return run_pb2.Run(
+        id=run_id,
+        execution_mode=agent_pb2.EXECUTION_MODE_CLASSIC,
+        status=run_pb2.RUN_STATUS_RUNNING,
+    )
+
+
+def _executor_went_away(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether an error ended the call because the executor (or the path to it) failed,
+    rather than being a status the executor chose to send."""
+    deliberate = any(k == STATUS_DETAILS_KEY for k, _ in metadata_pairs(exc))
+    return not deliberate and exc.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    )

@@ -1,0 +1,67 @@
+"""The gateway process: RunService and AgentService over gRPC, with health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+
+import grpc
+
+from agentrun.nats_link import NatsLink
+from agentrun.rpc import serve
+from agentrun.settings import Settings
+from agentrun.v1 import (
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    run_service_pb2,
+    run_service_pb2_grpc,
+)
+from gateway.executors import open_executors
+from gateway.relay import Relay
+from gateway.servicer import AgentServicer, RunServicer
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 5.0
+
+
+async def run_gateway(
+    settings: Settings,
+    *,
+    ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serves until SIGTERM/SIGINT (or ``stop``)."""
+    link = NatsLink(
+        list(settings.nats_urls),
+        name=f"gateway-{uuid.uuid4().hex[:8]}",
+        event_retention=settings.event_retention,
+    )
+    await link.start()
+    channel, executors = open_executors(settings.executor_target)
+    relay = Relay(link, executors, settings.liveness_interval)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(settings, relay), server)
+        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(settings, relay), server
+        )
+        return [
+            run_service_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
+            agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+        ]
+
+    def on_ready(port: int) -> None:
+        log.info("gateway listening on port %d (executors at %s)", port, settings.executor_target)
+        if ready is not None:
+            ready(port)
+
+    try:
+        await serve(
+            settings.gateway_listen, register, ready=on_ready, stop=stop, grace=SHUTDOWN_GRACE
+        )
+    finally:
+        await channel.close(grace=None)
+        await link.close()

@@ -1,0 +1,84 @@
+"""Shared fixtures: the store on every backend, a real nats-server, a real stack of processes.
+
+PostgreSQL suites run when AGENTRUN_TEST_POSTGRES_URL is set (CI sets it); each test session
+gets its own schema. Without it they are skipped, and the skip says why.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from agentrun.launcher import Service, start_nats
+from eventstore.persistence import StoreConfig
+from tests.stack import Stack, start_stack
+
+POSTGRES_URL = os.environ.get("AGENTRUN_TEST_POSTGRES_URL", "")
+BACKENDS = ["sqlite", "postgres"]
+
+
+def postgres_url(schema: str) -> str:
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    return f"{POSTGRES_URL}{separator}schema={schema}"
+
+
+def database_url_for(backend: str, tmp: Path) -> str:
+    if backend == "postgres":
+        if not POSTGRES_URL:
+            pytest.skip("PostgreSQL suite: set AGENTRUN_TEST_POSTGRES_URL to run it")
+        return postgres_url(f"t_{uuid.uuid4().hex[:12]}")
+    return f"sqlite:///{tmp}"
+
+
+def drop_schema(url: str) -> None:
+    config = StoreConfig.from_url(url)
+    if config.postgres is None or not config.postgres.schema:
+        return
+    with psycopg.connect(config.postgres.conninfo(), autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{config.postgres.schema}" CASCADE')
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreConfig]:
+    """A fresh, empty store on each backend."""
+    url = database_url_for(request.param, tmp_path)
+    yield StoreConfig.from_url(url)
+    drop_schema(url)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    tmp = tmp_path_factory.mktemp("nats")
+    server = start_nats(tmp / "store", tmp / "logs")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def stack(
+    request: pytest.FixtureRequest,
+    nats_server: Service,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    """One executor and two gateways (real processes) on each backend, shared by a session."""
+    tmp = tmp_path_factory.mktemp(f"stack-{request.param}")
+    url = database_url_for(request.param, tmp / "data")
+    running = start_stack(url, nats_server, tmp, executors=1, gateways=2)
+    yield running
+    running.stop()
+    drop_schema(url)
+
+
+@pytest.fixture
+async def channels(stack: Stack) -> AsyncIterator[list[grpc.aio.Channel]]:
+    """One client channel to each gateway of the stack."""
+    opened = [grpc.aio.insecure_channel(g.address) for g in stack.gateways]
+    yield opened
+    for channel in opened:
+        await channel.close(grace=None)
