@@ -54,6 +54,8 @@ class Service:
     port: int
     log_path: Path
     _ready: threading.Event = field(default_factory=threading.Event, repr=False)
+    _lines: list[str] = field(default_factory=list, repr=False)
+    _new_line: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
     @property
     def address(self) -> str:
@@ -77,6 +79,24 @@ class Service:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_for_output(self, text: str, *, after: int = 0, timeout: float = 60.0) -> int:
+        """Waits until the process prints a line containing ``text`` (among its lines from
+        index ``after`` on); returns the index of the line after it. Raises TimeoutError."""
+        with self._new_line:
+            start = after
+            while True:
+                for i in range(start, len(self._lines)):
+                    if text in self._lines[i]:
+                        return i + 1
+                start = len(self._lines)
+                if self.process.poll() is not None or not self._new_line.wait(timeout):
+                    raise TimeoutError(f"{self.name} did not print {text!r}")
+
+    @property
+    def lines_seen(self) -> int:
+        with self._new_line:
+            return len(self._lines)
+
 
 def _follow(service: Service, stream: object, marker: str) -> None:
     """Copies the process's output to its log file and notices its readiness line."""
@@ -84,11 +104,16 @@ def _follow(service: Service, stream: object, marker: str) -> None:
         for line in stream:  # type: ignore[attr-defined]
             log.write(line)
             log.flush()
+            with service._new_line:
+                service._lines.append(line)
+                service._new_line.notify_all()
             if not service._ready.is_set() and marker in line:
                 if marker == READY_PREFIX:
                     service.port = int(line.split(READY_PREFIX, 1)[1].split()[0])
                 service._ready.set()
     service._ready.set()  # the process ended: stop waiting
+    with service._new_line:
+        service._new_line.notify_all()
 
 
 def _start(

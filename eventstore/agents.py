@@ -103,7 +103,11 @@ class AgentCatalog(Application[UUID]):
     snapshotting_intervals = {Agent: 20}
 
     def __init__(self, store: StoreConfig) -> None:
-        super().__init__(env=store.application_env(self.name))
+        # Cached agents are brought up to date with one query for newer events ("fast-forward"),
+        # so a run always starts with the agent's latest version, at the cost of one round trip.
+        super().__init__(
+            env=store.application_env(self.name) | {"AGGREGATE_CACHE_MAXSIZE": "10000"}
+        )
 
     @translate_store_errors
     def create(self, tenant: str, config: AgentConfig) -> AgentConfig:
@@ -131,7 +135,9 @@ class AgentCatalog(Application[UUID]):
     def get(self, tenant: str, agent_id: str, version: int = 0) -> AgentConfig:
         agent_uuid = Agent.create_id(tenant, agent_id)
         try:
-            agent: Agent = self.repository.get(agent_uuid, version=version or None)
+            agent: Agent = self.repository.get(
+                agent_uuid, version=version or None, deepcopy_from_cache=False
+            )
         except AggregateNotFoundError:
             raise NotFound("agent", agent_id) from None
         if agent.deleted or (version and agent.version != version):

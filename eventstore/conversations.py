@@ -49,14 +49,15 @@ class ConversationLog(Application[UUID]):
     snapshotting_intervals = {Conversation: 25}
 
     def __init__(self, store: StoreConfig) -> None:
-        super().__init__(env=store.application_env(self.name))
+        # Cached conversations are fast-forwarded: reading one costs a query for its new turns.
+        super().__init__(env=store.application_env(self.name) | {"AGGREGATE_CACHE_MAXSIZE": "1000"})
 
     @translate_store_errors
     def history(self, tenant: str, conversation_id: str) -> list[ChatMessage]:
         """The messages of the conversation's finished turns; empty for a new conversation."""
         try:
             conversation: Conversation = self.repository.get(
-                Conversation.create_id(tenant, conversation_id)
+                Conversation.create_id(tenant, conversation_id), deepcopy_from_cache=False
             )
         except AggregateNotFoundError:
             return []

@@ -330,10 +330,17 @@ class _PostgresDatabase(_Database):
 
         def configure(conn: psycopg.Connection[Any]) -> None:
             conn.execute("SET synchronous_commit = off")
-            conn.commit()
 
+        # Autocommit: every statement is one round trip (none of this module's writes needs
+        # more than one statement to be atomic).
         self._pool = psycopg_pool.ConnectionPool(
-            conninfo, min_size=1, max_size=8, configure=configure, open=True, timeout=5.0
+            conninfo,
+            min_size=2,
+            max_size=8,
+            kwargs={"autocommit": True},
+            configure=configure,
+            open=True,
+            timeout=5.0,
         )
 
     @contextmanager

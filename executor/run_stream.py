@@ -71,7 +71,7 @@ class RunStream:
     # -- adding ------------------------------------------------------------------------------
 
     def text(self, step_index: int, attempt: int, text: str) -> None:
-        if not text:
+        if not text or self._terminal_added:
             return
         last = self._outbox[-1] if self._outbox else None
         if (

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, cast
@@ -26,7 +27,8 @@ from agentrun.errors import (
     Unimplemented,
 )
 from agentrun.nats_link import control_subject
-from agentrun.run_events import append_executor_lost
+from agentrun.run_events import append_executor_lost, is_terminal, last_published
+from agentrun.v1 import run_pb2
 from eventstore.agent_config import AgentConfig, ExecutionMode
 from eventstore.run import TERMINAL_STATUSES, Run
 from eventstore.run_index import RunFilter, RunRecord
@@ -36,6 +38,7 @@ from executor.context import ExecutorContext
 log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT = 5.0
+SETTLING_TIME = 5.0  # a run this young may not answer its control subject yet
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,14 @@ class RunManager:
         _check_run_id(run_id)
         return await asyncio.to_thread(self.ctx.index.get, tenant, run_id)
 
+    async def get_current(self, tenant: str, run_id: str) -> RunRecord:
+        """The run as it is now: a classic run that seems active but whose executor is gone is
+        recorded as lost first, so a reader never sees a dead run as running."""
+        record = await self.get(tenant, run_id)
+        if _active_elsewhere(record, self._classic):
+            return await self.report_lost(tenant, run_id, min_age=SETTLING_TIME)
+        return record
+
     async def list(
         self, tenant: str, run_filter: RunFilter, page_size: int, page_token: str
     ) -> tuple[list[RunRecord], str]:
@@ -223,28 +234,23 @@ class RunManager:
 
     # -- lost runs -----------------------------------------------------------------------------
 
-    async def report_lost(self, tenant: str, run_id: str) -> RunRecord:
-        """Checks whether a classic run's executor is gone; if so, records the run as failed.
+    async def report_lost(self, tenant: str, run_id: str, min_age: float = 0.0) -> RunRecord:
+        """Checks whether a classic run's executor is gone; if so, records how the run ended.
 
         Idempotent: the check is "does any process answer the run's control subject", the
         published failure is fenced (see agentrun.run_events), and the row update is the same
-        however often it is made.
+        however often it is made. A run younger than ``min_age`` seconds is only recorded as
+        lost if its stream already says so: its executor may not have subscribed yet.
         """
         record = await self.get(tenant, run_id)
-        if record.execution_mode != "classic" or record.status in TERMINAL_STATUSES:
+        if not _active_elsewhere(record, self._classic) or not await self._nobody_holds(run_id):
             return record
-        if run_id in self._classic or not await self._nobody_holds(run_id):
-            return record
-        await append_executor_lost(self.ctx.link, run_id, tenant)
-        await asyncio.to_thread(
-            self.ctx.index.update,
-            run_id,
-            status="failed",
-            error_code="EXECUTOR_LOST",
-            error_message="the executor running this classic run went away; the run is lost",
-            error_retryable=True,
-            pending_approvals=[],
-        )
+        _, terminal = await last_published(self.ctx.link, run_id)
+        if terminal is None or not is_terminal(terminal):
+            if time.time() - record.created_at < min_age:
+                return record
+            terminal = await append_executor_lost(self.ctx.link, run_id, tenant)
+        await asyncio.to_thread(self.ctx.index.update, run_id, **_ended_fields(terminal))
         return await self.get(tenant, run_id)
 
     async def _nobody_holds(self, run_id: str) -> bool:
@@ -272,7 +278,7 @@ class RunManager:
             return
         for record in await asyncio.to_thread(self.ctx.index.active_classic_runs):
             if record.run_id not in self._classic:
-                await self.report_lost(record.tenant, record.run_id)
+                await self.report_lost(record.tenant, record.run_id, SETTLING_TIME)
 
     def start_reconciler(self) -> None:
         self._reconciler = asyncio.create_task(self.reconcile_forever(), name="reconciler")
@@ -289,6 +295,39 @@ class RunManager:
                     classic.abandon()
             if pending:
                 await asyncio.wait(pending, timeout=5.0)
+
+
+def _active_elsewhere(record: RunRecord, local: dict[str, ClassicRun]) -> bool:
+    """A classic run, not ended, not held by this executor."""
+    return (
+        record.execution_mode == "classic"
+        and record.status not in TERMINAL_STATUSES
+        and record.run_id not in local
+    )
+
+
+def _ended_fields(terminal: run_pb2.RunEvent | None) -> dict[str, Any]:
+    """The run-list fields of a run that ended with ``terminal`` (None: it was lost)."""
+    if terminal is not None and terminal.HasField("run_completed"):
+        return {"status": "completed", "output": terminal.run_completed.output}
+    if terminal is not None and terminal.HasField("run_cancelled"):
+        return {"status": "cancelled", "pending_approvals": []}
+    error = terminal.run_failed.error if terminal is not None else None
+    if error is None or error.code == run_pb2.RUN_ERROR_CODE_EXECUTOR_LOST:
+        return {
+            "status": "failed",
+            "error_code": "EXECUTOR_LOST",
+            "error_message": "the executor running this classic run went away; the run is lost",
+            "error_retryable": True,
+            "pending_approvals": [],
+        }
+    return {
+        "status": "failed",
+        "error_code": run_pb2.RunErrorCode.Name(error.code).removeprefix("RUN_ERROR_CODE_"),
+        "error_message": error.message,
+        "error_retryable": error.retryable,
+        "pending_approvals": [],
+    }
 
 
 def _check_repeated_decision(record: RunRecord, tool_call_id: str, approved: bool) -> None:

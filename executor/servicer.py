@@ -74,6 +74,9 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         stream = outcome.stream
         if not stream.attach():
             raise InvalidArgument("run_id", "the run is already being streamed")
+        # Let the run's loop start before the first write: whatever it emits without waiting
+        # (with a fast model, the first tokens) shares the first message with RunStarted.
+        await asyncio.sleep(0)
         steering = asyncio.create_task(self._steer(request_iterator, spec))
         try:
             while batch := await stream.next_batch():
@@ -146,7 +149,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     async def GetRun(
         self, request: pb.ExecutorServiceGetRunRequest, context: Context
     ) -> pb.ExecutorServiceGetRunResponse:
-        record = await self.runs.get(request.tenant, request.request.run_id)
+        record = await self.runs.get_current(request.tenant, request.request.run_id)
         if request.request.version and record.execution_mode == "classic":
             raise InvalidArgument("version", "classic runs have no stored history to read from")
         return pb.ExecutorServiceGetRunResponse(

@@ -52,11 +52,17 @@ class Relay:
     """A gateway's access to runs' event streams (see module docstring)."""
 
     def __init__(
-        self, link: NatsLink, executors: ExecutorServiceAsyncStub, liveness_interval: float
+        self,
+        link: NatsLink,
+        executors: ExecutorServiceAsyncStub,
+        *,
+        liveness_interval: float,
+        event_retention: float,
     ) -> None:
         self.link = link
         self.executors = executors
         self.liveness_interval = liveness_interval
+        self.event_retention = event_retention
         self._background: set[asyncio.Task[None]] = set()
 
     def execute(
@@ -81,13 +87,14 @@ class Relay:
         run: run_pb2.Run | None = None,
         relayed: list[run_pb2.RunEvent] | None = None,
         probe_first: bool = False,
-    ) -> AsyncIterator[run_pb2.RunEvent]:
-        """The run's events after ``after_sequence`` until its terminal event."""
+    ) -> AsyncIterator[list[run_pb2.RunEvent]]:
+        """The run's events after ``after_sequence`` until its terminal event, in batches."""
         if run is None:
             run = await self.get_run(tenant, run_id)
         classic = run.execution_mode == agent_pb2.EXECUTION_MODE_CLASSIC
         _, last = await last_published(self.link, run_id)
-        if last is None and run.status in TERMINAL_STATUSES:
+        ended_long_ago = time.time() - run.update_time.seconds > self.event_retention
+        if last is None and run.status in TERMINAL_STATUSES and ended_long_ago:
             raise OutOfRange(f"the events of run {run_id} are no longer retained")
         if last is not None and is_terminal(last) and last.sequence <= after_sequence:
             return
@@ -108,17 +115,15 @@ class Relay:
                         await self._check_holder(tenant, run_id, relayed)
                     check_at = time.monotonic() + self.liveness_interval
                     continue
-                for event in decode(msg.data):
-                    if event.sequence <= seen:
-                        continue
-                    if event.sequence != seen + 1 and seen:
-                        log.warning(
-                            "run %s: events %d..%d missing", run_id, seen + 1, event.sequence - 1
-                        )
-                    seen = event.sequence
-                    yield event
-                    if is_terminal(event):
-                        return
+                batch = [e for e in decode(msg.data) if e.sequence > seen]
+                if not batch:
+                    continue
+                if seen and batch[0].sequence != seen + 1:
+                    log.warning("run %s: events %d..%d missing", run_id, seen + 1, batch[0].sequence - 1)
+                seen = batch[-1].sequence
+                yield batch
+                if is_terminal(batch[-1]):
+                    return
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -222,7 +227,7 @@ class ExecutedRun:
                 pb.ExecuteRunRequest(cancel=run_service_pb2.ConverseCancel(reason=reason))
             )
 
-    async def events(self) -> AsyncIterator[run_pb2.RunEvent]:
+    async def events(self) -> AsyncIterator[list[run_pb2.RunEvent]]:
         start = pb.ExecuteRunStart(tenant=self.tenant, run_id=self.run_id, request=self._request)
         relayed: deque[run_pb2.RunEvent] = deque(maxlen=RELAYED_TAIL)
         try:
@@ -230,32 +235,31 @@ class ExecutedRun:
             async for response in self._call:
                 if response.HasField("relayed_run"):
                     self._detached = True
-                    async for event in self._relay.watch(
+                    async for batch in self._relay.watch(
                         self.tenant, self.run_id, 0, run=response.relayed_run
                     ):
-                        yield event
+                        yield batch
                     return
-                for event in response.events:
-                    relayed.append(event)
-                    yield event
+                relayed.extend(response.events)
+                yield list(response.events)
         except grpc.aio.AioRpcError as exc:
             if not relayed or not _executor_went_away(exc):
                 raise
             if is_terminal(relayed[-1]):
                 return
             log.warning("run %s: lost the executor stream (%s)", self.run_id, exc.code().name)
-            async for event in self._continue_after_loss(list(relayed)):
-                yield event
+            async for batch in self._continue_after_loss(list(relayed)):
+                yield batch
         finally:
             self._call.cancel()
 
     async def _continue_after_loss(
         self, relayed: list[run_pb2.RunEvent]
-    ) -> AsyncIterator[run_pb2.RunEvent]:
+    ) -> AsyncIterator[list[run_pb2.RunEvent]]:
         self._detached = True
         last = relayed[-1].sequence
         try:
-            async for event in self._relay.watch(
+            async for batch in self._relay.watch(
                 self.tenant,
                 self.run_id,
                 last,
@@ -263,10 +267,10 @@ class ExecutedRun:
                 probe_first=True,
                 run=_classic_placeholder(self.run_id),
             ):
-                yield event
+                yield batch
         except Unavailable:
             # NATS is down too: the client still learns at once that the run is lost.
-            yield executor_lost_event(self.run_id, last + 1)
+            yield [executor_lost_event(self.run_id, last + 1)]
 
 
 def _classic_placeholder(run_id: str) -> run_pb2.Run:

@@ -41,7 +41,12 @@ async def run_gateway(
     )
     await link.start()
     channel, executors = open_executors(settings.executor_target)
-    relay = Relay(link, executors, settings.liveness_interval)
+    relay = Relay(
+        link,
+        executors,
+        liveness_interval=settings.liveness_interval,
+        event_retention=settings.event_retention,
+    )
 
     def register(server: grpc.aio.Server) -> list[str]:
         run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(settings, relay), server)

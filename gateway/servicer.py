@@ -70,8 +70,8 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
     ) -> AsyncIterator[runs.StreamRunResponse]:
         tenant = tenant_of(context, self.keys)
         run = self.relay.execute(tenant, run_id_for(tenant, request.request_id), request)
-        async for event in run.events():
-            yield runs.StreamRunResponse(event=event)
+        async for batch in run.events():
+            yield runs.StreamRunResponse(events=batch)
 
     @stream_errors
     async def Converse(
@@ -93,7 +93,7 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             events = self.relay.watch(tenant, run_id, first.attach.after_sequence)
         else:
             raise InvalidArgument("message", "the first message must be start or attach")
-        queue: asyncio.Queue[run_pb2.RunEvent | BaseException | None] = asyncio.Queue()
+        queue: asyncio.Queue[list[run_pb2.RunEvent] | BaseException | None] = asyncio.Queue()
         tasks = [
             asyncio.create_task(_pump(events, queue)),
             asyncio.create_task(_steer(request_iterator, steerable, queue)),
@@ -102,7 +102,7 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                yield runs.ConverseResponse(event=item)
+                yield runs.ConverseResponse(events=item)
         finally:
             for task in tasks:
                 task.cancel()
@@ -117,8 +117,8 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         run_id = checked_run_id(request.run_id)
         if request.after_sequence < 0:
             raise InvalidArgument("after_sequence", "must not be negative")
-        async for event in self.relay.watch(tenant, run_id, request.after_sequence):
-            yield runs.WatchRunResponse(event=event)
+        async for batch in self.relay.watch(tenant, run_id, request.after_sequence):
+            yield runs.WatchRunResponse(events=batch)
 
     @unary_errors
     async def StartRun(
@@ -204,12 +204,12 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
 
 
 async def _pump(
-    events: AsyncIterator[run_pb2.RunEvent],
-    queue: asyncio.Queue[run_pb2.RunEvent | BaseException | None],
+    events: AsyncIterator[list[run_pb2.RunEvent]],
+    queue: asyncio.Queue[list[run_pb2.RunEvent] | BaseException | None],
 ) -> None:
     try:
-        async for event in events:
-            queue.put_nowait(event)
+        async for batch in events:
+            queue.put_nowait(batch)
         queue.put_nowait(None)
     except Exception as exc:
         queue.put_nowait(exc)
@@ -218,7 +218,7 @@ async def _pump(
 async def _steer(
     request_iterator: AsyncIterator[runs.ConverseRequest],
     run: _Steerable,
-    queue: asyncio.Queue[run_pb2.RunEvent | BaseException | None],
+    queue: asyncio.Queue[list[run_pb2.RunEvent] | BaseException | None],
 ) -> None:
     """Applies the approvals and cancellations a Converse client sends after its first message."""
     try:

@@ -81,7 +81,7 @@ class Client:
 
     async def run(self, agent_id: str, text: str, **fields: Any) -> list[run_pb2.RunEvent]:
         """A whole run through StreamRun."""
-        return [r.event async for r in self.stream(agent_id, text, **fields)]
+        return await rest(self.stream(agent_id, text, **fields))
 
     def watch(self, run_id: str, after: int = 0) -> Any:
         return self.runs.WatchRun(
@@ -90,7 +90,7 @@ class Client:
         )
 
     async def watch_all(self, run_id: str, after: int = 0) -> list[run_pb2.RunEvent]:
-        return [r.event async for r in self.watch(run_id, after)]
+        return await rest(self.watch(run_id, after))
 
     async def get_run(self, run_id: str) -> run_pb2.Run:
         response = await self.runs.GetRun(
@@ -111,21 +111,37 @@ class Client:
         )
 
 
+_unread: dict[int, list[run_pb2.RunEvent]] = {}
+
+
+async def _next_events(call: Any) -> list[run_pb2.RunEvent] | None:
+    """The call's next events: those left over from an earlier read, else the next message's."""
+    left = _unread.pop(id(call), None)
+    if left:
+        return left
+    response = await call.read()
+    if response is grpc.aio.EOF:
+        return None
+    return list(response.events)
+
+
 async def until(call: Any, kind: str) -> list[run_pb2.RunEvent]:
-    """Reads a streaming call's responses until an event of ``kind`` (inclusive)."""
+    """Reads a streaming call's events up to the first event of ``kind`` (inclusive); the rest of
+    that message is kept for the next read."""
     events: list[run_pb2.RunEvent] = []
-    while True:
-        response = await call.read()
-        if response is grpc.aio.EOF:
-            raise AssertionError(f"the stream ended without {kind}: {kinds(events)}")
-        events.append(response.event)
-        if response.event.WhichOneof("kind") == kind:
-            return events
+    while (batch := await _next_events(call)) is not None:
+        for i, event in enumerate(batch):
+            events.append(event)
+            if event.WhichOneof("kind") == kind:
+                if batch[i + 1 :]:
+                    _unread[id(call)] = batch[i + 1 :]
+                return events
+    raise AssertionError(f"the stream ended without {kind}: {kinds(events)}")
 
 
 async def rest(call: Any) -> list[run_pb2.RunEvent]:
-    """Reads a streaming call's remaining responses."""
+    """Reads a streaming call's remaining events."""
     events: list[run_pb2.RunEvent] = []
-    while (response := await call.read()) is not grpc.aio.EOF:
-        events.append(response.event)
+    while (batch := await _next_events(call)) is not None:
+        events.extend(batch)
     return events

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 import grpc
@@ -142,12 +143,16 @@ class Lines:
 class _Turn:
     """One run on one Converse stream: serialised writes and Ctrl-C handling."""
 
-    def __init__(self, call: ConverseCall, renderer: EventRenderer, out: TextIO) -> None:
+    def __init__(
+        self, call: ConverseCall, renderer: EventRenderer, out: TextIO, err: TextIO
+    ) -> None:
         self.call = call
         self.renderer = renderer
         self.interrupted = asyncio.Event()
         self.abandoned = False
+        self.asking = False
         self._out = out
+        self._err = err
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -162,12 +167,14 @@ class _Turn:
 
     def interrupt(self) -> None:
         """First Ctrl-C: ask the server to cancel the run. Second: stop waiting for it."""
-        print(self.renderer.finish(), end="", file=self._out, flush=True)
+        # The approval question leaves its line open for the answer.
+        opened = "\n" if self.asking else self.renderer.finish()
+        print(opened, end="", file=self._out, flush=True)
         if not self.interrupted.is_set():
             self.interrupted.set()
             print(
                 "[cancelling the run — press Ctrl-C again to stop waiting]",
-                file=sys.stderr,
+                file=self._err,
                 flush=True,
             )
             task = asyncio.get_running_loop().create_task(self._send_cancel())
@@ -232,7 +239,7 @@ class Chat:
             if line is None:
                 self._write("\n")
                 return 0
-            self._echo_answer(line)
+            self._echo_input(line)
             text = line.strip()
             if text == QUIT_COMMAND:
                 return 0
@@ -243,7 +250,7 @@ class Chat:
         """Runs one user input to its end, printing its events; errors are printed, not raised."""
         renderer = EventRenderer(interactive=True, announce_start=False)
         call: ConverseCall = self._stub.Converse(None, metadata=self._metadata)
-        turn = _Turn(call, renderer, self._out)
+        turn = _Turn(call, renderer, self._out, self._err)
         self._turn = turn
         start = run_service_pb2.StreamRunRequest(
             request_id=str(uuid.uuid4()),
@@ -256,16 +263,16 @@ class Chat:
         try:
             await turn.send(run_service_pb2.ConverseRequest(start=start))
             async for response in call:
-                event = response.event
-                kind = event.WhichOneof("kind")
-                if kind == "run_started" and not self.conversation_id:
-                    self.conversation_id = event.run_started.run.conversation_id
-                self._write(renderer.render(event))
-                if kind == "tool_approval_required":
-                    await self._decide(turn, event.tool_approval_required)
-                if kind in _TERMINAL_KINDS:
-                    ended = True
-                    await turn.close_writing()
+                for event in response.events:
+                    kind = event.WhichOneof("kind")
+                    if kind == "run_started" and not self.conversation_id:
+                        self.conversation_id = event.run_started.run.conversation_id
+                    self._write(renderer.render(event))
+                    if kind == "tool_approval_required":
+                        await self._decide(turn, event.tool_approval_required)
+                    if kind in _TERMINAL_KINDS:
+                        ended = True
+                        await turn.close_writing()
             if not ended:
                 self._error(renderer, "error: the stream ended before the run finished")
         except grpc.aio.AioRpcError as error:
@@ -285,16 +292,19 @@ class Chat:
     async def _decide(self, turn: _Turn, required: run_pb2.ToolApprovalRequired) -> None:
         """Asks the user about a tool call and sends the decision on the turn's stream."""
         while True:
+            turn.asking = True
             try:
                 answer = await self._lines.read(turn.interrupted)
             except Interrupted:
                 return  # the run is being cancelled; no decision needed
+            finally:
+                turn.asking = False
             if answer is None:
                 self._write("\n")
                 self._err_line("no answer (end of input): denying the tool call")
                 approved, reason = False, "no answer from the user"
                 break
-            self._echo_answer(answer)
+            self._echo_input(answer)
             decision = parse_approval(answer)
             if decision is not None:
                 approved, reason = decision, ""
@@ -305,7 +315,7 @@ class Chat:
         )
         await turn.send(run_service_pb2.ConverseRequest(tool_approval=decision_message))
 
-    def _echo_answer(self, line: str) -> None:
+    def _echo_input(self, line: str) -> None:
         # A terminal echoes what is typed; piped input would leave the prompt line open.
         if self._echo:
             self._write(line + "\n")

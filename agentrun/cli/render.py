@@ -177,10 +177,8 @@ class EventRenderer:
             run = event.run_started.run
             if not self._announce_start:
                 return None
-            return (
-                f"[run {run.id} started: agent {run.agent_id}, "
-                f"{mode_label(run.execution_mode)}]"
-            )
+            mode = mode_label(run.execution_mode)
+            return f"[run {run.id} started: agent {run.agent_id}, {mode}]"
         if kind == "step_started":
             return self._step_started(event.step_started)
         if kind == "tool_call_requested":
@@ -233,7 +231,8 @@ class EventRenderer:
 
 
 def _summary(run_id: str, status: str, agent: str, created: str, text: str) -> str:
-    return f"{run_id:<36}  {status:<{_STATUS_WIDTH}}  {agent:<{_AGENT_WIDTH}}  {created:<19}  {text}"
+    status = f"{status:<{_STATUS_WIDTH}}"
+    return f"{run_id:<36}  {status}  {agent:<{_AGENT_WIDTH}}  {created:<19}  {text}"
 
 
 def run_list_header() -> str:

@@ -1,0 +1,66 @@
+# agentrun: one machine, two commands: `make run` (the stack) and `make test` (the tests).
+# Everything installs from this repository's own files into .venv and node_modules.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+BUF := node_modules/.bin/buf
+
+.PHONY: setup run test check lint typecheck proto proto-check proto-lint proto-breaking bench bench-smoke clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(INSTALLED)
+
+$(BUF): package.json
+	npm install --no-audit --no-fund --silent
+	touch $(BUF)
+
+setup: $(INSTALLED)
+
+## The whole stack on this machine: nats-server, executor, gateway on 127.0.0.1:50051, demo agents.
+run: setup
+	$(BIN)/agentrun up
+
+## The tests (PostgreSQL suites run when AGENTRUN_TEST_POSTGRES_URL is set).
+test: setup
+	$(BIN)/pytest
+
+## Everything CI checks besides the tests.
+check: lint typecheck proto-check proto-lint proto-breaking
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+## Regenerates agentrun/v1 from protos/ (the one command that produces generated code).
+proto: setup
+	PYTHON=$(BIN)/python scripts/generate_protos.sh
+
+## Fails if the generated code is not what protos/ generates.
+proto-check: proto
+	git diff --exit-code --stat -- agentrun/v1
+	test -z "$$(git status --porcelain -- agentrun/v1)"
+
+proto-lint: $(BUF)
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+
+## Fails on a breaking change to protos/ against the previous commit (BASE=<ref> to choose).
+proto-breaking: $(BUF)
+	scripts/check_breaking.sh $(BASE)
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+bench-smoke: setup
+	$(BIN)/python -m bench.run --smoke
+
+clean:
+	rm -rf $(VENV) node_modules .agentrun .mypy_cache .ruff_cache .pytest_cache

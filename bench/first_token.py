@@ -1,0 +1,138 @@
+"""First token and whole-run latency of classic runs: through the stack, and in process.
+
+Through the stack: a gRPC client -> gateway -> executor -> scripted model with zero delays ->
+executor -> gateway -> client, each process separate, on loopback. In process: the same agent
+loop and event stream called directly, without any service: the physical minimum the stack's
+overhead is measured against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from agentrun.v1 import run_service_pb2, run_service_pb2_grpc
+from eventstore.agent_config import AgentConfig, ModelSettings, ScriptedSettings, ScriptedTurn
+from eventstore.run import Run
+from eventstore.run_steps import AwaitApprovals
+from executor.agent_loop import AgentLoop
+from executor.models import ModelProviders
+from executor.run_stream import RunStream
+
+TWENTY_TOKENS = " ".join(f"token{i}" for i in range(20))
+
+
+@dataclass
+class RunTimes:
+    first_token: list[float]
+    whole_run: list[float]
+
+
+async def through_stack(
+    target: str, agent_id: str, runs: int, concurrency: int = 1
+) -> tuple[RunTimes, float]:
+    """Runs ``runs`` runs, ``concurrency`` at a time; returns their times and the wall time."""
+    times = RunTimes([], [])
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub: Any = run_service_pb2_grpc.RunServiceStub(channel)
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(runs):
+            queue.put_nowait(i)
+
+        async def worker() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                await _one_run(stub, agent_id, times)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return times, wall
+
+
+async def _one_run(stub: Any, agent_id: str, times: RunTimes) -> None:
+    started = time.perf_counter()
+    call = stub.StreamRun(
+        run_service_pb2.StreamRunRequest(
+            agent_id=agent_id, input="go", request_id=str(uuid.uuid4())
+        )
+    )
+    first = None
+    completed = False
+    while not completed and (response := await call.read()) is not grpc.aio.EOF:
+        for event in response.events:
+            if first is None and event.HasField("text_delta"):
+                first = time.perf_counter() - started
+            completed = completed or event.HasField("run_completed")
+    if not completed:
+        raise RuntimeError("the run ended without RunCompleted")
+    times.first_token.append(first if first is not None else float("nan"))
+    times.whole_run.append(time.perf_counter() - started)
+
+
+class _InMemoryHost:
+    """A RunHost that keeps nothing: the loop's own cost, with no service around it."""
+
+    def attempt(self, step_index: int) -> int:
+        return 1
+
+    async def commit(self, run: Run) -> None:
+        run.collect_events()
+
+    async def status_changed(self, run: Run) -> None:
+        return None
+
+    async def wait_for_decisions(self, run: Run, step: AwaitApprovals) -> bool:
+        return True
+
+    async def finished(self, run: Run) -> None:
+        return None
+
+
+def bench_agent_config(agent_id: str = "bench") -> AgentConfig:
+    return AgentConfig(
+        agent_id=agent_id,
+        version=1,
+        model=ModelSettings(
+            provider="scripted",
+            scripted=ScriptedSettings(turns=(ScriptedTurn(TWENTY_TOKENS),)),
+        ),
+    )
+
+
+async def in_process(runs: int) -> RunTimes:
+    times = RunTimes([], [])
+    models = ModelProviders()
+    agent = bench_agent_config().to_json()
+    for _ in range(runs):
+        started = time.perf_counter()
+        run = Run(
+            run_id=str(uuid.uuid4()),
+            tenant="bench",
+            request_id="",
+            agent=agent,
+            input="go",
+            conversation_id="c",
+            history=[],
+            execution_mode="classic",
+        )
+        stream = RunStream(run.run_id)
+        stream.attach()
+        loop = AgentLoop(run, stream, _InMemoryHost(), models, Path("."))
+        task = asyncio.create_task(loop.drive())
+        first = None
+        while batch := await stream.next_batch():
+            if first is None and any(e.HasField("text_delta") for e in batch):
+                first = time.perf_counter() - started
+        await task
+        await stream.close()
+        times.first_token.append(first if first is not None else float("nan"))
+        times.whole_run.append(time.perf_counter() - started)
+    await models.aclose()
+    return times

@@ -1,0 +1,86 @@
+"""The Run aggregate's own rules: decisions, pending calls, what the model sees."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from agentrun.errors import FailedPrecondition
+from eventstore.agent_config import AgentConfig, ModelSettings, ToolSettings
+from eventstore.messages import ChatMessage, ToolCall
+from eventstore.run import Run
+
+USAGE = {"input_tokens": 1, "output_tokens": 1}
+EMAIL: ToolCall = {"id": "c1", "name": "send_email", "arguments_json": "{}"}
+CLOCK: ToolCall = {"id": "c2", "name": "clock", "arguments_json": "{}"}
+
+
+def new_run(history: list[ChatMessage] | None = None) -> Run:
+    agent = AgentConfig(
+        agent_id="a",
+        model=ModelSettings(provider="scripted"),
+        tools=(ToolSettings("clock"), ToolSettings("send_email", requires_approval=True)),
+    )
+    return Run(
+        run_id=str(uuid.uuid4()),
+        tenant="t",
+        request_id="r",
+        agent=agent.to_json(),
+        input="now",
+        conversation_id="c",
+        history=history or [],
+        execution_mode="classic",
+    )
+
+
+def test_the_model_sees_the_conversation_then_this_run() -> None:
+    earlier: list[ChatMessage] = [
+        {"role": "user", "content": "before"},
+        {"role": "assistant", "content": "answer"},
+    ]
+    run = new_run(earlier)
+    assert run.model_messages == [*earlier, {"role": "user", "content": "now"}]
+    assert run.messages == [{"role": "user", "content": "now"}]
+
+
+def test_pending_calls_and_approval_requirements() -> None:
+    run = new_run()
+    assert run.pending_tool_calls() == []
+    run.record_model_call(1, "", [EMAIL, CLOCK], USAGE)
+    assert run.pending_tool_calls() == [EMAIL, CLOCK]
+    assert run.requires_approval(EMAIL) and not run.requires_approval(CLOCK)
+    run.record_tool_outcome(2, "c2", "{}", False)
+    assert run.pending_tool_calls() == [EMAIL]
+
+
+def test_decisions_are_checked_against_what_is_pending_and_recorded() -> None:
+    run = new_run()
+    run.record_model_call(1, "", [EMAIL, CLOCK], USAGE)
+    with pytest.raises(FailedPrecondition, match="not awaiting approval"):
+        run.check_decision("c1", True)  # not required yet
+    run.require_approval(2, "c1", 10.0)
+    with pytest.raises(FailedPrecondition, match="not awaiting approval"):
+        run.check_decision("c2", True)  # the clock needs no approval
+    with pytest.raises(FailedPrecondition, match="not awaiting approval"):
+        run.check_decision("send_email", True)  # by id, never by tool name
+    assert run.check_decision("c1", True) is True
+    run.decide("c1", True, "", False)
+    assert run.check_decision("c1", True) is False  # a repeat changes nothing
+    with pytest.raises(FailedPrecondition, match="already approved"):
+        run.check_decision("c1", False)
+
+
+def test_a_timed_out_decision_says_so_and_an_ended_run_takes_no_new_decision() -> None:
+    run = new_run()
+    run.record_model_call(1, "", [EMAIL], USAGE)
+    run.require_approval(2, "c1", 10.0)
+    run.decide("c1", False, "late", True)
+    with pytest.raises(FailedPrecondition, match="denied by the approval timeout"):
+        run.check_decision("c1", True)
+    other = new_run()
+    other.record_model_call(1, "", [EMAIL], USAGE)
+    other.require_approval(2, "c1", 10.0)
+    other.cancel("stop")
+    with pytest.raises(FailedPrecondition, match="already ended"):
+        other.check_decision("c1", True)

@@ -1,0 +1,173 @@
+"""The run's state machine, without any server: every history of events gives one next step.
+
+Histories are built by applying the Run aggregate's own events, then replayed from their stored
+form (the events alone) to show that the decision depends on nothing else.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from typing import Any
+
+from eventsourcing.application import Application
+
+from eventstore.agent_config import AgentConfig, ModelSettings, ToolSettings
+from eventstore.messages import ToolCall
+from eventstore.run import Run
+from eventstore.run_steps import (
+    AwaitApprovals,
+    CallModel,
+    FailRun,
+    Finish,
+    Finished,
+    RequestApprovals,
+    RunTool,
+    next_step,
+)
+
+USAGE = {"input_tokens": 1, "output_tokens": 1}
+
+
+def new_run(max_model_calls: int = 4) -> Run:
+    agent = AgentConfig(
+        agent_id="a",
+        version=3,
+        model=ModelSettings(provider="scripted"),
+        tools=(ToolSettings("clock"), ToolSettings("send_email", requires_approval=True)),
+        max_model_calls=max_model_calls,
+    )
+    return Run(
+        run_id=str(uuid.uuid4()),
+        tenant="t",
+        request_id="",
+        agent=agent.to_json(),
+        input="hello",
+        conversation_id="c",
+        history=[],
+        execution_mode="durable",
+    )
+
+
+def call(call_id: str, name: str) -> ToolCall:
+    return {"id": call_id, "name": name, "arguments_json": "{}"}
+
+
+_stores: dict[Any, Application[Any]] = {}
+
+
+def replayed(run: Run) -> Run:
+    """The run rebuilt from its stored events alone (each run's events go to a store of its own,
+    saved as they are made, as durable mode does)."""
+    if run.id not in _stores:
+        _stores[run.id] = Application(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    store = _stores[run.id]
+    store.save(run)
+    rebuilt: Run = store.repository.get(run.id)
+    return rebuilt
+
+
+def test_a_new_run_calls_the_model() -> None:
+    assert next_step(new_run()) == CallModel(step_index=1, call_index=0)
+
+
+def test_an_answer_without_tool_calls_finishes_the_run() -> None:
+    run = new_run()
+    run.record_model_call(1, "hi there", [], USAGE)
+    assert next_step(run) == Finish("hi there")
+    run.complete("hi there")
+    assert next_step(run) == Finished()
+    assert next_step(replayed(run)) == Finished()
+
+
+def test_tool_calls_run_in_the_models_order_then_the_model_is_called_again() -> None:
+    run = new_run()
+    run.record_model_call(1, "", [call("c1", "clock"), call("c2", "clock")], USAGE)
+    assert next_step(run) == RunTool(step_index=2, call=call("c1", "clock"), denial=None)
+    run.record_tool_outcome(2, "c1", "{}", False)
+    assert run.steps_completed == 1
+    assert next_step(replayed(run)) == RunTool(step_index=2, call=call("c2", "clock"), denial=None)
+    run.record_tool_outcome(2, "c2", "{}", False)
+    assert run.steps_completed == 2
+    assert next_step(run) == CallModel(step_index=3, call_index=1)
+    assert [m["role"] for m in run.messages] == ["user", "assistant", "tool", "tool"]
+
+
+def test_approvals_are_requested_for_every_call_that_needs_one_before_any_tool_runs() -> None:
+    run = new_run()
+    calls = [call("c1", "clock"), call("c2", "send_email"), call("c3", "send_email")]
+    run.record_model_call(1, "", calls, USAGE)
+    assert next_step(run) == RequestApprovals(step_index=2, calls=(calls[1], calls[2]))
+    run.require_approval(2, "c2", 100.0)
+    run.require_approval(2, "c3", 50.0)
+    assert run.status == "awaiting_approval"
+    expected = AwaitApprovals(step_index=2, calls=(calls[1], calls[2]), expire_at=50.0)
+    assert next_step(run) == expected
+    assert next_step(replayed(run)) == expected
+    run.decide("c3", False, "no", False)
+    assert next_step(run) == AwaitApprovals(step_index=2, calls=(calls[1],), expire_at=100.0)
+    run.decide("c2", True, "", False)
+    assert run.status == "running"
+    assert next_step(run) == RunTool(step_index=2, call=calls[0], denial=None)
+    run.record_tool_outcome(2, "c1", "{}", False)
+    assert next_step(run) == RunTool(step_index=2, call=calls[1], denial=None)
+    run.record_tool_outcome(2, "c2", "{}", False)
+    denial = {"approved": False, "reason": "no", "timed_out": False}
+    assert next_step(replayed(run)) == RunTool(step_index=2, call=calls[2], denial=denial)
+
+
+def test_the_run_fails_when_it_needs_more_model_calls_than_allowed() -> None:
+    run = new_run(max_model_calls=1)
+    run.record_model_call(1, "", [call("c1", "clock")], USAGE)
+    run.record_tool_outcome(2, "c1", "{}", False)
+    step = next_step(run)
+    assert isinstance(step, FailRun) and step.code == "MAX_MODEL_CALLS"
+
+
+def test_ended_runs_have_nothing_left_to_do() -> None:
+    for end in (lambda r: r.fail("MODEL_ERROR", "x", True), lambda r: r.cancel("stop")):
+        run = new_run()
+        run.record_model_call(1, "", [call("c1", "send_email")], USAGE)
+        run.require_approval(2, "c1", 1.0)
+        end(run)
+        assert next_step(run) == Finished()
+        assert next_step(replayed(run)) == Finished()
+
+
+def test_every_prefix_of_a_history_decides_the_same_before_and_after_replay() -> None:
+    """Applies a long history one event at a time; at each point the live aggregate and the one
+    rebuilt from the stored events decide the same next step."""
+    run = new_run(max_model_calls=10)
+    actions = [
+        lambda r: r.record_model_call(1, "a", [call("c1", "clock"), call("c2", "send_email")], USAGE),
+        lambda r: r.require_approval(2, "c2", 9.0),
+        lambda r: r.decide("c2", True, "", False),
+        lambda r: r.record_tool_outcome(2, "c1", "{}", False),
+        lambda r: r.record_tool_outcome(2, "c2", "{}", True),
+        lambda r: r.record_model_call(3, "b", [call("c3", "send_email")], USAGE),
+        lambda r: r.require_approval(4, "c3", 9.0),
+        lambda r: r.decide("c3", False, "timeout", True),
+        lambda r: r.record_tool_outcome(4, "c3", "denied", True),
+        lambda r: r.record_model_call(5, "done", [], USAGE),
+        lambda r: r.complete("done"),
+    ]
+    seen = []
+    for action in itertools.chain([lambda r: None], actions):
+        action(run)
+        step = next_step(run)
+        assert next_step(replayed(run)) == step
+        seen.append(type(step).__name__)
+    assert seen == [
+        "CallModel",
+        "RequestApprovals",
+        "AwaitApprovals",
+        "RunTool",
+        "RunTool",
+        "CallModel",
+        "RequestApprovals",
+        "AwaitApprovals",
+        "RunTool",
+        "CallModel",
+        "Finish",
+        "Finished",
+    ]
