@@ -50,12 +50,17 @@ class ApiKeys:
     def parse(pairs: str, file: str | None) -> ApiKeys:
         digests: dict[str, str] = {}
 
-        def add(tenant: str, key: str) -> None:
+        def add(tenant: object, key: object) -> None:
+            if not isinstance(tenant, str) or not isinstance(key, str):
+                raise ValueError("API key entries are text: a tenant and a key")
             tenant, key = tenant.strip(), key.strip()
             if not tenant or not key:
                 raise ValueError("an API key entry needs a tenant and a key")
             if key.startswith("sha256:"):
-                digests[key.removeprefix("sha256:").lower()] = tenant
+                digest = key.removeprefix("sha256:").lower()
+                if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                    raise ValueError("a sha256: key must be followed by 64 hex digits")
+                digests[digest] = tenant
             else:
                 digests[hashlib.sha256(key.encode()).hexdigest()] = tenant
 
@@ -69,6 +74,8 @@ class ApiKeys:
             if not isinstance(data, dict):
                 raise ValueError(f"{file}: expected an object of tenant -> list of keys")
             for tenant, keys in data.items():
+                if not isinstance(keys, (str, list)):
+                    raise ValueError(f"{file}: the keys of {tenant!r} must be a list of text")
                 for key in [keys] if isinstance(keys, str) else keys:
                     add(tenant, key)
         return ApiKeys(digests)
@@ -101,7 +108,11 @@ class Settings:
             database_url=get("DATABASE_URL", ""),
             data_dir=Path(get("DATA_DIR", str(defaults.data_dir))),
             nats_urls=tuple(
-                u.strip() for u in get("NATS_URL", ",".join(defaults.nats_urls)).split(",") if u
+                url
+                for url in (
+                    u.strip() for u in get("NATS_URL", ",".join(defaults.nats_urls)).split(",")
+                )
+                if url
             ),
             executor_target=get("EXECUTOR_TARGET", defaults.executor_target),
             gateway_listen=get("GATEWAY_LISTEN", defaults.gateway_listen),

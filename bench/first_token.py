@@ -25,6 +25,7 @@ from executor.agent_loop import AgentLoop
 from executor.models import ModelProviders
 from executor.run_stream import RunStream
 
+EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 TWENTY_TOKENS = " ".join(f"token{i}" for i in range(20))
 
 
@@ -65,7 +66,7 @@ async def _one_run(stub: Any, agent_id: str, times: RunTimes) -> None:
     )
     first = None
     completed = False
-    while not completed and (response := await call.read()) is not grpc.aio.EOF:
+    while not completed and (response := await call.read()) is not EOF:
         for event in response.events:
             if first is None and event.HasField("text_delta"):
                 first = time.perf_counter() - started

@@ -56,8 +56,10 @@ def main() -> None:
 def choose_store(url: str, tmp: Path) -> str:
     if url:
         return url
+    postgres = StoreConfig.from_url(DEFAULT_POSTGRES).postgres
+    assert postgres is not None
     try:
-        with psycopg.connect(StoreConfig.from_url(DEFAULT_POSTGRES).postgres.conninfo(), connect_timeout=2):  # type: ignore[union-attr]
+        with psycopg.connect(postgres.conninfo(), connect_timeout=2):
             pass
     except psycopg.OperationalError:
         return f"sqlite:///{tmp / 'data'}"
@@ -88,7 +90,9 @@ async def run_suite(smoke: bool, database_url: str) -> dict[str, Any]:
         async with grpc.aio.insecure_channel(target) as channel:
             agents: Any = agent_service_pb2_grpc.AgentServiceStub(channel)
             await agents.CreateAgent(
-                agent_service_pb2.CreateAgentRequest(agent=agent_to_proto(bench_agent_config(agent_id)))
+                agent_service_pb2.CreateAgentRequest(
+                    agent=agent_to_proto(bench_agent_config(agent_id))
+                )
             )
         await through_stack(target, agent_id, max(sequential // 10, 5))  # warm up
         await in_process(max(sequential // 10, 5))

@@ -6,6 +6,7 @@ every run that starts (a run keeps the configuration as of its start).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -21,7 +22,12 @@ DEFAULT_APPROVAL_TIMEOUT = 24 * 3600.0
 DEFAULT_TOOL_TIMEOUT = 30.0
 DEFAULT_MAX_MODEL_CALLS = 16
 MAX_MODEL_CALLS_LIMIT = 1000
-AGENT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+AGENT_ID_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
+
+
+def _finite(seconds: float) -> bool:
+    """A duration that is a number (not NaN or infinite) and not negative."""
+    return math.isfinite(seconds) and seconds >= 0
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ class AgentConfig:
 
     def validate(self) -> None:
         """Raises InvalidArgument naming the first thing wrong with the configuration."""
-        if not AGENT_ID_PATTERN.match(self.agent_id):
+        if not AGENT_ID_PATTERN.fullmatch(self.agent_id):
             raise InvalidArgument(
                 "agent.id",
                 "must be 1-63 characters of a-z, 0-9 and '-', starting with a letter",
@@ -95,8 +101,8 @@ class AgentConfig:
         if self.model.provider == "openai" and not self.model.name:
             raise InvalidArgument("agent.model.name", "is required for the openai provider")
         scripted = self.model.scripted
-        if scripted.first_token_delay < 0 or scripted.token_delay < 0:
-            raise InvalidArgument("agent.model.scripted", "delays must not be negative")
+        if not (_finite(scripted.first_token_delay) and _finite(scripted.token_delay)):
+            raise InvalidArgument("agent.model.scripted", "delays must be finite, not negative")
         names = [t.name for t in self.tools]
         for tool in self.tools:
             if tool.name not in BUILTIN_TOOL_NAMES:
@@ -104,11 +110,11 @@ class AgentConfig:
                     "agent.tools",
                     f"unknown tool {tool.name!r}; built-in tools: {', '.join(BUILTIN_TOOL_NAMES)}",
                 )
-            if tool.timeout <= 0:
+            if not (_finite(tool.timeout) and tool.timeout > 0):
                 raise InvalidArgument("agent.tools.timeout", "must be positive")
         if len(set(names)) != len(names):
             raise InvalidArgument("agent.tools", "a tool is listed twice")
-        if self.approval_timeout <= 0:
+        if not (_finite(self.approval_timeout) and self.approval_timeout > 0):
             raise InvalidArgument("agent.approval_timeout", "must be positive")
         if not 1 <= self.max_model_calls <= MAX_MODEL_CALLS_LIMIT:
             raise InvalidArgument(

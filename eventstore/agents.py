@@ -100,9 +100,10 @@ class AgentCatalog(Application[UUID]):
     """The use cases of agents. Every method is synchronous: call it through a thread."""
 
     name = "AgentCatalog"
-    snapshotting_intervals = {Agent: 20}
+    snapshotting_intervals = {Agent: 20, AgentDirectory: 50}
 
     def __init__(self, store: StoreConfig) -> None:
+        store.ensure_schema()
         # Cached agents are brought up to date with one query for newer events ("fast-forward"),
         # so a run always starts with the agent's latest version, at the cost of one round trip.
         super().__init__(
@@ -240,6 +241,6 @@ def _decode_token(token: str) -> str:
     if not token:
         return ""
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
+        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError):
         raise InvalidArgument("page_token", "is not a token from a previous response") from None

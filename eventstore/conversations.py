@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import time
 from uuid import UUID, uuid5
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -14,7 +16,7 @@ from eventstore.persistence import StoreConfig
 from eventstore.store_errors import translate_store_errors
 
 _NAMESPACE = UUID("0b9a4f7e-2f57-4d0e-8f0a-2d3b8f6c9e21")
-_SAVE_ATTEMPTS = 10
+_SAVE_ATTEMPTS = 30
 
 
 class Conversation(Aggregate):
@@ -49,6 +51,7 @@ class ConversationLog(Application[UUID]):
     snapshotting_intervals = {Conversation: 25}
 
     def __init__(self, store: StoreConfig) -> None:
+        store.ensure_schema()
         # Cached conversations are fast-forwarded: reading one costs a query for its new turns.
         super().__init__(env=store.application_env(self.name) | {"AGGREGATE_CACHE_MAXSIZE": "1000"})
 
@@ -67,7 +70,7 @@ class ConversationLog(Application[UUID]):
     def record_turn(
         self, tenant: str, conversation_id: str, run_id: str, messages: list[ChatMessage]
     ) -> None:
-        for _ in range(_SAVE_ATTEMPTS):
+        for attempt in range(_SAVE_ATTEMPTS):
             try:
                 conversation: Conversation = self.repository.get(
                     Conversation.create_id(tenant, conversation_id)
@@ -78,6 +81,9 @@ class ConversationLog(Application[UUID]):
             try:
                 self.save(conversation)
             except IntegrityError:
+                # Another turn was recorded first: back off a little (randomly, so that writers
+                # racing each other spread out), read the conversation again, retry.
+                time.sleep(random.uniform(0, min(0.001 * 2**attempt, 0.05)))
                 continue
             return
         raise Conflict(f"conversation {conversation_id!r} is changing too fast; try again")

@@ -10,9 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
+
+import psycopg
+import psycopg.errors
 
 from agentrun.errors import InvalidArgument
 
@@ -65,10 +69,14 @@ class StoreConfig:
             schema = query.get("schema", [""])[0]
             if schema and not schema.replace("_", "").isalnum():
                 raise InvalidArgument("database url", "schema must be letters, digits and _")
+            try:
+                port = parsed.port or 5432
+            except ValueError:
+                raise InvalidArgument("database url", "the port must be a number") from None
             return StoreConfig(
                 postgres=PostgresParams(
                     host=parsed.hostname or "127.0.0.1",
-                    port=parsed.port or 5432,
+                    port=port,
                     user=unquote(parsed.username or "postgres"),
                     password=unquote(parsed.password or ""),
                     dbname=(parsed.path or "/postgres").lstrip("/") or "postgres",
@@ -88,6 +96,18 @@ class StoreConfig:
         pg = self.postgres
         suffix = f"?schema={pg.schema}" if pg.schema else ""
         return f"postgresql://{pg.user}@{pg.host}:{pg.port}/{pg.dbname}{suffix}"
+
+    def ensure_schema(self) -> None:
+        """Creates the PostgreSQL schema if there is one and it is missing (idempotent)."""
+        if self.postgres is None or not self.postgres.schema:
+            return
+        # Another process may create the schema at the same moment.
+        duplicate = (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema)
+        with (
+            psycopg.connect(self.postgres.conninfo(), autocommit=True) as db,
+            contextlib.suppress(*duplicate),
+        ):
+            db.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.postgres.schema}"')
 
     def application_env(self, name: str) -> dict[str, str]:
         """The eventsourcing settings for the application called ``name``."""

@@ -10,7 +10,6 @@ Every method is synchronous: call it through a thread.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import sqlite3
 import threading
@@ -116,6 +115,7 @@ class RunIndex:
             store.sqlite_dir.mkdir(parents=True, exist_ok=True)
             self._db = _SqliteDatabase(str(store.sqlite_dir / "runindex.sqlite"))
         else:
+            store.ensure_schema()
             self._db = _PostgresDatabase(store.postgres.conninfo(), store.postgres.schema)
         with self._db.cursor() as cur:
             cur.execute(f"CREATE TABLE IF NOT EXISTS agentrun_runs ({_COLUMNS_SQL})")
@@ -252,7 +252,7 @@ def _encode_page_token(created_at: float, run_id: str, filter_key: str) -> str:
 
 def _decode_page_token(token: str, filter_key: str) -> tuple[float, str]:
     try:
-        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        data = json.loads(base64.b64decode(token.encode(), altchars=b"-_", validate=True))
         created_at, run_id, key = float(data["c"]), str(data["r"]), str(data["f"])
     except (ValueError, KeyError, TypeError):
         raise InvalidArgument("page_token", "is not a token from a previous response") from None
@@ -322,10 +322,6 @@ class _SqliteDatabase(_Database):
 class _PostgresDatabase(_Database):
     def __init__(self, conninfo: str, schema: str) -> None:
         if schema:
-            # Another process may create the schema at the same moment.
-            duplicate = (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema)
-            with psycopg.connect(conninfo, autocommit=True) as db, contextlib.suppress(*duplicate):
-                db.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
             conninfo += f" options='-c search_path={schema}'"
 
         def configure(conn: psycopg.Connection[Any]) -> None:

@@ -119,7 +119,9 @@ class Relay:
                 if not batch:
                     continue
                 if seen and batch[0].sequence != seen + 1:
-                    log.warning("run %s: events %d..%d missing", run_id, seen + 1, batch[0].sequence - 1)
+                    log.warning(
+                        "run %s: events %d..%d missing", run_id, seen + 1, batch[0].sequence - 1
+                    )
                 seen = batch[-1].sequence
                 yield batch
                 if is_terminal(batch[-1]):

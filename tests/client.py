@@ -18,6 +18,7 @@ from agentrun.v1 import (
 )
 
 Metadata = tuple[tuple[str, str], ...]
+EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
 def kinds(events: Sequence[run_pb2.RunEvent]) -> list[str]:
@@ -31,7 +32,11 @@ def text_of(events: Sequence[run_pb2.RunEvent]) -> str:
 def scripted_agent(
     *,
     turns: Sequence[tuple[str, Sequence[tuple[str, str]]]] = (),
-    tools: Sequence[tuple[str, bool]] = (("clock", False), ("calculator", False), ("send_email", True)),
+    tools: Sequence[tuple[str, bool]] = (
+        ("clock", False),
+        ("calculator", False),
+        ("send_email", True),
+    ),
     mode: agent_pb2.ExecutionMode.ValueType = agent_pb2.EXECUTION_MODE_CLASSIC,
     token_delay_ms: int = 0,
     first_token_delay_ms: int = 0,
@@ -99,7 +104,9 @@ class Client:
         run: run_pb2.Run = response.run
         return run
 
-    async def approve(self, run_id: str, tool_call_id: str, approved: bool = True, reason: str = "") -> None:
+    async def approve(
+        self, run_id: str, tool_call_id: str, approved: bool = True, reason: str = ""
+    ) -> None:
         await self.runs.SubmitToolApproval(
             run_service_pb2.SubmitToolApprovalRequest(
                 run_id=run_id,
@@ -120,7 +127,7 @@ async def _next_events(call: Any) -> list[run_pb2.RunEvent] | None:
     if left:
         return left
     response = await call.read()
-    if response is grpc.aio.EOF:
+    if response is EOF:
         return None
     return list(response.events)
 

@@ -39,7 +39,9 @@ class Stack:
         return f"{kind}-{self._count}"
 
     def start_executor(self, **env: str) -> Service:
-        service = start_agentrun("executor", self.env(**env), self.tmp / "logs", self._name("executor"))
+        service = start_agentrun(
+            "executor", self.env(**env), self.tmp / "logs", self._name("executor")
+        )
         self.executors.append(service)
         return service
 

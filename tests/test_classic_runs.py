@@ -15,7 +15,10 @@ from tests.client import Client, kinds, rest, scripted_agent, text_of, until
 from tests.stack import Stack
 
 EMAIL_ARGS = json.dumps({"to": "ada@example.com", "subject": "Hi", "body": "Hello Ada"})
-EMAIL_AGENT_TURNS = [("I will send the email.", [("send_email", EMAIL_ARGS)]), ("The email went out.", [])]
+EMAIL_AGENT_TURNS = [
+    ("I will send the email.", [("send_email", EMAIL_ARGS)]),
+    ("The email went out.", []),
+]
 
 
 def assert_gap_free(events: list[run_pb2.RunEvent], first: int = 1) -> None:
@@ -77,9 +80,11 @@ async def test_converse_streams_a_run_and_takes_an_approval_on_the_stream(
     events = before + after
     assert_gap_free(events)
     resolved = next(e.tool_approval_resolved for e in after if e.HasField("tool_approval_resolved"))
-    assert resolved.approved and not resolved.timed_out
+    assert resolved.approved
+    assert not resolved.timed_out
     result = next(e.tool_result for e in after if e.HasField("tool_result"))
-    assert not result.is_error and json.loads(result.output)["status"] == "sent"
+    assert not result.is_error
+    assert json.loads(result.output)["status"] == "sent"
     assert after[-1].run_completed.output == "The email went out."
     sent = [m for m in read_outbox(stack.data_dir) if m["run_id"] == run_id]
     assert [m["to"] for m in sent] == ["ada@example.com"]
@@ -111,9 +116,11 @@ async def test_a_denied_tool_call_goes_back_to_the_model(channels: list[grpc.aio
     await Client(channels[1]).approve(before[0].run_id, tool_call_id, approved=False, reason="no")
     after = await rest(call)
     resolved = next(e.tool_approval_resolved for e in after if e.HasField("tool_approval_resolved"))
-    assert not resolved.approved and resolved.reason == "no"
+    assert not resolved.approved
+    assert resolved.reason == "no"
     result = next(e.tool_result for e in after if e.HasField("tool_result"))
-    assert result.is_error and "denied" in result.output
+    assert result.is_error
+    assert "denied" in result.output
     assert kinds(after)[-1] == "run_completed"  # the model carried on
 
 
@@ -142,8 +149,11 @@ async def test_an_approval_timeout_counts_as_a_denial(channels: list[grpc.aio.Ch
         scripted_agent(turns=EMAIL_AGENT_TURNS, approval_timeout_s=0.2)
     )
     events = await client.run(agent.id, "email Ada")
-    resolved = next(e.tool_approval_resolved for e in events if e.HasField("tool_approval_resolved"))
-    assert resolved.timed_out and not resolved.approved
+    resolved = next(
+        e.tool_approval_resolved for e in events if e.HasField("tool_approval_resolved")
+    )
+    assert resolved.timed_out
+    assert not resolved.approved
     assert next(e.tool_result for e in events if e.HasField("tool_result")).is_error
     assert kinds(events)[-1] == "run_completed"
     with pytest.raises(grpc.aio.AioRpcError) as late:
@@ -266,7 +276,9 @@ async def test_cancel_on_disconnect_cancels_the_run(channels: list[grpc.aio.Chan
 async def test_start_run_runs_in_the_background(channels: list[grpc.aio.Channel]) -> None:
     client = Client(channels[0])
     agent = await client.create_agent(scripted_agent(turns=[("in the background", [])]))
-    started = await client.runs.StartRun(run_service_pb2.StartRunRequest(agent_id=agent.id, input="go"))
+    started = await client.runs.StartRun(
+        run_service_pb2.StartRunRequest(agent_id=agent.id, input="go")
+    )
     assert started.run.status == run_pb2.RUN_STATUS_RUNNING
     events = await Client(channels[1]).watch_all(started.run.id)
     assert text_of(events) == "in the background"

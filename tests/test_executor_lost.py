@@ -19,7 +19,7 @@ from tests.client import Client, kinds, rest, scripted_agent, until
 from tests.conftest import database_url_for, drop_schema
 from tests.stack import Stack
 
-SLOW_TURNS = [(" ".join(["token"] * 5000), [])]
+SLOW_TURNS: list[tuple[str, list[tuple[str, str]]]] = [(" ".join(["token"] * 5000), [])]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -75,7 +75,9 @@ async def test_a_run_waiting_for_approval_is_lost_with_its_executor(
 ) -> None:
     stack, a, b = pair
     agent = await a.create_agent(
-        scripted_agent(turns=[("", [("send_email", '{"to": "a@example.com", "subject": "s", "body": "b"}')])])
+        scripted_agent(
+            turns=[("", [("send_email", '{"to": "a@example.com", "subject": "s", "body": "b"}')])]
+        )
     )
     live = a.stream(agent.id, "email")
     before = await until(live, "tool_approval_required")

@@ -27,7 +27,9 @@ async def own_nats_stack(tmp_path: Path) -> AsyncIterator[Stack]:
         stack.nats.stop()
 
 
-async def test_classic_runs_stream_while_nats_is_down(own_nats_stack: Stack, tmp_path: Path) -> None:
+async def test_classic_runs_stream_while_nats_is_down(
+    own_nats_stack: Stack, tmp_path: Path
+) -> None:
     stack = own_nats_stack
     channel = grpc.aio.insecure_channel(stack.gateways[0].address)
     client = Client(channel)

@@ -8,6 +8,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+
+from eventstore.agent_config import ModelSettings
+from eventstore.messages import ChatMessage
+from executor.models.base import ModelError, ModelReply, ModelRequest, ToolSpec
+from executor.models.openai import OpenAIProvider
 from tests.openai_wire_server import (
     Completion,
     HttpError,
@@ -16,11 +21,6 @@ from tests.openai_wire_server import (
     Truncated,
     WireToolCall,
 )
-
-from eventstore.agent_config import ModelSettings
-from eventstore.messages import ChatMessage
-from executor.models.base import ModelError, ModelReply, ModelRequest, ToolSpec
-from executor.models.openai import OpenAIProvider
 
 GUARD = 10.0  # seconds; only bounds a hang so a broken provider fails instead of stalling CI
 

@@ -8,10 +8,10 @@ import pytest
 
 from agentrun.errors import FailedPrecondition
 from eventstore.agent_config import AgentConfig, ModelSettings, ToolSettings
-from eventstore.messages import ChatMessage, ToolCall
+from eventstore.messages import ChatMessage, ToolCall, Usage
 from eventstore.run import Run
 
-USAGE = {"input_tokens": 1, "output_tokens": 1}
+USAGE: Usage = {"input_tokens": 1, "output_tokens": 1}
 EMAIL: ToolCall = {"id": "c1", "name": "send_email", "arguments_json": "{}"}
 CLOCK: ToolCall = {"id": "c2", "name": "clock", "arguments_json": "{}"}
 
@@ -49,7 +49,8 @@ def test_pending_calls_and_approval_requirements() -> None:
     assert run.pending_tool_calls() == []
     run.record_model_call(1, "", [EMAIL, CLOCK], USAGE)
     assert run.pending_tool_calls() == [EMAIL, CLOCK]
-    assert run.requires_approval(EMAIL) and not run.requires_approval(CLOCK)
+    assert run.requires_approval(EMAIL)
+    assert not run.requires_approval(CLOCK)
     run.record_tool_outcome(2, "c2", "{}", False)
     assert run.pending_tool_calls() == [EMAIL]
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import itertools
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from eventsourcing.application import Application
 
 from eventstore.agent_config import AgentConfig, ModelSettings, ToolSettings
-from eventstore.messages import ToolCall
-from eventstore.run import Run
+from eventstore.messages import ToolCall, Usage
+from eventstore.run import Decision, Run
 from eventstore.run_steps import (
     AwaitApprovals,
     CallModel,
@@ -26,7 +27,7 @@ from eventstore.run_steps import (
     next_step,
 )
 
-USAGE = {"input_tokens": 1, "output_tokens": 1}
+USAGE: Usage = {"input_tokens": 1, "output_tokens": 1}
 
 
 def new_run(max_model_calls: int = 4) -> Run:
@@ -67,6 +68,10 @@ def replayed(run: Run) -> Run:
     return rebuilt
 
 
+def status_of(run: Run) -> str:
+    return run.status
+
+
 def test_a_new_run_calls_the_model() -> None:
     assert next_step(new_run()) == CallModel(step_index=1, call_index=0)
 
@@ -100,19 +105,19 @@ def test_approvals_are_requested_for_every_call_that_needs_one_before_any_tool_r
     assert next_step(run) == RequestApprovals(step_index=2, calls=(calls[1], calls[2]))
     run.require_approval(2, "c2", 100.0)
     run.require_approval(2, "c3", 50.0)
-    assert run.status == "awaiting_approval"
+    assert status_of(run) == "awaiting_approval"
     expected = AwaitApprovals(step_index=2, calls=(calls[1], calls[2]), expire_at=50.0)
     assert next_step(run) == expected
     assert next_step(replayed(run)) == expected
     run.decide("c3", False, "no", False)
     assert next_step(run) == AwaitApprovals(step_index=2, calls=(calls[1],), expire_at=100.0)
     run.decide("c2", True, "", False)
-    assert run.status == "running"
+    assert status_of(run) == "running"
     assert next_step(run) == RunTool(step_index=2, call=calls[0], denial=None)
     run.record_tool_outcome(2, "c1", "{}", False)
     assert next_step(run) == RunTool(step_index=2, call=calls[1], denial=None)
     run.record_tool_outcome(2, "c2", "{}", False)
-    denial = {"approved": False, "reason": "no", "timed_out": False}
+    denial: Decision = {"approved": False, "reason": "no", "timed_out": False}
     assert next_step(replayed(run)) == RunTool(step_index=2, call=calls[2], denial=denial)
 
 
@@ -121,11 +126,16 @@ def test_the_run_fails_when_it_needs_more_model_calls_than_allowed() -> None:
     run.record_model_call(1, "", [call("c1", "clock")], USAGE)
     run.record_tool_outcome(2, "c1", "{}", False)
     step = next_step(run)
-    assert isinstance(step, FailRun) and step.code == "MAX_MODEL_CALLS"
+    assert isinstance(step, FailRun)
+    assert step.code == "MAX_MODEL_CALLS"
 
 
 def test_ended_runs_have_nothing_left_to_do() -> None:
-    for end in (lambda r: r.fail("MODEL_ERROR", "x", True), lambda r: r.cancel("stop")):
+    ends: list[Callable[[Run], object]] = [
+        lambda r: r.fail("MODEL_ERROR", "x", True),
+        lambda r: r.cancel("stop"),
+    ]
+    for end in ends:
         run = new_run()
         run.record_model_call(1, "", [call("c1", "send_email")], USAGE)
         run.require_approval(2, "c1", 1.0)
@@ -138,8 +148,10 @@ def test_every_prefix_of_a_history_decides_the_same_before_and_after_replay() ->
     """Applies a long history one event at a time; at each point the live aggregate and the one
     rebuilt from the stored events decide the same next step."""
     run = new_run(max_model_calls=10)
-    actions = [
-        lambda r: r.record_model_call(1, "a", [call("c1", "clock"), call("c2", "send_email")], USAGE),
+    actions: list[Callable[[Run], object]] = [
+        lambda r: r.record_model_call(
+            1, "a", [call("c1", "clock"), call("c2", "send_email")], USAGE
+        ),
         lambda r: r.require_approval(2, "c2", 9.0),
         lambda r: r.decide("c2", True, "", False),
         lambda r: r.record_tool_outcome(2, "c1", "{}", False),
@@ -152,7 +164,8 @@ def test_every_prefix_of_a_history_decides_the_same_before_and_after_replay() ->
         lambda r: r.complete("done"),
     ]
     seen = []
-    for action in itertools.chain([lambda r: None], actions):
+    nothing: Callable[[Run], object] = lambda r: None  # noqa: E731
+    for action in itertools.chain([nothing], actions):
         action(run)
         step = next_step(run)
         assert next_step(replayed(run)) == step

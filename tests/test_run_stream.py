@@ -7,9 +7,10 @@ import asyncio
 import pytest
 
 from agentrun.v1 import run_pb2
+from eventstore.messages import Usage
 from executor.run_stream import MAX_DELTA_CHARS, RunStream
 
-USAGE = {"input_tokens": 1, "output_tokens": 2}
+USAGE: Usage = {"input_tokens": 1, "output_tokens": 2}
 
 
 def kinds(events: list[run_pb2.RunEvent]) -> list[str]:
@@ -41,7 +42,8 @@ async def test_events_get_gap_free_sequences_when_taken_and_text_coalesces() -> 
     assert [e.sequence for e in events] == [1, 2, 3, 4, 5, 6]
     assert all(e.run_id == "r" and e.time.seconds > 0 for e in events)
     assert taken == [first, second, third]
-    assert stream.ended and stream.last_sequence == 6
+    assert stream.ended
+    assert stream.last_sequence == 6
     await stream.close()
 
 

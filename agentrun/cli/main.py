@@ -12,7 +12,6 @@ from pathlib import Path
 
 from agentrun.cli.chat import add_chat_parser
 from agentrun.cli.runs import add_runs_parser
-
 from agentrun.cli.serve import serve
 from agentrun.launcher import Service, start_agentrun, start_nats
 

@@ -23,9 +23,10 @@ def serve(service: str, listen: str | None = None) -> int:
         stream=sys.stderr,
     )
     settings = Settings.from_env()
-    if listen:
-        key = "gateway_listen" if service == "gateway" else "executor_listen"
-        settings = replace(settings, **{key: listen})
+    if listen and service == "gateway":
+        settings = replace(settings, gateway_listen=listen)
+    elif listen:
+        settings = replace(settings, executor_listen=listen)
 
     def ready(port: int) -> None:
         print(f"{READY_PREFIX} {port}", flush=True)
