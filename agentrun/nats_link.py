@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 EVENTS_STREAM = "AGENTRUN_RUN_EVENTS"
 EVENTS_SUBJECTS = "agentrun.events.>"
 TENANT_HEADER = "Agentrun-Tenant"
+VERSION_HEADER = "Agentrun-Version"  # the run's stored version a message's events reflect
 DEDUPLICATION_WINDOW = 120.0
 
 

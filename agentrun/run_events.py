@@ -9,6 +9,7 @@ that was not lost after all is never followed by a contradicting failure.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
@@ -17,6 +18,7 @@ from agentrun.errors import Unavailable
 from agentrun.nats_link import (
     EVENTS_STREAM,
     TENANT_HEADER,
+    VERSION_HEADER,
     NatsLink,
     events_subject,
     message_id,
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 
 TERMINAL_KINDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
-_WRONG_LAST_SEQUENCE = 10071
+WRONG_LAST_SEQUENCE = 10071
 
 
 def is_terminal(event: run_pb2.RunEvent) -> bool:
@@ -96,7 +98,7 @@ async def append_executor_lost(
             try:
                 await link.js.publish(events_subject(run_id), payload, headers=headers)
             except nats.js.errors.APIError as exc:
-                if exc.err_code == _WRONG_LAST_SEQUENCE:
+                if exc.err_code == WRONG_LAST_SEQUENCE:
                     continue  # the stream moved on: look again
                 raise
             return failure

@@ -64,6 +64,8 @@ class Run(Aggregate):
         conversation_id: str,
         history: list[ChatMessage],
         execution_mode: str,
+        forked_from_run_id: str = "",
+        forked_at_version: int = 0,
     ) -> None:
         self.run_id = run_id
         self.tenant = tenant
@@ -84,6 +86,10 @@ class Run(Aggregate):
         self.output = ""
         self.error: RunError | None = None
         self.cancel_reason = ""
+        self.attempts: dict[str, int] = {}  # step index (as text: JSON keys) -> attempt
+        self.holder = ""
+        self.forked_from_run_id = forked_from_run_id
+        self.forked_at_version = forked_at_version
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -109,11 +115,38 @@ class Run(Aggregate):
             return []
         return [c for c in last.get("tool_calls", []) if c["id"] not in self.outcomes]
 
+    def tool_call(self, tool_call_id: str) -> ToolCall:
+        """The tool call of this run with this id (KeyError if there is none)."""
+        for message in self.messages:
+            for call in message.get("tool_calls", []):
+                if call["id"] == tool_call_id:
+                    return call
+        raise KeyError(tool_call_id)
+
+    def completes_step(self, tool_call_id: str) -> bool:
+        """Whether this call is the last of its model call's tool calls (they run in order, so
+        its outcome completes the step)."""
+        for message in self.messages:
+            calls = message.get("tool_calls", [])
+            if any(c["id"] == tool_call_id for c in calls):
+                return calls[-1]["id"] == tool_call_id
+        return False
+
     def requires_approval(self, call: ToolCall) -> bool:
         return any(
             t["name"] == call["name"] and t.get("requires_approval", False)
             for t in self.agent.get("tools", [])
         )
+
+    def attempt_of(self, step_index: int) -> int:
+        """1, or more if the step was interrupted (by a crash) and taken up again."""
+        return self.attempts.get(str(step_index), 1)
+
+    @property
+    def approval_deadline(self) -> float | None:
+        """When the first undecided approval times out (epoch seconds), if any waits."""
+        waiting = [self.approvals_required[c["id"]] for c in self.awaiting_decision()]
+        return min(waiting) if waiting else None
 
     def awaiting_decision(self) -> list[ToolCall]:
         """Tool calls whose approval was required and not yet decided."""
@@ -177,6 +210,17 @@ class Run(Aggregate):
         self.messages.append(tool_message(tool_call_id, output, is_error))
         if not self.pending_tool_calls():
             self.steps_completed = step_index
+
+    def resume(self, executor_id: str) -> None:
+        """An executor takes the run up after its previous executor stopped mid-way: the step
+        in progress (if it had started) runs again as a new attempt. Recording this is the
+        taker's claim: a stale executor's next commit conflicts with it."""
+        self._resumed(step_index=self.steps_completed + 1, executor_id=executor_id)
+
+    @event("Resumed")
+    def _resumed(self, step_index: int, executor_id: str) -> None:
+        self.attempts[str(step_index)] = self.attempt_of(step_index) + 1
+        self.holder = executor_id
 
     @event("Completed")
     def complete(self, output: str) -> None:

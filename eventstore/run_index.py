@@ -53,8 +53,13 @@ _COLUMNS_SQL = """
     updated_at DOUBLE PRECISION NOT NULL,
     version BIGINT NOT NULL,
     forked_from_run_id TEXT NOT NULL,
-    forked_at_version BIGINT NOT NULL
+    forked_at_version BIGINT NOT NULL,
+    approval_deadline DOUBLE PRECISION NOT NULL
 """
+_TRACKING_SQL = (
+    "CREATE TABLE IF NOT EXISTS agentrun_projections "
+    "(name TEXT PRIMARY KEY, position BIGINT NOT NULL)"
+)
 _LIST_INDEX_SQL = (
     "CREATE INDEX IF NOT EXISTS agentrun_runs_by_tenant "
     "ON agentrun_runs (tenant, created_at DESC, run_id DESC)"
@@ -91,6 +96,7 @@ class RunRecord:
     version: int = 0
     forked_from_run_id: str = ""
     forked_at_version: int = 0
+    approval_deadline: float = 0.0
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(RunRecord))
@@ -121,6 +127,7 @@ class RunIndex:
             cur.execute(f"CREATE TABLE IF NOT EXISTS agentrun_runs ({_COLUMNS_SQL})")
             cur.execute(_LIST_INDEX_SQL)
             cur.execute(_ACTIVE_INDEX_SQL)
+            cur.execute(_TRACKING_SQL)
 
     def close(self) -> None:
         self._db.close()
@@ -220,6 +227,59 @@ class RunIndex:
             token = _encode_page_token(last.created_at, last.run_id, filter_key)
         return records, token
 
+    def projection_position(self, name: str) -> int:
+        """How far the projection ``name`` has applied its source's notifications."""
+        with self._db.cursor() as cur:
+            cur.execute("SELECT position FROM agentrun_projections WHERE name = %s", (name,))
+            row = cur.fetchone()
+        return int(row[0]) if row else 0
+
+    def apply_projection(
+        self, name: str, from_position: int, to_position: int, records: Sequence[RunRecord]
+    ) -> bool:
+        """Writes ``records`` and moves the projection from ``from_position`` to ``to_position``
+        in one transaction, unless another process moved it first (then nothing is written and
+        False is returned). A row is only replaced by a record of the same or a later version."""
+        columns = [n for n in _FIELD_NAMES if n != "created_at"]
+        assignments = ", ".join(f"{n} = excluded.{n}" for n in columns if n != "run_id")
+        placeholders = ", ".join(["%s"] * len(_FIELD_NAMES))
+        with self._db.cursor(transaction=True) as cur:
+            cur.execute(
+                "INSERT INTO agentrun_projections (name, position) VALUES (%s, 0) "
+                "ON CONFLICT (name) DO NOTHING",
+                (name,),
+            )
+            cur.execute(
+                "UPDATE agentrun_projections SET position = %s WHERE name = %s AND position = %s",
+                (to_position, name, from_position),
+            )
+            if cur.rowcount != 1:
+                return False
+            for record in records:
+                record.updated_at = record.updated_at or time.time()
+                cur.execute(
+                    f"INSERT INTO agentrun_runs ({', '.join(_FIELD_NAMES)}) "
+                    f"VALUES ({placeholders}) ON CONFLICT (run_id) DO UPDATE SET {assignments} "
+                    "WHERE agentrun_runs.version <= excluded.version",
+                    _to_row(record),
+                )
+        return True
+
+    def durable_runs_due(self, stalled_before: float, deadline_before: float) -> list[RunRecord]:
+        """Durable runs that may need help: running ones that have not changed since
+        ``stalled_before`` (their executor may be gone, or their dispatch lost), and suspended
+        ones whose approval deadline has passed ``deadline_before``."""
+        with self._db.cursor() as cur:
+            cur.execute(
+                f"SELECT {', '.join(_FIELD_NAMES)} FROM agentrun_runs "
+                "WHERE execution_mode = 'durable' AND ("
+                "(status = 'running' AND updated_at < %s) OR "
+                "(status = 'awaiting_approval' AND approval_deadline > 0 "
+                "AND approval_deadline <= %s))",
+                (stalled_before, deadline_before),
+            )
+            return [_from_row(r) for r in cur.fetchall()]
+
     def active_classic_runs(self) -> list[RunRecord]:
         """Classic runs not yet ended, for the reconciler that finds runs whose executor died."""
         with self._db.cursor() as cur:
@@ -286,7 +346,7 @@ class _Cursor:
 
 
 class _Database:
-    def cursor(self) -> Any:
+    def cursor(self, transaction: bool = False) -> Any:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -304,7 +364,8 @@ class _SqliteDatabase(_Database):
         self._conn.execute("PRAGMA busy_timeout=10000")
 
     @contextmanager
-    def cursor(self) -> Iterator[_Cursor]:
+    def cursor(self, transaction: bool = False) -> Iterator[_Cursor]:
+        """Every use is one transaction here (``transaction`` is for the PostgreSQL twin)."""
         with self._lock:
             cur = self._conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -340,10 +401,15 @@ class _PostgresDatabase(_Database):
         )
 
     @contextmanager
-    def cursor(self) -> Iterator[_Cursor]:
+    def cursor(self, transaction: bool = False) -> Iterator[_Cursor]:
+        """Statements commit one by one, or together with ``transaction``."""
         try:
             with self._pool.connection() as conn, conn.cursor() as cur:
-                yield _Cursor(cur, "%s")
+                if transaction:
+                    with conn.transaction():
+                        yield _Cursor(cur, "%s")
+                else:
+                    yield _Cursor(cur, "%s")
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             raise Unavailable("database", f"the database is unavailable: {exc}") from exc
 

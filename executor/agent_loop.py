@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from agentrun.v1 import run_pb2
@@ -117,17 +118,57 @@ class AgentLoop:
         await self.end()
 
     async def end(self) -> None:
-        """Persists the ended run, then emits its terminal event."""
-        run = self.run
-        await self.host.commit(run)
-        await self.host.finished(run)
-        if run.status == "completed":
-            self.stream.run_completed(run.output, run.usage)
-        elif run.status == "cancelled":
-            self.stream.run_cancelled(run.cancel_reason)
-        elif run.error is not None:
-            code = ERROR_ENUMS.get(run.error["code"], run_pb2.RUN_ERROR_CODE_INTERNAL)
-            self.stream.run_failed(code, run.error["message"], run.error["retryable"])
+        """Persists the ended run and records what outlives it, then emits its terminal event."""
+        ended = list(self.run.pending_events)
+        await self.host.commit(self.run)
+        await self.host.finished(self.run)
+        self.emit_recorded(ended)
+
+    async def _commit(self) -> None:
+        """Persists the run's new events (the host decides how), then emits what they mean for
+        clients: what a client sees of a step result always follows its commit."""
+        recorded = list(self.run.pending_events)
+        await self.host.commit(self.run)
+        self.emit_recorded(recorded)
+
+    def emit_recorded(self, events: Sequence[Any]) -> None:
+        """Emits the client events of recorded run events. The one mapping from the run's
+        history to its stream: used as the run goes, and by an executor that takes a run up to
+        emit what its predecessor recorded but did not get to publish."""
+        run, stream = self.run, self.stream
+        for event in events:
+            kind = type(event).__name__
+            if kind == "ModelCallCompleted":
+                self._announce(event.step_index, MODEL_CALL)
+                for call in event.tool_calls:
+                    stream.tool_call_requested(event.step_index, call, run.requires_approval(call))
+                stream.step_completed(event.step_index, MODEL_CALL, event.usage)
+            elif kind == "ToolApprovalRequired":
+                self._announce(event.step_index, TOOL_CALLS)
+                call = run.tool_call(event.tool_call_id)
+                stream.approval_required(event.step_index, call, event.expire_at)
+            elif kind == "ToolApprovalDecided":
+                stream.approval_resolved(
+                    event.tool_call_id, event.approved, event.reason, event.timed_out
+                )
+            elif kind == "ToolCallCompleted":
+                self._announce(event.step_index, TOOL_CALLS)
+                call = run.tool_call(event.tool_call_id)
+                stream.tool_result(event.step_index, call, event.output, event.is_error)
+                if run.completes_step(event.tool_call_id):
+                    stream.step_completed(event.step_index, TOOL_CALLS)
+            elif kind == "Completed":
+                stream.run_completed(event.output, run.usage)
+            elif kind == "Cancelled":
+                stream.run_cancelled(event.reason)
+            elif kind == "Failed":
+                code = ERROR_ENUMS.get(event.code, run_pb2.RUN_ERROR_CODE_INTERNAL)
+                stream.run_failed(code, event.message, event.retryable)
+            stream.mark_version(event.originator_version)
+
+    def mark_announced(self, up_to_step: int) -> None:
+        """Steps up to this one were announced already (by an earlier executor of the run)."""
+        self._announced.update(range(1, up_to_step + 1))
 
     def _announce(self, step_index: int, kind: run_pb2.StepKind.ValueType) -> int:
         attempt = self.host.attempt(step_index)
@@ -164,19 +205,14 @@ class AgentLoop:
             return
         tool_calls = _unique_ids(reply.tool_calls, run, step.call_index)
         run.record_model_call(step.step_index, reply.text, tool_calls, reply.usage)
-        await self.host.commit(run)
-        for call in tool_calls:
-            stream.tool_call_requested(step.step_index, call, run.requires_approval(call))
-        stream.step_completed(step.step_index, MODEL_CALL, reply.usage)
+        await self._commit()
 
     async def _request_approvals(self, step: RequestApprovals) -> None:
         self._announce(step.step_index, TOOL_CALLS)
         expire_at = time.time() + self.run.agent_config.approval_timeout
         for call in step.calls:
             self.run.require_approval(step.step_index, call["id"], expire_at)
-        await self.host.commit(self.run)
-        for call in step.calls:
-            self.stream.approval_required(step.step_index, call, expire_at)
+        await self._commit()
         await self.host.status_changed(self.run)
 
     async def _run_tool(self, step: RunTool) -> None:
@@ -190,10 +226,7 @@ class AgentLoop:
         else:
             output, is_error = await self._invoke(call)
         self.run.record_tool_outcome(step.step_index, call["id"], output, is_error)
-        await self.host.commit(self.run)
-        self.stream.tool_result(step.step_index, call, output, is_error)
-        if self.run.steps_completed == step.step_index:
-            self.stream.step_completed(step.step_index, TOOL_CALLS)
+        await self._commit()
 
     async def _invoke(self, call: ToolCall) -> tuple[str, bool]:
         """Runs a tool call; every failure becomes an error result for the model."""

@@ -39,7 +39,9 @@ class ClassicRun:
     ) -> None:
         self.ctx = ctx
         self.run = run
-        self.publisher = RunPublisher(ctx.link, run.run_id, run.tenant)
+        self.publisher = RunPublisher(
+            ctx.link, run.run_id, run.tenant, on_fenced=self._declared_lost
+        )
         self.stream = RunStream(
             run.run_id, on_taken=self.publisher.enqueue, pace=self.publisher.pace
         )
@@ -68,7 +70,7 @@ class ClassicRun:
         self._check_tenant(tenant)
         if self.run.check_decision(tool_call_id, approved):
             self.run.decide(tool_call_id, approved, reason, False)
-            self.stream.approval_resolved(tool_call_id, approved, reason, False)
+            self.loop.emit_recorded(self.run.collect_events())
             self._decided.set()
 
     def cancel(self, tenant: str, reason: str) -> None:
@@ -83,6 +85,11 @@ class ClassicRun:
         if not self.run.is_finished:
             self._shutting_down = True
             self.task.cancel()
+
+    def _declared_lost(self) -> None:
+        """Another process appended EXECUTOR_LOST to the run's stream (this executor was out of
+        its reach): the run is over for everyone, so it stops here too, failed the same way."""
+        self.abandon()
 
     def _check_tenant(self, tenant: str) -> None:
         if tenant != self.run.tenant:
@@ -163,9 +170,8 @@ class ClassicRun:
             now = time.time()
             expired = [c for c in undecided if run.approvals_required[c["id"]] <= now]
             for call in expired:
-                reason = "no decision before the approval timeout"
-                run.decide(call["id"], False, reason, True)
-                self.stream.approval_resolved(call["id"], False, reason, True)
+                run.decide(call["id"], False, "no decision before the approval timeout", True)
+            self.loop.emit_recorded(run.collect_events())
             if expired:
                 continue
             deadline = min(run.approvals_required[c["id"]] for c in undecided)

@@ -1,10 +1,13 @@
-"""Publishes a run's events to its JetStream subject, off the hot path, in order.
+"""Publishes a run's events to its JetStream subject, off the hot path, in order, fenced.
 
 One task per run publishes one message at a time and waits for its acknowledgement, so a run's
 messages are stored in sequence order; whatever arrives meanwhile goes into the next message
-(events coalesce while a publish is in flight). A failed publish is retried with the same
-``Nats-Msg-Id``, so the stream deduplicates it. The live stream never waits for any of this: if
-NATS is down, events queue here until it is back (bounded by ``max_queued`` and ``give_up_after``).
+(events coalesce while a publish is in flight). Every publish expects the subject's last message
+to be the previous one this publisher stored (``Nats-Expected-Last-Subject-Sequence``): if
+anything else was appended — another executor took the run over, or the run was declared lost —
+the publish is refused, the publisher stops and ``on_fenced`` tells its owner. A failed publish
+is retried with the same ``Nats-Msg-Id``, so the stream deduplicates it. The live stream never
+waits for any of this: while NATS is down, events queue here until it is back.
 """
 
 from __future__ import annotations
@@ -13,12 +16,21 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import nats.errors
 import nats.js.errors
 
 from agentrun.errors import Unavailable
-from agentrun.nats_link import TENANT_HEADER, NatsLink, events_subject, message_id
+from agentrun.nats_link import (
+    EVENTS_STREAM,
+    TENANT_HEADER,
+    VERSION_HEADER,
+    NatsLink,
+    events_subject,
+    message_id,
+)
+from agentrun.run_events import EXPECTED_LAST_SUBJECT_SEQUENCE, WRONG_LAST_SEQUENCE
 from agentrun.v1 import executor_service_pb2, run_pb2
 
 log = logging.getLogger(__name__)
@@ -36,6 +48,8 @@ class RunPublisher:
         run_id: str,
         tenant: str,
         *,
+        last_stream_sequence: int = 0,
+        on_fenced: Callable[[], None] | None = None,
         max_queued: int = 100_000,
         give_up_after: float = 300.0,
     ) -> None:
@@ -44,19 +58,23 @@ class RunPublisher:
         self._tenant = tenant
         self._subject = events_subject(run_id)
         self._queue: list[run_pb2.RunEvent] = []
+        self._version = 0
+        self._stream_sequence = last_stream_sequence
+        self._on_fenced = on_fenced
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
+        self.fenced = False
         self._max_queued = max_queued
         self._give_up_after = give_up_after
         self._task = asyncio.create_task(self._publish_loop(), name=f"publish-{run_id}")
-        self.published_sequence = 0
 
-    def enqueue(self, events: list[run_pb2.RunEvent]) -> None:
-        if not events:
+    def enqueue(self, events: list[run_pb2.RunEvent], version: int = 0) -> None:
+        if not events or self.fenced:
             return
         self._queue.extend(events)
+        self._version = max(self._version, version)
         if len(self._queue) > self._max_queued:
             dropped = len(self._queue) - self._max_queued
             del self._queue[:dropped]
@@ -82,7 +100,7 @@ class RunPublisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             return False
-        return not self._queue
+        return not self._queue and not self.fenced
 
     async def _publish_loop(self) -> None:
         started_waiting: float | None = None
@@ -97,7 +115,17 @@ class RunPublisher:
             batch = _take_batch(self._queue)
             try:
                 await self._publish(batch)
-            except (TimeoutError, Unavailable, nats.errors.Error) as exc:
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != WRONG_LAST_SEQUENCE:
+                    raise
+                log.warning("run %s: its stream moved on elsewhere; stopping", self._run_id)
+                self.fenced = True
+                self._queue.clear()
+                self._idle.set()
+                if self._on_fenced is not None:
+                    self._on_fenced()
+                return
+            except (Unavailable, nats.errors.Error, asyncio.TimeoutError) as exc:
                 now = time.monotonic()
                 started_waiting = started_waiting or now
                 if self._closing and now - started_waiting > self._give_up_after:
@@ -114,13 +142,25 @@ class RunPublisher:
         headers = {
             "Nats-Msg-Id": message_id(self._run_id, batch[0].sequence),
             TENANT_HEADER: self._tenant,
+            VERSION_HEADER: str(self._version),
+            EXPECTED_LAST_SUBJECT_SEQUENCE: str(self._stream_sequence),
         }
         js = self._link.js
         try:
-            await js.publish(self._subject, payload, timeout=PUBLISH_TIMEOUT, headers=headers)
+            ack = await js.publish(self._subject, payload, timeout=PUBLISH_TIMEOUT, headers=headers)
         except nats.js.errors.NoStreamResponseError as exc:
             raise Unavailable("nats", "no JetStream response") from exc
-        self.published_sequence = batch[-1].sequence
+        except nats.js.errors.APIError as exc:
+            # JetStream checks the expected sequence before duplicates: a retry of a publish
+            # that was stored after all is refused as if fenced. Tell the two apart.
+            if exc.err_code != WRONG_LAST_SEQUENCE:
+                raise
+            last = await js.get_last_msg(EVENTS_STREAM, self._subject)
+            if (last.headers or {}).get("Nats-Msg-Id") != headers["Nats-Msg-Id"]:
+                raise
+            self._stream_sequence = last.seq or 0
+            return
+        self._stream_sequence = ack.seq
 
 
 def _take_batch(queue: list[run_pb2.RunEvent]) -> list[run_pb2.RunEvent]:

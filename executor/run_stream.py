@@ -22,7 +22,8 @@ from eventstore.messages import ToolCall, Usage
 
 MAX_DELTA_CHARS = 16_384
 
-Taken = Callable[[list[run_pb2.RunEvent]], None]
+Taken = Callable[[list[run_pb2.RunEvent], int], None]
+"""Receives each taken batch and the run's version its events reflect (see mark_version)."""
 Pacer = Callable[[], Awaitable[None]]
 
 
@@ -53,6 +54,7 @@ class RunStream:
         self._terminal_taken = False
         self._ended = asyncio.Event()
         self._interruption: BaseException | None = None
+        self._version = 0
         self._on_taken = on_taken
         self._pace = pace
         self._attached = False
@@ -62,6 +64,13 @@ class RunStream:
     @property
     def last_sequence(self) -> int:
         return self._next_sequence - 1
+
+    def mark_version(self, version: int) -> None:
+        """The client events of the run's stored history up to ``version`` have been added.
+
+        Published with each batch, so that an executor taking the run up later knows which
+        recorded results the stream already shows and which it must still emit."""
+        self._version = max(self._version, version)
 
     @property
     def ended(self) -> bool:
@@ -219,7 +228,7 @@ class RunStream:
             self._terminal_taken = True
             self._ended.set()
         if self._on_taken is not None:
-            self._on_taken(batch)
+            self._on_taken(batch, self._version)
         return batch
 
     async def wait_ended(self) -> None:

@@ -19,7 +19,7 @@ def kinds(events: list[run_pb2.RunEvent]) -> list[str]:
 
 async def test_events_get_gap_free_sequences_when_taken_and_text_coalesces() -> None:
     taken: list[list[run_pb2.RunEvent]] = []
-    stream = RunStream("r", on_taken=taken.append)
+    stream = RunStream("r", on_taken=lambda batch, version: taken.append(batch))
     assert stream.attach()
     stream.run_started(run_pb2.Run(id="r"))
     stream.step_started(1, run_pb2.STEP_KIND_MODEL_CALL, 1)
@@ -69,7 +69,7 @@ async def test_without_a_consumer_the_drain_takes_events_and_one_consumer_at_a_t
     taken: list[run_pb2.RunEvent] = []
     done = asyncio.Event()
 
-    def on_taken(batch: list[run_pb2.RunEvent]) -> None:
+    def on_taken(batch: list[run_pb2.RunEvent], version: int) -> None:
         taken.extend(batch)
         if any(e.HasField("run_cancelled") for e in batch):
             done.set()

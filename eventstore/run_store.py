@@ -1,0 +1,159 @@
+"""Durable runs: their stored histories and the use cases on them. Synchronous: use a thread.
+
+A durable run's events are committed step by step (a step's events in one save); the store's
+optimistic concurrency is the fence between two executors: whoever saves a version second gets
+Conflict and must stop.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import IntegrityError
+
+from agentrun.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound, OutOfRange
+from eventstore.persistence import StoreConfig
+from eventstore.run import Run
+from eventstore.store_errors import translate_store_errors
+
+SNAPSHOT_INTERVAL = 50
+
+# How each recorded step result is applied again, to build a fork's history.
+_REPLAYABLE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ModelCallCompleted": ("record_model_call", ("step_index", "text", "tool_calls", "usage")),
+    "ToolApprovalRequired": ("require_approval", ("step_index", "tool_call_id", "expire_at")),
+    "ToolApprovalDecided": ("decide", ("tool_call_id", "approved", "reason", "timed_out")),
+    "ToolCallCompleted": (
+        "record_tool_outcome",
+        ("step_index", "tool_call_id", "output", "is_error"),
+    ),
+}
+_TERMINAL_EVENTS = frozenset({"Completed", "Failed", "Cancelled"})
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One event of a run's history, for people: its version, time, type and fields."""
+
+    version: int
+    time: datetime
+    type: str
+    payload: dict[str, Any]
+
+    @property
+    def payload_json(self) -> str:
+        return json.dumps(self.payload, default=str, sort_keys=True)
+
+
+class RunStore(Application[UUID]):
+    """The stored histories of durable runs."""
+
+    name = "RunStore"
+    snapshotting_intervals = {Run: SNAPSHOT_INTERVAL}
+
+    def __init__(self, store: StoreConfig) -> None:
+        store.ensure_schema()
+        super().__init__(env=store.application_env(self.name))
+
+    @translate_store_errors
+    def create(self, run: Run) -> None:
+        """Stores a new run. AlreadyExists if the run id is taken."""
+        try:
+            self.save(run)
+        except IntegrityError:
+            raise AlreadyExists("run", run.run_id) from None
+
+    @translate_store_errors
+    def commit(self, run: Run) -> None:
+        """Stores the run's new events in one save. Conflict if another executor got there
+        first (the caller no longer holds the run and must stop)."""
+        try:
+            self.save(run)
+        except IntegrityError:
+            raise Conflict(f"run {run.run_id} was changed by another executor") from None
+
+    @translate_store_errors
+    def load(self, run_id: str, version: int | None = None) -> Run:
+        try:
+            run: Run = self.repository.get(UUID(run_id), version=version)
+        except AggregateNotFoundError:
+            raise NotFound("run", run_id) from None
+        if version is not None and run.version != version:
+            raise OutOfRange(f"run {run_id} has no version {version} (it is at {run.version})")
+        return run
+
+    def load_for(self, tenant: str, run_id: str, version: int | None = None) -> Run:
+        """The run, if it belongs to ``tenant`` (other tenants' runs look absent)."""
+        run = self.load(run_id, version)
+        if run.tenant != tenant:
+            raise NotFound("run", run_id)
+        return run
+
+    @translate_store_errors
+    def history(self, run_id: str, from_version: int = 0, to_version: int = 0) -> list[StoredEvent]:
+        events = self.events.get(
+            UUID(run_id),
+            gt=from_version - 1 if from_version > 1 else None,
+            lte=to_version or None,
+        )
+        return [_stored(event) for event in events]
+
+    @translate_store_errors
+    def fork(
+        self, tenant: str, source_id: str, at_version: int, new_run_id: str, request_id: str
+    ) -> Run:
+        """A new run whose history is the source's up to ``at_version``; it goes on from there.
+
+        Recorded step results are applied again (tool calls that completed are not run again);
+        executor bookkeeping is not copied. A version at or after the source's end is refused:
+        the fork would have nothing left to do.
+        """
+        source = self.load_for(tenant, source_id)
+        version = at_version or source.version
+        if not 1 <= version <= source.version:
+            raise OutOfRange(f"run {source_id} has versions 1 to {source.version}")
+        events = list(self.events.get(UUID(source_id), lte=version))
+        if any(_type_of(e) in _TERMINAL_EVENTS for e in events):
+            raise FailedPrecondition(
+                f"run {source_id} has ended by version {version}; fork it at an earlier version"
+            )
+        first = events[0]
+        fork = Run(
+            run_id=new_run_id,
+            tenant=tenant,
+            request_id=request_id,
+            agent=first.agent,  # type: ignore[attr-defined]
+            input=first.input,  # type: ignore[attr-defined]
+            conversation_id=first.conversation_id,  # type: ignore[attr-defined]
+            history=first.history,  # type: ignore[attr-defined]
+            execution_mode="durable",
+            forked_from_run_id=source_id,
+            forked_at_version=version,
+        )
+        for event in events[1:]:
+            replay = _REPLAYABLE.get(_type_of(event))
+            if replay is not None:
+                method, fields = replay
+                getattr(fork, method)(**{f: getattr(event, f) for f in fields})
+        self.create(fork)
+        return fork
+
+
+def _type_of(event: object) -> str:
+    return type(event).__name__
+
+
+def _stored(event: Any) -> StoredEvent:
+    skip = {"originator_id", "originator_version", "timestamp", "originator_topic"}
+    payload = {k: v for k, v in vars(event).items() if k not in skip}
+    return StoredEvent(
+        version=event.originator_version,
+        time=event.timestamp,
+        type=_type_of(event),
+        payload=payload,
+    )

@@ -1,0 +1,265 @@
+"""``agentrun up`` as a real subprocess: nats-server, an executor and a gateway on one machine.
+
+The test waits for the banner on up's stdout (no sleeps), talks to the gateway with a grpc.aio
+client, then stops up with SIGTERM and checks that it takes its children with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agentrun.launcher import free_port
+from agentrun.v1 import (
+    agent_pb2,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    run_pb2,
+    run_service_pb2,
+    run_service_pb2_grpc,
+)
+from tests.client import rest, text_of
+
+GUARD = 120.0  # seconds; only bounds a hang so that a broken `up` fails instead of stalling CI
+UP_LINE = "agentrun is up"
+LAST_BANNER_LINE = "Ctrl-C stops everything."
+_ADDRESSES = re.compile(r"gateway (\S+), executor (\S+), NATS (\S+), data in")
+
+
+def up_env() -> dict[str, str]:
+    """The test's environment without AGENTRUN_* settings: `up` must work from its flags."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTRUN_")}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live children of process ``pid`` (Linux: /proc/<pid>/task/<tid>/children)."""
+    children: list[int] = []
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@dataclass
+class Up:
+    process: asyncio.subprocess.Process
+    gateway: str
+    banner: list[str] = field(default_factory=list)
+    children: list[int] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.banner)
+
+    def addresses(self) -> tuple[str, str, str]:
+        """(gateway, executor, NATS) as the banner names them."""
+        found = _ADDRESSES.search(self.text)
+        assert found is not None, self.text
+        gateway, executor, nats = found.groups()
+        return gateway, executor, nats
+
+    async def stop(self) -> tuple[int, str]:
+        """SIGTERM; returns the exit code and what it wrote to stderr."""
+        self.process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(self.process.communicate(), GUARD)
+        assert self.process.returncode is not None
+        return self.process.returncode, err.decode(errors="replace")
+
+
+@pytest.fixture
+async def ups() -> AsyncIterator[list[Up]]:
+    """The `up` processes a test starts; any still running at the end are stopped."""
+    started: list[Up] = []
+    yield started
+    for up in started:
+        children = child_pids(up.process.pid) or up.children
+        if up.process.returncode is None:
+            up.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(up.process.communicate(), GUARD)
+            except TimeoutError:
+                up.process.kill()
+                await up.process.wait()
+        for pid in children:
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+async def start_up(ups: list[Up], data_dir: Path) -> Up:
+    """Starts `agentrun up` and reads its stdout up to the end of its banner."""
+    gateway = f"127.0.0.1:{free_port()}"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agentrun.cli.main",
+        "up",
+        "--data-dir",
+        str(data_dir),
+        "--gateway-listen",
+        gateway,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=up_env(),
+    )
+    up = Up(process, gateway)
+    ups.append(up)
+    assert process.stdout is not None
+    while True:
+        line = (await asyncio.wait_for(process.stdout.readline(), GUARD)).decode()
+        if not line:
+            _, err = await asyncio.wait_for(process.communicate(), GUARD)
+            raise AssertionError(
+                f"`up` ended (exit {process.returncode}) before its banner:\n{up.text}\n"
+                f"{err.decode(errors='replace')}"
+            )
+        if up.banner or UP_LINE in line:
+            up.banner.append(line)
+        if LAST_BANNER_LINE in line:
+            break
+    up.children = child_pids(process.pid)
+    return up
+
+
+async def refuses_connections(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        _, writer = await asyncio.open_connection(host, int(port))
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    return False
+
+
+async def get_agent(channel: grpc.aio.Channel, agent_id: str) -> agent_pb2.Agent:
+    stub = agent_service_pb2_grpc.AgentServiceStub(channel)
+    response = await stub.GetAgent(agent_service_pb2.GetAgentRequest(agent_id=agent_id))
+    agent: agent_pb2.Agent = response.agent
+    return agent
+
+
+async def test_up_serves_the_demo_agents_and_stops_with_its_children_on_sigterm(
+    ups: list[Up], tmp_path: Path
+) -> None:
+    up = await start_up(ups, tmp_path / "data")
+    assert up.banner[0].startswith(f"agentrun is up: gateway {up.gateway}, "), up.text
+    assert "demo agents: demo-classic, demo-durable (created)" in up.text
+    gateway, executor, nats = up.addresses()
+    assert gateway == up.gateway
+    commands = sorted(command_line(pid) for pid in up.children)
+    assert len(commands) == 3, commands
+    assert any("nats-server" in c for c in commands), commands
+    assert any("agentrun.cli.serve executor" in c for c in commands), commands
+    assert any("agentrun.cli.serve gateway" in c for c in commands), commands
+
+    async with grpc.aio.insecure_channel(up.gateway) as channel:
+        classic = await get_agent(channel, "demo-classic")
+        durable = await get_agent(channel, "demo-durable")
+        assert classic.execution_mode == agent_pb2.EXECUTION_MODE_CLASSIC
+        assert durable.execution_mode == agent_pb2.EXECUTION_MODE_DURABLE
+        for agent in (classic, durable):
+            assert agent.model.provider == "scripted"
+            assert {t.name: t.requires_approval for t in agent.tools} == {
+                "clock": False,
+                "calculator": False,
+                "send_email": True,
+            }
+        runs = run_service_pb2_grpc.RunServiceStub(channel)
+        events: list[run_pb2.RunEvent] = await rest(
+            runs.StreamRun(
+                run_service_pb2.StreamRunRequest(agent_id="demo-classic", input="count to 3")
+            )
+        )
+        assert events[-1].HasField("run_completed"), events[-1]
+        assert events[-1].run_completed.output == "1 2 3"
+        assert text_of(events) == "1 2 3"
+        run = events[0].run_started.run
+        assert run.execution_mode == agent_pb2.EXECUTION_MODE_CLASSIC
+
+    code, err = await up.stop()
+    assert code == 0, err
+    for address in (gateway, executor, nats):
+        assert await refuses_connections(address), address
+    assert not [pid for pid in up.children if alive(pid)], [command_line(p) for p in up.children]
+    logs = tmp_path / "data" / "logs"
+    assert {p.name for p in logs.iterdir()} >= {"nats.log", "executor.log", "gateway.log"}
+
+
+async def test_a_second_up_on_the_same_data_dir_finds_the_agents_and_the_runs(
+    ups: list[Up], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    first = await start_up(ups, data_dir)
+    assert "(created)" in first.text
+    async with grpc.aio.insecure_channel(first.gateway) as channel:
+        runs = run_service_pb2_grpc.RunServiceStub(channel)
+        events = await rest(
+            runs.StreamRun(
+                run_service_pb2.StreamRunRequest(agent_id="demo-classic", input="count to 2")
+            )
+        )
+        run_id = events[0].run_id
+    code, err = await first.stop()
+    assert code == 0, err
+
+    second = await start_up(ups, data_dir)
+    assert "demo agents: demo-classic, demo-durable\n" in second.text, second.text
+    assert "(created)" not in second.text
+    async with grpc.aio.insecure_channel(second.gateway) as channel:
+        durable = await get_agent(channel, "demo-durable")
+        assert durable.execution_mode == agent_pb2.EXECUTION_MODE_DURABLE
+        assert durable.version == 1  # found, not created again
+        runs = run_service_pb2_grpc.RunServiceStub(channel)
+        response = await runs.GetRun(run_service_pb2.GetRunRequest(run_id=run_id))
+        assert response.run.status == run_pb2.RUN_STATUS_COMPLETED
+        assert response.run.output == "1 2"
+        watched = await rest(runs.WatchRun(run_service_pb2.WatchRunRequest(run_id=run_id)))
+        assert watched[-1].run_completed.output == "1 2"
+    code, err = await second.stop()
+    assert code == 0, err
+
+
+async def test_up_stops_everything_and_exits_1_when_a_child_dies(
+    ups: list[Up], tmp_path: Path
+) -> None:
+    up = await start_up(ups, tmp_path / "data")
+    gateway_pid = next(p for p in up.children if "serve gateway" in command_line(p))
+    os.kill(gateway_pid, signal.SIGKILL)
+    _, err = await asyncio.wait_for(up.process.communicate(), GUARD)
+    assert up.process.returncode == 1, err
+    assert "stopped: gateway exited" in err.decode()
+    _, executor, nats = up.addresses()
+    for address in (executor, nats):
+        assert await refuses_connections(address), address
+    assert not [pid for pid in up.children if alive(pid)], [command_line(p) for p in up.children]
