@@ -56,14 +56,30 @@ def executor_lost_event(run_id: str, sequence: int) -> run_pb2.RunEvent:
     return event
 
 
-async def last_published(link: NatsLink, run_id: str) -> tuple[int, run_pb2.RunEvent | None]:
-    """The stream sequence and the last event of the run's newest message; (0, None) if none."""
+@dataclass(frozen=True)
+class Published:
+    """Where a run's published stream stands: its newest message."""
+
+    stream_sequence: int = 0  # the message's sequence in the JetStream stream; 0: none yet
+    last: run_pb2.RunEvent | None = None  # the last event of that message
+    version: int = 0  # the run's stored version that the published events reflect
+
+
+async def published(link: NatsLink, run_id: str) -> Published:
+    """The state of the run's published stream (empty if nothing was published)."""
     try:
         msg = await link.js.get_last_msg(EVENTS_STREAM, events_subject(run_id))
     except nats.js.errors.NotFoundError:
-        return 0, None
+        return Published()
     events = decode(msg.data or b"")
-    return msg.seq or 0, (events[-1] if events else None)
+    version = int((msg.headers or {}).get(VERSION_HEADER, "0") or 0)
+    return Published(msg.seq or 0, events[-1] if events else None, version)
+
+
+async def last_published(link: NatsLink, run_id: str) -> tuple[int, run_pb2.RunEvent | None]:
+    """The stream sequence and the last event of the run's newest message; (0, None) if none."""
+    state = await published(link, run_id)
+    return state.stream_sequence, state.last
 
 
 async def append_executor_lost(

@@ -125,7 +125,7 @@ class RunPublisher:
                 if self._on_fenced is not None:
                     self._on_fenced()
                 return
-            except (Unavailable, nats.errors.Error, asyncio.TimeoutError) as exc:
+            except (TimeoutError, Unavailable, nats.errors.Error) as exc:
                 now = time.monotonic()
                 started_waiting = started_waiting or now
                 if self._closing and now - started_waiting > self._give_up_after:
