@@ -8,6 +8,8 @@ the connection exists.
 - Run event streams: JetStream stream ``AGENTRUN_RUN_EVENTS``, one subject per run,
   ``agentrun.events.<run_id>``. A message carries consecutive events (PublishedRunEvents) and the
   ``Nats-Msg-Id`` ``<run_id>:<first sequence>`` so that a retried publish is deduplicated.
+- Dispatch: JetStream work-queue stream ``AGENTRUN_DISPATCH`` (subject ``agentrun.dispatch``),
+  one message per durable run that needs an executor, shared by all executors.
 - Control: core NATS request/reply on ``agentrun.control.<run_id>``, answered by the executor
   holding the run (approvals and cancellation from any gateway, and liveness probes: "no
   responders" means no process holds the run).
@@ -27,7 +29,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
 from agentrun.errors import Unavailable
 
@@ -35,8 +37,11 @@ log = logging.getLogger(__name__)
 
 EVENTS_STREAM = "AGENTRUN_RUN_EVENTS"
 EVENTS_SUBJECTS = "agentrun.events.>"
+DISPATCH_STREAM = "AGENTRUN_DISPATCH"
+DISPATCH_SUBJECT = "agentrun.dispatch"
 TENANT_HEADER = "Agentrun-Tenant"
 VERSION_HEADER = "Agentrun-Version"  # the run's stored version a message's events reflect
+STEP_HEADER = "Agentrun-Step"  # the highest step a run's stream has announced
 DEDUPLICATION_WINDOW = 120.0
 
 
@@ -68,6 +73,7 @@ class NatsLink:
         self._task: asyncio.Task[None] | None = None
         self._handlers: dict[str, MessageHandler] = {}
         self._subscriptions: dict[str, Subscription] = {}
+        self._restore: asyncio.Task[None] | None = None
 
     async def start(self, wait: float = 2.0) -> None:
         """Starts connecting; waits up to ``wait`` seconds for the first connection."""
@@ -119,6 +125,17 @@ class NatsLink:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    async def holder_answers(self, run_id: str, wait: float = 2.0) -> bool | None:
+        """Whether a process answers the run's control subject, i.e. holds the run: True or
+        False; None when it cannot be told (NATS unavailable or no answer in time)."""
+        try:
+            await self.nc.request(control_subject(run_id), b'{"op": "ping"}', timeout=wait)
+        except nats.errors.NoRespondersError:
+            return False
+        except (TimeoutError, nats.errors.Error, Unavailable):
+            return None
+        return True
+
     async def _subscribe(self, subject: str, handler: MessageHandler) -> None:
         assert self._nc is not None
         self._subscriptions[subject] = await self._nc.subscribe(subject, cb=handler)
@@ -161,19 +178,28 @@ class NatsLink:
         self._connected.set()
 
     async def ensure_streams(self) -> None:
-        """Creates the run event stream, or updates its retention to the configured one."""
+        """Creates the streams, or updates them to the configured settings (idempotent)."""
         assert self._js is not None
-        config = StreamConfig(
-            name=EVENTS_STREAM,
-            subjects=[EVENTS_SUBJECTS],
-            storage=StorageType.FILE,
-            max_age=self._event_retention,
-            duplicate_window=DEDUPLICATION_WINDOW,
-        )
-        try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            await self._js.update_stream(config)
+        for config in (
+            StreamConfig(
+                name=EVENTS_STREAM,
+                subjects=[EVENTS_SUBJECTS],
+                storage=StorageType.FILE,
+                max_age=self._event_retention,
+                duplicate_window=DEDUPLICATION_WINDOW,
+            ),
+            StreamConfig(
+                name=DISPATCH_STREAM,
+                subjects=[DISPATCH_SUBJECT],
+                storage=StorageType.FILE,
+                retention=RetentionPolicy.WORK_QUEUE,
+                duplicate_window=DEDUPLICATION_WINDOW,
+            ),
+        ):
+            try:
+                await self._js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await self._js.update_stream(config)
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("NATS error: %s", exc)
@@ -183,3 +209,11 @@ class NatsLink:
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS")
+        # A NATS that lost its state gets its streams back (outside the client's callback).
+        self._restore = asyncio.create_task(self._ensure_streams_quietly())
+
+    async def _ensure_streams_quietly(self) -> None:
+        try:
+            await self.ensure_streams()
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.warning("cannot set up JetStream streams after reconnecting: %s", exc)

@@ -17,6 +17,7 @@ import nats.js.errors
 from agentrun.errors import Unavailable
 from agentrun.nats_link import (
     EVENTS_STREAM,
+    STEP_HEADER,
     TENANT_HEADER,
     VERSION_HEADER,
     NatsLink,
@@ -63,6 +64,7 @@ class Published:
     stream_sequence: int = 0  # the message's sequence in the JetStream stream; 0: none yet
     last: run_pb2.RunEvent | None = None  # the last event of that message
     version: int = 0  # the run's stored version that the published events reflect
+    step: int = 0  # the highest step the published events announced
 
 
 async def published(link: NatsLink, run_id: str) -> Published:
@@ -72,8 +74,13 @@ async def published(link: NatsLink, run_id: str) -> Published:
     except nats.js.errors.NotFoundError:
         return Published()
     events = decode(msg.data or b"")
-    version = int((msg.headers or {}).get(VERSION_HEADER, "0") or 0)
-    return Published(msg.seq or 0, events[-1] if events else None, version)
+    headers = msg.headers or {}
+    return Published(
+        msg.seq or 0,
+        events[-1] if events else None,
+        int(headers.get(VERSION_HEADER, "0") or 0),
+        int(headers.get(STEP_HEADER, "0") or 0),
+    )
 
 
 async def last_published(link: NatsLink, run_id: str) -> tuple[int, run_pb2.RunEvent | None]:

@@ -16,6 +16,9 @@
 | AGENTRUN_EXECUTOR_ID | (random) | this executor's name in logs and run records |
 | AGENTRUN_LIVENESS_INTERVAL | 1.0 | seconds between watchers' checks that a run's executor lives |
 | AGENTRUN_RECONCILE_INTERVAL | 5.0 | seconds between the executor's sweeps for lost runs |
+| AGENTRUN_DISPATCH_ACK_WAIT | 1.5 | seconds after which a durable run whose executor stopped |
+|   |   | keeping its dispatch message alive is given to another executor |
+| AGENTRUN_MAX_DURABLE_RUNS | 256 | durable runs one executor holds at once (the rest wait queued) |
 
 With no API keys configured, every caller is the tenant "local" (the embedded default).
 """
@@ -95,6 +98,8 @@ class Settings:
     executor_id: str = ""
     liveness_interval: float = 1.0
     reconcile_interval: float = 5.0
+    dispatch_ack_wait: float = 1.5
+    max_durable_runs: int = 256
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -123,4 +128,6 @@ class Settings:
             executor_id=get("EXECUTOR_ID", "") or f"executor-{uuid.uuid4().hex[:8]}",
             liveness_interval=float(get("LIVENESS_INTERVAL", str(defaults.liveness_interval))),
             reconcile_interval=float(get("RECONCILE_INTERVAL", str(defaults.reconcile_interval))),
+            dispatch_ack_wait=float(get("DISPATCH_ACK_WAIT", str(defaults.dispatch_ack_wait))),
+            max_durable_runs=int(get("MAX_DURABLE_RUNS", str(defaults.max_durable_runs))),
         )

@@ -95,6 +95,11 @@ class RunStore(Application[UUID]):
         return run
 
     @translate_store_errors
+    def recorded_after(self, run_id: str, version: int) -> list[Any]:
+        """The run's recorded events after ``version`` (the domain events themselves)."""
+        return list(self.events.get(UUID(run_id), gt=version))
+
+    @translate_store_errors
     def history(self, run_id: str, from_version: int = 0, to_version: int = 0) -> list[StoredEvent]:
         events = self.events.get(
             UUID(run_id),

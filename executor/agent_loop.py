@@ -29,17 +29,14 @@ from eventstore.run_steps import (
     Step,
     next_step,
 )
+from executor.client_events import MODEL_CALL, TOOL_CALLS, emit_recorded
 from executor.models import ModelProviders
 from executor.models.base import ModelError, ModelRequest, ToolSpec
 from executor.run_stream import RunStream
 from executor.tools import get_tool
 from executor.tools.base import ToolContext, ToolError
-from executor.translation import ERROR_ENUMS
 
 log = logging.getLogger(__name__)
-
-MODEL_CALL = run_pb2.STEP_KIND_MODEL_CALL
-TOOL_CALLS = run_pb2.STEP_KIND_TOOL_CALLS
 
 
 class RunHost(Protocol):
@@ -132,39 +129,8 @@ class AgentLoop:
         self.emit_recorded(recorded)
 
     def emit_recorded(self, events: Sequence[Any]) -> None:
-        """Emits the client events of recorded run events. The one mapping from the run's
-        history to its stream: used as the run goes, and by an executor that takes a run up to
-        emit what its predecessor recorded but did not get to publish."""
-        run, stream = self.run, self.stream
-        for event in events:
-            kind = type(event).__name__
-            if kind == "ModelCallCompleted":
-                self._announce(event.step_index, MODEL_CALL)
-                for call in event.tool_calls:
-                    stream.tool_call_requested(event.step_index, call, run.requires_approval(call))
-                stream.step_completed(event.step_index, MODEL_CALL, event.usage)
-            elif kind == "ToolApprovalRequired":
-                self._announce(event.step_index, TOOL_CALLS)
-                call = run.tool_call(event.tool_call_id)
-                stream.approval_required(event.step_index, call, event.expire_at)
-            elif kind == "ToolApprovalDecided":
-                stream.approval_resolved(
-                    event.tool_call_id, event.approved, event.reason, event.timed_out
-                )
-            elif kind == "ToolCallCompleted":
-                self._announce(event.step_index, TOOL_CALLS)
-                call = run.tool_call(event.tool_call_id)
-                stream.tool_result(event.step_index, call, event.output, event.is_error)
-                if run.completes_step(event.tool_call_id):
-                    stream.step_completed(event.step_index, TOOL_CALLS)
-            elif kind == "Completed":
-                stream.run_completed(event.output, run.usage)
-            elif kind == "Cancelled":
-                stream.run_cancelled(event.reason)
-            elif kind == "Failed":
-                code = ERROR_ENUMS.get(event.code, run_pb2.RUN_ERROR_CODE_INTERNAL)
-                stream.run_failed(code, event.message, event.retryable)
-            stream.mark_version(event.originator_version)
+        """Emits the client events of recorded run events (see executor.client_events)."""
+        emit_recorded(self.run, self.stream, events, self._announce)
 
     def mark_announced(self, up_to_step: int) -> None:
         """Steps up to this one were announced already (by an earlier executor of the run)."""

@@ -11,6 +11,7 @@ from eventstore.agents import AgentCatalog
 from eventstore.conversations import ConversationLog
 from eventstore.persistence import StoreConfig
 from eventstore.run_index import RunIndex
+from eventstore.run_store import RunStore
 from executor.models import ModelProviders
 
 
@@ -21,6 +22,7 @@ class ExecutorContext:
     agents: AgentCatalog
     conversations: ConversationLog
     index: RunIndex
+    run_store: RunStore
     link: NatsLink
     models: ModelProviders
 
@@ -32,11 +34,10 @@ class ExecutorContext:
     async def open(settings: Settings, *, nats_wait: float = 2.0) -> ExecutorContext:
         store = StoreConfig.from_url(settings.database_url, settings.data_dir)
 
-        def open_store() -> tuple[RunIndex, AgentCatalog, ConversationLog]:
-            index = RunIndex(store)  # first: it creates the PostgreSQL schema if there is one
-            return index, AgentCatalog(store), ConversationLog(store)
+        def open_store() -> tuple[RunIndex, AgentCatalog, ConversationLog, RunStore]:
+            return RunIndex(store), AgentCatalog(store), ConversationLog(store), RunStore(store)
 
-        index, agents, conversations = await asyncio.to_thread(open_store)
+        index, agents, conversations, run_store = await asyncio.to_thread(open_store)
         link = NatsLink(
             list(settings.nats_urls),
             name=settings.executor_id,
@@ -49,6 +50,7 @@ class ExecutorContext:
             agents=agents,
             conversations=conversations,
             index=index,
+            run_store=run_store,
             link=link,
             models=ModelProviders(),
         )
@@ -60,6 +62,7 @@ class ExecutorContext:
         def close_store() -> None:
             self.agents.close()
             self.conversations.close()
+            self.run_store.close()
             self.index.close()
 
         await asyncio.to_thread(close_store)

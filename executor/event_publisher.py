@@ -24,6 +24,7 @@ import nats.js.errors
 from agentrun.errors import Unavailable
 from agentrun.nats_link import (
     EVENTS_STREAM,
+    STEP_HEADER,
     TENANT_HEADER,
     VERSION_HEADER,
     NatsLink,
@@ -32,6 +33,7 @@ from agentrun.nats_link import (
 )
 from agentrun.run_events import EXPECTED_LAST_SUBJECT_SEQUENCE, WRONG_LAST_SEQUENCE
 from agentrun.v1 import executor_service_pb2, run_pb2
+from executor.run_stream import Marks
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class RunPublisher:
         self._tenant = tenant
         self._subject = events_subject(run_id)
         self._queue: list[run_pb2.RunEvent] = []
-        self._version = 0
+        self._marks = Marks()
         self._stream_sequence = last_stream_sequence
         self._on_fenced = on_fenced
         self._wake = asyncio.Event()
@@ -70,11 +72,11 @@ class RunPublisher:
         self._give_up_after = give_up_after
         self._task = asyncio.create_task(self._publish_loop(), name=f"publish-{run_id}")
 
-    def enqueue(self, events: list[run_pb2.RunEvent], version: int = 0) -> None:
+    def enqueue(self, events: list[run_pb2.RunEvent], marks: Marks) -> None:
         if not events or self.fenced:
             return
         self._queue.extend(events)
-        self._version = max(self._version, version)
+        self._marks = self._marks.merge(marks)
         if len(self._queue) > self._max_queued:
             dropped = len(self._queue) - self._max_queued
             del self._queue[:dropped]
@@ -142,7 +144,7 @@ class RunPublisher:
         headers = {
             "Nats-Msg-Id": message_id(self._run_id, batch[0].sequence),
             TENANT_HEADER: self._tenant,
-            VERSION_HEADER: str(self._version),
+            **marks_headers(self._marks),
             EXPECTED_LAST_SUBJECT_SEQUENCE: str(self._stream_sequence),
         }
         js = self._link.js
@@ -161,6 +163,10 @@ class RunPublisher:
             self._stream_sequence = last.seq or 0
             return
         self._stream_sequence = ack.seq
+
+
+def marks_headers(marks: Marks) -> dict[str, str]:
+    return {VERSION_HEADER: str(marks.version), STEP_HEADER: str(marks.step)}
 
 
 def _take_batch(queue: list[run_pb2.RunEvent]) -> list[run_pb2.RunEvent]:

@@ -22,8 +22,21 @@ from eventstore.messages import ToolCall, Usage
 
 MAX_DELTA_CHARS = 16_384
 
-Taken = Callable[[list[run_pb2.RunEvent], int], None]
-"""Receives each taken batch and the run's version its events reflect (see mark_version)."""
+
+@dataclass(frozen=True)
+class Marks:
+    """How far a stream has got in its run's history, published with each batch so that an
+    executor taking the run up later knows what the stream already shows."""
+
+    version: int = 0  # the run's recorded events up to this version have their client events
+    step: int = 0  # the highest step announced (StepStarted)
+
+    def merge(self, other: Marks) -> Marks:
+        return Marks(max(self.version, other.version), max(self.step, other.step))
+
+
+Taken = Callable[[list[run_pb2.RunEvent], Marks], None]
+"""Receives each taken batch and the stream's marks as of that batch."""
 Pacer = Callable[[], Awaitable[None]]
 
 
@@ -45,6 +58,7 @@ class RunStream:
         first_sequence: int = 1,
         on_taken: Taken | None = None,
         pace: Pacer | None = None,
+        drain: bool = True,
     ) -> None:
         self.run_id = run_id
         self._next_sequence = first_sequence
@@ -54,11 +68,12 @@ class RunStream:
         self._terminal_taken = False
         self._ended = asyncio.Event()
         self._interruption: BaseException | None = None
-        self._version = 0
+        self._marks = Marks()
         self._on_taken = on_taken
         self._pace = pace
         self._attached = False
         self._drain_task: asyncio.Task[None] | None = None
+        self._drains = drain
         self._start_drain()
 
     @property
@@ -66,11 +81,12 @@ class RunStream:
         return self._next_sequence - 1
 
     def mark_version(self, version: int) -> None:
-        """The client events of the run's stored history up to ``version`` have been added.
+        """The client events of the run's recorded events up to ``version`` have been added."""
+        self._marks = self._marks.merge(Marks(version=version))
 
-        Published with each batch, so that an executor taking the run up later knows which
-        recorded results the stream already shows and which it must still emit."""
-        self._version = max(self._version, version)
+    @property
+    def marks(self) -> Marks:
+        return self._marks
 
     @property
     def ended(self) -> bool:
@@ -99,6 +115,7 @@ class RunStream:
         self._add(run_pb2.RunEvent(run_started=run_pb2.RunStarted(run=run)))
 
     def step_started(self, step_index: int, kind: run_pb2.StepKind.ValueType, attempt: int) -> None:
+        self._marks = self._marks.merge(Marks(step=step_index))
         self._add(
             run_pb2.RunEvent(
                 step_started=run_pb2.StepStarted(
@@ -207,6 +224,10 @@ class RunStream:
         self._interruption = error
         self._ready.set()
 
+    def take_now(self) -> list[run_pb2.RunEvent]:
+        """Takes whatever is pending at once (to flush a stream that will get no more)."""
+        return self._take() if self._outbox else []
+
     def _take(self) -> list[run_pb2.RunEvent]:
         batch: list[run_pb2.RunEvent] = []
         for item in self._outbox:
@@ -228,7 +249,7 @@ class RunStream:
             self._terminal_taken = True
             self._ended.set()
         if self._on_taken is not None:
-            self._on_taken(batch, self._version)
+            self._on_taken(batch, self._marks)
         return batch
 
     async def wait_ended(self) -> None:
@@ -252,7 +273,7 @@ class RunStream:
         self._start_drain()
 
     def _start_drain(self) -> None:
-        if self._drain_task is None and not self._terminal_taken:
+        if self._drains and self._drain_task is None and not self._terminal_taken:
             self._drain_task = asyncio.create_task(self._drain(), name=f"drain-{self.run_id}")
 
     async def _drain(self) -> None:

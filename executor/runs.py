@@ -1,8 +1,8 @@
-"""The run use cases of an executor: start, steer, inspect, and notice lost runs.
+"""The run use cases of an executor: start, steer and read runs of both modes.
 
-Runs this executor holds are steered in memory; runs held by another executor are steered over
-their NATS control subject. A classic run whose control subject has no responders is held by no
-process: its executor died, and the run is recorded (and published) as failed, EXECUTOR_LOST.
+Classic runs this executor holds are steered in memory; classic runs held elsewhere over their
+NATS control subject. Durable runs are steered through the store when nobody holds them, through
+their holder otherwise (see executor.stored_runs and executor.durable).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, cast
@@ -27,18 +26,22 @@ from agentrun.errors import (
     Unimplemented,
 )
 from agentrun.nats_link import control_subject
-from agentrun.run_events import append_executor_lost, is_terminal, last_published
-from agentrun.v1 import run_pb2
 from eventstore.agent_config import AgentConfig, ExecutionMode
 from eventstore.run import TERMINAL_STATUSES, Run
 from eventstore.run_index import RunFilter, RunRecord
+from eventstore.run_store import StoredEvent
+from executor import stored_runs
 from executor.classic import ClassicRun
 from executor.context import ExecutorContext
+from executor.dispatch import WorkQueue
+from executor.durable import DurableRunner
+from executor.reconciler import SETTLING_TIME, Reconciler
+from executor.run_list import RunListProjection
+from executor.translation import record_of
 
 log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT = 5.0
-SETTLING_TIME = 5.0  # a run this young may not answer its control subject yet
 
 
 @dataclass(frozen=True)
@@ -55,18 +58,40 @@ class RunSpec:
     cancel_on_disconnect: bool = False
 
 
+@dataclass(frozen=True)
+class DurableStart:
+    """A durable run being stored and queued: ``record`` is the run as it starts; ``stored``
+    completes once it is stored and queued, or fails with the reason it could not be stored."""
+
+    record: RunRecord
+    stored: asyncio.Task[None]
+
+
 class RunManager:
     """The run use cases (see module docstring)."""
 
-    def __init__(self, ctx: ExecutorContext) -> None:
+    def __init__(
+        self,
+        ctx: ExecutorContext,
+        queue: WorkQueue,
+        durable: DurableRunner,
+        projection: RunListProjection,
+    ) -> None:
         self.ctx = ctx
+        self.queue = queue
+        self.durable = durable
+        self.projection = projection
         self._classic: dict[str, ClassicRun] = {}
-        self._reconciler: asyncio.Task[None] | None = None
+        self.reconciler = Reconciler(ctx, queue, self.held_here)
+
+    def held_here(self, run_id: str) -> bool:
+        return run_id in self._classic or run_id in self.durable.held
 
     # -- starting ------------------------------------------------------------------------------
 
-    async def start(self, spec: RunSpec) -> ClassicRun | RunRecord:
-        """Starts a run here, or returns the existing run of a repeated request_id.
+    async def start(self, spec: RunSpec) -> ClassicRun | DurableStart | RunRecord:
+        """Starts a run: a classic one here, a durable one on whichever executor takes it from
+        the work queue. Returns the existing run of a repeated request_id.
 
         The run's row is claimed while the agent and the conversation are read (three queries
         in parallel, one round trip on the first-token path); the claim is the idempotency check.
@@ -100,35 +125,63 @@ class RunManager:
                 raise agent
             if isinstance(history, BaseException):
                 raise history
-            mode = spec.execution_mode or agent.execution_mode
-            if mode == "durable":
-                raise Unimplemented("durable runs are not available in this version")
-            return await self._start_classic(spec, agent, conversation_id, history)
+            run = Run(
+                run_id=spec.run_id,
+                tenant=spec.tenant,
+                request_id=spec.request_id,
+                agent=agent.to_json(),
+                input=spec.input,
+                conversation_id=conversation_id,
+                history=history,
+                execution_mode=spec.execution_mode or agent.execution_mode,
+            )
+            if run.execution_mode == "durable":
+                return self._start_durable(run, agent)
+            return await self._start_classic(run, agent)
         except BaseException:
             with contextlib.suppress(AgentrunError):
                 await asyncio.to_thread(self.ctx.index.remove, spec.run_id)
             raise
 
-    async def _start_classic(
-        self, spec: RunSpec, agent: AgentConfig, conversation_id: str, history: list[Any]
-    ) -> ClassicRun:
-        run = Run(
-            run_id=spec.run_id,
-            tenant=spec.tenant,
-            request_id=spec.request_id,
-            agent=agent.to_json(),
-            input=spec.input,
-            conversation_id=conversation_id,
-            history=history,
-            execution_mode="classic",
-        )
+    async def _start_classic(self, run: Run, agent: AgentConfig) -> ClassicRun:
         run.collect_events()
         classic = ClassicRun(self.ctx, run, on_done=self._classic_done)
-        self._classic[spec.run_id] = classic
+        self._classic[run.run_id] = classic
         await classic.start_control()
         # Off the first-token path; ordered before the run's later row updates by their lock.
         classic.update_index_soon(agent_version=agent.version)
         return classic
+
+    def _start_durable(self, run: Run, agent: AgentConfig) -> DurableStart:
+        """Starts storing and queueing the run; the caller may tell its client about the run
+        meanwhile (so that the client's watch is set up while the store commits)."""
+        return DurableStart(
+            record_of(run, ""), asyncio.create_task(self._store_durable(run, agent))
+        )
+
+    async def _store_durable(self, run: Run, agent: AgentConfig) -> None:
+        """Stores the run, then queues it. If NATS is down the run is stored all the same: the
+        reconciler dispatches it once NATS is back. If it cannot be stored, its claim goes."""
+        try:
+            await asyncio.gather(
+                asyncio.to_thread(self.ctx.run_store.create, run),
+                asyncio.to_thread(
+                    self.ctx.index.update,
+                    run.run_id,
+                    execution_mode="durable",
+                    agent_version=agent.version,
+                    version=run.version,
+                ),
+            )
+        except BaseException:
+            with contextlib.suppress(AgentrunError):
+                await asyncio.to_thread(self.ctx.index.remove, run.run_id)
+            raise
+        self.durable.remember(run)
+        try:
+            await self.queue.dispatch(run.run_id, run.tenant, run.version)
+        except (TimeoutError, Unavailable, nats.errors.Error) as exc:
+            log.warning("run %s stored, not yet dispatched: %s", run.run_id, exc)
 
     def _classic_done(self, classic: ClassicRun) -> None:
         self._classic.pop(classic.run_id, None)
@@ -164,6 +217,15 @@ class RunManager:
         if classic is not None:
             classic.decide(tenant, tool_call_id, approved, reason)
             return
+        record = await self.get(tenant, run_id)
+        if record.execution_mode == "durable":
+            await stored_runs.decide(
+                self.ctx, self.queue, tenant, run_id, tool_call_id, approved, reason
+            )
+            return
+        if tool_call_id in record.decisions:
+            _check_repeated_decision(record, tool_call_id, approved)
+            return
         request = {
             "op": "decide",
             "tenant": tenant,
@@ -171,22 +233,27 @@ class RunManager:
             "approved": approved,
             "reason": reason,
         }
-        await self._steer_elsewhere(tenant, run_id, request)
+        await self._steer_elsewhere(record, request)
 
     async def cancel(self, tenant: str, run_id: str, reason: str) -> None:
         classic = self.local(tenant, run_id)
         if classic is not None:
             classic.cancel(tenant, reason)
             return
-        await self._steer_elsewhere(
-            tenant, run_id, {"op": "cancel", "tenant": tenant, "reason": reason}
-        )
-
-    async def _steer_elsewhere(self, tenant: str, run_id: str, request: dict[str, Any]) -> None:
-        record = await self.get(tenant, run_id)
-        if request["op"] == "decide" and request["tool_call_id"] in record.decisions:
-            _check_repeated_decision(record, request["tool_call_id"], request["approved"])
+        held = self.durable.held.get(run_id)
+        if held is not None:
+            held.cancel(tenant, reason)
             return
+        record = await self.get(tenant, run_id)
+        if record.execution_mode == "durable" and await stored_runs.cancel(
+            self.ctx, tenant, run_id, reason
+        ):
+            return
+        await self._steer_elsewhere(record, {"op": "cancel", "tenant": tenant, "reason": reason})
+
+    async def _steer_elsewhere(self, record: RunRecord, request: dict[str, Any]) -> None:
+        """Sends a control request to the executor holding the run."""
+        run_id = record.run_id
         if record.status in TERMINAL_STATUSES:
             raise FailedPrecondition(f"run {run_id} has already ended ({record.status})")
         try:
@@ -194,7 +261,11 @@ class RunManager:
                 control_subject(run_id), json.dumps(request).encode(), timeout=CONTROL_TIMEOUT
             )
         except nats.errors.NoRespondersError:
-            lost = await self.report_lost(tenant, run_id)
+            if record.execution_mode == "durable":
+                raise Unavailable(
+                    "executor", f"run {run_id} is changing hands; try again"
+                ) from None
+            lost = await self.reconciler.report_lost(record.tenant, run_id)
             raise FailedPrecondition(
                 f"run {run_id} has already ended ({lost.status}): its executor went away"
             ) from None
@@ -217,76 +288,104 @@ class RunManager:
         _check_run_id(run_id)
         return await asyncio.to_thread(self.ctx.index.get, tenant, run_id)
 
-    async def get_current(self, tenant: str, run_id: str) -> RunRecord:
-        """The run as it is now: a classic run that seems active but whose executor is gone is
+    async def get_current(self, tenant: str, run_id: str, version: int = 0) -> RunRecord:
+        """The run as it is now (or at ``version`` of a durable run's history): a durable run is
+        read from its history; a classic run that seems active but whose executor is gone is
         recorded as lost first, so a reader never sees a dead run as running."""
         record = await self.get(tenant, run_id)
-        if _active_elsewhere(record, self._classic):
-            return await self.report_lost(tenant, run_id, min_age=SETTLING_TIME)
+        if record.execution_mode == "durable":
+            try:
+                run = await asyncio.to_thread(
+                    self.ctx.run_store.load_for, tenant, run_id, version or None
+                )
+            except NotFound:
+                return record  # claimed, not stored yet (its start failed or is under way)
+            current = record_of(run, "")
+            current.created_at = record.created_at
+            return current
+        if version:
+            raise InvalidArgument("version", "classic runs have no stored history to read from")
+        if self.reconciler.active_elsewhere(record):
+            return await self.reconciler.report_lost(tenant, run_id, min_age=SETTLING_TIME)
         return record
 
-    async def list(
+    async def list_runs(
         self, tenant: str, run_filter: RunFilter, page_size: int, page_token: str
     ) -> tuple[list[RunRecord], str]:
-        return await asyncio.to_thread(
-            self.ctx.index.list_runs, tenant, run_filter, page_size, page_token
-        )
+        """The run list, including everything durable runs recorded before the call."""
 
-    # -- lost runs -----------------------------------------------------------------------------
+        def read() -> tuple[list[RunRecord], str]:
+            self.projection.catch_up()
+            return self.ctx.index.list_runs(tenant, run_filter, page_size, page_token)
 
-    async def report_lost(self, tenant: str, run_id: str, min_age: float = 0.0) -> RunRecord:
-        """Checks whether a classic run's executor is gone; if so, records how the run ended.
+        return await asyncio.to_thread(read)
 
-        Idempotent: the check is "does any process answer the run's control subject", the
-        published failure is fenced (see agentrun.run_events), and the row update is the same
-        however often it is made. A run younger than ``min_age`` seconds is only recorded as
-        lost if its stream already says so: its executor may not have subscribed yet.
-        """
+    async def history(
+        self, tenant: str, run_id: str, from_version: int, to_version: int
+    ) -> list[StoredEvent]:
         record = await self.get(tenant, run_id)
-        if not _active_elsewhere(record, self._classic) or not await self._nobody_holds(run_id):
-            return record
-        _, terminal = await last_published(self.ctx.link, run_id)
-        if terminal is None or not is_terminal(terminal):
-            if time.time() - record.created_at < min_age:
-                return record
-            terminal = await append_executor_lost(self.ctx.link, run_id, tenant)
-        await asyncio.to_thread(self.ctx.index.update, run_id, **_ended_fields(terminal))
-        return await self.get(tenant, run_id)
-
-    async def _nobody_holds(self, run_id: str) -> bool:
-        try:
-            await self.ctx.link.nc.request(
-                control_subject(run_id), b'{"op": "ping"}', timeout=CONTROL_TIMEOUT
+        if record.execution_mode != "durable":
+            raise Unimplemented(
+                "ListRunEvents reads a durable run's stored history; a classic run has none "
+                "(WatchRun streams its events)"
             )
-        except nats.errors.NoRespondersError:
-            return True
-        except (nats.errors.Error, TimeoutError, Unavailable):
-            return False  # cannot tell: assume alive, look again later
-        return False
+        if from_version < 0 or to_version < 0:
+            raise InvalidArgument("from_version", "versions are not negative")
+        return await asyncio.to_thread(self.ctx.run_store.history, run_id, from_version, to_version)
 
-    async def reconcile_forever(self) -> None:
-        """Periodically records the classic runs whose executor died (run by every executor)."""
-        while True:
-            await asyncio.sleep(self.ctx.settings.reconcile_interval)
-            try:
-                await self.reconcile_once()
-            except AgentrunError as exc:
-                log.warning("reconciler: %s", exc.message)
+    async def fork(
+        self, tenant: str, run_id: str, at_version: int, new_run_id: str, request_id: str
+    ) -> RunRecord:
+        """A new durable run from a durable run's history up to ``at_version``; queued at once.
+        A repeated request_id returns the fork it made before."""
+        source = await self.get(tenant, run_id)
+        if source.execution_mode != "durable":
+            raise Unimplemented(
+                "ForkRun forks a durable run's stored history; a classic run has none"
+            )
+        claim = RunRecord(
+            run_id=new_run_id,
+            tenant=tenant,
+            agent_id=source.agent_id,
+            request_id=request_id,
+            agent_version=source.agent_version,
+            conversation_id=source.conversation_id,
+            execution_mode="durable",
+            input=source.input,
+            executor_id=self.ctx.executor_id,
+            forked_from_run_id=run_id,
+            forked_at_version=at_version,
+        )
+        existing = await asyncio.to_thread(self.ctx.index.claim, claim)
+        if existing is not None:
+            return existing
+        try:
+            fork = await asyncio.to_thread(
+                self.ctx.run_store.fork, tenant, run_id, at_version, new_run_id, request_id
+            )
+        except BaseException:
+            with contextlib.suppress(AgentrunError):
+                await asyncio.to_thread(self.ctx.index.remove, new_run_id)
+            raise
+        record = record_of(fork, "")
+        self.durable.remember(fork)
+        await asyncio.to_thread(
+            self.ctx.index.update,
+            new_run_id,
+            forked_at_version=fork.forked_at_version,
+            status=fork.status,
+            version=fork.version,
+        )
+        if not fork.awaiting_decision():
+            with contextlib.suppress(Unavailable, nats.errors.Error, asyncio.TimeoutError):
+                await self.queue.dispatch(fork.run_id, tenant, fork.version)
+        return record
 
-    async def reconcile_once(self) -> None:
-        if not self.ctx.link.is_connected:
-            return
-        for record in await asyncio.to_thread(self.ctx.index.active_classic_runs):
-            if record.run_id not in self._classic:
-                await self.report_lost(record.tenant, record.run_id, SETTLING_TIME)
-
-    def start_reconciler(self) -> None:
-        self._reconciler = asyncio.create_task(self.reconcile_forever(), name="reconciler")
+    # -- lifecycle -----------------------------------------------------------------------------
 
     async def shutdown(self, grace: float) -> None:
         """Lets running classic runs finish for ``grace`` seconds, then fails the rest."""
-        if self._reconciler is not None:
-            self._reconciler.cancel()
+        self.reconciler.stop()
         runs = list(self._classic.values())
         if runs:
             _, pending = await asyncio.wait([r.task for r in runs], timeout=grace)
@@ -295,39 +394,6 @@ class RunManager:
                     classic.abandon()
             if pending:
                 await asyncio.wait(pending, timeout=5.0)
-
-
-def _active_elsewhere(record: RunRecord, local: dict[str, ClassicRun]) -> bool:
-    """A classic run, not ended, not held by this executor."""
-    return (
-        record.execution_mode == "classic"
-        and record.status not in TERMINAL_STATUSES
-        and record.run_id not in local
-    )
-
-
-def _ended_fields(terminal: run_pb2.RunEvent | None) -> dict[str, Any]:
-    """The run-list fields of a run that ended with ``terminal`` (None: it was lost)."""
-    if terminal is not None and terminal.HasField("run_completed"):
-        return {"status": "completed", "output": terminal.run_completed.output}
-    if terminal is not None and terminal.HasField("run_cancelled"):
-        return {"status": "cancelled", "pending_approvals": []}
-    error = terminal.run_failed.error if terminal is not None else None
-    if error is None or error.code == run_pb2.RUN_ERROR_CODE_EXECUTOR_LOST:
-        return {
-            "status": "failed",
-            "error_code": "EXECUTOR_LOST",
-            "error_message": "the executor running this classic run went away; the run is lost",
-            "error_retryable": True,
-            "pending_approvals": [],
-        }
-    return {
-        "status": "failed",
-        "error_code": run_pb2.RunErrorCode.Name(error.code).removeprefix("RUN_ERROR_CODE_"),
-        "error_message": error.message,
-        "error_retryable": error.retryable,
-        "pending_approvals": [],
-    }
 
 
 def _check_repeated_decision(record: RunRecord, tool_call_id: str, approved: bool) -> None:

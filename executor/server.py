@@ -12,6 +12,9 @@ from agentrun.rpc import serve
 from agentrun.settings import Settings
 from agentrun.v1 import executor_service_pb2, executor_service_pb2_grpc
 from executor.context import ExecutorContext
+from executor.dispatch import WorkQueue
+from executor.durable import DurableRunner
+from executor.run_list import RunListProjection
 from executor.runs import RunManager
 from executor.servicer import ExecutorServicer
 
@@ -28,8 +31,13 @@ async def run_executor(
 ) -> None:
     """Serves until SIGTERM/SIGINT (or ``stop``); then lets classic runs finish for a while."""
     ctx = await ExecutorContext.open(settings)
-    runs = RunManager(ctx)
-    runs.start_reconciler()
+    queue = WorkQueue(ctx.link, settings.dispatch_ack_wait)
+    durable = DurableRunner(ctx, queue, settings.max_durable_runs)
+    projection = RunListProjection(ctx)
+    runs = RunManager(ctx, queue, durable, projection)
+    runs.reconciler.start()
+    projection.start()
+    durable.start()
     servicer = ExecutorServicer(ctx, runs)
 
     def register(server: grpc.aio.Server) -> list[str]:
@@ -47,7 +55,9 @@ async def run_executor(
             ready(port)
 
     async def on_stopping() -> None:
+        await durable.stop()
         await runs.shutdown(SHUTDOWN_GRACE)
+        projection.stop()
 
     try:
         await serve(

@@ -9,11 +9,12 @@ from typing import Any
 
 import grpc
 
-from agentrun.errors import InvalidArgument, Unimplemented
+from agentrun.errors import InvalidArgument
 from agentrun.rpc import stream_errors, unary_errors
 from agentrun.v1 import (
     agent_service_pb2,
     executor_service_pb2_grpc,
+    run_pb2,
     run_service_pb2,
 )
 from agentrun.v1 import (
@@ -22,7 +23,7 @@ from agentrun.v1 import (
 from eventstore.run_index import RunFilter
 from executor.classic import ClassicRun
 from executor.context import ExecutorContext
-from executor.runs import RunManager, RunSpec
+from executor.runs import DurableStart, RunManager, RunSpec
 from executor.translation import (
     STATUSES,
     agent_from_proto,
@@ -68,6 +69,10 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         start = first.start
         spec = spec_of(start.tenant, start.run_id, start.request)
         outcome = await self.runs.start(spec)
+        if isinstance(outcome, DurableStart):
+            yield pb.ExecuteRunResponse(relayed_run=record_to_proto(outcome.record))
+            await outcome.stored  # the call's status tells the gateway whether it was stored
+            return
         if not isinstance(outcome, ClassicRun):
             yield pb.ExecuteRunResponse(relayed_run=record_to_proto(outcome))
             return
@@ -117,7 +122,13 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         self, request: pb.ExecutorServiceStartRunRequest, context: Context
     ) -> pb.ExecutorServiceStartRunResponse:
         outcome = await self.runs.start(spec_of(request.tenant, request.run_id, request.request))
-        run = outcome.started if isinstance(outcome, ClassicRun) else record_to_proto(outcome)
+        if isinstance(outcome, ClassicRun):
+            run = outcome.started
+        elif isinstance(outcome, DurableStart):
+            await outcome.stored
+            run = record_to_proto(outcome.record)
+        else:
+            run = record_to_proto(outcome)
         return pb.ExecutorServiceStartRunResponse(
             response=run_service_pb2.StartRunResponse(run=run)
         )
@@ -149,9 +160,11 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     async def GetRun(
         self, request: pb.ExecutorServiceGetRunRequest, context: Context
     ) -> pb.ExecutorServiceGetRunResponse:
-        record = await self.runs.get_current(request.tenant, request.request.run_id)
-        if request.request.version and record.execution_mode == "classic":
-            raise InvalidArgument("version", "classic runs have no stored history to read from")
+        if request.request.version < 0:
+            raise InvalidArgument("version", "must not be negative")
+        record = await self.runs.get_current(
+            request.tenant, request.request.run_id, request.request.version
+        )
         return pb.ExecutorServiceGetRunResponse(
             response=run_service_pb2.GetRunResponse(run=record_to_proto(record))
         )
@@ -172,7 +185,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             statuses=tuple(statuses),
             execution_mode=mode_of(req.execution_mode) or "",
         )
-        records, token = await self.runs.list(
+        records, token = await self.runs.list_runs(
             request.tenant, run_filter, req.page_size, req.page_token
         )
         return pb.ExecutorServiceListRunsResponse(
@@ -185,25 +198,38 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     async def ListRunEvents(
         self, request: pb.ExecutorServiceListRunEventsRequest, context: Context
     ) -> AsyncIterator[pb.ExecutorServiceListRunEventsResponse]:
-        await self.runs.get(request.tenant, request.request.run_id)
-        raise Unimplemented(
-            "ListRunEvents reads a durable run's stored history; a classic run has none "
-            "(WatchRun streams its events)"
+        req = request.request
+        events = await self.runs.history(
+            request.tenant, req.run_id, req.from_version, req.to_version
         )
-        yield  # pragma: no cover - makes this a generator
+        for event in events:
+            stored = run_pb2.StoredRunEvent(
+                version=event.version, type=event.type, payload_json=event.payload_json
+            )
+            stored.time.FromDatetime(event.time)
+            yield pb.ExecutorServiceListRunEventsResponse(
+                response=run_service_pb2.ListRunEventsResponse(event=stored)
+            )
 
     @unary_errors
     async def ForkRun(
         self, request: pb.ExecutorServiceForkRunRequest, context: Context
     ) -> pb.ExecutorServiceForkRunResponse:
-        await self.runs.get(request.tenant, request.request.run_id)
-        raise Unimplemented("ForkRun forks a durable run's stored history; a classic run has none")
+        req = request.request
+        if req.at_version < 0:
+            raise InvalidArgument("at_version", "must not be negative")
+        record = await self.runs.fork(
+            request.tenant, req.run_id, req.at_version, request.run_id, req.request_id
+        )
+        return pb.ExecutorServiceForkRunResponse(
+            response=run_service_pb2.ForkRunResponse(run=record_to_proto(record))
+        )
 
     @unary_errors
     async def ReportRunLost(
         self, request: pb.ReportRunLostRequest, context: Context
     ) -> pb.ReportRunLostResponse:
-        record = await self.runs.report_lost(request.tenant, request.run_id)
+        record = await self.runs.reconciler.report_lost(request.tenant, request.run_id)
         return pb.ReportRunLostResponse(run=record_to_proto(record))
 
     # -- agents ----------------------------------------------------------------------------------

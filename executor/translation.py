@@ -198,10 +198,13 @@ def record_of(run: Run, executor_id: str = "") -> RunRecord:
         error_retryable=error["retryable"] if error else False,
         pending_approvals=pending,
         decisions={call_id: d["approved"] for call_id, d in run.decisions.items()},
-        executor_id=executor_id,
+        executor_id=executor_id or run.holder,
         created_at=run.created_on.timestamp(),
         updated_at=run.modified_on.timestamp(),
         version=run.version if run.execution_mode == "durable" else 0,
+        forked_from_run_id=run.forked_from_run_id,
+        forked_at_version=run.forked_at_version,
+        approval_deadline=run.approval_deadline or 0.0,
     )
 
 

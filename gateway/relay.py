@@ -17,14 +17,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import nats.errors
 from nats.js.api import DeliverPolicy
 
 from agentrun.errors import OutOfRange, Unavailable
-from agentrun.nats_link import EVENTS_STREAM, NatsLink, control_subject, events_subject
+from agentrun.nats_link import EVENTS_STREAM, NatsLink, events_subject
 from agentrun.rpc import STATUS_DETAILS_KEY, metadata_pairs
 from agentrun.run_events import (
     append_executor_lost,
@@ -45,7 +45,7 @@ TERMINAL_STATUSES = frozenset(
     {run_pb2.RUN_STATUS_COMPLETED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED}
 )
 RELAYED_TAIL = 1024
-PROBE_TIMEOUT = 2.0
+EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
 class Relay:
@@ -92,12 +92,15 @@ class Relay:
         if run is None:
             run = await self.get_run(tenant, run_id)
         classic = run.execution_mode == agent_pb2.EXECUTION_MODE_CLASSIC
-        _, last = await last_published(self.link, run_id)
-        ended_long_ago = time.time() - run.update_time.seconds > self.event_retention
-        if last is None and run.status in TERMINAL_STATUSES and ended_long_ago:
-            raise OutOfRange(f"the events of run {run_id} are no longer retained")
-        if last is not None and is_terminal(last) and last.sequence <= after_sequence:
-            return
+        if after_sequence or run.status in TERMINAL_STATUSES:
+            # Nothing may come after what the watcher asks for (it ended, or expired): look.
+            # (From sequence 0 on a running run, everything comes: no need to look first.)
+            _, last = await last_published(self.link, run_id)
+            ended_long_ago = time.time() - run.update_time.seconds > self.event_retention
+            if last is None and run.status in TERMINAL_STATUSES and ended_long_ago:
+                raise OutOfRange(f"the events of run {run_id} are no longer retained")
+            if last is not None and is_terminal(last) and last.sequence <= after_sequence:
+                return
         sub = await self.link.js.subscribe(
             events_subject(run_id),
             stream=EVENTS_STREAM,
@@ -142,16 +145,8 @@ class Relay:
         self._report_lost(tenant, run_id)
 
     async def holder_alive(self, run_id: str) -> bool:
-        """Whether some process answers the run's control subject (unknown counts as alive)."""
-        try:
-            await self.link.nc.request(
-                control_subject(run_id), b'{"op": "ping"}', timeout=PROBE_TIMEOUT
-            )
-        except nats.errors.NoRespondersError:
-            return False
-        except (nats.errors.Error, TimeoutError, Unavailable):
-            return True
-        return True
+        """Whether some process holds the run (when it cannot be told, it counts as alive)."""
+        return await self.link.holder_answers(run_id) is not False
 
     def _report_lost(self, tenant: str, run_id: str) -> None:
         """Tells an executor to record the lost run in the run list (best effort)."""
@@ -234,12 +229,15 @@ class ExecutedRun:
         relayed: deque[run_pb2.RunEvent] = deque(maxlen=RELAYED_TAIL)
         try:
             await self._call.write(pb.ExecuteRunRequest(start=start))
-            async for response in self._call:
+            while (read := await self._call.read()) is not EOF:
+                response = cast(pb.ExecuteRunResponse, read)
                 if response.HasField("relayed_run"):
                     self._detached = True
-                    async for batch in self._relay.watch(
-                        self.tenant, self.run_id, 0, run=response.relayed_run
-                    ):
+                    # A new durable run is being stored meanwhile: the call's end says whether
+                    # it was; its stream is watched from now on all the same, to be quick.
+                    stored = asyncio.ensure_future(self._call.code())
+                    watch = self._relay.watch(self.tenant, self.run_id, 0, run=response.relayed_run)
+                    async for batch in _unless_failed(watch, stored, self._call):
                         yield batch
                     return
                 relayed.extend(response.events)
@@ -273,6 +271,33 @@ class ExecutedRun:
         except Unavailable:
             # NATS is down too: the client still learns at once that the run is lost.
             yield [executor_lost_event(self.run_id, last + 1)]
+
+
+async def _unless_failed(
+    batches: AsyncIterator[list[run_pb2.RunEvent]],
+    status: asyncio.Future[grpc.StatusCode],
+    call: grpc.aio.StreamStreamCall[pb.ExecuteRunRequest, pb.ExecuteRunResponse],
+) -> AsyncIterator[list[run_pb2.RunEvent]]:
+    """The batches, unless the call ends with an error first (then that error is raised)."""
+    iterator = aiter(batches)
+    try:
+        while True:
+            following: asyncio.Future[list[run_pb2.RunEvent]] = asyncio.ensure_future(
+                anext(iterator)
+            )
+            if not status.done():
+                waiting: set[asyncio.Future[Any]] = {following, status}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if status.done() and status.result() != grpc.StatusCode.OK:
+                    following.cancel()
+                    await call.read()  # raises the call's error
+            try:
+                batch = await following
+            except StopAsyncIteration:
+                return
+            yield batch
+    finally:
+        status.cancel()
 
 
 def _classic_placeholder(run_id: str) -> run_pb2.Run:

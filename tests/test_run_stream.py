@@ -8,7 +8,7 @@ import pytest
 
 from agentrun.v1 import run_pb2
 from eventstore.messages import Usage
-from executor.run_stream import MAX_DELTA_CHARS, RunStream
+from executor.run_stream import MAX_DELTA_CHARS, Marks, RunStream
 
 USAGE: Usage = {"input_tokens": 1, "output_tokens": 2}
 
@@ -69,7 +69,7 @@ async def test_without_a_consumer_the_drain_takes_events_and_one_consumer_at_a_t
     taken: list[run_pb2.RunEvent] = []
     done = asyncio.Event()
 
-    def on_taken(batch: list[run_pb2.RunEvent], version: int) -> None:
+    def on_taken(batch: list[run_pb2.RunEvent], marks: Marks) -> None:
         taken.extend(batch)
         if any(e.HasField("run_cancelled") for e in batch):
             done.set()

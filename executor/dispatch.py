@@ -1,0 +1,144 @@
+"""The dispatch work queue of durable runs, shared by all executors (NATS JetStream).
+
+A message says "run R needs an executor". One durable pull consumer, ``executors``, serves
+every executor: a message goes to one of them at a time; the taker keeps it alive while it
+works (``in_progress``) and acknowledges it when it stops (completion, failure, suspension).
+An executor that dies stops keeping its messages alive, and JetStream delivers them again after
+``ack_wait``: another executor (or the same one, restarted) resumes the run.
+
+Messages are deduplicated by run and version (``Nats-Msg-Id``), so dispatching the same state
+twice within the deduplication window queues it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from agentrun.nats_link import DISPATCH_STREAM, DISPATCH_SUBJECT, NatsLink
+
+log = logging.getLogger(__name__)
+
+CONSUMER = "executors"
+RECOVERY_HEADER = "Agentrun-Recovery"
+FETCH_WAIT = 10.0
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A taken dispatch message."""
+
+    run_id: str
+    tenant: str
+    recovery: bool  # sent by a reconciler: the run's previous executor is gone
+    deliveries: int  # how often JetStream has delivered this message (1: first time)
+    msg: Msg
+
+
+class WorkQueue:
+    """Publishing to and taking from the dispatch queue (see module docstring)."""
+
+    def __init__(self, link: NatsLink, ack_wait: float) -> None:
+        self._link = link
+        self.ack_wait = ack_wait
+
+    async def dispatch(
+        self, run_id: str, tenant: str, version: int, *, recovery: bool = False
+    ) -> None:
+        """Queues the run (at ``version``) for an executor. Raises Unavailable without NATS."""
+        headers = {"Nats-Msg-Id": f"dispatch:{run_id}:{version}{':recovery' if recovery else ''}"}
+        if recovery:
+            headers[RECOVERY_HEADER] = "1"
+        payload = json.dumps({"run_id": run_id, "tenant": tenant}).encode()
+        await self._link.js.publish(DISPATCH_SUBJECT, payload, headers=headers)
+
+    async def take_forever(
+        self, handle: Callable[[Dispatch], Awaitable[None]], slots: asyncio.Semaphore
+    ) -> None:
+        """Takes messages while this executor has free slots; each runs ``handle`` in a task."""
+        tasks: set[asyncio.Task[None]] = set()
+        while True:
+            await self._link.wait_connected()
+            try:
+                subscription = await self._subscribe()
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("cannot subscribe to the dispatch queue (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            while True:
+                await slots.acquire()
+                try:
+                    msgs = await subscription.fetch(1, timeout=FETCH_WAIT)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    slots.release()
+                    continue
+                except nats.errors.Error as exc:
+                    slots.release()
+                    log.warning("dispatch queue: %s; subscribing again", exc)
+                    break
+                dispatch = _parse(msgs[0])
+                if dispatch is None:
+                    slots.release()
+                    with contextlib.suppress(nats.errors.Error):
+                        await msgs[0].term()
+                    continue
+                task = asyncio.create_task(_run_then_release(handle, dispatch, slots))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+    async def _subscribe(self) -> nats.js.JetStreamContext.PullSubscription:
+        config = ConsumerConfig(
+            durable_name=CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            deliver_policy=DeliverPolicy.ALL,
+            max_ack_pending=-1,
+            filter_subject=DISPATCH_SUBJECT,
+        )
+        js = self._link.js
+        with contextlib.suppress(nats.js.errors.BadRequestError):
+            await js.add_consumer(DISPATCH_STREAM, config)
+        return await js.pull_subscribe_bind(durable=CONSUMER, stream=DISPATCH_STREAM)
+
+
+async def keep_alive(msg: Msg, ack_wait: float) -> None:
+    """Tells JetStream, while the run is worked on, that its message is still being processed."""
+    while True:
+        await asyncio.sleep(ack_wait / 4)
+        with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+            await msg.in_progress()
+
+
+async def _run_then_release(
+    handle: Callable[[Dispatch], Awaitable[None]], dispatch: Dispatch, slots: asyncio.Semaphore
+) -> None:
+    try:
+        await handle(dispatch)
+    except Exception:
+        log.exception("run %s: dispatch failed", dispatch.run_id)
+    finally:
+        slots.release()
+
+
+def _parse(msg: Msg) -> Dispatch | None:
+    try:
+        body = json.loads(msg.data)
+        return Dispatch(
+            run_id=str(body["run_id"]),
+            tenant=str(body["tenant"]),
+            recovery=bool((msg.headers or {}).get(RECOVERY_HEADER)),
+            deliveries=msg.metadata.num_delivered or 1,
+            msg=msg,
+        )
+    except (ValueError, KeyError, TypeError):
+        log.error("dropping a malformed dispatch message: %r", msg.data[:200])
+        return None

@@ -1,0 +1,306 @@
+"""Durable runs on an executor: taking them from the work queue, holding them while their steps
+run, letting them go when they end or suspend.
+
+Holding a run means: its events are committed step by step (a step's events in one save) and
+its client events are published, fenced, to its stream; its dispatch message is kept alive; its
+control subject answers (liveness, cancellation). What a run recorded but its stream does not
+show yet (the previous executor died between a commit and a publish) is published first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+
+from agentrun.errors import AgentrunError, Conflict, FailedPrecondition, NotFound
+from agentrun.nats_link import TENANT_HEADER, NatsLink, events_subject, message_id
+from agentrun.run_events import (
+    EXPECTED_LAST_SUBJECT_SEQUENCE,
+    WRONG_LAST_SEQUENCE,
+    Published,
+    published,
+)
+from agentrun.v1 import executor_service_pb2
+from eventstore.run import Run
+from eventstore.run_steps import AwaitApprovals
+from executor.agent_loop import AgentLoop
+from executor.client_events import emit_recorded
+from executor.context import ExecutorContext
+from executor.dispatch import Dispatch, WorkQueue, keep_alive
+from executor.event_publisher import RunPublisher, marks_headers
+from executor.run_stream import Marks, RunStream
+from executor.translation import run_to_proto
+
+log = logging.getLogger(__name__)
+
+PUBLISH_FLUSH_TIMEOUT = 10.0
+RECENT_RUNS = 1000
+
+
+class RunLost(Exception):
+    """This executor no longer holds the run: another one took it over."""
+
+
+class HeldRun:
+    """A durable run this executor holds (see module docstring); the RunHost of its loop."""
+
+    def __init__(
+        self,
+        ctx: ExecutorContext,
+        queue: WorkQueue,
+        run: Run,
+        dispatch: Dispatch,
+        stream_state: Published,
+    ) -> None:
+        self.ctx = ctx
+        self.run = run
+        self._dispatch = dispatch
+        self._queue = queue
+        self._state = stream_state
+        self.publisher = RunPublisher(
+            ctx.link,
+            run.run_id,
+            run.tenant,
+            last_stream_sequence=stream_state.stream_sequence,
+            on_fenced=self._fenced,
+        )
+        first = stream_state.last.sequence + 1 if stream_state.last is not None else 1
+        self.stream = RunStream(
+            run.run_id,
+            first_sequence=first,
+            on_taken=self.publisher.enqueue,
+            pace=self.publisher.pace,
+        )
+        self.loop = AgentLoop(run, self.stream, self, ctx.models, ctx.settings.data_dir)
+        self.loop.mark_announced(stream_state.step)
+        self._cancel_reason: str | None = None
+        self._lost = False
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    async def hold(self, recorded_after: list[Any]) -> None:
+        """Holds the run until it ends, suspends, or is lost; ``recorded_after`` are the recorded
+        events the stream does not show yet."""
+        self.task = asyncio.current_task()
+        heartbeat = asyncio.create_task(keep_alive(self._dispatch.msg, self._queue.ack_wait))
+        await self.ctx.link.subscribe_control(self.run_id, self._on_control)
+        try:
+            if self._state.last is None:
+                self.stream.run_started(run_to_proto(self.run, self.ctx.executor_id))
+            self.loop.emit_recorded(recorded_after)
+            await self._drive()
+        except RunLost:
+            self._lost = True
+        finally:
+            heartbeat.cancel()
+            await self.ctx.link.unsubscribe_control(self.run_id)
+        if self._lost:
+            await self.stream.close()
+            log.warning("run %s: taken over by another executor; letting it go", self.run_id)
+            return  # the message is someone else's now
+        self.stream.take_now()
+        await self.stream.close()
+        if await self.publisher.close(PUBLISH_FLUSH_TIMEOUT):
+            with contextlib.suppress(nats.errors.Error):
+                await self._dispatch.msg.ack()
+
+    async def _drive(self) -> None:
+        try:
+            if self.run.is_finished:
+                await self.finished(self.run)  # its executor died before recording its turn
+            else:
+                await self.loop.drive()
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            if self._lost:
+                raise RunLost from None
+            if self._cancel_reason is None:
+                raise
+            await self.loop.cancel(self._cancel_reason)
+
+    def cancel(self, tenant: str, reason: str) -> None:
+        if tenant != self.run.tenant:
+            raise NotFound("run", self.run_id)
+        if self.run.is_finished or self._cancel_reason is not None:
+            raise FailedPrecondition(f"run {self.run_id} has already ended ({self.run.status})")
+        self._cancel_reason = reason
+        if self.task is not None:
+            self.task.cancel()
+
+    def _fenced(self) -> None:
+        self._lost = True
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            request = json.loads(msg.data)
+            if request.get("op") == "cancel":
+                self.cancel(str(request["tenant"]), str(request.get("reason", "")))
+            elif request.get("op") != "ping":
+                raise FailedPrecondition("a durable run takes decisions through its store")
+            reply: dict[str, object] = {"ok": True}
+        except AgentrunError as exc:
+            reply = {"error": {"reason": exc.reason, "message": exc.message}}
+        except (ValueError, KeyError, TypeError) as exc:
+            reply = {"error": {"reason": "INVALID_ARGUMENT", "message": f"bad request: {exc}"}}
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(json.dumps(reply).encode())
+
+    # -- RunHost ---------------------------------------------------------------------------------
+
+    def attempt(self, step_index: int) -> int:
+        return self.run.attempt_of(step_index)
+
+    async def commit(self, run: Run) -> None:
+        try:
+            await asyncio.to_thread(self.ctx.run_store.commit, run)
+        except Conflict:
+            self._lost = True
+            raise RunLost from None
+
+    async def status_changed(self, run: Run) -> None:
+        return None  # the run list follows the store (executor.run_list)
+
+    async def wait_for_decisions(self, run: Run, step: AwaitApprovals) -> bool:
+        return False  # suspend: the run waits in the store, not here
+
+    async def finished(self, run: Run) -> None:
+        if run.status == "completed":
+            await asyncio.to_thread(
+                self.ctx.conversations.record_turn,
+                run.tenant,
+                run.conversation_id,
+                run.run_id,
+                run.messages,
+            )
+
+
+class DurableRunner:
+    """Takes durable runs from the work queue and holds them (see module docstring)."""
+
+    def __init__(self, ctx: ExecutorContext, queue: WorkQueue, concurrency: int) -> None:
+        self.ctx = ctx
+        self.queue = queue
+        self.held: dict[str, HeldRun] = {}
+        self._recent: OrderedDict[str, Run] = OrderedDict()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.queue.take_forever(self.take, self._slots))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def remember(self, run: Run) -> None:
+        """Keeps a run this executor just stored, so that taking it from the queue here does not
+        read it back (when another executor takes it, or it changed meanwhile, the store
+        decides: a stale copy's first commit conflicts and the run is taken up again)."""
+        self._recent[run.run_id] = run
+        while len(self._recent) > RECENT_RUNS:
+            self._recent.popitem(last=False)
+
+    async def take(self, dispatch: Dispatch) -> None:
+        """Takes up a run from a dispatch message.
+
+        A message delivered again (its previous taker stopped keeping it alive) or sent by a
+        reconciler claims the run with a Resumed event before anything else; if a live executor
+        still answers for the run, the message is a duplicate and is dropped instead. Either way
+        the store's optimistic concurrency decides, so two executors never both advance a run.
+        """
+        store = self.ctx.run_store
+        taken_over = dispatch.deliveries > 1 or dispatch.recovery
+        recent = self._recent.pop(dispatch.run_id, None)
+        try:
+            run = (
+                recent
+                if recent and not taken_over
+                else await asyncio.to_thread(store.load, dispatch.run_id)
+            )
+        except NotFound:
+            await dispatch.msg.term()
+            return
+        fresh = run.version == 1 and not taken_over
+        if taken_over and not run.is_finished and run.awaiting_decision() == []:
+            if await self.ctx.link.holder_answers(run.run_id) is not False:
+                await dispatch.msg.ack()
+                return
+            run.resume(self.ctx.executor_id)
+            try:
+                await asyncio.to_thread(store.commit, run)
+            except Conflict:
+                await dispatch.msg.ack()
+                return
+        state = Published() if fresh else await published(self.ctx.link, run.run_id)
+        recorded_after = (
+            []
+            if fresh
+            else await asyncio.to_thread(store.recorded_after, run.run_id, state.version)
+        )
+        held = HeldRun(self.ctx, self.queue, run, dispatch, state)
+        self.held[run.run_id] = held
+        try:
+            await held.hold(recorded_after)
+        finally:
+            self.held.pop(run.run_id, None)
+
+
+async def publish_recorded(link: NatsLink, run: Run, events: list[Any]) -> None:
+    """Publishes the client events of ``events`` (recorded while nobody held the run: a decision,
+    a cancellation, an approval timeout) after the run's last published event, fenced; retried
+    from a fresh read if the stream moved meanwhile."""
+    for _ in range(10):
+        state = await published(link, run.run_id)
+        pending = [e for e in events if e.originator_version > state.version]
+        if not pending:
+            return
+        first = state.last.sequence + 1 if state.last is not None else 1
+        stream = RunStream(run.run_id, first_sequence=first, drain=False)
+        announced = set(range(1, state.step + 1))
+        emit_recorded(run, stream, pending, _announcer(run, stream, announced))
+        batch = stream.take_now()
+        if not batch:
+            return
+        payload = executor_service_pb2.PublishedRunEvents(events=batch).SerializeToString()
+        marks = stream.marks.merge(Marks(step=state.step))
+        headers = {
+            "Nats-Msg-Id": message_id(run.run_id, batch[0].sequence),
+            TENANT_HEADER: run.tenant,
+            EXPECTED_LAST_SUBJECT_SEQUENCE: str(state.stream_sequence),
+            **marks_headers(marks),
+        }
+        try:
+            await link.js.publish(events_subject(run.run_id), payload, headers=headers)
+            return
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != WRONG_LAST_SEQUENCE:
+                raise
+    log.warning("run %s: its stream kept moving; recorded events not published", run.run_id)
+
+
+def _announcer(run: Run, stream: RunStream, announced: set[int]) -> Callable[[int, Any], object]:
+    def announce(step_index: int, kind: Any) -> None:
+        if step_index not in announced:
+            announced.add(step_index)
+            stream.step_started(step_index, kind, run.attempt_of(step_index))
+
+    return announce
