@@ -83,6 +83,7 @@ class HeldRun:
         self.loop = AgentLoop(run, self.stream, self, ctx.models, ctx.settings.data_dir)
         self.loop.mark_announced(stream_state.step)
         self._cancel_reason: str | None = None
+        self._driving = False
         self._lost = False
         self.task: asyncio.Task[None] | None = None
 
@@ -117,6 +118,7 @@ class HeldRun:
                 await self._dispatch.msg.ack()
 
     async def _drive(self) -> None:
+        self._driving = True
         try:
             if self.run.is_finished:
                 await self.finished(self.run)  # its executor died before recording its turn
@@ -131,26 +133,34 @@ class HeldRun:
             if self._cancel_reason is None:
                 raise
             await self.loop.cancel(self._cancel_reason)
+        finally:
+            self._driving = False
 
-    def cancel(self, tenant: str, reason: str) -> None:
+    def cancel(self, tenant: str, reason: str) -> bool:
+        """Cancels the run if its steps are being driven here. False if they are not (it is
+        suspending or being let go): cancel it through the store then."""
         if tenant != self.run.tenant:
             raise NotFound("run", self.run_id)
         if self.run.is_finished or self._cancel_reason is not None:
             raise FailedPrecondition(f"run {self.run_id} has already ended ({self.run.status})")
+        if not self._driving or self.task is None:
+            return False
         self._cancel_reason = reason
-        if self.task is not None:
-            self.task.cancel()
+        self.task.cancel()
+        return True
 
     def _fenced(self) -> None:
+        """Something else was appended to the run's stream: another executor took it over."""
         self._lost = True
-        if self.task is not None:
+        if self._driving and self.task is not None:
             self.task.cancel()
 
     async def _on_control(self, msg: Msg) -> None:
         try:
             request = json.loads(msg.data)
             if request.get("op") == "cancel":
-                self.cancel(str(request["tenant"]), str(request.get("reason", "")))
+                if not self.cancel(str(request["tenant"]), str(request.get("reason", ""))):
+                    raise FailedPrecondition("the run is changing hands; try again")
             elif request.get("op") != "ping":
                 raise FailedPrecondition("a durable run takes decisions through its store")
             reply: dict[str, object] = {"ok": True}
@@ -224,8 +234,9 @@ class DurableRunner:
 
         A message delivered again (its previous taker stopped keeping it alive) or sent by a
         reconciler claims the run with a Resumed event before anything else; if a live executor
-        still answers for the run, the message is a duplicate and is dropped instead. Either way
-        the store's optimistic concurrency decides, so two executors never both advance a run.
+        still answers for the run, the message is a duplicate and is dropped instead (one that
+        does not answer in time is taken to be stuck). Either way the store's optimistic
+        concurrency decides, so two executors never both advance a run.
         """
         store = self.ctx.run_store
         taken_over = dispatch.deliveries > 1 or dispatch.recovery
@@ -240,10 +251,10 @@ class DurableRunner:
             await dispatch.msg.term()
             return
         fresh = run.version == 1 and not taken_over
+        if not fresh and await self.ctx.link.holder_answers(run.run_id) is True:
+            await dispatch.msg.ack()  # a duplicate: the run's holder has it in hand
+            return
         if taken_over and not run.is_finished and run.awaiting_decision() == []:
-            if await self.ctx.link.holder_answers(run.run_id) is not False:
-                await dispatch.msg.ack()
-                return
             run.resume(self.ctx.executor_id)
             try:
                 await asyncio.to_thread(store.commit, run)

@@ -66,7 +66,7 @@ class Reconciler:
             if not self.held_here(record.run_id):
                 await self.report_lost(record.tenant, record.run_id, SETTLING_TIME)
         now = time.time()
-        stalled_before = now - max(3 * self.queue.ack_wait, SETTLING_TIME)
+        stalled_before = now - 3 * self.queue.ack_wait
         for record in await asyncio.to_thread(self.ctx.index.durable_runs_due, stalled_before, now):
             if self.held_here(record.run_id):
                 continue

@@ -241,12 +241,11 @@ class RunManager:
             classic.cancel(tenant, reason)
             return
         held = self.durable.held.get(run_id)
-        if held is not None:
-            held.cancel(tenant, reason)
+        if held is not None and held.cancel(tenant, reason):
             return
         record = await self.get(tenant, run_id)
         if record.execution_mode == "durable" and await stored_runs.cancel(
-            self.ctx, tenant, run_id, reason
+            self.ctx, tenant, run_id, reason, held_here=held is not None
         ):
             return
         await self._steer_elsewhere(record, {"op": "cancel", "tenant": tenant, "reason": reason})

@@ -45,13 +45,16 @@ async def decide(
     raise Conflict(f"run {run_id} is changing too fast; try again")
 
 
-async def cancel(ctx: ExecutorContext, tenant: str, run_id: str, reason: str) -> bool:
-    """Cancels a run nobody holds. False if someone holds it now (cancel through them)."""
+async def cancel(
+    ctx: ExecutorContext, tenant: str, run_id: str, reason: str, *, held_here: bool = False
+) -> bool:
+    """Cancels a run nobody drives. False if another executor holds it now (cancel through
+    it). ``held_here``: this executor is letting the run go, so its answer does not count."""
     for _ in range(ATTEMPTS):
         run = await asyncio.to_thread(ctx.run_store.load_for, tenant, run_id)
         if run.is_finished:
             raise FailedPrecondition(f"run {run_id} has already ended ({run.status})")
-        if await ctx.link.holder_answers(run_id):
+        if not held_here and await ctx.link.holder_answers(run_id):
             return False
         run.cancel(reason)
         if await _record(ctx, None, run):

@@ -2,7 +2,8 @@
 
 Each call appends one JSON line to ``<data_dir>/outbox.jsonl``, at most once per (tenant,
 idempotency key): a retried call finds its line and returns the same result without sending
-again. Read-check-append runs under an exclusive ``flock`` so several executor processes can
+again. Every call, retried or not, is also logged in ``<data_dir>/attempts.jsonl`` (key and
+time), so that one can see how often a call was made, not only what was sent. Read-check-append runs under an exclusive ``flock`` so several executor processes can
 share one outbox, and in a worker thread so the event loop never blocks.
 """
 
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import IO, Any
 from executor.tools.base import ToolContext, ToolError
 
 OUTBOX_NAME = "outbox.jsonl"
+ATTEMPTS_NAME = "attempts.jsonl"
 MAX_ADDRESS_LENGTH = 254
 MAX_SUBJECT_LENGTH = 500
 MAX_BODY_LENGTH = 20_000
@@ -112,6 +115,27 @@ def read_outbox(data_dir: Path) -> list[dict[str, Any]]:
         return list(_records(file))
 
 
+def read_attempts(data_dir: Path) -> list[dict[str, Any]]:
+    """Every call ever made (``idempotency_key``, ``time`` in epoch seconds), oldest first."""
+    try:
+        file = (data_dir / OUTBOX_NAME).open("rb")
+    except FileNotFoundError:
+        return []
+    with file:
+        fcntl.flock(file.fileno(), fcntl.LOCK_SH)
+        try:
+            lines = (data_dir / ATTEMPTS_NAME).read_bytes().splitlines()
+        except FileNotFoundError:
+            return []
+    attempts = []
+    for line in lines:
+        try:
+            attempts.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a crash
+    return attempts
+
+
 def _validate(arguments: dict[str, Any]) -> tuple[str, str, str]:
     unknown = sorted(set(arguments) - {"to", "subject", "body"})
     if unknown:
@@ -148,6 +172,9 @@ def _append_once(data_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     data_dir.mkdir(parents=True, exist_ok=True)
     with (data_dir / OUTBOX_NAME).open("a+b") as file:
         fcntl.flock(file.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        attempt = {"idempotency_key": record["idempotency_key"], "time": time.time()}
+        with (data_dir / ATTEMPTS_NAME).open("ab") as attempts:  # guarded by the outbox lock
+            attempts.write(json.dumps(attempt).encode() + b"\n")
         file.seek(0)
         for existing in _records(file):
             if (existing.get("tenant"), existing.get("idempotency_key")) == identity:
