@@ -22,7 +22,7 @@ import pytest
 
 from agentrun.cli.chat import PROMPT
 from agentrun.launcher import free_port
-from agentrun.v1 import run_pb2, run_service_pb2
+from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from executor.tools.send_email import read_outbox
 from tests.client import Client, rest, scripted_agent, until
 from tests.stack import Stack
@@ -431,8 +431,12 @@ class Live:
             self.out += chunk.decode(errors="replace")
         self._seen = found + len(text)
 
-    async def finish(self) -> tuple[int, str, str]:
-        """Closes stdin and waits for the end; returns (exit code, all stdout, stderr)."""
+    async def finish(self, *, close_stdin: bool = True) -> tuple[int, str, str]:
+        """Waits for the end (closing stdin first unless told not to); returns (exit code, all
+        stdout, stderr)."""
+        assert self.process.stdin is not None
+        if close_stdin:
+            self.process.stdin.close()  # communicate() without input leaves stdin open
         out, err = await asyncio.wait_for(self.process.communicate(), GUARD)
         self.out += out.decode(errors="replace")
         assert self.process.returncode is not None
@@ -447,7 +451,7 @@ async def live() -> AsyncIterator[list[Live]]:
     for process in (p.process for p in started):
         if process.returncode is None:
             process.kill()
-            await process.communicate()
+            await process.wait()
 
 
 async def start_live(live: list[Live], stack: Stack, *args: str) -> Live:
@@ -485,7 +489,8 @@ async def test_ctrl_c_at_the_prompt_exits_130(
     chat = await start_live(live, stack, "chat", "--agent", agent.id)
     await chat.until(PROMPT)
     chat.process.send_signal(signal.SIGINT)
-    code, out, err = await chat.finish()
+    # stdin stays open: at end of input the chat would exit 0 on its own.
+    code, out, err = await chat.finish(close_stdin=False)
     assert code == 130, f"{out}\n{err}"
     assert "Traceback" not in err
 
@@ -510,3 +515,83 @@ async def test_runs_watch_follows_a_live_run_to_its_end(
     assert lines[0] == f"[run {run_id} started: agent {agent.id}, CLASSIC]"
     assert "✓ send_email approved" in lines
     assert lines[-1].startswith("[completed: ")
+
+
+# --- durable runs -------------------------------------------------------------------------
+
+
+async def durable_run(client: Client) -> tuple[str, str]:
+    """(agent id, run id) of a completed durable run answering "count to 3"."""
+    agent = await client.create_agent(scripted_agent(mode=agent_pb2.EXECUTION_MODE_DURABLE))
+    events = await client.run(agent.id, "count to 3")
+    assert events[-1].run_completed.output == "1 2 3", events[-1]
+    return agent.id, events[0].run_id
+
+
+async def test_chat_in_durable_mode_remembers_and_takes_approvals(
+    stack: Stack, channels: list[grpc.aio.Channel]
+) -> None:
+    client = Client(channels[0])
+    agent = await client.create_agent(scripted_agent())
+    result = await agentrun(
+        stack,
+        "chat",
+        "--agent",
+        agent.id,
+        "--mode",
+        "durable",
+        stdin="My name is Ada\nemail bob@example.com\ny\nrecall\n",
+    )
+    assert result.returncode == 0, explain(result)
+    assert "✓ send_email approved" in result.stdout, explain(result)
+    assert (
+        'Earlier in this conversation you said: "My name is Ada"; "email bob@example.com".'
+        in result.stdout
+    ), explain(result)
+    runs = await runs_of(client, agent.id)
+    assert len(runs) == 3
+    assert {r.execution_mode for r in runs} == {agent_pb2.EXECUTION_MODE_DURABLE}
+    assert {r.status for r in runs} == {run_pb2.RUN_STATUS_COMPLETED}
+    email_run = next(r for r in runs if r.input == "email bob@example.com")
+    sent = [m for m in read_outbox(stack.data_dir) if m["run_id"] == email_run.id]
+    assert [m["to"] for m in sent] == ["bob@example.com"]
+
+
+async def test_runs_replay_prints_a_durable_runs_stored_history(
+    stack: Stack, channels: list[grpc.aio.Channel]
+) -> None:
+    _, run_id = await durable_run(Client(channels[0]))
+    text = await agentrun(stack, "runs", "replay", run_id)
+    assert text.returncode == 0, explain(text)
+    lines = text.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [f"v{i}" for i in range(1, len(lines) + 1)]
+    as_json = await agentrun(stack, "runs", "replay", run_id, "--json")
+    assert as_json.returncode == 0, explain(as_json)
+    stored: list[Any] = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [int(e["version"]) for e in stored] == list(range(1, len(lines) + 1))
+    assert [line.split()[2] for line in lines] == [e["type"] for e in stored]
+    payloads = [json.loads(e["payloadJson"]) for e in stored]
+    assert payloads[0]["input"] == "count to 3"
+    assert payloads[-1]["output"] == "1 2 3"
+    window = await agentrun(stack, "runs", "replay", run_id, "--from", "2", "--to", "2")
+    assert window.returncode == 0, explain(window)
+    assert window.stdout.splitlines() == [lines[1]]
+
+
+async def test_runs_fork_starts_a_new_run_from_a_durable_runs_history(
+    stack: Stack, channels: list[grpc.aio.Channel]
+) -> None:
+    client = Client(channels[0])
+    agent_id, run_id = await durable_run(client)
+    result = await agentrun(stack, "runs", "fork", run_id, "--at", "1", "--json")
+    assert result.returncode == 0, explain(result)
+    fork = json.loads(result.stdout)
+    assert fork["id"] != run_id
+    assert fork["agentId"] == agent_id
+    assert fork["forkedFromRunId"] == run_id
+    assert int(fork["forkedAtVersion"]) == 1
+    watched = await client.watch_all(fork["id"])
+    assert watched[-1].run_completed.output == "1 2 3"
+    plain = await agentrun(stack, "runs", "fork", run_id, "--at", "1")
+    assert plain.returncode == 0, explain(plain)
+    assert str(uuid.UUID(plain.stdout.strip())) == plain.stdout.strip()

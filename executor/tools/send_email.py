@@ -3,8 +3,9 @@
 Each call appends one JSON line to ``<data_dir>/outbox.jsonl``, at most once per (tenant,
 idempotency key): a retried call finds its line and returns the same result without sending
 again. Every call, retried or not, is also logged in ``<data_dir>/attempts.jsonl`` (key and
-time), so that one can see how often a call was made, not only what was sent. Read-check-append runs under an exclusive ``flock`` so several executor processes can
-share one outbox, and in a worker thread so the event loop never blocks.
+time), so that one can see how often a call was made, not only what was sent. Read-check-append
+runs under an exclusive ``flock`` so several executor processes can share one outbox, and in a
+worker thread so the event loop never blocks.
 """
 
 from __future__ import annotations
