@@ -15,7 +15,6 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from agentrun.v1 import run_pb2
 from eventstore.messages import ToolCall
 from eventstore.run import Run
 from eventstore.run_steps import (
@@ -29,7 +28,7 @@ from eventstore.run_steps import (
     Step,
     next_step,
 )
-from executor.client_events import MODEL_CALL, TOOL_CALLS, emit_recorded
+from executor.client_events import MODEL_CALL, TOOL_CALLS, Announcements, emit_recorded
 from executor.models import ModelProviders
 from executor.models.base import ModelError, ModelRequest, ToolSpec
 from executor.run_stream import RunStream
@@ -79,7 +78,7 @@ class AgentLoop:
         self.host = host
         self.models = models
         self.data_dir = data_dir
-        self._announced: set[int] = set()
+        self._announce = Announcements(stream, host.attempt)
 
     async def drive(self) -> None:
         while True:
@@ -128,20 +127,14 @@ class AgentLoop:
         await self.host.commit(self.run)
         self.emit_recorded(recorded)
 
-    def emit_recorded(self, events: Sequence[Any]) -> None:
+    def emit_recorded(self, events: Sequence[Any], *, catching_up: bool = False) -> None:
         """Emits the client events of recorded run events (see executor.client_events)."""
-        emit_recorded(self.run, self.stream, events, self._announce)
+        emit_recorded(self.run, self.stream, events, self._announce, catching_up=catching_up)
 
-    def mark_announced(self, up_to_step: int) -> None:
-        """Steps up to this one were announced already (by an earlier executor of the run)."""
-        self._announced.update(range(1, up_to_step + 1))
-
-    def _announce(self, step_index: int, kind: run_pb2.StepKind.ValueType) -> int:
-        attempt = self.host.attempt(step_index)
-        if step_index not in self._announced:
-            self._announced.add(step_index)
-            self.stream.step_started(step_index, kind, attempt)
-        return attempt
+    def announced_before(self, step: int, attempt: int) -> None:
+        """An earlier executor of the run announced this attempt of this step (and the steps
+        before it)."""
+        self._announce = Announcements(self.stream, self.host.attempt, step, attempt)
 
     async def _call_model(self, step: CallModel) -> None:
         run, stream = self.run, self.stream

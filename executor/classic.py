@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
-
-from nats.aio.msg import Msg
+from typing import Any
 
 from agentrun.errors import AgentrunError, FailedPrecondition, NotFound
 from eventstore.run import Run
 from eventstore.run_steps import AwaitApprovals
 from executor.agent_loop import AgentLoop
 from executor.context import ExecutorContext
+from executor.control import answering
 from executor.event_publisher import RunPublisher
 from executor.run_stream import RunStream
 from executor.translation import record_of, run_to_proto
@@ -50,7 +49,6 @@ class ClassicRun:
         self._cancel_reason: str | None = None
         self._shutting_down = False
         self._index_lock = asyncio.Lock()
-        self._background: set[asyncio.Task[None]] = set()
         self._on_done = on_done
         self.started = run_to_proto(run, ctx.executor_id)
         self.stream.run_started(self.started)
@@ -61,7 +59,7 @@ class ClassicRun:
         return self.run.run_id
 
     async def start_control(self) -> None:
-        await self.ctx.link.subscribe_control(self.run_id, self._on_control)
+        await self.ctx.link.subscribe_control(self.run_id, answering(self._control))
 
     # -- steering ------------------------------------------------------------------------------
 
@@ -126,29 +124,18 @@ class ClassicRun:
             await self.ctx.link.unsubscribe_control(self.run_id)
             self._on_done(self)
 
-    async def _on_control(self, msg: Msg) -> None:
-        try:
-            request = json.loads(msg.data)
-            op = request.get("op")
-            if op == "decide":
-                self.decide(
-                    str(request["tenant"]),
-                    str(request["tool_call_id"]),
-                    bool(request["approved"]),
-                    str(request.get("reason", "")),
-                )
-            elif op == "cancel":
-                self.cancel(str(request["tenant"]), str(request.get("reason", "")))
-            elif op != "ping":
-                raise FailedPrecondition(f"unknown control operation {op!r}")
-            reply: dict[str, object] = {"ok": True}
-        except AgentrunError as exc:
-            reply = {"error": {"reason": exc.reason, "message": exc.message}}
-        except (ValueError, KeyError, TypeError) as exc:
-            reply = {"error": {"reason": "INVALID_ARGUMENT", "message": f"bad request: {exc}"}}
-        if msg.reply:
-            with contextlib.suppress(Exception):
-                await msg.respond(json.dumps(reply).encode())
+    def _control(self, op: str, request: dict[str, Any]) -> None:
+        if op == "decide":
+            self.decide(
+                str(request["tenant"]),
+                str(request["tool_call_id"]),
+                bool(request["approved"]),
+                str(request.get("reason", "")),
+            )
+        elif op == "cancel":
+            self.cancel(str(request["tenant"]), str(request.get("reason", "")))
+        else:
+            raise FailedPrecondition(f"unknown control operation {op!r}")
 
     # -- RunHost ---------------------------------------------------------------------------------
 
@@ -204,11 +191,6 @@ class ClassicRun:
             )
         except AgentrunError as exc:
             log.error("run %s: could not record its turn: %s", self.run_id, exc.message)
-
-    def update_index_soon(self, **fields: object) -> None:
-        task = asyncio.create_task(self.update_index(**fields))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def update_index(self, **fields: object) -> None:
         """Updates the run's row; updates of one run apply in the order they were made."""

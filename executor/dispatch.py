@@ -24,6 +24,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from agentrun.errors import Unavailable
 from agentrun.nats_link import DISPATCH_STREAM, DISPATCH_SUBJECT, NatsLink
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class WorkQueue:
             await self._link.wait_connected()
             try:
                 subscription = await self._subscribe()
-            except (TimeoutError, nats.errors.Error) as exc:
+            except (TimeoutError, Unavailable, nats.errors.Error) as exc:
                 log.warning("cannot subscribe to the dispatch queue (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
@@ -81,9 +82,10 @@ class WorkQueue:
                 except (TimeoutError, nats.errors.TimeoutError):
                     slots.release()
                     continue
-                except nats.errors.Error as exc:
+                except (Unavailable, nats.errors.Error) as exc:
                     slots.release()
                     log.warning("dispatch queue: %s; subscribing again", exc)
+                    await asyncio.sleep(0.5)
                     break
                 dispatch = _parse(msgs[0])
                 if dispatch is None:

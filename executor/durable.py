@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import nats.errors
 import nats.js.errors
-from nats.aio.msg import Msg
 
-from agentrun.errors import AgentrunError, Conflict, FailedPrecondition, NotFound
+from agentrun.errors import Conflict, FailedPrecondition, NotFound
 from agentrun.nats_link import TENANT_HEADER, NatsLink, events_subject, message_id
 from agentrun.run_events import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
@@ -33,8 +30,9 @@ from agentrun.v1 import executor_service_pb2
 from eventstore.run import Run
 from eventstore.run_steps import AwaitApprovals
 from executor.agent_loop import AgentLoop
-from executor.client_events import emit_recorded
+from executor.client_events import Announcements, emit_recorded
 from executor.context import ExecutorContext
+from executor.control import answering
 from executor.dispatch import Dispatch, WorkQueue, keep_alive
 from executor.event_publisher import RunPublisher, marks_headers
 from executor.run_stream import Marks, RunStream
@@ -81,7 +79,7 @@ class HeldRun:
             pace=self.publisher.pace,
         )
         self.loop = AgentLoop(run, self.stream, self, ctx.models, ctx.settings.data_dir)
-        self.loop.mark_announced(stream_state.step)
+        self.loop.announced_before(stream_state.step, stream_state.attempt)
         self._cancel_reason: str | None = None
         self._driving = False
         self._lost = False
@@ -96,11 +94,11 @@ class HeldRun:
         events the stream does not show yet."""
         self.task = asyncio.current_task()
         heartbeat = asyncio.create_task(keep_alive(self._dispatch.msg, self._queue.ack_wait))
-        await self.ctx.link.subscribe_control(self.run_id, self._on_control)
+        await self.ctx.link.subscribe_control(self.run_id, answering(self._control))
         try:
             if self._state.last is None:
                 self.stream.run_started(run_to_proto(self.run, self.ctx.executor_id))
-            self.loop.emit_recorded(recorded_after)
+            self.loop.emit_recorded(recorded_after, catching_up=True)
             await self._drive()
         except RunLost:
             self._lost = True
@@ -155,22 +153,11 @@ class HeldRun:
         if self._driving and self.task is not None:
             self.task.cancel()
 
-    async def _on_control(self, msg: Msg) -> None:
-        try:
-            request = json.loads(msg.data)
-            if request.get("op") == "cancel":
-                if not self.cancel(str(request["tenant"]), str(request.get("reason", ""))):
-                    raise FailedPrecondition("the run is changing hands; try again")
-            elif request.get("op") != "ping":
-                raise FailedPrecondition("a durable run takes decisions through its store")
-            reply: dict[str, object] = {"ok": True}
-        except AgentrunError as exc:
-            reply = {"error": {"reason": exc.reason, "message": exc.message}}
-        except (ValueError, KeyError, TypeError) as exc:
-            reply = {"error": {"reason": "INVALID_ARGUMENT", "message": f"bad request: {exc}"}}
-        if msg.reply:
-            with contextlib.suppress(Exception):
-                await msg.respond(json.dumps(reply).encode())
+    def _control(self, op: str, request: dict[str, Any]) -> None:
+        if op != "cancel":
+            raise FailedPrecondition("a durable run takes decisions through its store")
+        if not self.cancel(str(request["tenant"]), str(request.get("reason", ""))):
+            raise FailedPrecondition("the run is changing hands; try again")
 
     # -- RunHost ---------------------------------------------------------------------------------
 
@@ -286,13 +273,13 @@ async def publish_recorded(link: NatsLink, run: Run, events: list[Any]) -> None:
             return
         first = state.last.sequence + 1 if state.last is not None else 1
         stream = RunStream(run.run_id, first_sequence=first, drain=False)
-        announced = set(range(1, state.step + 1))
-        emit_recorded(run, stream, pending, _announcer(run, stream, announced))
+        announce = Announcements(stream, run.attempt_of, state.step, state.attempt)
+        emit_recorded(run, stream, pending, announce, catching_up=True)
         batch = stream.take_now()
         if not batch:
             return
         payload = executor_service_pb2.PublishedRunEvents(events=batch).SerializeToString()
-        marks = stream.marks.merge(Marks(step=state.step))
+        marks = stream.marks.merge(Marks(step=state.step, attempt=state.attempt))
         headers = {
             "Nats-Msg-Id": message_id(run.run_id, batch[0].sequence),
             TENANT_HEADER: run.tenant,
@@ -306,12 +293,3 @@ async def publish_recorded(link: NatsLink, run: Run, events: list[Any]) -> None:
             if exc.err_code != WRONG_LAST_SEQUENCE:
                 raise
     log.warning("run %s: its stream kept moving; recorded events not published", run.run_id)
-
-
-def _announcer(run: Run, stream: RunStream, announced: set[int]) -> Callable[[int, Any], object]:
-    def announce(step_index: int, kind: Any) -> None:
-        if step_index not in announced:
-            announced.add(step_index)
-            stream.step_started(step_index, kind, run.attempt_of(step_index))
-
-    return announce

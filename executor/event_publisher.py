@@ -166,7 +166,7 @@ class RunPublisher:
 
 
 def marks_headers(marks: Marks) -> dict[str, str]:
-    return {VERSION_HEADER: str(marks.version), STEP_HEADER: str(marks.step)}
+    return {VERSION_HEADER: str(marks.version), STEP_HEADER: f"{marks.step}/{marks.attempt}"}
 
 
 def _take_batch(queue: list[run_pb2.RunEvent]) -> list[run_pb2.RunEvent]:

@@ -30,9 +30,11 @@ class Marks:
 
     version: int = 0  # the run's recorded events up to this version have their client events
     step: int = 0  # the highest step announced (StepStarted)
+    attempt: int = 0  # the highest attempt of that step announced
 
     def merge(self, other: Marks) -> Marks:
-        return Marks(max(self.version, other.version), max(self.step, other.step))
+        step, attempt = max((self.step, self.attempt), (other.step, other.attempt))
+        return Marks(max(self.version, other.version), step, attempt)
 
 
 Taken = Callable[[list[run_pb2.RunEvent], Marks], None]
@@ -115,7 +117,7 @@ class RunStream:
         self._add(run_pb2.RunEvent(run_started=run_pb2.RunStarted(run=run)))
 
     def step_started(self, step_index: int, kind: run_pb2.StepKind.ValueType, attempt: int) -> None:
-        self._marks = self._marks.merge(Marks(step=step_index))
+        self._marks = self._marks.merge(Marks(step=step_index, attempt=attempt))
         self._add(
             run_pb2.RunEvent(
                 step_started=run_pb2.StepStarted(

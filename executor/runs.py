@@ -19,6 +19,7 @@ import nats.errors
 
 from agentrun.errors import (
     AgentrunError,
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -33,6 +34,7 @@ from eventstore.run_store import StoredEvent
 from executor import stored_runs
 from executor.classic import ClassicRun
 from executor.context import ExecutorContext
+from executor.control import raise_for_answer
 from executor.dispatch import WorkQueue
 from executor.durable import DurableRunner
 from executor.reconciler import SETTLING_TIME, Reconciler
@@ -93,24 +95,35 @@ class RunManager:
         """Starts a run: a classic one here, a durable one on whichever executor takes it from
         the work queue. Returns the existing run of a repeated request_id.
 
-        The run's row is claimed while the agent and the conversation are read (three queries
-        in parallel, one round trip on the first-token path); the claim is the idempotency check.
+        The agent is read and the run's row claimed in one trip to a worker thread (the claim,
+        the idempotency check, records the run's mode, so it follows the read); the conversation
+        is read meanwhile.
         """
         self._validate(spec)
         conversation_id = spec.conversation_id or str(uuid.uuid4())
-        claim = RunRecord(
-            run_id=spec.run_id,
-            tenant=spec.tenant,
-            agent_id=spec.agent_id,
-            request_id=spec.request_id,
-            conversation_id=conversation_id,
-            execution_mode=spec.execution_mode or "classic",
-            input=spec.input,
-            executor_id=self.ctx.executor_id,
-        )
-        claimed, agent, history = await asyncio.gather(
-            asyncio.to_thread(self.ctx.index.claim, claim),
-            asyncio.to_thread(self.ctx.agents.get, spec.tenant, spec.agent_id),
+
+        def read_agent_and_claim() -> tuple[AgentConfig | None, RunRecord | None]:
+            try:
+                agent = self.ctx.agents.get(spec.tenant, spec.agent_id)
+            except NotFound:
+                with contextlib.suppress(NotFound):  # a repeat outlives its agent
+                    return None, self.ctx.index.get(spec.tenant, spec.run_id)
+                raise
+            claim = RunRecord(
+                run_id=spec.run_id,
+                tenant=spec.tenant,
+                agent_id=spec.agent_id,
+                agent_version=agent.version,
+                request_id=spec.request_id,
+                conversation_id=conversation_id,
+                execution_mode=spec.execution_mode or agent.execution_mode,
+                input=spec.input,
+                executor_id=self.ctx.executor_id,
+            )
+            return agent, self.ctx.index.claim(claim)
+
+        claimed, history = await asyncio.gather(
+            asyncio.to_thread(read_agent_and_claim),
             asyncio.to_thread(self.ctx.conversations.history, spec.tenant, conversation_id)
             if spec.conversation_id
             else _no_history(),
@@ -118,11 +131,15 @@ class RunManager:
         )
         if isinstance(claimed, BaseException):
             raise claimed
-        if claimed is not None:
-            return cast(RunRecord, claimed)
+        agent, existing = cast(tuple[AgentConfig | None, RunRecord | None], claimed)
+        if existing is not None:
+            if agent is None or not await self._durable_start_interrupted(existing):
+                return existing
+            # The first start of this durable run claimed it but died before storing it:
+            # this repeat stores it (the store, not the claim, decides who did).
+            conversation_id = existing.conversation_id
+        assert agent is not None
         try:
-            if isinstance(agent, BaseException):
-                raise agent
             if isinstance(history, BaseException):
                 raise history
             run = Run(
@@ -136,46 +153,49 @@ class RunManager:
                 execution_mode=spec.execution_mode or agent.execution_mode,
             )
             if run.execution_mode == "durable":
-                return self._start_durable(run, agent)
-            return await self._start_classic(run, agent)
+                return self._start_durable(run, claimed_here=existing is None)
+            return await self._start_classic(run)
         except BaseException:
-            with contextlib.suppress(AgentrunError):
-                await asyncio.to_thread(self.ctx.index.remove, spec.run_id)
+            if existing is None:
+                with contextlib.suppress(AgentrunError):
+                    await asyncio.to_thread(self.ctx.index.remove, spec.run_id)
             raise
 
-    async def _start_classic(self, run: Run, agent: AgentConfig) -> ClassicRun:
+    async def _durable_start_interrupted(self, existing: RunRecord) -> bool:
+        """Whether a repeated start names a durable run that was claimed but never stored."""
+        if existing.execution_mode != "durable":
+            return False
+        try:
+            await asyncio.to_thread(self.ctx.run_store.load, existing.run_id)
+        except NotFound:
+            return True
+        return False
+
+    async def _start_classic(self, run: Run) -> ClassicRun:
         run.collect_events()
         classic = ClassicRun(self.ctx, run, on_done=self._classic_done)
         self._classic[run.run_id] = classic
         await classic.start_control()
-        # Off the first-token path; ordered before the run's later row updates by their lock.
-        classic.update_index_soon(agent_version=agent.version)
         return classic
 
-    def _start_durable(self, run: Run, agent: AgentConfig) -> DurableStart:
+    def _start_durable(self, run: Run, *, claimed_here: bool) -> DurableStart:
         """Starts storing and queueing the run; the caller may tell its client about the run
         meanwhile (so that the client's watch is set up while the store commits)."""
-        return DurableStart(
-            record_of(run, ""), asyncio.create_task(self._store_durable(run, agent))
-        )
+        stored = asyncio.create_task(self._store_durable(run, claimed_here))
+        return DurableStart(record_of(run, ""), stored)
 
-    async def _store_durable(self, run: Run, agent: AgentConfig) -> None:
+    async def _store_durable(self, run: Run, claimed_here: bool) -> None:
         """Stores the run, then queues it. If NATS is down the run is stored all the same: the
-        reconciler dispatches it once NATS is back. If it cannot be stored, its claim goes."""
+        reconciler dispatches it once NATS is back. If it cannot be stored, the claim this start
+        made goes (a repeat of the request may try again)."""
         try:
-            await asyncio.gather(
-                asyncio.to_thread(self.ctx.run_store.create, run),
-                asyncio.to_thread(
-                    self.ctx.index.update,
-                    run.run_id,
-                    execution_mode="durable",
-                    agent_version=agent.version,
-                    version=run.version,
-                ),
-            )
+            await asyncio.to_thread(self.ctx.run_store.create, run)
+        except AlreadyExists:
+            return  # a repeat of the same request stored it at the same moment: it is queued
         except BaseException:
-            with contextlib.suppress(AgentrunError):
-                await asyncio.to_thread(self.ctx.index.remove, run.run_id)
+            if claimed_here:
+                with contextlib.suppress(AgentrunError):
+                    await asyncio.to_thread(self.ctx.index.remove, run.run_id)
             raise
         self.durable.remember(run)
         try:
@@ -272,14 +292,7 @@ class RunManager:
             raise Unavailable(
                 "executor", f"the executor holding run {run_id} did not answer"
             ) from None
-        answer = json.loads(reply.data)
-        error = answer.get("error")
-        if error:
-            if error.get("reason") == "NOT_FOUND":
-                raise NotFound("run", run_id)
-            if error.get("reason") == "INVALID_ARGUMENT":
-                raise InvalidArgument("request", str(error.get("message")))
-            raise FailedPrecondition(str(error.get("message")))
+        raise_for_answer(run_id, reply.data)
 
     # -- reading -------------------------------------------------------------------------------
 

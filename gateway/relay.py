@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -237,7 +237,7 @@ class ExecutedRun:
                     # it was; its stream is watched from now on all the same, to be quick.
                     stored = asyncio.ensure_future(self._call.code())
                     watch = self._relay.watch(self.tenant, self.run_id, 0, run=response.relayed_run)
-                    async for batch in _unless_failed(watch, stored, self._call):
+                    async for batch in _unless_failed(watch, stored, self._confirm_stored):
                         yield batch
                     return
                 relayed.extend(response.events)
@@ -252,6 +252,19 @@ class ExecutedRun:
                 yield batch
         finally:
             self._call.cancel()
+
+    async def _confirm_stored(self) -> None:
+        """The call that stores a new durable run failed: raises its error, unless the executor
+        went away after the run was stored (then the run goes on, and so does its watch)."""
+        try:
+            await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            if not _executor_went_away(exc):
+                raise
+            try:
+                await self._relay.get_run(self.tenant, self.run_id)
+            except grpc.aio.AioRpcError:
+                raise exc from None
 
     async def _continue_after_loss(
         self, relayed: list[run_pb2.RunEvent]
@@ -276,21 +289,27 @@ class ExecutedRun:
 async def _unless_failed(
     batches: AsyncIterator[list[run_pb2.RunEvent]],
     status: asyncio.Future[grpc.StatusCode],
-    call: grpc.aio.StreamStreamCall[pb.ExecuteRunRequest, pb.ExecuteRunResponse],
+    check: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[list[run_pb2.RunEvent]]:
-    """The batches, unless the call ends with an error first (then that error is raised)."""
+    """The batches, unless a call's ``status`` turns out not OK and ``check`` raises then."""
     iterator = aiter(batches)
+    checked = False
     try:
         while True:
             following: asyncio.Future[list[run_pb2.RunEvent]] = asyncio.ensure_future(
                 anext(iterator)
             )
-            if not status.done():
+            if not checked:
                 waiting: set[asyncio.Future[Any]] = {following, status}
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if status.done() and status.result() != grpc.StatusCode.OK:
-                    following.cancel()
-                    await call.read()  # raises the call's error
+                if status.done():
+                    checked = True
+                    if status.result() != grpc.StatusCode.OK:
+                        try:
+                            await check()
+                        except BaseException:
+                            following.cancel()
+                            raise
             try:
                 batch = await following
             except StopAsyncIteration:

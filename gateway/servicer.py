@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -33,6 +33,7 @@ from gateway.relay import AttachedRun, Relay
 
 Context = grpc.aio.ServicerContext[Any, Any]
 UNARY_TIMEOUT = 30.0
+Public = TypeVar("Public", covariant=True)
 _RUN_NAMESPACE = uuid.UUID("3a0c1c52-9a8e-4f0b-9df5-5e0f5f7d8c41")
 
 
@@ -125,82 +126,65 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         self, request: runs.StartRunRequest, context: Context
     ) -> runs.StartRunResponse:
         tenant = tenant_of(context, self.keys)
-        response = await self.executors.StartRun(
-            pb.ExecutorServiceStartRunRequest(
-                tenant=tenant, run_id=run_id_for(tenant, request.request_id), request=request
-            ),
-            timeout=UNARY_TIMEOUT,
-        )
-        return response.response
+        run_id = run_id_for(tenant, request.request_id)
+        wrapped = pb.ExecutorServiceStartRunRequest(tenant=tenant, run_id=run_id, request=request)
+        return _unwrap(await self.executors.StartRun(wrapped, timeout=UNARY_TIMEOUT))
 
     @unary_errors
     async def SubmitToolApproval(
         self, request: runs.SubmitToolApprovalRequest, context: Context
     ) -> runs.SubmitToolApprovalResponse:
-        tenant = tenant_of(context, self.keys)
         checked_run_id(request.run_id)
-        response = await self.executors.SubmitToolApproval(
-            pb.ExecutorServiceSubmitToolApprovalRequest(tenant=tenant, request=request),
-            timeout=UNARY_TIMEOUT,
+        wrapped = pb.ExecutorServiceSubmitToolApprovalRequest(
+            tenant=tenant_of(context, self.keys), request=request
         )
-        return response.response
+        return _unwrap(await self.executors.SubmitToolApproval(wrapped, timeout=UNARY_TIMEOUT))
 
     @unary_errors
     async def CancelRun(
         self, request: runs.CancelRunRequest, context: Context
     ) -> runs.CancelRunResponse:
-        tenant = tenant_of(context, self.keys)
         checked_run_id(request.run_id)
-        response = await self.executors.CancelRun(
-            pb.ExecutorServiceCancelRunRequest(tenant=tenant, request=request),
-            timeout=UNARY_TIMEOUT,
+        wrapped = pb.ExecutorServiceCancelRunRequest(
+            tenant=tenant_of(context, self.keys), request=request
         )
-        return response.response
+        return _unwrap(await self.executors.CancelRun(wrapped, timeout=UNARY_TIMEOUT))
 
     @unary_errors
     async def GetRun(self, request: runs.GetRunRequest, context: Context) -> runs.GetRunResponse:
-        tenant = tenant_of(context, self.keys)
         checked_run_id(request.run_id)
-        response = await self.executors.GetRun(
-            pb.ExecutorServiceGetRunRequest(tenant=tenant, request=request),
-            timeout=UNARY_TIMEOUT,
+        wrapped = pb.ExecutorServiceGetRunRequest(
+            tenant=tenant_of(context, self.keys), request=request
         )
-        return response.response
+        return _unwrap(await self.executors.GetRun(wrapped, timeout=UNARY_TIMEOUT))
 
     @unary_errors
     async def ListRuns(
         self, request: runs.ListRunsRequest, context: Context
     ) -> runs.ListRunsResponse:
-        tenant = tenant_of(context, self.keys)
-        response = await self.executors.ListRuns(
-            pb.ExecutorServiceListRunsRequest(tenant=tenant, request=request),
-            timeout=UNARY_TIMEOUT,
+        wrapped = pb.ExecutorServiceListRunsRequest(
+            tenant=tenant_of(context, self.keys), request=request
         )
-        return response.response
+        return _unwrap(await self.executors.ListRuns(wrapped, timeout=UNARY_TIMEOUT))
 
     @stream_errors
     async def ListRunEvents(
         self, request: runs.ListRunEventsRequest, context: Context
     ) -> AsyncIterator[runs.ListRunEventsResponse]:
-        tenant = tenant_of(context, self.keys)
         checked_run_id(request.run_id)
-        call = self.executors.ListRunEvents(
-            pb.ExecutorServiceListRunEventsRequest(tenant=tenant, request=request)
+        wrapped = pb.ExecutorServiceListRunEventsRequest(
+            tenant=tenant_of(context, self.keys), request=request
         )
-        async for response in call:
+        async for response in self.executors.ListRunEvents(wrapped):
             yield response.response
 
     @unary_errors
     async def ForkRun(self, request: runs.ForkRunRequest, context: Context) -> runs.ForkRunResponse:
         tenant = tenant_of(context, self.keys)
         checked_run_id(request.run_id)
-        response = await self.executors.ForkRun(
-            pb.ExecutorServiceForkRunRequest(
-                tenant=tenant, run_id=run_id_for(tenant, request.request_id), request=request
-            ),
-            timeout=UNARY_TIMEOUT,
-        )
-        return response.response
+        run_id = run_id_for(tenant, request.request_id)
+        wrapped = pb.ExecutorServiceForkRunRequest(tenant=tenant, run_id=run_id, request=request)
+        return _unwrap(await self.executors.ForkRun(wrapped, timeout=UNARY_TIMEOUT))
 
 
 async def _pump(
@@ -244,53 +228,54 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     async def CreateAgent(
         self, request: agents.CreateAgentRequest, context: Context
     ) -> agents.CreateAgentResponse:
-        tenant = tenant_of(context, self.keys)
-        response = await self.executors.CreateAgent(
-            pb.ExecutorServiceCreateAgentRequest(tenant=tenant, request=request),
-            timeout=UNARY_TIMEOUT,
+        wrapped = pb.ExecutorServiceCreateAgentRequest(
+            tenant=tenant_of(context, self.keys), request=request
         )
-        return response.response
+        return _unwrap(await self.executors.CreateAgent(wrapped, timeout=UNARY_TIMEOUT))
 
     @unary_errors
     async def GetAgent(
         self, request: agents.GetAgentRequest, context: Context
     ) -> agents.GetAgentResponse:
-        tenant = tenant_of(context, self.keys)
-        response = await self.executors.GetAgent(
-            pb.ExecutorServiceGetAgentRequest(tenant=tenant, request=request),
-            timeout=UNARY_TIMEOUT,
+        wrapped = pb.ExecutorServiceGetAgentRequest(
+            tenant=tenant_of(context, self.keys), request=request
         )
-        return response.response
+        return _unwrap(await self.executors.GetAgent(wrapped, timeout=UNARY_TIMEOUT))
 
     @unary_errors
     async def ListAgents(
         self, request: agents.ListAgentsRequest, context: Context
     ) -> agents.ListAgentsResponse:
-        tenant = tenant_of(context, self.keys)
-        response = await self.executors.ListAgents(
-            pb.ExecutorServiceListAgentsRequest(tenant=tenant, request=request),
-            timeout=UNARY_TIMEOUT,
+        wrapped = pb.ExecutorServiceListAgentsRequest(
+            tenant=tenant_of(context, self.keys), request=request
         )
-        return response.response
+        return _unwrap(await self.executors.ListAgents(wrapped, timeout=UNARY_TIMEOUT))
 
     @unary_errors
     async def UpdateAgent(
         self, request: agents.UpdateAgentRequest, context: Context
     ) -> agents.UpdateAgentResponse:
-        tenant = tenant_of(context, self.keys)
-        response = await self.executors.UpdateAgent(
-            pb.ExecutorServiceUpdateAgentRequest(tenant=tenant, request=request),
-            timeout=UNARY_TIMEOUT,
+        wrapped = pb.ExecutorServiceUpdateAgentRequest(
+            tenant=tenant_of(context, self.keys), request=request
         )
-        return response.response
+        return _unwrap(await self.executors.UpdateAgent(wrapped, timeout=UNARY_TIMEOUT))
 
     @unary_errors
     async def DeleteAgent(
         self, request: agents.DeleteAgentRequest, context: Context
     ) -> agents.DeleteAgentResponse:
-        tenant = tenant_of(context, self.keys)
-        response = await self.executors.DeleteAgent(
-            pb.ExecutorServiceDeleteAgentRequest(tenant=tenant, request=request),
-            timeout=UNARY_TIMEOUT,
+        wrapped = pb.ExecutorServiceDeleteAgentRequest(
+            tenant=tenant_of(context, self.keys), request=request
         )
-        return response.response
+        return _unwrap(await self.executors.DeleteAgent(wrapped, timeout=UNARY_TIMEOUT))
+
+
+class _Wrapped(Protocol[Public]):
+    """An ExecutorService response: the public response, wrapped."""
+
+    @property
+    def response(self) -> Public: ...
+
+
+def _unwrap(wrapped: _Wrapped[Public]) -> Public:
+    return wrapped.response
