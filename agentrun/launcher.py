@@ -54,6 +54,7 @@ class Service:
     port: int
     log_path: Path
     _ready: threading.Event = field(default_factory=threading.Event, repr=False)
+    _said_ready: bool = field(default=False, repr=False)
     _lines: list[str] = field(default_factory=list, repr=False)
     _new_line: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
@@ -110,6 +111,7 @@ def _follow(service: Service, stream: object, marker: str) -> None:
             if not service._ready.is_set() and marker in line:
                 if marker == READY_PREFIX:
                     service.port = int(line.split(READY_PREFIX, 1)[1].split()[0])
+                service._said_ready = True
                 service._ready.set()
     service._ready.set()  # the process ended: stop waiting
     with service._new_line:
@@ -137,7 +139,7 @@ def _start(
     )
     service = Service(name, process, port, log_dir / f"{name}.log")
     threading.Thread(target=_follow, args=(service, process.stdout, marker), daemon=True).start()
-    if not service._ready.wait(START_TIMEOUT) or process.poll() is not None:
+    if not service._ready.wait(START_TIMEOUT) or not service._said_ready:
         service.kill()
         raise RuntimeError(f"{name} did not start; its output:\n{service.log()[-4000:]}")
     return service

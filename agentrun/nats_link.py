@@ -5,6 +5,8 @@ NATS is not needed for classic runs to stream, so a process must start and work 
 reconnect after that. Per-run control subscriptions registered while disconnected are made once
 the connection exists.
 
+Names below are for the default namespace ``agentrun`` (see NatsNames).
+
 - Run event streams: JetStream stream ``AGENTRUN_RUN_EVENTS``, one subject per run,
   ``agentrun.events.<run_id>``. A message carries consecutive events (PublishedRunEvents) and the
   ``Nats-Msg-Id`` ``<run_id>:<first sequence>`` so that a retried publish is deduplicated.
@@ -20,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import nats
 import nats.errors
@@ -35,22 +39,49 @@ from agentrun.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-EVENTS_STREAM = "AGENTRUN_RUN_EVENTS"
-EVENTS_SUBJECTS = "agentrun.events.>"
-DISPATCH_STREAM = "AGENTRUN_DISPATCH"
-DISPATCH_SUBJECT = "agentrun.dispatch"
 TENANT_HEADER = "Agentrun-Tenant"
 VERSION_HEADER = "Agentrun-Version"  # the run's stored version a message's events reflect
 STEP_HEADER = "Agentrun-Step"  # the highest step a run's stream has announced
 DEDUPLICATION_WINDOW = 120.0
 
 
-def events_subject(run_id: str) -> str:
-    return f"agentrun.events.{run_id}"
+NAMESPACE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
-def control_subject(run_id: str) -> str:
-    return f"agentrun.control.{run_id}"
+@dataclass(frozen=True)
+class NatsNames:
+    """Where a deployment keeps its things in NATS. The namespace (``agentrun`` by default)
+    keeps deployments that share a NATS apart: each has its own streams and subjects."""
+
+    namespace: str = "agentrun"
+
+    def __post_init__(self) -> None:
+        if not NAMESPACE_PATTERN.fullmatch(self.namespace):
+            raise ValueError("a NATS namespace is 1-32 characters of a-z, 0-9, _ and -")
+
+    @property
+    def _stream_prefix(self) -> str:
+        return self.namespace.upper().replace("-", "_")
+
+    @property
+    def events_stream(self) -> str:
+        return f"{self._stream_prefix}_RUN_EVENTS"
+
+    def events_subject(self, run_id: str) -> str:
+        return f"{self.namespace}.events.{run_id}"
+
+    def control_subject(self, run_id: str) -> str:
+        return f"{self.namespace}.control.{run_id}"
+
+    @property
+    def dispatch_stream(self) -> str:
+        return f"{self._stream_prefix}_DISPATCH"
+
+    @property
+    def dispatch_subject(self) -> str:
+        return f"{self.namespace}.dispatch"
+
+    dispatch_consumer = "executors"
 
 
 def message_id(run_id: str, first_sequence: int) -> str:
@@ -63,7 +94,15 @@ MessageHandler = Callable[[Msg], Awaitable[None]]
 class NatsLink:
     """A NATS connection that may not exist yet (see module docstring)."""
 
-    def __init__(self, urls: list[str], *, name: str, event_retention: float) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        name: str,
+        event_retention: float,
+        names: NatsNames | None = None,
+    ) -> None:
+        self.names = names or NatsNames()
         self._urls = urls
         self._name = name
         self._event_retention = event_retention
@@ -112,13 +151,13 @@ class NatsLink:
 
     async def subscribe_control(self, run_id: str, handler: MessageHandler) -> None:
         """Answers control requests for ``run_id`` with ``handler`` (now, or once connected)."""
-        subject = control_subject(run_id)
+        subject = self.names.control_subject(run_id)
         self._handlers[subject] = handler
         if self._nc is not None:
             await self._subscribe(subject, handler)
 
     async def unsubscribe_control(self, run_id: str) -> None:
-        subject = control_subject(run_id)
+        subject = self.names.control_subject(run_id)
         self._handlers.pop(subject, None)
         sub = self._subscriptions.pop(subject, None)
         if sub is not None:
@@ -129,7 +168,9 @@ class NatsLink:
         """Whether a process answers the run's control subject, i.e. holds the run: True or
         False; None when it cannot be told (NATS unavailable or no answer in time)."""
         try:
-            await self.nc.request(control_subject(run_id), b'{"op": "ping"}', timeout=wait)
+            await self.nc.request(
+                self.names.control_subject(run_id), b'{"op": "ping"}', timeout=wait
+            )
         except nats.errors.NoRespondersError:
             return False
         except (TimeoutError, nats.errors.Error, Unavailable):
@@ -182,15 +223,15 @@ class NatsLink:
         assert self._js is not None
         for config in (
             StreamConfig(
-                name=EVENTS_STREAM,
-                subjects=[EVENTS_SUBJECTS],
+                name=self.names.events_stream,
+                subjects=[self.names.events_subject(">")],
                 storage=StorageType.FILE,
                 max_age=self._event_retention,
                 duplicate_window=DEDUPLICATION_WINDOW,
             ),
             StreamConfig(
-                name=DISPATCH_STREAM,
-                subjects=[DISPATCH_SUBJECT],
+                name=self.names.dispatch_stream,
+                subjects=[self.names.dispatch_subject],
                 storage=StorageType.FILE,
                 retention=RetentionPolicy.WORK_QUEUE,
                 duplicate_window=DEDUPLICATION_WINDOW,

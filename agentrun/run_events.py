@@ -16,12 +16,10 @@ import nats.js.errors
 
 from agentrun.errors import Unavailable
 from agentrun.nats_link import (
-    EVENTS_STREAM,
     STEP_HEADER,
     TENANT_HEADER,
     VERSION_HEADER,
     NatsLink,
-    events_subject,
     message_id,
 )
 from agentrun.v1 import executor_service_pb2, run_pb2
@@ -65,21 +63,25 @@ class Published:
     last: run_pb2.RunEvent | None = None  # the last event of that message
     version: int = 0  # the run's stored version that the published events reflect
     step: int = 0  # the highest step the published events announced
+    attempt: int = 0  # the highest attempt of that step they announced
 
 
 async def published(link: NatsLink, run_id: str) -> Published:
     """The state of the run's published stream (empty if nothing was published)."""
     try:
-        msg = await link.js.get_last_msg(EVENTS_STREAM, events_subject(run_id))
+        names = link.names
+        msg = await link.js.get_last_msg(names.events_stream, names.events_subject(run_id))
     except nats.js.errors.NotFoundError:
         return Published()
     events = decode(msg.data or b"")
     headers = msg.headers or {}
+    step, _, attempt = headers.get(STEP_HEADER, "0/0").partition("/")
     return Published(
         msg.seq or 0,
         events[-1] if events else None,
         int(headers.get(VERSION_HEADER, "0") or 0),
-        int(headers.get(STEP_HEADER, "0") or 0),
+        int(step or 0),
+        int(attempt or 0),
     )
 
 
@@ -119,7 +121,7 @@ async def append_executor_lost(
             }
             payload = executor_service_pb2.PublishedRunEvents(events=batch).SerializeToString()
             try:
-                await link.js.publish(events_subject(run_id), payload, headers=headers)
+                await link.js.publish(link.names.events_subject(run_id), payload, headers=headers)
             except nats.js.errors.APIError as exc:
                 if exc.err_code == WRONG_LAST_SEQUENCE:
                     continue  # the stream moved on: look again

@@ -5,6 +5,7 @@
 | AGENTRUN_DATABASE_URL | (SQLite under AGENTRUN_DATA_DIR) | postgresql://... or sqlite:///dir |
 | AGENTRUN_DATA_DIR | ./.agentrun | SQLite files, send_email's outbox, nats data of `up` |
 | AGENTRUN_NATS_URL | nats://127.0.0.1:4222 | NATS servers, comma separated |
+| AGENTRUN_NATS_NAMESPACE | agentrun | keeps deployments that share a NATS apart |
 | AGENTRUN_EXECUTOR_TARGET | 127.0.0.1:50052 | the gateway's executors: host:port, a list of |
 |   |   | ip:port (comma separated, round robin) or a gRPC target (dns:///executors:50052) |
 | AGENTRUN_GATEWAY_LISTEN | 127.0.0.1:50051 | where the gateway listens |
@@ -32,6 +33,8 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from agentrun.nats_link import NatsNames
 
 LOCAL_TENANT = "local"
 
@@ -89,6 +92,7 @@ class Settings:
     database_url: str = ""
     data_dir: Path = Path(".agentrun")
     nats_urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    nats_names: NatsNames = field(default_factory=NatsNames)
     executor_target: str = "127.0.0.1:50052"
     gateway_listen: str = "127.0.0.1:50051"
     executor_listen: str = "127.0.0.1:50052"
@@ -119,6 +123,7 @@ class Settings:
                 )
                 if url
             ),
+            nats_names=NatsNames(get("NATS_NAMESPACE", defaults.nats_names.namespace)),
             executor_target=get("EXECUTOR_TARGET", defaults.executor_target),
             gateway_listen=get("GATEWAY_LISTEN", defaults.gateway_listen),
             executor_listen=get("EXECUTOR_LISTEN", defaults.executor_listen),

@@ -42,6 +42,7 @@ class ExecutorContext:
             list(settings.nats_urls),
             name=settings.executor_id,
             event_retention=settings.event_retention,
+            names=settings.nats_names,
         )
         await link.start(wait=nats_wait)
         return ExecutorContext(

@@ -25,11 +25,10 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from agentrun.errors import Unavailable
-from agentrun.nats_link import DISPATCH_STREAM, DISPATCH_SUBJECT, NatsLink
+from agentrun.nats_link import NatsLink
 
 log = logging.getLogger(__name__)
 
-CONSUMER = "executors"
 RECOVERY_HEADER = "Agentrun-Recovery"
 FETCH_WAIT = 10.0
 
@@ -60,7 +59,7 @@ class WorkQueue:
         if recovery:
             headers[RECOVERY_HEADER] = "1"
         payload = json.dumps({"run_id": run_id, "tenant": tenant}).encode()
-        await self._link.js.publish(DISPATCH_SUBJECT, payload, headers=headers)
+        await self._link.js.publish(self._link.names.dispatch_subject, payload, headers=headers)
 
     async def take_forever(
         self, handle: Callable[[Dispatch], Awaitable[None]], slots: asyncio.Semaphore
@@ -98,18 +97,21 @@ class WorkQueue:
                 task.add_done_callback(tasks.discard)
 
     async def _subscribe(self) -> nats.js.JetStreamContext.PullSubscription:
+        names = self._link.names
         config = ConsumerConfig(
-            durable_name=CONSUMER,
+            durable_name=names.dispatch_consumer,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait,
             deliver_policy=DeliverPolicy.ALL,
             max_ack_pending=-1,
-            filter_subject=DISPATCH_SUBJECT,
+            filter_subject=names.dispatch_subject,
         )
         js = self._link.js
         with contextlib.suppress(nats.js.errors.BadRequestError):
-            await js.add_consumer(DISPATCH_STREAM, config)
-        return await js.pull_subscribe_bind(durable=CONSUMER, stream=DISPATCH_STREAM)
+            await js.add_consumer(names.dispatch_stream, config)
+        return await js.pull_subscribe_bind(
+            durable=names.dispatch_consumer, stream=names.dispatch_stream
+        )
 
 
 async def keep_alive(msg: Msg, ack_wait: float) -> None:

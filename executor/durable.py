@@ -19,7 +19,7 @@ import nats.errors
 import nats.js.errors
 
 from agentrun.errors import Conflict, FailedPrecondition, NotFound
-from agentrun.nats_link import TENANT_HEADER, NatsLink, events_subject, message_id
+from agentrun.nats_link import TENANT_HEADER, NatsLink, message_id
 from agentrun.run_events import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
     WRONG_LAST_SEQUENCE,
@@ -287,7 +287,7 @@ async def publish_recorded(link: NatsLink, run: Run, events: list[Any]) -> None:
             **marks_headers(marks),
         }
         try:
-            await link.js.publish(events_subject(run.run_id), payload, headers=headers)
+            await link.js.publish(link.names.events_subject(run.run_id), payload, headers=headers)
             return
         except nats.js.errors.APIError as exc:
             if exc.err_code != WRONG_LAST_SEQUENCE:

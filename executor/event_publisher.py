@@ -23,12 +23,10 @@ import nats.js.errors
 
 from agentrun.errors import Unavailable
 from agentrun.nats_link import (
-    EVENTS_STREAM,
     STEP_HEADER,
     TENANT_HEADER,
     VERSION_HEADER,
     NatsLink,
-    events_subject,
     message_id,
 )
 from agentrun.run_events import EXPECTED_LAST_SUBJECT_SEQUENCE, WRONG_LAST_SEQUENCE
@@ -58,7 +56,7 @@ class RunPublisher:
         self._link = link
         self._run_id = run_id
         self._tenant = tenant
-        self._subject = events_subject(run_id)
+        self._subject = link.names.events_subject(run_id)
         self._queue: list[run_pb2.RunEvent] = []
         self._marks = Marks()
         self._stream_sequence = last_stream_sequence
@@ -157,7 +155,7 @@ class RunPublisher:
             # that was stored after all is refused as if fenced. Tell the two apart.
             if exc.err_code != WRONG_LAST_SEQUENCE:
                 raise
-            last = await js.get_last_msg(EVENTS_STREAM, self._subject)
+            last = await js.get_last_msg(self._link.names.events_stream, self._subject)
             if (last.headers or {}).get("Nats-Msg-Id") != headers["Nats-Msg-Id"]:
                 raise
             self._stream_sequence = last.seq or 0

@@ -26,7 +26,6 @@ from agentrun.errors import (
     Unavailable,
     Unimplemented,
 )
-from agentrun.nats_link import control_subject
 from eventstore.agent_config import AgentConfig, ExecutionMode
 from eventstore.run import TERMINAL_STATUSES, Run
 from eventstore.run_index import RunFilter, RunRecord
@@ -277,7 +276,9 @@ class RunManager:
             raise FailedPrecondition(f"run {run_id} has already ended ({record.status})")
         try:
             reply = await self.ctx.link.nc.request(
-                control_subject(run_id), json.dumps(request).encode(), timeout=CONTROL_TIMEOUT
+                self.ctx.link.names.control_subject(run_id),
+                json.dumps(request).encode(),
+                timeout=CONTROL_TIMEOUT,
             )
         except nats.errors.NoRespondersError:
             if record.execution_mode == "durable":

@@ -24,7 +24,7 @@ import nats.errors
 from nats.js.api import DeliverPolicy
 
 from agentrun.errors import OutOfRange, Unavailable
-from agentrun.nats_link import EVENTS_STREAM, NatsLink, events_subject
+from agentrun.nats_link import NatsLink
 from agentrun.rpc import STATUS_DETAILS_KEY, metadata_pairs
 from agentrun.run_events import (
     append_executor_lost,
@@ -102,8 +102,8 @@ class Relay:
             if last is not None and is_terminal(last) and last.sequence <= after_sequence:
                 return
         sub = await self.link.js.subscribe(
-            events_subject(run_id),
-            stream=EVENTS_STREAM,
+            self.link.names.events_subject(run_id),
+            stream=self.link.names.events_stream,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,
         )

@@ -38,6 +38,7 @@ async def run_gateway(
         list(settings.nats_urls),
         name=f"gateway-{uuid.uuid4().hex[:8]}",
         event_retention=settings.event_retention,
+        names=settings.nats_names,
     )
     await link.start()
     channel, executors = open_executors(settings.executor_target)

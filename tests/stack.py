@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,8 @@ class Stack:
     tmp: Path
     executors: list[Service] = field(default_factory=list)
     gateways: list[Service] = field(default_factory=list)
+    # Stacks of one test session share a nats-server: each keeps to a namespace of its own.
+    namespace: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:12]}")
     _count: int = 0
 
     @property
@@ -26,6 +29,7 @@ class Stack:
             "AGENTRUN_DATABASE_URL": self.database_url,
             "AGENTRUN_DATA_DIR": str(self.data_dir),
             "AGENTRUN_NATS_URL": f"nats://{self.nats.address}",
+            "AGENTRUN_NATS_NAMESPACE": self.namespace,
             "AGENTRUN_EXECUTOR_LISTEN": "127.0.0.1:0",
             "AGENTRUN_GATEWAY_LISTEN": "127.0.0.1:0",
             "AGENTRUN_LIVENESS_INTERVAL": "0.5",

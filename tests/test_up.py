@@ -317,17 +317,6 @@ def ready_port(log: Path) -> int:
     return int(found.group(1))
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: agentrun.launcher._start takes the end of a service's output for readiness and "
-        "only then checks process.poll(), which is still None until the process is reaped: a "
-        "service that never printed 'agentrun-ready' is returned as started with port 0. "
-        "`agentrun up` with its gateway port taken then fails (about 2 runs in 3) with "
-        "'UNAVAILABLE ... ipv4:127.0.0.1:0' from seeding the demo agents instead of "
-        "'gateway did not start' and the gateway's bind error"
-    ),
-    strict=True,
-)
 def test_a_service_whose_output_ends_without_the_ready_line_is_not_started(
     tmp_path: Path,
 ) -> None:
