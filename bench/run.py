@@ -2,10 +2,10 @@
 
     python -m bench.run [--smoke] [--database-url URL]
 
-The report (a markdown table on stdout and bench/results/latest.md, every figure as JSON in
-bench/results/latest.json, with the machine it ran on) compares each figure with the same run
-done in process, without any service. ``--smoke`` runs a few iterations only: it shows that the
-suite works, its numbers mean nothing.
+The report (a markdown table on stdout and in bench/results/latest.md, every figure as JSON in
+bench/results/latest.json, with the machine it ran on) sets each figure beside the same run done
+in process, without any service. ``--smoke`` runs a few iterations only: it shows that the suite
+works; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psycopg
 
-from agentrun.launcher import start_agentrun, start_nats
-from agentrun.v1 import agent_service_pb2, agent_service_pb2_grpc
-from bench.first_token import bench_agent_config, in_process, through_stack
+from agentrun.launcher import Service, start_agentrun, start_nats
+from agentrun.nats_link import NatsNames
+from bench.durable import create_agent, death_to_next_token, ratio, step_costs
+from bench.latency import RunTimes, in_process, through_stack
 from bench.stats import Summary
+from bench.workload import bench_agent
+from eventstore.agent_config import AgentConfig, ModelSettings, ScriptedSettings, ScriptedTurn
 from eventstore.persistence import StoreConfig
-from executor.translation import agent_to_proto
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -66,50 +67,88 @@ def choose_store(url: str, tmp: Path) -> str:
     return f"{DEFAULT_POSTGRES}?schema=bench_{uuid.uuid4().hex[:8]}"
 
 
+class Stack:
+    """nats-server, executors and a gateway for the benchmarks, as separate processes."""
+
+    def __init__(self, url: str, tmp: Path) -> None:
+        self.tmp = tmp
+        self.nats = start_nats(tmp / "nats", tmp / "logs")
+        self.env = {
+            "AGENTRUN_DATABASE_URL": url,
+            "AGENTRUN_DATA_DIR": str(tmp / "data"),
+            "AGENTRUN_NATS_URL": f"nats://{self.nats.address}",
+            "AGENTRUN_EXECUTOR_LISTEN": "127.0.0.1:0",
+            "AGENTRUN_GATEWAY_LISTEN": "127.0.0.1:0",
+            "AGENTRUN_LOG_LEVEL": "WARNING",
+            "AGENTRUN_DISPATCH_ACK_WAIT": "1.5",
+        }
+        self.services: list[Service] = []
+        self._count = 0
+
+    def executor(self) -> tuple[str, Service]:
+        self._count += 1
+        name = f"bench-executor-{self._count}"
+        service = start_agentrun(
+            "executor", {**self.env, "AGENTRUN_EXECUTOR_ID": name}, self.tmp / "logs", name
+        )
+        self.services.append(service)
+        return name, service
+
+    def gateway(self, executors: list[Service]) -> Service:
+        self._count += 1
+        target = ",".join(e.address for e in executors)
+        service = start_agentrun(
+            "gateway",
+            {**self.env, "AGENTRUN_EXECUTOR_TARGET": target},
+            self.tmp / "logs",
+            f"bench-gateway-{self._count}",
+        )
+        self.services.append(service)
+        return service
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        self.nats.stop()
+
+
 async def run_suite(smoke: bool, database_url: str) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="agentrun-bench-"))
     url = choose_store(database_url, tmp)
     sequential = 20 if smoke else 1000
-    concurrent = 32 if smoke else 2000
-    nats = start_nats(tmp / "nats", tmp / "logs")
-    env = {
-        "AGENTRUN_DATABASE_URL": url,
-        "AGENTRUN_DATA_DIR": str(tmp / "data"),
-        "AGENTRUN_NATS_URL": f"nats://{nats.address}",
-        "AGENTRUN_EXECUTOR_LISTEN": "127.0.0.1:0",
-        "AGENTRUN_GATEWAY_LISTEN": "127.0.0.1:0",
-        "AGENTRUN_LOG_LEVEL": "WARNING",
-    }
-    executor = start_agentrun("executor", env, tmp / "logs")
-    gateway = start_agentrun(
-        "gateway", {**env, "AGENTRUN_EXECUTOR_TARGET": executor.address}, tmp / "logs"
-    )
+    concurrent = 32 if smoke else 1600
+    steps = 21 if smoke else 301
+    trials = 1 if smoke else 10
+    stack = Stack(url, tmp)
+    figures: dict[str, Summary] = {}
+    rates: dict[str, float] = {}
     try:
-        target = gateway.address
-        agent_id = f"bench-{uuid.uuid4().hex[:8]}"
-        async with grpc.aio.insecure_channel(target) as channel:
-            agents: Any = agent_service_pb2_grpc.AgentServiceStub(channel)
-            await agents.CreateAgent(
-                agent_service_pb2.CreateAgentRequest(
-                    agent=agent_to_proto(bench_agent_config(agent_id))
-                )
-            )
-        await through_stack(target, agent_id, max(sequential // 10, 5))  # warm up
+        _, main_executor = stack.executor()
+        target = stack.gateway([main_executor]).address
+        for mode in ("classic", "durable"):
+            agent_id = f"bench-{mode}-{uuid.uuid4().hex[:6]}"
+            await create_agent(target, bench_agent(agent_id, mode))
+            await through_stack(target, agent_id, max(sequential // 10, 5))  # warm up
+            alone, _ = await through_stack(target, agent_id, sequential)
+            loaded, wall = await through_stack(target, agent_id, concurrent, concurrency=16)
+            _record(figures, f"{mode}_c1", alone)
+            _record(figures, f"{mode}_c16", loaded)
+            rates[f"{mode}_runs_per_second_c16"] = concurrent / wall
         await in_process(max(sequential // 10, 5))
-        baseline = await in_process(sequential)
-        classic, _ = await through_stack(target, agent_id, sequential)
-        loaded, wall = await through_stack(target, agent_id, concurrent, concurrency=16)
+        _record(figures, "in_process", await in_process(sequential))
+        early, late = await step_costs(target, steps, 1 if smoke else 3)
+        figures["durable_step_early"] = Summary.of(early)
+        figures["durable_step_late"] = Summary.of(late)
+        rates["durable_step_late_over_early"] = ratio(late, early)
+        death = await _executor_death(stack, main_executor, trials)
+        figures["durable_executor_death_to_next_token"] = Summary.of(death)
     finally:
-        gateway.stop()
-        executor.stop()
-        nats.stop()
-    figures = {
-        "in_process_first_token": Summary.of(baseline.first_token),
-        "in_process_whole_run": Summary.of(baseline.whole_run),
-        "classic_first_token_c1": Summary.of(classic.first_token),
-        "classic_whole_run_c1": Summary.of(classic.whole_run),
-        "classic_first_token_c16": Summary.of(loaded.first_token),
-        "classic_whole_run_c16": Summary.of(loaded.whole_run),
+        stack.stop()
+    overhead = {
+        "classic_first_token_p50_over_in_process_ms": figures["classic_c1_first_token"].p50_ms
+        - figures["in_process_first_token"].p50_ms,
+        "durable_first_token_p50_over_classic_ms": figures["durable_c1_first_token"].p50_ms
+        - figures["classic_c1_first_token"].p50_ms,
     }
     return {
         "smoke": smoke,
@@ -120,40 +159,99 @@ async def run_suite(smoke: bool, database_url: str) -> dict[str, Any]:
             "python": platform.python_version(),
         },
         "store": StoreConfig.from_url(url).describe(),
-        "workload": "scripted model, zero delays, one model call streaming 20 tokens",
+        "workload": (
+            "scripted model, zero delays: a model call streaming 20 tokens, a tool call "
+            "(calculator), a model call streaming 20 tokens"
+        ),
         "figures": {name: asdict(summary) for name, summary in figures.items()},
-        "classic_runs_per_second_c16": concurrent / wall,
-        "classic_first_token_overhead_p50_ms": figures["classic_first_token_c1"].p50_ms
-        - figures["in_process_first_token"].p50_ms,
+        "rates": rates,
+        "overhead": overhead,
+        "steps": steps,
     }
 
 
+def _record(figures: dict[str, Summary], name: str, times: RunTimes) -> None:
+    figures[f"{name}_first_token"] = Summary.of(times.first_token)
+    figures[f"{name}_whole_run"] = Summary.of(times.whole_run)
+
+
+async def _executor_death(stack: Stack, main_executor: Service, trials: int) -> list[float]:
+    """The main executor goes; two others share the work; the holder of a streaming durable run
+    is killed, trial after trial, and a fresh executor takes the place of each killed one."""
+    main_executor.stop()
+    standing: dict[str, Service] = dict([stack.executor(), stack.executor()])
+    gateway = stack.gateway(list(standing.values()))
+    agent_id = f"slow-{uuid.uuid4().hex[:6]}"
+    slow = AgentConfig(
+        agent_id=agent_id,
+        version=1,
+        execution_mode="durable",
+        model=ModelSettings(
+            provider="scripted",
+            scripted=ScriptedSettings(
+                token_delay=0.01, turns=(ScriptedTurn(" ".join(["word"] * 400)),)
+            ),
+        ),
+    )
+    await create_agent(gateway.address, slow)
+    return await death_to_next_token(
+        gateway.address,
+        f"nats://{stack.nats.address}",
+        NatsNames(),
+        standing,
+        stack.executor,
+        agent_id,
+        trials,
+    )
+
+
+TARGETS = {
+    "classic_first_token_p50_over_in_process_ms": "<= 2",
+    "durable_first_token_p50_over_classic_ms": "<= 5",
+    "classic_runs_per_second_c16": ">= 200",
+    "durable_runs_per_second_c16": ">= 100",
+    "durable_step_late_over_early": "<= 1.5",
+}
+
+
 def render(report: dict[str, Any]) -> str:
-    f = report["figures"]
+    f, rates, over = report["figures"], report["rates"], report["overhead"]
 
     def row(label: str, name: str) -> str:
         s = f[name]
         return f"| {label} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['count']} |"
 
+    machine = report["machine"]
     lines = [
-        f"Machine: {report['machine']['cpus']} CPUs, {report['machine']['platform']}, "
-        f"Python {report['machine']['python']}; store: {report['store']}; {report['time']}"
-        + (" (SMOKE RUN: numbers meaningless)" if report["smoke"] else ""),
+        f"Machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}; "
+        f"store: {report['store']}; {report['time']}"
+        + (" (SMOKE RUN: the numbers mean nothing)" if report["smoke"] else ""),
         f"Workload: {report['workload']}.",
         "",
-        "| figure | p50 ms | p99 ms | runs |",
+        "| figure | p50 ms | p99 ms | n |",
         "|---|---|---|---|",
         row("in process (no services): first token", "in_process_first_token"),
         row("in process (no services): whole run", "in_process_whole_run"),
-        row("classic via gateway, 1 client: first token", "classic_first_token_c1"),
-        row("classic via gateway, 1 client: whole run", "classic_whole_run_c1"),
-        row("classic via gateway, 16 clients: first token", "classic_first_token_c16"),
-        row("classic via gateway, 16 clients: whole run", "classic_whole_run_c16"),
+        row("classic, 1 client: first token", "classic_c1_first_token"),
+        row("classic, 1 client: whole run", "classic_c1_whole_run"),
+        row("classic, 16 clients: first token", "classic_c16_first_token"),
+        row("classic, 16 clients: whole run", "classic_c16_whole_run"),
+        row("durable, 1 client: first token", "durable_c1_first_token"),
+        row("durable, 1 client: whole run", "durable_c1_whole_run"),
+        row("durable, 16 clients: first token", "durable_c16_first_token"),
+        row("durable, 16 clients: whole run", "durable_c16_whole_run"),
+        row("durable step, steps 3-12", "durable_step_early"),
+        row(f"durable step, last 10 of {report['steps']}", "durable_step_late"),
+        row("durable: executor SIGKILL to next token", "durable_executor_death_to_next_token"),
         "",
-        f"Classic first-token overhead over in process (p50): "
-        f"{report['classic_first_token_overhead_p50_ms']:.2f} ms. "
-        f"Classic runs per second with 16 clients: {report['classic_runs_per_second_c16']:.0f}.",
+        "| derived figure | measured | target |",
+        "|---|---|---|",
     ]
+    derived = {**over, **rates}
+    for name, target in TARGETS.items():
+        lines.append(f"| {name} | {derived[name]:.2f} | {target} |")
+    death = f["durable_executor_death_to_next_token"]["p50_ms"] / 1000
+    lines.append(f"| durable executor death to next token p50 (s) | {death:.2f} | < 2 |")
     return "\n".join(lines) + "\n"
 
 

@@ -19,8 +19,9 @@ Handle = Callable[[str, dict[str, Any]], None]
 """Carries out one operation (``op``, the request); raises a domain error to refuse it."""
 
 
-def answering(handle: Handle) -> MessageHandler:
-    """A NATS message handler that answers control requests with ``handle`` (pings itself)."""
+def answering(handle: Handle, executor_id: str) -> MessageHandler:
+    """A NATS message handler that answers control requests with ``handle``; it answers pings
+    itself, naming the executor (so that operators can find which executor holds a run)."""
 
     async def answer(msg: Msg) -> None:
         try:
@@ -28,7 +29,7 @@ def answering(handle: Handle) -> MessageHandler:
             op = str(request.get("op"))
             if op != "ping":
                 handle(op, request)
-            reply: dict[str, object] = {"ok": True}
+            reply: dict[str, object] = {"ok": True, "executor": executor_id}
         except AgentrunError as exc:
             reply = {"error": {"reason": exc.reason, "message": exc.message}}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -1,9 +1,10 @@
-"""First token and whole-run latency of classic runs: through the stack, and in process.
+"""First token and whole-run latency: through the stack, and in process.
 
-Through the stack: a gRPC client -> gateway -> executor -> scripted model with zero delays ->
-executor -> gateway -> client, each process separate, on loopback. In process: the same agent
-loop and event stream called directly, without any service: the physical minimum the stack's
-overhead is measured against.
+Through the stack: a gRPC client -> gateway -> executor -> scripted model -> executor ->
+gateway -> client (classic), or -> store -> work queue -> executor -> JetStream -> gateway ->
+client (durable), each process separate, on loopback. In process: the same agent loop and event
+stream called directly, without any service: the physical minimum the stack's overhead is
+measured against.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import grpc
 
 from agentrun.v1 import run_service_pb2, run_service_pb2_grpc
-from eventstore.agent_config import AgentConfig, ModelSettings, ScriptedSettings, ScriptedTurn
+from bench.workload import bench_agent
 from eventstore.run import Run
 from eventstore.run_steps import AwaitApprovals
 from executor.agent_loop import AgentLoop
@@ -26,7 +27,6 @@ from executor.models import ModelProviders
 from executor.run_stream import RunStream
 
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
-TWENTY_TOKENS = " ".join(f"token{i}" for i in range(20))
 
 
 @dataclass
@@ -96,21 +96,10 @@ class _InMemoryHost:
         return None
 
 
-def bench_agent_config(agent_id: str = "bench") -> AgentConfig:
-    return AgentConfig(
-        agent_id=agent_id,
-        version=1,
-        model=ModelSettings(
-            provider="scripted",
-            scripted=ScriptedSettings(turns=(ScriptedTurn(TWENTY_TOKENS),)),
-        ),
-    )
-
-
 async def in_process(runs: int) -> RunTimes:
     times = RunTimes([], [])
     models = ModelProviders()
-    agent = bench_agent_config().to_json()
+    agent = bench_agent("bench").to_json()
     for _ in range(runs):
         started = time.perf_counter()
         run = Run(

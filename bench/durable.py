@@ -1,0 +1,110 @@
+"""Durable-only figures: the cost of a step late in a long run, and the time from an executor's
+death to the next token of its run on another executor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import nats
+
+from agentrun.launcher import Service
+from agentrun.nats_link import NatsNames
+from agentrun.v1 import (
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    run_service_pb2,
+    run_service_pb2_grpc,
+)
+from bench.latency import EOF
+from bench.workload import long_agent
+from eventstore.agent_config import AgentConfig
+from executor.translation import agent_to_proto
+
+
+async def create_agent(target: str, config: AgentConfig) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub: Any = agent_service_pb2_grpc.AgentServiceStub(channel)
+        await stub.CreateAgent(agent_service_pb2.CreateAgentRequest(agent=agent_to_proto(config)))
+
+
+async def step_costs(target: str, steps: int, runs: int) -> tuple[list[float], list[float]]:
+    """Step times (seconds) near the start (steps 3-12) and near the end (the last ten) of
+    ``runs`` durable runs of ``steps`` steps, from StepCompleted to StepCompleted as the client
+    sees them (zero-delay model, calculator tool: what remains is agentrun's work per step)."""
+    agent_id = f"long-{uuid.uuid4().hex[:8]}"
+    await create_agent(target, long_agent(agent_id, (steps + 1) // 2))
+    early: list[float] = []
+    late: list[float] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub: Any = run_service_pb2_grpc.RunServiceStub(channel)
+        for _ in range(runs):
+            completed: dict[int, float] = {}
+            call = stub.StreamRun(run_service_pb2.StreamRunRequest(agent_id=agent_id, input="go"))
+            while (response := await call.read()) is not EOF:
+                now = time.perf_counter()
+                for event in response.events:
+                    if event.HasField("step_completed"):
+                        completed[event.step_completed.step_index] = now
+            last = max(completed)
+            early += [completed[s] - completed[s - 1] for s in range(3, 13)]
+            late += [completed[s] - completed[s - 1] for s in range(last - 9, last + 1)]
+    return early, late
+
+
+async def death_to_next_token(
+    target: str,
+    nats_url: str,
+    names: NatsNames,
+    executors: dict[str, Service],
+    start_executor: Callable[[], tuple[str, Service]],
+    agent_id: str,
+    trials: int,
+) -> list[float]:
+    """Seconds from the SIGKILL of the executor holding a durable run to the next token of that
+    run (of the new attempt) reaching the client, with another executor standing by."""
+    results: list[float] = []
+    nc = await nats.connect(nats_url)
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub: Any = run_service_pb2_grpc.RunServiceStub(channel)
+            for _ in range(trials):
+                call = stub.StreamRun(
+                    run_service_pb2.StreamRunRequest(agent_id=agent_id, input="go")
+                )
+                run_id = ""
+                while not run_id:
+                    response = await call.read()
+                    for event in response.events:
+                        if event.HasField("text_delta"):
+                            run_id = event.run_id
+                answer = await nc.request(names.control_subject(run_id), b'{"op": "ping"}', 2)
+                holder = json.loads(answer.data)["executor"]
+                await asyncio.to_thread(executors.pop(holder).kill)
+                killed = time.perf_counter()
+                resumed = None
+                while (response := await call.read()) is not EOF:
+                    for event in response.events:
+                        if (
+                            resumed is None
+                            and event.HasField("text_delta")
+                            and event.text_delta.attempt > 1
+                        ):
+                            resumed = time.perf_counter() - killed
+                if resumed is not None:
+                    results.append(resumed)
+                name, service = await asyncio.to_thread(start_executor)
+                executors[name] = service
+    finally:
+        await nc.close()
+    return results
+
+
+def ratio(late: list[float], early: list[float]) -> float:
+    return statistics.median(late) / statistics.median(early)
