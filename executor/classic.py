@@ -59,7 +59,9 @@ class ClassicRun:
         return self.run.run_id
 
     async def start_control(self) -> None:
-        await self.ctx.link.subscribe_control(self.run_id, answering(self._control, self.ctx.executor_id))
+        await self.ctx.link.subscribe_control(
+            self.run_id, answering(self._control, self.ctx.executor_id)
+        )
 
     # -- steering ------------------------------------------------------------------------------
 

@@ -94,7 +94,9 @@ class HeldRun:
         events the stream does not show yet."""
         self.task = asyncio.current_task()
         heartbeat = asyncio.create_task(keep_alive(self._dispatch.msg, self._queue.ack_wait))
-        await self.ctx.link.subscribe_control(self.run_id, answering(self._control, self.ctx.executor_id))
+        await self.ctx.link.subscribe_control(
+            self.run_id, answering(self._control, self.ctx.executor_id)
+        )
         try:
             if self._state.last is None:
                 self.stream.run_started(run_to_proto(self.run, self.ctx.executor_id))
