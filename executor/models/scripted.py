@@ -52,6 +52,10 @@ class ScriptedProvider:
             if delay > 0:
                 await asyncio.sleep(delay)
             on_text(token)
+            if i == 0 and delay <= 0:
+                # Even without delays, tokens arrive like a real model's: the first one can go
+                # out while the rest are produced.
+                await asyncio.sleep(0)
         if not tokens and settings.first_token_delay > 0:
             await asyncio.sleep(settings.first_token_delay)
         input_tokens = sum(len(tokens_of(m["content"])) for m in request.messages)
