@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from typing import TYPE_CHECKING
 
 import grpc
 
 from agentrun.rpc import CHANNEL_OPTIONS
-from agentrun.v1 import executor_service_pb2_grpc
+from agentrun.v1 import executor_service_pb2, executor_service_pb2_grpc
 
 if TYPE_CHECKING:
     from agentrun.v1.executor_service_pb2_grpc import ExecutorServiceAsyncStub
@@ -26,3 +28,53 @@ def open_executors(target: str) -> tuple[grpc.aio.Channel, ExecutorServiceAsyncS
         options=[*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")],
     )
     return channel, executor_service_pb2_grpc.ExecutorServiceStub(channel)
+
+
+ExecuteRunCall = grpc.aio.StreamStreamCall[
+    executor_service_pb2.ExecuteRunRequest, executor_service_pb2.ExecuteRunResponse
+]
+
+
+class WarmCalls:
+    """ExecuteRun calls opened ahead of need: starting a run is then one message on a stream
+    that is already open (opening a call costs about as much as a round trip). The pool refills
+    off the first-token path; a call whose executor went away is passed over."""
+
+    def __init__(self, executors: ExecutorServiceAsyncStub, size: int = 4) -> None:
+        self._executors = executors
+        self._size = size
+        self._ready: deque[ExecuteRunCall] = deque()
+        self._refilling: asyncio.Task[None] | None = None
+
+    def take(self) -> ExecuteRunCall:
+        """A ready call (or a new one). Call ``refill`` once the first-token path is past."""
+        while self._ready:
+            call = self._ready.popleft()
+            if not call.done():
+                return call
+        return self.open()
+
+    def open(self) -> ExecuteRunCall:
+        # No request iterator: the requests are written to the call as they come.
+        call: ExecuteRunCall = self._executors.ExecuteRun()  # type: ignore[call-arg]
+        return call
+
+    def refill(self) -> None:
+        """Opens calls up to the pool's size, in the background."""
+        if self._refilling is None or self._refilling.done():
+            self._refilling = asyncio.create_task(self._refill())
+
+    async def _refill(self) -> None:
+        while len(self._ready) < self._size:
+            call = self.open()
+            try:
+                await call.wait_for_connection()
+            except grpc.aio.AioRpcError:
+                return  # no executor to be had right now: calls are opened on demand meanwhile
+            self._ready.append(call)
+
+    async def close(self) -> None:
+        if self._refilling is not None:
+            self._refilling.cancel()
+        while self._ready:
+            self._ready.popleft().cancel()

@@ -35,6 +35,7 @@ from agentrun.run_events import (
 )
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from agentrun.v1 import executor_service_pb2 as pb
+from gateway.executors import WarmCalls
 
 if TYPE_CHECKING:
     from agentrun.v1.executor_service_pb2_grpc import ExecutorServiceAsyncStub
@@ -61,6 +62,7 @@ class Relay:
     ) -> None:
         self.link = link
         self.executors = executors
+        self.calls = WarmCalls(executors)
         self.liveness_interval = liveness_interval
         self.event_retention = event_retention
         self._background: set[asyncio.Task[None]] = set()
@@ -203,10 +205,7 @@ class ExecutedRun:
         self.tenant = tenant
         self.run_id = run_id
         self._request = request
-        self._call: grpc.aio.StreamStreamCall[pb.ExecuteRunRequest, pb.ExecuteRunResponse] = (
-            # No request iterator: the requests are written to the call as they come.
-            relay.executors.ExecuteRun()  # type: ignore[call-arg]
-        )
+        self._call = relay.calls.take()
         self._detached = False  # the events come from JetStream, not from the call
         self._elsewhere = AttachedRun(relay, tenant, run_id)
 
@@ -228,7 +227,7 @@ class ExecutedRun:
         start = pb.ExecuteRunStart(tenant=self.tenant, run_id=self.run_id, request=self._request)
         relayed: deque[run_pb2.RunEvent] = deque(maxlen=RELAYED_TAIL)
         try:
-            await self._call.write(pb.ExecuteRunRequest(start=start))
+            await self._start(start)
             while (read := await self._call.read()) is not EOF:
                 response = cast(pb.ExecuteRunResponse, read)
                 if response.HasField("relayed_run"):
@@ -242,6 +241,7 @@ class ExecutedRun:
                     return
                 relayed.extend(response.events)
                 yield list(response.events)
+                self._relay.calls.refill()
         except grpc.aio.AioRpcError as exc:
             if not relayed or not _executor_went_away(exc):
                 raise
@@ -252,6 +252,18 @@ class ExecutedRun:
                 yield batch
         finally:
             self._call.cancel()
+
+    async def _start(self, start: pb.ExecuteRunStart) -> None:
+        """Sends the start; a call that broke before it (its executor went away while the call
+        waited, ready, in the pool) is replaced once by a fresh one. Starting twice is safe: the
+        run id is the same, and a start is idempotent by run id."""
+        try:
+            await self._call.write(pb.ExecuteRunRequest(start=start))
+            return
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            self._call.cancel()
+        self._call = self._relay.calls.open()
+        await self._call.write(pb.ExecuteRunRequest(start=start))
 
     async def _confirm_stored(self) -> None:
         """The call that stores a new durable run failed: raises its error, unless the executor

@@ -69,5 +69,6 @@ async def run_gateway(
             settings.gateway_listen, register, ready=on_ready, stop=stop, grace=SHUTDOWN_GRACE
         )
     finally:
+        await relay.calls.close()
         await channel.close(grace=None)
         await link.close()
