@@ -67,6 +67,10 @@ class NatsNames:
     def events_stream(self) -> str:
         return f"{self._stream_prefix}_RUN_EVENTS"
 
+    @property
+    def agent_changes_subject(self) -> str:
+        return f"{self.namespace}.agents.changed"
+
     def events_subject(self, run_id: str) -> str:
         return f"{self.namespace}.events.{run_id}"
 
@@ -113,6 +117,7 @@ class NatsLink:
         self._handlers: dict[str, MessageHandler] = {}
         self._subscriptions: dict[str, Subscription] = {}
         self._restore: asyncio.Task[None] | None = None
+        self._reconnected_callbacks: list[Callable[[], None]] = []
 
     async def start(self, wait: float = 2.0) -> None:
         """Starts connecting; waits up to ``wait`` seconds for the first connection."""
@@ -151,13 +156,22 @@ class NatsLink:
 
     async def subscribe_control(self, run_id: str, handler: MessageHandler) -> None:
         """Answers control requests for ``run_id`` with ``handler`` (now, or once connected)."""
-        subject = self.names.control_subject(run_id)
+        await self.subscribe(self.names.control_subject(run_id), handler)
+
+    async def unsubscribe_control(self, run_id: str) -> None:
+        await self.unsubscribe(self.names.control_subject(run_id))
+
+    async def subscribe(self, subject: str, handler: MessageHandler) -> None:
+        """Handles the subject's messages with ``handler`` (now, or once connected)."""
         self._handlers[subject] = handler
         if self._nc is not None:
             await self._subscribe(subject, handler)
 
-    async def unsubscribe_control(self, run_id: str) -> None:
-        subject = self.names.control_subject(run_id)
+    def on_reconnected(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback`` after each reconnection (messages may have been missed)."""
+        self._reconnected_callbacks.append(callback)
+
+    async def unsubscribe(self, subject: str) -> None:
         self._handlers.pop(subject, None)
         sub = self._subscriptions.pop(subject, None)
         if sub is not None:
@@ -250,6 +264,8 @@ class NatsLink:
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS")
+        for callback in self._reconnected_callbacks:
+            callback()
         # A NATS that lost its state gets its streams back (outside the client's callback).
         self._restore = asyncio.create_task(self._ensure_streams_quietly())
 

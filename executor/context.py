@@ -12,6 +12,7 @@ from eventstore.conversations import ConversationLog
 from eventstore.persistence import StoreConfig
 from eventstore.run_index import RunIndex
 from eventstore.run_store import RunStore
+from executor.agent_cache import AgentCache
 from executor.models import ModelProviders
 
 
@@ -25,6 +26,7 @@ class ExecutorContext:
     run_store: RunStore
     link: NatsLink
     models: ModelProviders
+    agent_cache: AgentCache
 
     @property
     def executor_id(self) -> str:
@@ -44,6 +46,8 @@ class ExecutorContext:
             event_retention=settings.event_retention,
             names=settings.nats_names,
         )
+        agent_cache = AgentCache(link)
+        await agent_cache.start()
         await link.start(wait=nats_wait)
         return ExecutorContext(
             settings=settings,
@@ -54,6 +58,7 @@ class ExecutorContext:
             run_store=run_store,
             link=link,
             models=ModelProviders(),
+            agent_cache=agent_cache,
         )
 
     async def close(self) -> None:

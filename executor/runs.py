@@ -101,9 +101,12 @@ class RunManager:
         self._validate(spec)
         conversation_id = spec.conversation_id or str(uuid.uuid4())
 
+        cache = self.ctx.agent_cache
+        cached, token = cache.get(spec.tenant, spec.agent_id), cache.token()
+
         def read_agent_and_claim() -> tuple[AgentConfig | None, RunRecord | None]:
             try:
-                agent = self.ctx.agents.get(spec.tenant, spec.agent_id)
+                agent = cached or self.ctx.agents.get(spec.tenant, spec.agent_id)
             except NotFound:
                 with contextlib.suppress(NotFound):  # a repeat outlives its agent
                     return None, self.ctx.index.get(spec.tenant, spec.run_id)
@@ -131,6 +134,8 @@ class RunManager:
         if isinstance(claimed, BaseException):
             raise claimed
         agent, existing = cast(tuple[AgentConfig | None, RunRecord | None], claimed)
+        if agent is not None and cached is None:
+            cache.put(spec.tenant, agent, token)
         if existing is not None:
             if agent is None or not await self._durable_start_interrupted(existing):
                 return existing

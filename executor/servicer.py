@@ -240,6 +240,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     ) -> pb.ExecutorServiceCreateAgentResponse:
         config = agent_from_proto(request.request.agent)
         created = await asyncio.to_thread(self.ctx.agents.create, request.tenant, config)
+        await self.ctx.agent_cache.announce_change(request.tenant, created.agent_id)
         return pb.ExecutorServiceCreateAgentResponse(
             response=agent_service_pb2.CreateAgentResponse(agent=agent_to_proto(created))
         )
@@ -282,6 +283,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             list(req.update_mask.paths),
             req.expected_version,
         )
+        await self.ctx.agent_cache.announce_change(request.tenant, updated.agent_id)
         return pb.ExecutorServiceUpdateAgentResponse(
             response=agent_service_pb2.UpdateAgentResponse(agent=agent_to_proto(updated))
         )
@@ -291,6 +293,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         self, request: pb.ExecutorServiceDeleteAgentRequest, context: Context
     ) -> pb.ExecutorServiceDeleteAgentResponse:
         await asyncio.to_thread(self.ctx.agents.delete, request.tenant, request.request.agent_id)
+        await self.ctx.agent_cache.announce_change(request.tenant, request.request.agent_id)
         return pb.ExecutorServiceDeleteAgentResponse(
             response=agent_service_pb2.DeleteAgentResponse()
         )
