@@ -68,10 +68,21 @@ class ConversationLog(Application[UUID]):
 
     @translate_store_errors
     def record_turn(
-        self, tenant: str, conversation_id: str, run_id: str, messages: list[ChatMessage]
+        self,
+        tenant: str,
+        conversation_id: str,
+        run_id: str,
+        messages: list[ChatMessage],
+        *,
+        probably_new: bool = False,
     ) -> None:
+        """Appends a run's turn. ``probably_new``: the run saw no earlier turns, so the
+        conversation is first created without reading it (if it exists after all, the save
+        conflicts and it is read as usual)."""
         for attempt in range(_SAVE_ATTEMPTS):
             try:
+                if probably_new and attempt == 0:
+                    raise AggregateNotFoundError(conversation_id)
                 conversation: Conversation = self.repository.get(
                     Conversation.create_id(tenant, conversation_id)
                 )

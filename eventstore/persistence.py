@@ -129,7 +129,6 @@ class StoreConfig:
             "POSTGRES_POOL_SIZE": "4",
             "POSTGRES_MAX_OVERFLOW": "8",
             "POSTGRES_CONNECT_TIMEOUT": "5",
-            "POSTGRES_PRE_PING": "y",
         }
         if pg.schema:
             env["POSTGRES_SCHEMA"] = pg.schema

@@ -74,6 +74,7 @@ class AgentLoop:
         data_dir: Any,
     ) -> None:
         self.run = run
+        self.config = run.agent_config  # the agent as of the run's start; parsed once
         self.stream = stream
         self.host = host
         self.models = models
@@ -139,7 +140,7 @@ class AgentLoop:
     async def _call_model(self, step: CallModel) -> None:
         run, stream = self.run, self.stream
         attempt = self._announce(step.step_index, MODEL_CALL)
-        config = run.agent_config
+        config = self.config
         try:
             provider = self.models.get(config.model.provider)
         except Exception as exc:
@@ -164,11 +165,16 @@ class AgentLoop:
             return
         tool_calls = _unique_ids(reply.tool_calls, run, step.call_index)
         run.record_model_call(step.step_index, reply.text, tool_calls, reply.usage)
+        if not tool_calls:
+            # The final answer: the run completes in the same save (one commit less per run).
+            run.complete(reply.text)
+            await self.end()
+            return
         await self._commit()
 
     async def _request_approvals(self, step: RequestApprovals) -> None:
         self._announce(step.step_index, TOOL_CALLS)
-        expire_at = time.time() + self.run.agent_config.approval_timeout
+        expire_at = time.time() + self.config.approval_timeout
         for call in step.calls:
             self.run.require_approval(step.step_index, call["id"], expire_at)
         await self._commit()
@@ -189,7 +195,7 @@ class AgentLoop:
 
     async def _invoke(self, call: ToolCall) -> tuple[str, bool]:
         """Runs a tool call; every failure becomes an error result for the model."""
-        settings = self.run.agent_config.tool(call["name"])
+        settings = self.config.tool(call["name"])
         tool = get_tool(call["name"])
         if settings is None or tool is None:
             return _error(f"unknown tool {call['name']!r}"), True
@@ -217,7 +223,7 @@ class AgentLoop:
 
     def _tool_specs(self) -> list[ToolSpec]:
         specs = []
-        for settings in self.run.agent_config.tools:
+        for settings in self.config.tools:
             tool = get_tool(settings.name)
             if tool is not None:
                 specs.append(

@@ -190,6 +190,7 @@ class ClassicRun:
                 run.conversation_id,
                 run.run_id,
                 run.messages,
+                probably_new=not run.history,
             )
         except AgentrunError as exc:
             log.error("run %s: could not record its turn: %s", self.run_id, exc.message)

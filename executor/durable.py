@@ -187,6 +187,7 @@ class HeldRun:
                 run.conversation_id,
                 run.run_id,
                 run.messages,
+                probably_new=not run.history,
             )
 
 
