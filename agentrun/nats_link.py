@@ -45,7 +45,7 @@ STEP_HEADER = "Agentrun-Step"  # the highest step a run's stream has announced
 DEDUPLICATION_WINDOW = 120.0
 
 
-NAMESPACE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+NAMESPACE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,11 @@ class NatsNames:
 
     def __post_init__(self) -> None:
         if not NAMESPACE_PATTERN.fullmatch(self.namespace):
-            raise ValueError("a NATS namespace is 1-32 characters of a-z, 0-9, _ and -")
+            raise ValueError("a NATS namespace is 1-32 characters of a-z, 0-9 and _")
 
     @property
     def _stream_prefix(self) -> str:
-        return self.namespace.upper().replace("-", "_")
+        return self.namespace.upper()
 
     @property
     def events_stream(self) -> str:
@@ -138,6 +138,13 @@ class NatsLink:
     @property
     def is_connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message the connected server takes (NATS's default when unknown)."""
+        if self._nc is not None and self._nc.is_connected:
+            return int(self._nc.max_payload)
+        return 1024 * 1024
 
     @property
     def nc(self) -> Client:
@@ -241,7 +248,8 @@ class NatsLink:
                 subjects=[self.names.events_subject(">")],
                 storage=StorageType.FILE,
                 max_age=self._event_retention,
-                duplicate_window=DEDUPLICATION_WINDOW,
+                # JetStream refuses a deduplication window longer than the retention.
+                duplicate_window=min(DEDUPLICATION_WINDOW, self._event_retention),
             ),
             StreamConfig(
                 name=self.names.dispatch_stream,

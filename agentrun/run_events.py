@@ -115,7 +115,7 @@ async def append_executor_lost(
             failure = executor_lost_event(run_id, next_sequence)
             batch = [*missing, failure]
             headers = {
-                "Nats-Msg-Id": message_id(run_id, batch[0].sequence),
+                "Nats-Msg-Id": f"{message_id(run_id, batch[0].sequence)}:lost",
                 TENANT_HEADER: tenant,
                 EXPECTED_LAST_SUBJECT_SEQUENCE: str(stream_seq),
             }

@@ -63,7 +63,7 @@ async def death_to_next_token(
     nats_url: str,
     names: NatsNames,
     executors: dict[str, Service],
-    start_executor: Callable[[], tuple[str, Service]],
+    start_executor: Callable[[int], tuple[str, Service]],
     agent_id: str,
     trials: int,
 ) -> list[float]:
@@ -85,8 +85,8 @@ async def death_to_next_token(
                         if event.HasField("text_delta"):
                             run_id = event.run_id
                 answer = await nc.request(names.control_subject(run_id), b'{"op": "ping"}', 2)
-                holder = json.loads(answer.data)["executor"]
-                await asyncio.to_thread(executors.pop(holder).kill)
+                victim = executors.pop(json.loads(answer.data)["executor"])
+                await asyncio.to_thread(victim.kill)
                 killed = time.perf_counter()
                 resumed = None
                 while (response := await call.read()) is not EOF:
@@ -99,7 +99,8 @@ async def death_to_next_token(
                             resumed = time.perf_counter() - killed
                 if resumed is not None:
                     results.append(resumed)
-                name, service = await asyncio.to_thread(start_executor)
+                # Its replacement listens where it did, so the gateway's targets stay valid.
+                name, service = await asyncio.to_thread(start_executor, victim.port)
                 executors[name] = service
     finally:
         await nc.close()

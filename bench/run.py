@@ -85,12 +85,15 @@ class Stack:
         self.services: list[Service] = []
         self._count = 0
 
-    def executor(self) -> tuple[str, Service]:
+    def executor(self, port: int = 0) -> tuple[str, Service]:
         self._count += 1
         name = f"bench-executor-{self._count}"
-        service = start_agentrun(
-            "executor", {**self.env, "AGENTRUN_EXECUTOR_ID": name}, self.tmp / "logs", name
-        )
+        env = {
+            **self.env,
+            "AGENTRUN_EXECUTOR_ID": name,
+            "AGENTRUN_EXECUTOR_LISTEN": f"127.0.0.1:{port}",
+        }
+        service = start_agentrun("executor", env, self.tmp / "logs", name)
         self.services.append(service)
         return name, service
 

@@ -284,7 +284,7 @@ async def publish_recorded(link: NatsLink, run: Run, events: list[Any]) -> None:
         payload = executor_service_pb2.PublishedRunEvents(events=batch).SerializeToString()
         marks = stream.marks.merge(Marks(step=state.step, attempt=state.attempt))
         headers = {
-            "Nats-Msg-Id": message_id(run.run_id, batch[0].sequence),
+            "Nats-Msg-Id": f"{message_id(run.run_id, batch[0].sequence)}:recorded",
             TENANT_HEADER: run.tenant,
             EXPECTED_LAST_SUBJECT_SEQUENCE: str(state.stream_sequence),
             **marks_headers(marks),

@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -52,19 +54,28 @@ class RunPublisher:
         on_fenced: Callable[[], None] | None = None,
         max_queued: int = 100_000,
         give_up_after: float = 300.0,
+        identity: str | None = None,
     ) -> None:
         self._link = link
         self._run_id = run_id
         self._tenant = tenant
         self._subject = link.names.events_subject(run_id)
-        self._queue: list[run_pb2.RunEvent] = []
-        self._marks = Marks()
+        # Message ids carry this publisher's identity: a retry of its own publish is recognised
+        # as such, and never confused with what another process appended at the same sequence.
+        self._identity = identity or uuid.uuid4().hex[:12]
+        # Each event with the stream's marks after it (set on the last event of each enqueued
+        # batch): a message's marks are those of its last marked event, never more.
+        self._queue: list[tuple[run_pb2.RunEvent, Marks | None]] = []
+        self._published_marks = Marks()
+        self._enqueued_marks = Marks()
+        self._retry: tuple[list[run_pb2.RunEvent], Marks] | None = None
         self._stream_sequence = last_stream_sequence
         self._on_fenced = on_fenced
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
+        self._gave_up = False
         self.fenced = False
         self._max_queued = max_queued
         self._give_up_after = give_up_after
@@ -73,8 +84,9 @@ class RunPublisher:
     def enqueue(self, events: list[run_pb2.RunEvent], marks: Marks) -> None:
         if not events or self.fenced:
             return
-        self._queue.extend(events)
-        self._marks = self._marks.merge(marks)
+        self._enqueued_marks = self._enqueued_marks.merge(marks)  # marks never go back
+        self._queue.extend((event, None) for event in events[:-1])
+        self._queue.append((events[-1], self._enqueued_marks))
         if len(self._queue) > self._max_queued:
             dropped = len(self._queue) - self._max_queued
             del self._queue[:dropped]
@@ -100,27 +112,29 @@ class RunPublisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             return False
-        return not self._queue and not self.fenced
+        return not self._queue and self._retry is None and not self.fenced and not self._gave_up
 
     async def _publish_loop(self) -> None:
         started_waiting: float | None = None
         while True:
-            if not self._queue:
+            if self._retry is None and not self._queue:
                 self._idle.set()
                 if self._closing:
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = _take_batch(self._queue)
+            # A failed publish is retried as it was (its id may be stored already).
+            batch, marks = self._retry or self._take_batch()
             try:
-                await self._publish(batch)
+                await self._publish(batch, marks)
             except nats.js.errors.APIError as exc:
                 if exc.err_code != WRONG_LAST_SEQUENCE:
                     raise
                 log.warning("run %s: its stream moved on elsewhere; stopping", self._run_id)
                 self.fenced = True
                 self._queue.clear()
+                self._retry = None
                 self._idle.set()
                 if self._on_fenced is not None:
                     self._on_fenced()
@@ -130,19 +144,37 @@ class RunPublisher:
                 started_waiting = started_waiting or now
                 if self._closing and now - started_waiting > self._give_up_after:
                     log.error("run %s: giving up publishing to NATS: %s", self._run_id, exc)
-                    self._queue.clear()
+                    self._gave_up = True
                     return
-                self._queue[:0] = batch
+                self._retry = (batch, marks)
                 await asyncio.sleep(0.2)
                 continue
+            self._retry = None
+            self._published_marks = marks
             started_waiting = None
 
-    async def _publish(self, batch: list[run_pb2.RunEvent]) -> None:
-        payload = executor_service_pb2.PublishedRunEvents(events=batch).SerializeToString()
+    def _take_batch(self) -> tuple[list[run_pb2.RunEvent], Marks]:
+        """The next message's events (up to MAX_MESSAGE_BYTES) and the marks they reach."""
+        size = 0
+        count = 0
+        marks = self._published_marks
+        for event, event_marks in self._queue:
+            size += event.ByteSize()
+            if count and size > MAX_MESSAGE_BYTES:
+                break
+            count += 1
+            if event_marks is not None:
+                marks = event_marks
+        batch = [event for event, _ in self._queue[:count]]
+        del self._queue[:count]
+        return batch, marks
+
+    async def _publish(self, batch: list[run_pb2.RunEvent], marks: Marks) -> None:
+        payload = _payload(batch, self._link.max_payload)
         headers = {
-            "Nats-Msg-Id": message_id(self._run_id, batch[0].sequence),
+            "Nats-Msg-Id": f"{message_id(self._run_id, batch[0].sequence)}:{self._identity}",
             TENANT_HEADER: self._tenant,
-            **marks_headers(self._marks),
+            **marks_headers(marks),
             EXPECTED_LAST_SUBJECT_SEQUENCE: str(self._stream_sequence),
         }
         js = self._link.js
@@ -163,18 +195,27 @@ class RunPublisher:
         self._stream_sequence = ack.seq
 
 
+def _payload(batch: list[run_pb2.RunEvent], max_payload: int) -> bytes:
+    """The message's payload. An event too large for one NATS message on its own (a huge tool
+    result, say) goes out with its long texts cut, saying so, rather than block the stream."""
+    payload: bytes = executor_service_pb2.PublishedRunEvents(events=batch).SerializeToString()
+    if len(payload) <= max_payload - 4096 or len(batch) > 1:
+        return payload
+    event = run_pb2.RunEvent()
+    event.CopyFrom(batch[0])
+    _cut_texts(event, max(1024, (max_payload - 4096) // 4))
+    cut: bytes = executor_service_pb2.PublishedRunEvents(events=[event]).SerializeToString()
+    return cut
+
+
+def _cut_texts(message: Any, limit: int) -> None:
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING and field.label != field.LABEL_REPEATED:
+            if len(value) > limit:
+                setattr(message, field.name, value[:limit] + " [cut: too large to publish]")
+        elif field.type == field.TYPE_MESSAGE and field.label != field.LABEL_REPEATED:
+            _cut_texts(value, limit)
+
+
 def marks_headers(marks: Marks) -> dict[str, str]:
     return {VERSION_HEADER: str(marks.version), STEP_HEADER: f"{marks.step}/{marks.attempt}"}
-
-
-def _take_batch(queue: list[run_pb2.RunEvent]) -> list[run_pb2.RunEvent]:
-    size = 0
-    count = 0
-    for event in queue:
-        size += event.ByteSize()
-        if count and size > MAX_MESSAGE_BYTES:
-            break
-        count += 1
-    batch = queue[:count]
-    del queue[:count]
-    return batch

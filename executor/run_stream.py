@@ -100,6 +100,11 @@ class RunStream:
     def text(self, step_index: int, attempt: int, text: str) -> None:
         if not text or self._terminal_added:
             return
+        while len(text) > MAX_DELTA_CHARS:  # a long text goes out as several bounded deltas
+            self._outbox.append(
+                _PendingText(step_index, attempt, [text[:MAX_DELTA_CHARS]], MAX_DELTA_CHARS)
+            )
+            text = text[MAX_DELTA_CHARS:]
         last = self._outbox[-1] if self._outbox else None
         if (
             isinstance(last, _PendingText)

@@ -322,7 +322,6 @@ def test_application_env_for_postgres() -> None:
         "POSTGRES_POOL_SIZE": "4",
         "POSTGRES_MAX_OVERFLOW": "8",
         "POSTGRES_CONNECT_TIMEOUT": "5",
-        "POSTGRES_PRE_PING": "y",
         "POSTGRES_SCHEMA": "blue",
     }
     assert "POSTGRES_SCHEMA" not in StoreConfig.from_url(url).application_env("AgentCatalog")
