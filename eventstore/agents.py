@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID, uuid5
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import IntegrityError
 
 from agentrun.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from eventstore.agent_config import AgentConfig
-from eventstore.persistence import StoreConfig
+from eventstore.persistence import StoreConfig, UnnotifiedApplication
 from eventstore.store_errors import translate_store_errors
 
 _NAMESPACE = UUID("6f3f7f0e-59f4-4a3c-9a55-0c6a3c1f0a11")
@@ -96,7 +96,7 @@ class AgentDirectory(Aggregate):
             self.agent_ids.remove(agent_id)
 
 
-class AgentCatalog(Application[UUID]):
+class AgentCatalog(UnnotifiedApplication):
     """The use cases of agents. Every method is synchronous: call it through a thread."""
 
     name = "AgentCatalog"

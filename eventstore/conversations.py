@@ -6,13 +6,13 @@ import random
 import time
 from uuid import UUID, uuid5
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import IntegrityError
 
 from agentrun.errors import Conflict
 from eventstore.messages import ChatMessage
-from eventstore.persistence import StoreConfig
+from eventstore.persistence import StoreConfig, UnnotifiedApplication
 from eventstore.store_errors import translate_store_errors
 
 _NAMESPACE = UUID("0b9a4f7e-2f57-4d0e-8f0a-2d3b8f6c9e21")
@@ -44,7 +44,7 @@ class Conversation(Aggregate):
         self.messages.extend(messages)
 
 
-class ConversationLog(Application[UUID]):
+class ConversationLog(UnnotifiedApplication):
     """The use cases of conversations. Synchronous: call it through a thread."""
 
     name = "ConversationLog"

@@ -13,10 +13,14 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 from urllib.parse import parse_qs, unquote, urlparse
+from uuid import UUID
 
 import psycopg
 import psycopg.errors
+from eventsourcing.application import Application
+from eventsourcing.persistence import ApplicationRecorder
 
 from agentrun.errors import InvalidArgument
 
@@ -133,3 +137,16 @@ class StoreConfig:
         if pg.schema:
             env["POSTGRES_SCHEMA"] = pg.schema
         return env
+
+
+class UnnotifiedApplication(Application[UUID]):
+    """An application whose events nobody follows in order (no projection reads its log).
+
+    Its recorder is an aggregate recorder: on PostgreSQL an application recorder locks its
+    whole table on every save so that notification ids come in commit order, which serialises
+    all writers of the application; without a notification log there is nothing to keep in order.
+    Its ``notification_log`` must not be read.
+    """
+
+    def construct_recorder(self) -> ApplicationRecorder:
+        return cast(ApplicationRecorder, self.factory.aggregate_recorder())

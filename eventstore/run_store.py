@@ -22,6 +22,9 @@ from eventstore.run import Run
 from eventstore.store_errors import translate_store_errors
 
 SNAPSHOT_INTERVAL = 50
+# Runs read again soon (GetRun, the run list, decisions) are fast-forwarded from the cache: one
+# query for their newer events instead of reading from the last snapshot.
+AGGREGATE_CACHE_MAXSIZE = 1000
 
 # How each recorded step result is applied again, to build a fork's history.
 _REPLAYABLE: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -58,7 +61,10 @@ class RunStore(Application[UUID]):
 
     def __init__(self, store: StoreConfig) -> None:
         store.ensure_schema()
-        super().__init__(env=store.application_env(self.name))
+        super().__init__(
+            env=store.application_env(self.name)
+            | {"AGGREGATE_CACHE_MAXSIZE": str(AGGREGATE_CACHE_MAXSIZE)}
+        )
 
     @translate_store_errors
     def create(self, run: Run) -> None:
@@ -78,18 +84,24 @@ class RunStore(Application[UUID]):
             raise Conflict(f"run {run.run_id} was changed by another executor") from None
 
     @translate_store_errors
-    def load(self, run_id: str, version: int | None = None) -> Run:
+    def load(self, run_id: str, version: int | None = None, *, to_change: bool = True) -> Run:
+        """The run (as of ``version``). ``to_change=False``: the caller only reads it, so the
+        cached run itself is returned, not a copy; it must not be changed."""
         try:
-            run: Run = self.repository.get(UUID(run_id), version=version)
+            run: Run = self.repository.get(
+                UUID(run_id), version=version, deepcopy_from_cache=to_change
+            )
         except AggregateNotFoundError:
             raise NotFound("run", run_id) from None
         if version is not None and run.version != version:
             raise OutOfRange(f"run {run_id} has no version {version} (it is at {run.version})")
         return run
 
-    def load_for(self, tenant: str, run_id: str, version: int | None = None) -> Run:
+    def load_for(
+        self, tenant: str, run_id: str, version: int | None = None, *, to_change: bool = True
+    ) -> Run:
         """The run, if it belongs to ``tenant`` (other tenants' runs look absent)."""
-        run = self.load(run_id, version)
+        run = self.load(run_id, version, to_change=to_change)
         if run.tenant != tenant:
             raise NotFound("run", run_id)
         return run

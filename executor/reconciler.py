@@ -14,6 +14,7 @@ optimistic and dispatches are deduplicated, so several executors reconciling at 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -75,7 +76,9 @@ class Reconciler:
                     self.ctx, self.queue, record.tenant, record.run_id
                 )
             elif await self.ctx.link.holder_answers(record.run_id) is False:
-                run = await asyncio.to_thread(self.ctx.run_store.load, record.run_id)
+                run = await asyncio.to_thread(
+                    functools.partial(self.ctx.run_store.load, record.run_id, to_change=False)
+                )
                 if not run.is_finished and not run.awaiting_decision():
                     log.info("run %s: no executor holds it; dispatching it again", run.run_id)
                     await self.queue.dispatch(run.run_id, run.tenant, run.version, recovery=True)

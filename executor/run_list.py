@@ -23,7 +23,7 @@ BATCH = 500
 
 
 class RunListProjection:
-    def __init__(self, ctx: ExecutorContext, poll_interval: float = 0.05) -> None:
+    def __init__(self, ctx: ExecutorContext, poll_interval: float = 0.25) -> None:
         self.ctx = ctx
         self.poll_interval = poll_interval
         self._task: asyncio.Task[None] | None = None
@@ -64,6 +64,6 @@ class RunListProjection:
         if not notifications:
             return 0
         run_ids = list(dict.fromkeys(str(n.originator_id) for n in notifications))
-        records = [record_of(store.load(run_id), "") for run_id in run_ids]
+        records = [record_of(store.load(run_id, to_change=False), "") for run_id in run_ids]
         index.apply_projection(NAME, position, notifications[-1].id, records)
         return len(notifications)

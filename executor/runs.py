@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import uuid
@@ -170,7 +171,9 @@ class RunManager:
         if existing.execution_mode != "durable":
             return False
         try:
-            await asyncio.to_thread(self.ctx.run_store.load, existing.run_id)
+            await asyncio.to_thread(
+                functools.partial(self.ctx.run_store.load, existing.run_id, to_change=False)
+            )
         except NotFound:
             return True
         return False
@@ -313,9 +316,10 @@ class RunManager:
         record = await self.get(tenant, run_id)
         if record.execution_mode == "durable":
             try:
-                run = await asyncio.to_thread(
-                    self.ctx.run_store.load_for, tenant, run_id, version or None
+                read = functools.partial(
+                    self.ctx.run_store.load_for, tenant, run_id, version or None, to_change=False
                 )
+                run = await asyncio.to_thread(read)
             except NotFound:
                 return record  # claimed, not stored yet (its start failed or is under way)
             current = record_of(run, "")

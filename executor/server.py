@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -21,6 +22,10 @@ from executor.servicer import ExecutorServicer
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0
+# The store is synchronous: every commit and read holds a thread while it waits on the database.
+# asyncio's default pool has cpu_count + 4 threads (6 here), too few for the runs one executor
+# drives at once; waiting threads cost little CPU.
+STORE_THREADS = 32
 
 
 async def run_executor(
@@ -30,6 +35,9 @@ async def run_executor(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serves until SIGTERM/SIGINT (or ``stop``); then lets classic runs finish for a while."""
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
+    )
     ctx = await ExecutorContext.open(settings)
     queue = WorkQueue(ctx.link, settings.dispatch_ack_wait)
     durable = DurableRunner(ctx, queue, settings.max_durable_runs)
