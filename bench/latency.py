@@ -24,6 +24,7 @@ from eventstore.run import Run
 from eventstore.run_steps import AwaitApprovals
 from executor.agent_loop import AgentLoop
 from executor.models import ModelProviders
+from executor.models.scripted import tokens_of
 from executor.run_stream import RunStream
 
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
@@ -33,6 +34,7 @@ EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 class RunTimes:
     first_token: list[float]
     whole_run: list[float]
+    tokens: int = 0  # text-delta tokens the client received, over all runs
 
 
 async def through_stack(
@@ -68,8 +70,10 @@ async def _one_run(stub: Any, agent_id: str, times: RunTimes) -> None:
     completed = False
     while not completed and (response := await call.read()) is not EOF:
         for event in response.events:
-            if first is None and event.HasField("text_delta"):
-                first = time.perf_counter() - started
+            if event.HasField("text_delta"):
+                if first is None:
+                    first = time.perf_counter() - started
+                times.tokens += len(tokens_of(event.text_delta.text))
             completed = completed or event.HasField("run_completed")
     if not completed:
         raise RuntimeError("the run ended without RunCompleted")
@@ -96,10 +100,11 @@ class _InMemoryHost:
         return None
 
 
-async def in_process(runs: int) -> RunTimes:
+async def in_process(runs: int, **scripted: float) -> RunTimes:
+    """``scripted`` sets the model's pace, as in bench.workload.bench_agent."""
     times = RunTimes([], [])
     models = ModelProviders()
-    agent = bench_agent("bench").to_json()
+    agent = bench_agent("bench", "classic", **scripted).to_json()
     for _ in range(runs):
         started = time.perf_counter()
         run = Run(

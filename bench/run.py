@@ -4,8 +4,8 @@
 
 The report (a markdown table on stdout and in bench/results/latest.md, every figure as JSON in
 bench/results/latest.json, with the machine it ran on) sets each figure beside the same run done
-in process, without any service. ``--smoke`` runs a few iterations only: it shows that the suite
-works; its numbers mean nothing.
+in process, without any service. ``--smoke`` runs the same measurements with a few iterations
+only: it shows that the suite works; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -15,26 +15,31 @@ import asyncio
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
-from agentrun.launcher import Service, start_agentrun, start_nats
+from agentrun.launcher import Service
 from agentrun.nats_link import NatsNames
 from bench.durable import create_agent, death_to_next_token, ratio, step_costs
 from bench.latency import RunTimes, in_process, through_stack
+from bench.pace import DESCRIPTION as PACED_WORKLOAD
+from bench.pace import paced
+from bench.replay import replay
+from bench.report import render
+from bench.stack import DEFAULT_POSTGRES, Stack, choose_store
 from bench.stats import Summary
+from bench.suspended import suspended_runs
+from bench.throughput import under_load
 from bench.workload import bench_agent
 from eventstore.agent_config import AgentConfig, ModelSettings, ScriptedSettings, ScriptedTurn
 from eventstore.persistence import StoreConfig
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def main() -> None:
@@ -54,105 +59,76 @@ def main() -> None:
     print(table)
 
 
-def choose_store(url: str, tmp: Path) -> str:
-    if url:
-        return url
-    postgres = StoreConfig.from_url(DEFAULT_POSTGRES).postgres
-    assert postgres is not None
-    try:
-        with psycopg.connect(postgres.conninfo(), connect_timeout=2):
-            pass
-    except psycopg.OperationalError:
-        return f"sqlite:///{tmp / 'data'}"
-    return f"{DEFAULT_POSTGRES}?schema=bench_{uuid.uuid4().hex[:8]}"
+@dataclass(frozen=True)
+class Counts:
+    """How much of each measurement: the full suite and the smoke run differ only here."""
+
+    sequential: int  # runs one after another, one client
+    c16: int  # runs by 16 clients at once
+    c64: int  # runs by 64 clients at once
+    paced: int  # runs at a real model's pace, per mode
+    steps: int  # steps of the long durable run
+    step_runs: int
+    history_events: int  # events of the run read back
+    replay_tries: int
+    suspended: int  # durable runs held awaiting approval
+    suspended_warm_up: int
+    death_trials: int
 
 
-class Stack:
-    """nats-server, executors and a gateway for the benchmarks, as separate processes."""
-
-    def __init__(self, url: str, tmp: Path) -> None:
-        self.tmp = tmp
-        self.nats = start_nats(tmp / "nats", tmp / "logs")
-        self.env = {
-            "AGENTRUN_DATABASE_URL": url,
-            "AGENTRUN_DATA_DIR": str(tmp / "data"),
-            "AGENTRUN_NATS_URL": f"nats://{self.nats.address}",
-            "AGENTRUN_EXECUTOR_LISTEN": "127.0.0.1:0",
-            "AGENTRUN_GATEWAY_LISTEN": "127.0.0.1:0",
-            "AGENTRUN_LOG_LEVEL": "WARNING",
-            "AGENTRUN_DISPATCH_ACK_WAIT": "1.5",
-        }
-        self.services: list[Service] = []
-        self._count = 0
-
-    def executor(self, port: int = 0) -> tuple[str, Service]:
-        self._count += 1
-        name = f"bench-executor-{self._count}"
-        env = {
-            **self.env,
-            "AGENTRUN_EXECUTOR_ID": name,
-            "AGENTRUN_EXECUTOR_LISTEN": f"127.0.0.1:{port}",
-        }
-        service = start_agentrun("executor", env, self.tmp / "logs", name)
-        self.services.append(service)
-        return name, service
-
-    def gateway(self, executors: list[Service]) -> Service:
-        self._count += 1
-        target = ",".join(e.address for e in executors)
-        service = start_agentrun(
-            "gateway",
-            {**self.env, "AGENTRUN_EXECUTOR_TARGET": target},
-            self.tmp / "logs",
-            f"bench-gateway-{self._count}",
-        )
-        self.services.append(service)
-        return service
-
-    def stop(self) -> None:
-        for service in reversed(self.services):
-            service.stop()
-        self.nats.stop()
+FULL = Counts(1000, 800, 960, 5, 301, 3, 1000, 20, 2000, 100, 10)
+SMOKE = Counts(20, 32, 128, 1, 21, 1, 100, 3, 20, 5, 1)
 
 
 async def run_suite(smoke: bool, database_url: str) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="agentrun-bench-"))
     url = choose_store(database_url, tmp)
-    sequential = 20 if smoke else 1000
-    concurrent = 32 if smoke else 1600
-    steps = 21 if smoke else 301
-    trials = 1 if smoke else 10
+    n = SMOKE if smoke else FULL
+    phase = Phases()
     stack = Stack(url, tmp)
     figures: dict[str, Summary] = {}
     rates: dict[str, float] = {}
     try:
         _, main_executor = stack.executor()
         target = stack.gateway([main_executor]).address
+        phase.done("stack started")
         for mode in ("classic", "durable"):
             agent_id = f"bench-{mode}-{uuid.uuid4().hex[:6]}"
             await create_agent(target, bench_agent(agent_id, mode))
-            await through_stack(target, agent_id, max(sequential // 10, 5))  # warm up
-            alone, _ = await through_stack(target, agent_id, sequential)
-            loaded, wall = await through_stack(target, agent_id, concurrent, concurrency=16)
+            await through_stack(target, agent_id, max(n.sequential // 10, 5))  # warm up
+            alone, _ = await through_stack(target, agent_id, n.sequential)
             _record(figures, f"{mode}_c1", alone)
-            _record(figures, f"{mode}_c16", loaded)
-            rates[f"{mode}_runs_per_second_c16"] = concurrent / wall
-        await in_process(max(sequential // 10, 5))
-        _record(figures, "in_process", await in_process(sequential))
-        early, late = await step_costs(target, steps, 1 if smoke else 3)
+            phase.done(f"{mode}, 1 client")
+            for clients, runs in ((16, n.c16), (64, n.c64)):
+                load = await under_load(target, agent_id, runs, clients)
+                _record(figures, f"{mode}_c{clients}", load.times)
+                rates[f"{mode}_runs_per_second_c{clients}"] = load.runs_per_second
+                rates[f"{mode}_tokens_per_second_c{clients}"] = load.tokens_per_second
+                phase.done(f"{mode}, {clients} clients")
+        await in_process(max(n.sequential // 10, 5))
+        _record(figures, "in_process", await in_process(n.sequential))
+        phase.done("in process")
+        for name, times in (await paced(target, n.paced)).items():
+            _record(figures, name, times)
+        phase.done("paced")
+        early, late = await step_costs(target, n.steps, n.step_runs)
         figures["durable_step_early"] = Summary.of(early)
         figures["durable_step_late"] = Summary.of(late)
         rates["durable_step_late_over_early"] = ratio(late, early)
-        death = await _executor_death(stack, main_executor, trials)
+        phase.done("step costs")
+        history = await replay(target, url, n.history_events, n.replay_tries)
+        figures["replay_list_run_events"] = Summary.of(history.list_run_events)
+        figures["replay_load"] = Summary.of(history.load)
+        figures["replay_from_events"] = Summary.of(history.from_events)
+        phase.done("replay")
+        held = await suspended_runs(target, main_executor, n.suspended, n.suspended_warm_up)
+        phase.done("suspended runs")
+        death = await _executor_death(stack, main_executor, n.death_trials)
         figures["durable_executor_death_to_next_token"] = Summary.of(death)
+        phase.done("executor death")
     finally:
         stack.stop()
-    overhead = {
-        "classic_first_token_p50_over_in_process_ms": figures["classic_c1_first_token"].p50_ms
-        - figures["in_process_first_token"].p50_ms,
-        "durable_first_token_p50_over_classic_ms": figures["durable_c1_first_token"].p50_ms
-        - figures["classic_c1_first_token"].p50_ms,
-    }
+    phase.done("stack stopped")
     return {
         "smoke": smoke,
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -166,16 +142,64 @@ async def run_suite(smoke: bool, database_url: str) -> dict[str, Any]:
             "scripted model, zero delays: a model call streaming 20 tokens, a tool call "
             "(calculator), a model call streaming 20 tokens"
         ),
+        "paced_workload": PACED_WORKLOAD,
+        "counts": asdict(n),
         "figures": {name: asdict(summary) for name, summary in figures.items()},
         "rates": rates,
-        "overhead": overhead,
-        "steps": steps,
+        "overhead": _overhead(figures),
+        "phase_seconds": phase.seconds,
+        "steps": n.steps,
+        "replay_events": history.events,
+        "suspended": {
+            "runs": held.runs,
+            "rss_before_bytes": held.rss_before,
+            "rss_after_bytes": held.rss_after,
+            "bytes_per_run": held.bytes_per_run,
+            "seconds_to_suspend_all": held.start_seconds,
+        },
     }
+
+
+class Phases:
+    """How long each part of the suite took (on stderr as it goes, and in the report)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = self._start = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._last
+        self._last = now
+        print(f"bench: {name}: {now - self._start:.1f} s", file=sys.stderr, flush=True)
 
 
 def _record(figures: dict[str, Summary], name: str, times: RunTimes) -> None:
     figures[f"{name}_first_token"] = Summary.of(times.first_token)
     figures[f"{name}_whole_run"] = Summary.of(times.whole_run)
+
+
+def _overhead(figures: dict[str, Summary]) -> dict[str, float]:
+    """Differences of percentiles: a figure over its reference, in ms."""
+
+    def over(name: str, reference: str, pct: str = "p50") -> float:
+        field = f"{pct}_ms"
+        return float(getattr(figures[name], field) - getattr(figures[reference], field))
+
+    result = {}
+    for pct in ("p50", "p99"):
+        result[f"classic_first_token_{pct}_over_in_process_ms"] = over(
+            "classic_c1_first_token", "in_process_first_token", pct
+        )
+        result[f"durable_first_token_{pct}_over_classic_ms"] = over(
+            "durable_c1_first_token", "classic_c1_first_token", pct
+        )
+    for mode in ("classic", "durable"):
+        for part in ("first_token", "whole_run"):
+            result[f"paced_{mode}_{part}_p50_over_in_process_ms"] = over(
+                f"paced_{mode}_c1_{part}", f"paced_in_process_{part}"
+            )
+    return result
 
 
 async def _executor_death(stack: Stack, main_executor: Service, trials: int) -> list[float]:
@@ -206,56 +230,6 @@ async def _executor_death(stack: Stack, main_executor: Service, trials: int) -> 
         agent_id,
         trials,
     )
-
-
-TARGETS = {
-    "classic_first_token_p50_over_in_process_ms": "<= 2",
-    "durable_first_token_p50_over_classic_ms": "<= 5",
-    "classic_runs_per_second_c16": ">= 200",
-    "durable_runs_per_second_c16": ">= 100",
-    "durable_step_late_over_early": "<= 1.5",
-}
-
-
-def render(report: dict[str, Any]) -> str:
-    f, rates, over = report["figures"], report["rates"], report["overhead"]
-
-    def row(label: str, name: str) -> str:
-        s = f[name]
-        return f"| {label} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['count']} |"
-
-    machine = report["machine"]
-    lines = [
-        f"Machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}; "
-        f"store: {report['store']}; {report['time']}"
-        + (" (SMOKE RUN: the numbers mean nothing)" if report["smoke"] else ""),
-        f"Workload: {report['workload']}.",
-        "",
-        "| figure | p50 ms | p99 ms | n |",
-        "|---|---|---|---|",
-        row("in process (no services): first token", "in_process_first_token"),
-        row("in process (no services): whole run", "in_process_whole_run"),
-        row("classic, 1 client: first token", "classic_c1_first_token"),
-        row("classic, 1 client: whole run", "classic_c1_whole_run"),
-        row("classic, 16 clients: first token", "classic_c16_first_token"),
-        row("classic, 16 clients: whole run", "classic_c16_whole_run"),
-        row("durable, 1 client: first token", "durable_c1_first_token"),
-        row("durable, 1 client: whole run", "durable_c1_whole_run"),
-        row("durable, 16 clients: first token", "durable_c16_first_token"),
-        row("durable, 16 clients: whole run", "durable_c16_whole_run"),
-        row("durable step, steps 3-12", "durable_step_early"),
-        row(f"durable step, last 10 of {report['steps']}", "durable_step_late"),
-        row("durable: executor SIGKILL to next token", "durable_executor_death_to_next_token"),
-        "",
-        "| derived figure | measured | target |",
-        "|---|---|---|",
-    ]
-    derived = {**over, **rates}
-    for name, target in TARGETS.items():
-        lines.append(f"| {name} | {derived[name]:.2f} | {target} |")
-    death = f["durable_executor_death_to_next_token"]["p50_ms"] / 1000
-    lines.append(f"| durable executor death to next token p50 (s) | {death:.2f} | < 2 |")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""The stack the benchmarks drive: nats-server, executors and gateways as separate processes,
+against PostgreSQL when it is reachable (else SQLite)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import psycopg
+
+from agentrun.launcher import Service, start_agentrun, start_nats
+from eventstore.persistence import StoreConfig
+
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def choose_store(url: str, tmp: Path) -> str:
+    if url:
+        return url
+    postgres = StoreConfig.from_url(DEFAULT_POSTGRES).postgres
+    assert postgres is not None
+    try:
+        with psycopg.connect(postgres.conninfo(), connect_timeout=2):
+            pass
+    except psycopg.OperationalError:
+        return f"sqlite:///{tmp / 'data'}"
+    return f"{DEFAULT_POSTGRES}?schema=bench_{uuid.uuid4().hex[:8]}"
+
+
+class Stack:
+    """nats-server, executors and a gateway for the benchmarks, as separate processes."""
+
+    def __init__(self, url: str, tmp: Path) -> None:
+        self.url = url
+        self.tmp = tmp
+        self.nats = start_nats(tmp / "nats", tmp / "logs")
+        self.env = {
+            "AGENTRUN_DATABASE_URL": url,
+            "AGENTRUN_DATA_DIR": str(tmp / "data"),
+            "AGENTRUN_NATS_URL": f"nats://{self.nats.address}",
+            "AGENTRUN_EXECUTOR_LISTEN": "127.0.0.1:0",
+            "AGENTRUN_GATEWAY_LISTEN": "127.0.0.1:0",
+            "AGENTRUN_LOG_LEVEL": "WARNING",
+            "AGENTRUN_DISPATCH_ACK_WAIT": "1.5",
+        }
+        self.services: list[Service] = []
+        self._count = 0
+
+    def executor(self, port: int = 0) -> tuple[str, Service]:
+        self._count += 1
+        name = f"bench-executor-{self._count}"
+        env = {
+            **self.env,
+            "AGENTRUN_EXECUTOR_ID": name,
+            "AGENTRUN_EXECUTOR_LISTEN": f"127.0.0.1:{port}",
+        }
+        service = start_agentrun("executor", env, self.tmp / "logs", name)
+        self.services.append(service)
+        return name, service
+
+    def gateway(self, executors: list[Service]) -> Service:
+        self._count += 1
+        target = ",".join(e.address for e in executors)
+        service = start_agentrun(
+            "gateway",
+            {**self.env, "AGENTRUN_EXECUTOR_TARGET": target},
+            self.tmp / "logs",
+            f"bench-gateway-{self._count}",
+        )
+        self.services.append(service)
+        return service
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        self.nats.stop()
+
+
+def rss_bytes(service: Service) -> int:
+    """The resident set size of a service's process (VmRSS of /proc/<pid>/status)."""
+    for line in Path(f"/proc/{service.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {service.name}")
