@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from agentrun.cli.chat import add_chat_parser
+from agentrun.cli.health import add_health_parser
 from agentrun.cli.runs import add_runs_parser
 from agentrun.cli.serve import serve
 from agentrun.launcher import Service, start_agentrun, start_nats
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_chat_parser(commands)
     add_runs_parser(commands)
+    add_health_parser(commands)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result
