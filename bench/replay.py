@@ -96,8 +96,8 @@ async def _long_run(stub: Any, agent_id: str) -> str:
 async def _list_events(stub: Any, run_id: str) -> int:
     count = 0
     call = stub.ListRunEvents(run_service_pb2.ListRunEventsRequest(run_id=run_id))
-    while await call.read() is not EOF:
-        count += 1
+    while (response := await call.read()) is not EOF:
+        count += len(response.events)
     return count
 
 

@@ -14,7 +14,6 @@ from agentrun.rpc import stream_errors, unary_errors
 from agentrun.v1 import (
     agent_service_pb2,
     executor_service_pb2_grpc,
-    run_pb2,
     run_service_pb2,
 )
 from agentrun.v1 import (
@@ -25,9 +24,11 @@ from executor.classic import ClassicRun
 from executor.context import ExecutorContext
 from executor.runs import DurableStart, RunManager, RunSpec
 from executor.translation import (
+    HISTORY_BATCH_BYTES,
     STATUSES,
     agent_from_proto,
     agent_to_proto,
+    history_batches,
     mode_of,
     record_to_proto,
 )
@@ -202,14 +203,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         events = await self.runs.history(
             request.tenant, req.run_id, req.from_version, req.to_version
         )
-        for event in events:
-            stored = run_pb2.StoredRunEvent(
-                version=event.version, type=event.type, payload_json=event.payload_json
-            )
-            stored.time.FromDatetime(event.time)
-            yield pb.ExecutorServiceListRunEventsResponse(
-                response=run_service_pb2.ListRunEventsResponse(event=stored)
-            )
+        for batch in history_batches(events, HISTORY_BATCH_BYTES):
+            yield pb.ExecutorServiceListRunEventsResponse(response=batch)
 
     @unary_errors
     async def ForkRun(

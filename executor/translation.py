@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from google.protobuf import json_format, struct_pb2
 
 from agentrun.errors import InvalidArgument
-from agentrun.v1 import agent_pb2, run_pb2
+from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from eventstore.agent_config import (
     DEFAULT_APPROVAL_TIMEOUT,
     DEFAULT_MAX_MODEL_CALLS,
@@ -20,6 +22,7 @@ from eventstore.agent_config import (
 )
 from eventstore.run import Run
 from eventstore.run_index import RunRecord
+from eventstore.run_store import StoredEvent
 from executor.run_stream import tool_call_proto
 
 MODES: dict[int, ExecutionMode] = {
@@ -38,6 +41,10 @@ STATUS_ENUMS: dict[str, run_pb2.RunStatus.ValueType] = {
     "cancelled": run_pb2.RUN_STATUS_CANCELLED,
 }
 STATUSES = {v: k for k, v in STATUS_ENUMS.items()}
+
+# A run's stored history goes out in batches of about this size: one message per event would
+# cost a message on every hop per event; 1 MiB stays far below gRPC's 4 MiB default limit.
+HISTORY_BATCH_BYTES = 1 << 20
 ERROR_ENUMS: dict[str, run_pb2.RunErrorCode.ValueType] = {
     "EXECUTOR_LOST": run_pb2.RUN_ERROR_CODE_EXECUTOR_LOST,
     "MODEL_ERROR": run_pb2.RUN_ERROR_CODE_MODEL_ERROR,
@@ -210,3 +217,23 @@ def record_of(run: Run, executor_id: str = "") -> RunRecord:
 
 def run_to_proto(run: Run, executor_id: str = "") -> run_pb2.Run:
     return record_to_proto(record_of(run, executor_id))
+
+
+def history_batches(
+    events: Iterable[StoredEvent], max_bytes: int
+) -> Iterator[run_service_pb2.ListRunEventsResponse]:
+    """The events as ListRunEvents responses of consecutive events, each closed once it holds
+    ``max_bytes`` or more (so a batch exceeds it by one event at most); none for no events."""
+    batch = run_service_pb2.ListRunEventsResponse()
+    size = 0
+    for event in events:
+        payload = event.payload_json
+        stored = batch.events.add(version=event.version, type=event.type, payload_json=payload)
+        stored.time.FromDatetime(event.time)
+        size += len(payload) + len(event.type) + 32
+        if size >= max_bytes:
+            yield batch
+            batch = run_service_pb2.ListRunEventsResponse()
+            size = 0
+    if batch.events:
+        yield batch

@@ -138,7 +138,7 @@ def describe(events: list[run_pb2.RunEvent]) -> str:
 
 async def stored_history(client: Client, run_id: str) -> list[run_pb2.StoredRunEvent]:
     call = client.runs.ListRunEvents(run_service_pb2.ListRunEventsRequest(run_id=run_id))
-    return [response.event async for response in call]
+    return [event async for response in call for event in response.events]
 
 
 class Reader:

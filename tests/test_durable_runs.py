@@ -39,7 +39,7 @@ async def history(client: Client, run_id: str, **bounds: int) -> list[run_pb2.St
     call = client.runs.ListRunEvents(
         run_service_pb2.ListRunEventsRequest(run_id=run_id, **bounds), metadata=client.metadata
     )
-    return [response.event async for response in call]
+    return [event async for response in call for event in response.events]
 
 
 async def test_a_durable_run_streams_the_same_events_as_a_classic_one(

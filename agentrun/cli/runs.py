@@ -260,11 +260,12 @@ async def _replay(stub: RunServiceAsyncStub, metadata: Metadata, args: argparse.
     )
     count = 0
     async for response in stub.ListRunEvents(request, metadata=metadata):
-        if args.json:
-            _print_json(response.event, one_line=True)
-        else:
-            print(stored_event_line(response.event), flush=True)
-        count += 1
+        for event in response.events:
+            if args.json:
+                _print_json(event, one_line=True)
+            else:
+                print(stored_event_line(event), flush=True)
+            count += 1
     if count == 0 and not args.json:
         print("no stored events", file=sys.stderr)
     return 0
