@@ -7,13 +7,14 @@ Conflict and must stop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError, Application, LRUCache
 from eventsourcing.persistence import IntegrityError
 
 from agentrun.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound, OutOfRange
@@ -82,6 +83,17 @@ class RunStore(Application[UUID]):
             self.save(run)
         except IntegrityError:
             raise Conflict(f"run {run.run_id} was changed by another executor") from None
+        if run.is_finished or run.awaiting_decision():
+            self._uncache(run.run_id)
+
+    def _uncache(self, run_id: str) -> None:
+        """Drops a run that waits for a person or has ended from the aggregate cache: a
+        suspended run must cost the executor no memory, and whoever needs it next (a decision,
+        minutes or days later) reads it back once."""
+        cache = self.repository.cache
+        if isinstance(cache, LRUCache):
+            with contextlib.suppress(KeyError):
+                cache.get(UUID(run_id), evict=True)
 
     @translate_store_errors
     def load(self, run_id: str, version: int | None = None, *, to_change: bool = True) -> Run:
@@ -95,6 +107,8 @@ class RunStore(Application[UUID]):
             raise NotFound("run", run_id) from None
         if version is not None and run.version != version:
             raise OutOfRange(f"run {run_id} has no version {version} (it is at {run.version})")
+        if version is None and (run.is_finished or run.awaiting_decision()):
+            self._uncache(run_id)
         return run
 
     def load_for(

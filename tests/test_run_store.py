@@ -86,6 +86,37 @@ def awaiting_run(runs: RunStore) -> Run:
     return run
 
 
+def cached(runs: RunStore, run_id: str) -> bool:
+    cache = runs.repository.cache
+    assert cache is not None
+    try:
+        cache.get(UUID(run_id))
+    except KeyError:
+        return False
+    return True
+
+
+def test_a_run_that_waits_for_a_person_or_has_ended_is_not_kept_in_memory(
+    runs: RunStore,
+) -> None:
+    running = new_run()
+    runs.create(running)
+    runs.load(running.run_id)
+    assert cached(runs, running.run_id)
+    waiting = awaiting_run(runs)
+    runs.load(waiting.run_id)
+    assert not cached(runs, waiting.run_id)
+    decided = runs.load(waiting.run_id)
+    decided.decide("c2", True, "fine", False)
+    runs.commit(decided)
+    assert runs.load(waiting.run_id).awaiting_decision() == []
+    assert cached(runs, waiting.run_id)
+    running.cancel("enough")
+    runs.commit(running)
+    assert runs.load(running.run_id, to_change=False).status == "cancelled"
+    assert not cached(runs, running.run_id)
+
+
 def test_a_created_run_loads_with_the_same_state(runs: RunStore) -> None:
     run = new_run()
     runs.create(run)
