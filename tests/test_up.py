@@ -335,3 +335,35 @@ def test_a_service_whose_output_ends_without_the_ready_line_is_not_started(
         for service in started:
             service.kill()
     assert "cannot listen" in str(caught.value)
+
+
+async def exited(pid: int) -> None:
+    """Returns once process ``pid`` (not a child of ours) has exited: its pidfd turns readable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await gone
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def test_services_stop_when_up_is_killed(ups: list[Up], tmp_path: Path) -> None:
+    up = await start_up(ups, tmp_path / "data")
+    services = [p for p in up.children if "agentrun.cli.serve" in command_line(p)]
+    others = [p for p in up.children if p not in services]
+    assert len(services) == 2, [command_line(p) for p in up.children]
+    os.kill(up.process.pid, signal.SIGKILL)
+    await up.process.wait()
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(exited(pid) for pid in services)), GUARD)
+    finally:
+        for pid in services + others:  # nats-server has no such watch: it goes here
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -1,7 +1,9 @@
 """``agentrun gateway`` and ``agentrun executor``: run one service with settings from AGENTRUN_*.
 
 Also runnable as ``python -m agentrun.cli.serve gateway|executor`` (what the launcher does).
-Prints ``agentrun-ready <port>`` once the service listens.
+Prints ``agentrun-ready <port>`` once the service listens. Started that way, the service stops
+(as on SIGTERM) when the process that started it is gone: a killed test run or a killed
+``agentrun up`` must not leave services running on their own.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from dataclasses import replace
 
 from agentrun.launcher import READY_PREFIX
@@ -45,5 +50,21 @@ def serve(service: str, listen: str | None = None) -> int:
     return 0
 
 
+PARENT_CHECK_INTERVAL = 1.0
+
+
+def stop_with_parent() -> None:
+    """SIGTERMs this process once its parent has exited (it is then adopted by another)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_INTERVAL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 if __name__ == "__main__":
+    stop_with_parent()
     sys.exit(serve(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))
