@@ -12,6 +12,8 @@ Names below are for the default namespace ``agentrun`` (see NatsNames).
   ``Nats-Msg-Id`` ``<run_id>:<first sequence>`` so that a retried publish is deduplicated.
 - Dispatch: JetStream work-queue stream ``AGENTRUN_DISPATCH`` (subject ``agentrun.dispatch``),
   one message per durable run that needs an executor, shared by all executors.
+- Dead letters: JetStream stream ``AGENTRUN_DEADLETTER`` (subject ``agentrun.deadletter``), one
+  JSON record per durable run given up on (a step that kept crashing its executor), for operators.
 - Control: core NATS request/reply on ``agentrun.control.<run_id>``, answered by the executor
   holding the run (approvals and cancellation from any gateway, and liveness probes: "no
   responders" means no process holds the run).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -43,6 +46,14 @@ TENANT_HEADER = "Agentrun-Tenant"
 VERSION_HEADER = "Agentrun-Version"  # the run's stored version a message's events reflect
 STEP_HEADER = "Agentrun-Step"  # the highest step a run's stream has announced
 DEDUPLICATION_WINDOW = 120.0
+REPLICAS_VARIABLE = "AGENTRUN_NATS_REPLICAS"
+
+
+def replicas_from_env() -> int:
+    """The replicas of the JetStream streams as AGENTRUN_NATS_REPLICAS sets them (default 1): for
+    a caller that does not pass ``replicas`` to NatsLink (Settings.nats_replicas reads the same)."""
+    value = os.environ.get(REPLICAS_VARIABLE, "").strip()
+    return int(value) if value else 1
 
 
 NAMESPACE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -87,6 +98,14 @@ class NatsNames:
 
     dispatch_consumer = "executors"
 
+    @property
+    def deadletter_stream(self) -> str:
+        return f"{self._stream_prefix}_DEADLETTER"
+
+    @property
+    def deadletter_subject(self) -> str:
+        return f"{self.namespace}.deadletter"
+
 
 def message_id(run_id: str, first_sequence: int) -> str:
     return f"{run_id}:{first_sequence}"
@@ -105,8 +124,14 @@ class NatsLink:
         name: str,
         event_retention: float,
         names: NatsNames | None = None,
+        replicas: int | None = None,
     ) -> None:
         self.names = names or NatsNames()
+        # Copies of each stream in a JetStream cluster (3 survives the loss of one server; 1 on a
+        # single server). None: as AGENTRUN_NATS_REPLICAS says.
+        self._replicas = replicas_from_env() if replicas is None else replicas
+        if self._replicas < 1:
+            raise ValueError("a JetStream stream has at least one replica")
         self._urls = urls
         self._name = name
         self._event_retention = event_retention
@@ -250,6 +275,7 @@ class NatsLink:
                 max_age=self._event_retention,
                 # JetStream refuses a deduplication window longer than the retention.
                 duplicate_window=min(DEDUPLICATION_WINDOW, self._event_retention),
+                num_replicas=self._replicas,
             ),
             StreamConfig(
                 name=self.names.dispatch_stream,
@@ -257,6 +283,14 @@ class NatsLink:
                 storage=StorageType.FILE,
                 retention=RetentionPolicy.WORK_QUEUE,
                 duplicate_window=DEDUPLICATION_WINDOW,
+                num_replicas=self._replicas,
+            ),
+            StreamConfig(
+                name=self.names.deadletter_stream,
+                subjects=[self.names.deadletter_subject],
+                storage=StorageType.FILE,
+                duplicate_window=DEDUPLICATION_WINDOW,
+                num_replicas=self._replicas,
             ),
         ):
             try:

@@ -3,17 +3,20 @@
 - One table maps domain errors to status codes; every servicer method is wrapped by
   ``unary_errors`` or ``stream_errors`` so that error handling lives here and nowhere else.
 - ``serve`` builds a grpc.aio server with health, reflection, keepalive tolerance and message
-  limits, and stops it gracefully.
+  limits, and stops it gracefully. A server that cannot keep its streams through a restart (the
+  gateway) ends them on stop with UNAVAILABLE and a message saying how to resume
+  (``StreamDrain``), so that clients reconnect elsewhere instead of hanging or seeing CANCELLED.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -152,6 +155,75 @@ def stream_errors(
     return wrapper
 
 
+if TYPE_CHECKING:
+    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+class StreamDrain(ServerInterceptor):
+    """Tracks a server's open streaming calls (server streaming and bidi) so that ``drain`` can
+    end them all with UNAVAILABLE and ``message``; once draining, new ones are refused so."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.draining = False
+        self._open: set[asyncio.Task[Any]] = set()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(
+                self._tracked(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+            return grpc.stream_stream_rpc_method_handler(
+                self._tracked(handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _tracked(self, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+        async def tracked(request: Any, context: Context) -> AsyncIterator[Any]:
+            if self.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, self.message)
+            task = asyncio.current_task()
+            assert task is not None
+            self._open.add(task)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except asyncio.CancelledError:
+                if not self.draining:
+                    raise  # the client went away
+                task.uncancel()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, self.message)
+            finally:
+                self._open.discard(task)
+
+        return tracked
+
+    async def drain(self, wait: float) -> None:
+        """Refuses new streams and ends the open ones (waiting up to ``wait`` seconds)."""
+        self.draining = True
+        open_calls = list(self._open)
+        for task in open_calls:
+            task.cancel()
+        if open_calls:
+            await asyncio.wait(open_calls, timeout=wait)
+
+
 async def serve(
     listen: str,
     register: Callable[[grpc.aio.Server], Sequence[str]],
@@ -160,14 +232,18 @@ async def serve(
     stop: asyncio.Event | None = None,
     grace: float = 5.0,
     on_stopping: Callable[[], Awaitable[None]] | None = None,
+    end_streams_with: str | None = None,
 ) -> None:
     """Runs a grpc.aio server on ``listen`` until SIGTERM/SIGINT or ``stop`` is set.
 
     ``register`` adds the servicers and returns their full service names (for reflection and
-    health). ``ready`` receives the bound port. On stop: health turns NOT_SERVING,
-    ``on_stopping`` runs while in-flight calls still flow, then they get ``grace`` seconds.
+    health). ``ready`` receives the bound port. On stop: health turns NOT_SERVING, open
+    streams end with UNAVAILABLE and ``end_streams_with`` if it is given (new ones are
+    refused so), ``on_stopping`` runs while in-flight calls still flow, then they get
+    ``grace`` seconds.
     """
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    drain = StreamDrain(end_streams_with) if end_streams_with is not None else None
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[drain] if drain else None)
     service_names = list(register(server))
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -192,6 +268,8 @@ async def serve(
     await stop.wait()
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if drain is not None:
+        await drain.drain(grace)
     if on_stopping is not None:
         await on_stopping()  # while in-flight streams still flow
     await server.stop(grace)

@@ -6,6 +6,8 @@
 | AGENTRUN_DATA_DIR | ./.agentrun | SQLite files, send_email's outbox, nats data of `up` |
 | AGENTRUN_NATS_URL | nats://127.0.0.1:4222 | NATS servers, comma separated |
 | AGENTRUN_NATS_NAMESPACE | agentrun | keeps deployments that share a NATS apart |
+| AGENTRUN_NATS_REPLICAS | 1 | copies of each JetStream stream: 3 in a 3-node cluster (survives |
+|   |   | the loss of one NATS server), 1 on a single nats-server |
 | AGENTRUN_EXECUTOR_TARGET | 127.0.0.1:50052 | the gateway's executors: host:port, a list of |
 |   |   | ip:port (comma separated, round robin) or a gRPC target (dns:///executors:50052) |
 | AGENTRUN_GATEWAY_LISTEN | 127.0.0.1:50051 | where the gateway listens |
@@ -13,6 +15,9 @@
 | AGENTRUN_API_KEYS | (none) | tenant:key pairs, comma separated |
 | AGENTRUN_API_KEYS_FILE | (none) | JSON file: {"tenant": ["key", "sha256:<hex>", ...], ...} |
 | AGENTRUN_EVENT_RETENTION | 604800 (7 days) | seconds a run's event stream stays in JetStream |
+| AGENTRUN_RUN_RETENTION | 2592000 (30 days) | seconds a finished run's events, snapshots and |
+|   |   | run-list row stay in the store (then an executor prunes them); 0 keeps them |
+| AGENTRUN_RETENTION_INTERVAL | 300 | seconds between an executor's prunes of finished runs |
 | AGENTRUN_MAX_INPUT_BYTES | 65536 | the largest user input accepted |
 | AGENTRUN_EXECUTOR_ID | (random) | this executor's name in logs and run records |
 | AGENTRUN_LIVENESS_INTERVAL | 1.0 | seconds between watchers' checks that a run's executor lives |
@@ -20,6 +25,8 @@
 | AGENTRUN_DISPATCH_ACK_WAIT | 1.5 | seconds after which a durable run whose executor stopped |
 |   |   | keeping its dispatch message alive is given to another executor |
 | AGENTRUN_MAX_DURABLE_RUNS | 256 | durable runs one executor holds at once (the rest wait queued) |
+| AGENTRUN_MAX_STEP_ATTEMPTS | 5 | attempts of one durable step (each ended by its executor |
+|   |   | stopping) after which the run fails with ATTEMPTS_EXHAUSTED and is dead-lettered |
 
 With no API keys configured, every caller is the tenant "local" (the embedded default).
 """
@@ -93,17 +100,21 @@ class Settings:
     data_dir: Path = Path(".agentrun")
     nats_urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     nats_names: NatsNames = field(default_factory=NatsNames)
+    nats_replicas: int = 1
     executor_target: str = "127.0.0.1:50052"
     gateway_listen: str = "127.0.0.1:50051"
     executor_listen: str = "127.0.0.1:50052"
     api_keys: ApiKeys = ApiKeys()
     event_retention: float = 7 * 24 * 3600.0
+    run_retention: float = 30 * 24 * 3600.0
+    retention_interval: float = 300.0
     max_input_bytes: int = 64 * 1024
     executor_id: str = ""
     liveness_interval: float = 1.0
     reconcile_interval: float = 5.0
     dispatch_ack_wait: float = 1.5
     max_durable_runs: int = 256
+    max_step_attempts: int = 5
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -124,15 +135,19 @@ class Settings:
                 if url
             ),
             nats_names=NatsNames(get("NATS_NAMESPACE", defaults.nats_names.namespace)),
+            nats_replicas=int(get("NATS_REPLICAS", str(defaults.nats_replicas))),
             executor_target=get("EXECUTOR_TARGET", defaults.executor_target),
             gateway_listen=get("GATEWAY_LISTEN", defaults.gateway_listen),
             executor_listen=get("EXECUTOR_LISTEN", defaults.executor_listen),
             api_keys=ApiKeys.parse(get("API_KEYS", ""), get("API_KEYS_FILE", "") or None),
             event_retention=float(get("EVENT_RETENTION", str(defaults.event_retention))),
+            run_retention=float(get("RUN_RETENTION", str(defaults.run_retention))),
+            retention_interval=float(get("RETENTION_INTERVAL", str(defaults.retention_interval))),
             max_input_bytes=int(get("MAX_INPUT_BYTES", str(defaults.max_input_bytes))),
             executor_id=get("EXECUTOR_ID", "") or f"executor-{uuid.uuid4().hex[:8]}",
             liveness_interval=float(get("LIVENESS_INTERVAL", str(defaults.liveness_interval))),
             reconcile_interval=float(get("RECONCILE_INTERVAL", str(defaults.reconcile_interval))),
             dispatch_ack_wait=float(get("DISPATCH_ACK_WAIT", str(defaults.dispatch_ack_wait))),
             max_durable_runs=int(get("MAX_DURABLE_RUNS", str(defaults.max_durable_runs))),
+            max_step_attempts=int(get("MAX_STEP_ATTEMPTS", str(defaults.max_step_attempts))),
         )

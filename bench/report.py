@@ -93,6 +93,7 @@ def render(report: dict[str, Any]) -> str:
         f"{suspended['rss_before_bytes'] / 2**20:.1f} MiB before, "
         f"{suspended['rss_after_bytes'] / 2**20:.1f} MiB after.",
         "",
+        *_scale(report),
         "| derived figure | measured | target |",
         "|---|---|---|",
     ]
@@ -102,3 +103,27 @@ def render(report: dict[str, Any]) -> str:
     for name in INFORMATIVE:
         lines.append(f"| {name} | {values[name]:.2f} | - |")
     return "\n".join(lines) + "\n"
+
+
+def _scale(report: dict[str, Any]) -> list[str]:
+    """Durable runs per second and CPU per run of each part, by number of executors."""
+    scale = report.get("scale")
+    if not scale:
+        return []
+    lines = [
+        f"Scale out: durable runs, {scale['clients']} clients, one gateway; CPU ms per run of "
+        "each part (user + system time of its processes; PostgreSQL: the backends serving "
+        "the stack's connections).",
+        "",
+        "| executors | runs/s | runs | executors ms | gateway ms | nats ms | postgres ms "
+        "| total ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for point in scale["points"]:
+        cpu = point["cpu_ms_per_run"]
+        lines.append(
+            f"| {point['executors']} | {point['runs_per_second']:.1f} | {point['runs']} "
+            f"| {cpu['executors']:.2f} | {cpu['gateway']:.2f} | {cpu['nats']:.2f} "
+            f"| {cpu['postgres']:.2f} | {cpu['total']:.2f} |"
+        )
+    return [*lines, ""]

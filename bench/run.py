@@ -31,6 +31,8 @@ from bench.pace import DESCRIPTION as PACED_WORKLOAD
 from bench.pace import paced
 from bench.replay import replay
 from bench.report import render
+from bench.scale import CLIENTS as SCALE_CLIENTS
+from bench.scale import scale_out
 from bench.stack import DEFAULT_POSTGRES, Stack, choose_store
 from bench.stats import Summary
 from bench.suspended import suspended_runs
@@ -74,10 +76,12 @@ class Counts:
     suspended: int  # durable runs held awaiting approval
     suspended_warm_up: int
     death_trials: int
+    scale_runs: int  # durable runs by 16 clients with each of 1, 2 and 3 executors
+    scale_warm_up: int
 
 
-FULL = Counts(1000, 800, 960, 5, 301, 3, 1000, 20, 2000, 100, 10)
-SMOKE = Counts(20, 32, 128, 1, 21, 1, 100, 3, 20, 5, 1)
+FULL = Counts(1000, 800, 960, 5, 301, 3, 1000, 20, 2000, 100, 10, 800, 64)
+SMOKE = Counts(20, 32, 128, 1, 21, 1, 100, 3, 20, 5, 1, 16, 16)
 
 
 async def run_suite(smoke: bool, database_url: str) -> dict[str, Any]:
@@ -129,6 +133,8 @@ async def run_suite(smoke: bool, database_url: str) -> dict[str, Any]:
     finally:
         stack.stop()
     phase.done("stack stopped")
+    scale = await scale_out(url, tmp, n.scale_runs, n.scale_warm_up)
+    phase.done("scale out (1, 2, 3 executors)")
     return {
         "smoke": smoke,
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -150,6 +156,10 @@ async def run_suite(smoke: bool, database_url: str) -> dict[str, Any]:
         "phase_seconds": phase.seconds,
         "steps": n.steps,
         "replay_events": history.events,
+        "scale": {
+            "clients": SCALE_CLIENTS,
+            "points": [asdict(point) for point in scale],
+        },
         "suspended": {
             "runs": held.runs,
             "rss_before_bytes": held.rss_before,

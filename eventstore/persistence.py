@@ -3,6 +3,9 @@
 - ``postgresql://user:password@host:port/dbname[?schema=name]``: PostgreSQL (production). Every
   application gets its own ``<name>_events`` table; read models get their own tables. The
   optional schema (created if missing) isolates one deployment or test session from another.
+  ``pool_size=N`` (default 4) and ``max_overflow=M`` (default 8) size each application's
+  connection pool: a process holds about three such pools, so many executors against one
+  server need them smaller (or a bigger ``max_connections``, or a pooler in between).
 - ``sqlite:///path/to/dir`` or no URL: SQLite files under that directory (default ./.agentrun).
   Each application gets its own file: eventsourcing always names its SQLite table
   ``stored_events``, so two applications must not share a file.
@@ -35,6 +38,8 @@ class PostgresParams:
     password: str
     dbname: str
     schema: str = ""
+    pool_size: int = 4
+    max_overflow: int = 8
 
     def conninfo(self) -> str:
         """A libpq connection string for psycopg (values quoted, password included)."""
@@ -77,6 +82,13 @@ class StoreConfig:
                 port = parsed.port or 5432
             except ValueError:
                 raise InvalidArgument("database url", "the port must be a number") from None
+            pool = {}
+            for name in ("pool_size", "max_overflow"):
+                if name in query:
+                    value = query[name][0]
+                    if not value.isdigit() or (name == "pool_size" and int(value) < 1):
+                        raise InvalidArgument("database url", f"{name} must be a count")
+                    pool[name] = int(value)
             return StoreConfig(
                 postgres=PostgresParams(
                     host=parsed.hostname or "127.0.0.1",
@@ -85,6 +97,7 @@ class StoreConfig:
                     password=unquote(parsed.password or ""),
                     dbname=(parsed.path or "/postgres").lstrip("/") or "postgres",
                     schema=schema,
+                    **pool,
                 )
             )
         raise InvalidArgument("database url", "must start with postgresql:// or sqlite://")
@@ -130,8 +143,8 @@ class StoreConfig:
             "POSTGRES_PORT": str(pg.port),
             "POSTGRES_USER": pg.user,
             "POSTGRES_PASSWORD": pg.password,
-            "POSTGRES_POOL_SIZE": "4",
-            "POSTGRES_MAX_OVERFLOW": "8",
+            "POSTGRES_POOL_SIZE": str(pg.pool_size),
+            "POSTGRES_MAX_OVERFLOW": str(pg.max_overflow),
             "POSTGRES_CONNECT_TIMEOUT": "5",
         }
         if pg.schema:

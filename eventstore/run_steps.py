@@ -98,3 +98,31 @@ def next_step(run: Run) -> Step:
     decision = run.decisions.get(call["id"])
     denial = decision if decision is not None and not decision["approved"] else None
     return RunTool(step_index=step_index, call=call, denial=denial)
+
+
+ATTEMPTS_EXHAUSTED = "ATTEMPTS_EXHAUSTED"
+
+
+def exhausted_attempts(run: Run, max_attempts: int) -> FailRun | None:
+    """Decides, for a run taken up after its executor stopped mid-way, whether it may go on.
+
+    None if it may (it is then resumed: its step in progress runs again as a new attempt). A
+    FailRun if that step has already had ``max_attempts`` attempts: a step that keeps crashing
+    its executor (a poison run) is not retried forever.
+    """
+    step_index = run.steps_completed + 1
+    attempts = run.attempt_of(step_index)
+    if attempts < max_attempts:
+        return None
+    step = next_step(run)
+    if isinstance(step, RunTool):
+        what = f"step {step_index} (tool call {step.call['name']!r})"
+    elif isinstance(step, CallModel):
+        what = f"step {step_index} (model call)"
+    else:
+        what = f"step {step_index}"
+    return FailRun(
+        ATTEMPTS_EXHAUSTED,
+        f"{what} was attempted {attempts} times and its executor stopped during each attempt; "
+        f"the run is not retried again (the limit is {max_attempts} attempts)",
+    )

@@ -45,6 +45,7 @@ class ExecutorContext:
             name=settings.executor_id,
             event_retention=settings.event_retention,
             names=settings.nats_names,
+            replicas=settings.nats_replicas,
         )
         agent_cache = AgentCache(link)
         await agent_cache.start()

@@ -8,6 +8,10 @@ An executor that dies stops keeping its messages alive, and JetStream delivers t
 
 Messages are deduplicated by run and version (``Nats-Msg-Id``), so dispatching the same state
 twice within the deduplication window queues it once.
+
+An executor that drains (SIGTERM) stops fetching and gives its messages back with ``nak``: they
+are delivered again at once rather than after ``ack_wait``. A run given up on (see
+eventstore.run_steps.exhausted_attempts) gets a record in the dead-letter stream.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -61,10 +66,22 @@ class WorkQueue:
         payload = json.dumps({"run_id": run_id, "tenant": tenant}).encode()
         await self._link.js.publish(self._link.names.dispatch_subject, payload, headers=headers)
 
+    async def dead_letter(self, run_id: str, tenant: str, record: dict[str, object]) -> None:
+        """Records, for operators, a run that was given up on (once per run within the
+        deduplication window: taking the run up again repeats the same record)."""
+        body = {"run_id": run_id, "tenant": tenant, "dead_lettered_at": time.time(), **record}
+        await self._link.js.publish(
+            self._link.names.deadletter_subject,
+            json.dumps(body).encode(),
+            headers={"Nats-Msg-Id": f"deadletter:{run_id}"},
+        )
+
     async def take_forever(
         self, handle: Callable[[Dispatch], Awaitable[None]], slots: asyncio.Semaphore
     ) -> None:
-        """Takes messages while this executor has free slots; each runs ``handle`` in a task."""
+        """Takes messages while this executor has free slots; each runs ``handle`` in a task.
+        Cancelling it stops the taking: the pull subscription goes, so that the server hands
+        nothing more to this executor."""
         tasks: set[asyncio.Task[None]] = set()
         while True:
             await self._link.wait_connected()
@@ -74,27 +91,44 @@ class WorkQueue:
                 log.warning("cannot subscribe to the dispatch queue (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
-            while True:
-                await slots.acquire()
-                try:
-                    msgs = await subscription.fetch(1, timeout=FETCH_WAIT)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    slots.release()
-                    continue
-                except (Unavailable, nats.errors.Error) as exc:
-                    slots.release()
-                    log.warning("dispatch queue: %s; subscribing again", exc)
-                    await asyncio.sleep(0.5)
-                    break
-                dispatch = _parse(msgs[0])
-                if dispatch is None:
-                    slots.release()
-                    with contextlib.suppress(nats.errors.Error):
-                        await msgs[0].term()
-                    continue
-                task = asyncio.create_task(_run_then_release(handle, dispatch, slots))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+            try:
+                await self._take_from(subscription, handle, slots, tasks)
+            finally:
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
+
+    async def _take_from(
+        self,
+        subscription: nats.js.JetStreamContext.PullSubscription,
+        handle: Callable[[Dispatch], Awaitable[None]],
+        slots: asyncio.Semaphore,
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
+        """Takes messages until the subscription fails (then returns: subscribe again)."""
+        while True:
+            await slots.acquire()
+            try:
+                msgs = await subscription.fetch(1, timeout=FETCH_WAIT)
+            except (TimeoutError, nats.errors.TimeoutError):
+                slots.release()
+                continue
+            except (Unavailable, nats.errors.Error) as exc:
+                slots.release()
+                log.warning("dispatch queue: %s; subscribing again", exc)
+                await asyncio.sleep(0.5)
+                return
+            except BaseException:
+                slots.release()
+                raise
+            dispatch = _parse(msgs[0])
+            if dispatch is None:
+                slots.release()
+                with contextlib.suppress(nats.errors.Error):
+                    await msgs[0].term()
+                continue
+            task = asyncio.create_task(_run_then_release(handle, dispatch, slots))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     async def _subscribe(self) -> nats.js.JetStreamContext.PullSubscription:
         names = self._link.names

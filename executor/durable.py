@@ -5,6 +5,15 @@ Holding a run means: its events are committed step by step (a step's events in o
 its client events are published, fenced, to its stream; its dispatch message is kept alive; its
 control subject answers (liveness, cancellation). What a run recorded but its stream does not
 show yet (the previous executor died between a commit and a publish) is published first.
+
+Draining (SIGTERM): the executor stops taking runs and hands back the runs it holds at once. A
+handed-back run stops being driven (its step in progress runs again elsewhere as a new attempt,
+exactly as after a crash), stops answering its control subject, lets an interrupted commit land
+and its published events out, and only then releases its message with ``nak``: the next taker
+finds nobody answering for the run and the stream and store as this executor left them.
+
+A run taken up again whose step has had too many attempts (see
+eventstore.run_steps.exhausted_attempts) is failed instead of resumed, and dead-lettered.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from agentrun.run_events import (
 )
 from agentrun.v1 import executor_service_pb2
 from eventstore.run import Run
-from eventstore.run_steps import AwaitApprovals
+from eventstore.run_steps import ATTEMPTS_EXHAUSTED, AwaitApprovals, exhausted_attempts
 from executor.agent_loop import AgentLoop
 from executor.client_events import Announcements, emit_recorded
 from executor.context import ExecutorContext
@@ -46,6 +55,10 @@ RECENT_RUNS = 1000
 
 class RunLost(Exception):
     """This executor no longer holds the run: another one took it over."""
+
+
+class HandedBack(Exception):
+    """The executor is draining: the run goes back to the queue for another executor."""
 
 
 class HeldRun:
@@ -83,6 +96,8 @@ class HeldRun:
         self._cancel_reason: str | None = None
         self._driving = False
         self._lost = False
+        self._handing_back = False
+        self._commit: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -97,6 +112,7 @@ class HeldRun:
         await self.ctx.link.subscribe_control(
             self.run_id, answering(self._control, self.ctx.executor_id)
         )
+        handed_back = False
         try:
             if self._state.last is None:
                 self.stream.run_started(run_to_proto(self.run, self.ctx.executor_id))
@@ -104,9 +120,20 @@ class HeldRun:
             await self._drive()
         except RunLost:
             self._lost = True
+        except HandedBack:
+            handed_back = True
+        except asyncio.CancelledError:
+            if not self._handing_back:
+                raise
+            if self.task is not None:
+                self.task.uncancel()
+            handed_back = True  # cancelled outside the steps (say, while recording a cancel)
         finally:
             heartbeat.cancel()
-            await self.ctx.link.unsubscribe_control(self.run_id)
+            await self.ctx.link.unsubscribe_control(self.run_id)  # before the nak, see below
+        if handed_back and not self._lost:
+            await self._release()
+            return
         if self._lost:
             await self.stream.close()
             log.warning("run %s: taken over by another executor; letting it go", self.run_id)
@@ -117,7 +144,30 @@ class HeldRun:
             with contextlib.suppress(nats.errors.Error):
                 await self._dispatch.msg.ack()
 
+    async def _release(self) -> None:
+        """Gives the run's message back for immediate redelivery (see module docstring)."""
+        if self._commit is not None:
+            with contextlib.suppress(Exception):
+                # It must land before the next taker's claim, which would conflict with it
+                # and make that taker drop the run.
+                await self._commit
+        self.stream.take_now()
+        await self.stream.close()
+        await self.publisher.close(PUBLISH_FLUSH_TIMEOUT)
+        with contextlib.suppress(nats.errors.Error):
+            await self._dispatch.msg.nak()
+        log.info("run %s: handed back for another executor", self.run_id)
+
+    def hand_back(self) -> None:
+        """Stops driving the run at once; ``hold`` then releases it (see module docstring). A
+        run whose driving has ended (it ended or suspended) is let go as usual instead."""
+        self._handing_back = True
+        if self._driving and self.task is not None:
+            self.task.cancel()
+
     async def _drive(self) -> None:
+        if self._handing_back:
+            raise HandedBack
         self._driving = True
         try:
             if self.run.is_finished:
@@ -130,6 +180,8 @@ class HeldRun:
                 current.uncancel()
             if self._lost:
                 raise RunLost from None
+            if self._handing_back:
+                raise HandedBack from None
             if self._cancel_reason is None:
                 raise
             await self.loop.cancel(self._cancel_reason)
@@ -167,8 +219,10 @@ class HeldRun:
         return self.run.attempt_of(step_index)
 
     async def commit(self, run: Run) -> None:
+        # Shielded: a run handed back mid-commit waits for the commit's thread before its nak.
+        self._commit = asyncio.ensure_future(asyncio.to_thread(self.ctx.run_store.commit, run))
         try:
-            await asyncio.to_thread(self.ctx.run_store.commit, run)
+            await asyncio.shield(self._commit)
         except Conflict:
             self._lost = True
             raise RunLost from None
@@ -201,15 +255,28 @@ class DurableRunner:
         self._recent: OrderedDict[str, Run] = OrderedDict()
         self._slots = asyncio.Semaphore(concurrency)
         self._task: asyncio.Task[None] | None = None
+        self._taking: set[asyncio.Task[Any]] = set()
+        self._draining = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.queue.take_forever(self.take, self._slots))
 
     async def stop(self) -> None:
+        """Stops taking runs from the queue."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    async def drain(self, wait: float) -> None:
+        """Stops taking runs and hands back every run held here (see module docstring); waits
+        up to ``wait`` seconds for them to be released."""
+        self._draining = True
+        await self.stop()
+        for held in list(self.held.values()):
+            held.hand_back()
+        if self._taking:
+            await asyncio.wait(list(self._taking), timeout=wait)
 
     def remember(self, run: Run) -> None:
         """Keeps a run this executor just stored, so that taking it from the queue here does not
@@ -220,6 +287,15 @@ class DurableRunner:
             self._recent.popitem(last=False)
 
     async def take(self, dispatch: Dispatch) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._taking.add(task)
+        try:
+            await self._take(dispatch)
+        finally:
+            self._taking.discard(task)
+
+    async def _take(self, dispatch: Dispatch) -> None:
         """Takes up a run from a dispatch message.
 
         A message delivered again (its previous taker stopped keeping it alive) or sent by a
@@ -245,24 +321,50 @@ class DurableRunner:
             await dispatch.msg.ack()  # a duplicate: the run's holder has it in hand
             return
         if taken_over and not run.is_finished and run.awaiting_decision() == []:
-            run.resume(self.ctx.executor_id)
+            poisoned = exhausted_attempts(run, self.ctx.settings.max_step_attempts)
+            if poisoned is None:
+                run.resume(self.ctx.executor_id)
+            else:
+                run.fail(poisoned.code, poisoned.message, retryable=False)
             try:
                 await asyncio.to_thread(store.commit, run)
             except Conflict:
                 await dispatch.msg.ack()
                 return
+        if run.error is not None and run.error["code"] == ATTEMPTS_EXHAUSTED:
+            await self._dead_letter(run, dispatch)  # again if an earlier taker died before it
         state = Published() if fresh else await published(self.ctx.link, run.run_id)
         recorded_after = (
             []
             if fresh
             else await asyncio.to_thread(store.recorded_after, run.run_id, state.version)
         )
+        if self._draining:
+            with contextlib.suppress(nats.errors.Error):
+                await dispatch.msg.nak()
+            return
         held = HeldRun(self.ctx, self.queue, run, dispatch, state)
         self.held[run.run_id] = held
         try:
             await held.hold(recorded_after)
         finally:
             self.held.pop(run.run_id, None)
+
+    async def _dead_letter(self, run: Run, dispatch: Dispatch) -> None:
+        assert run.error is not None
+        step_index = run.steps_completed + 1
+        log.error("run %s: dead-lettered: %s", run.run_id, run.error["message"])
+        await self.queue.dead_letter(
+            run.run_id,
+            run.tenant,
+            {
+                "error": dict(run.error),
+                "step_index": step_index,
+                "attempts": run.attempt_of(step_index),
+                "executor_id": self.ctx.executor_id,
+                "deliveries": dispatch.deliveries,
+            },
+        )
 
 
 async def publish_recorded(link: NatsLink, run: Run, events: list[Any]) -> None:

@@ -96,8 +96,12 @@ class RunPublisher:
 
     async def pace(self) -> None:
         """Waits (briefly) for the publish in flight, so that more events share the next message."""
+        # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives as the
+        # wait ends (here: as the publisher goes idle), and the stream's drain task, cancelled
+        # by RunStream.close, would then wait for events forever.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), 0.05)
+            async with asyncio.timeout(0.05):
+                await self._idle.wait()
 
     async def close(self, wait: float) -> bool:
         """Publishes what is queued (waiting at most ``wait`` seconds), then stops.

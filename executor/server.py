@@ -15,6 +15,7 @@ from agentrun.v1 import executor_service_pb2, executor_service_pb2_grpc
 from executor.context import ExecutorContext
 from executor.dispatch import WorkQueue
 from executor.durable import DurableRunner
+from executor.retention import RetentionJob
 from executor.run_list import RunListProjection
 from executor.runs import RunManager
 from executor.servicer import ExecutorServicer
@@ -34,7 +35,8 @@ async def run_executor(
     ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serves until SIGTERM/SIGINT (or ``stop``); then lets classic runs finish for a while."""
+    """Serves until SIGTERM/SIGINT (or ``stop``); then drains: takes no more durable runs, hands
+    back those it holds for immediate redelivery, and lets classic runs finish for a while."""
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
     )
@@ -44,6 +46,8 @@ async def run_executor(
     projection = RunListProjection(ctx)
     runs = RunManager(ctx, queue, durable, projection)
     runs.reconciler.start()
+    retention = RetentionJob.of(ctx)
+    retention.start()
     projection.start()
     durable.start()
     servicer = ExecutorServicer(ctx, runs)
@@ -63,7 +67,10 @@ async def run_executor(
             ready(port)
 
     async def on_stopping() -> None:
-        await durable.stop()
+        retention.stop()
+        # Durable runs go to other executors at once; classic runs cannot move, so they get
+        # the grace period to finish before they fail with EXECUTOR_LOST.
+        await durable.drain(SHUTDOWN_GRACE)
         await runs.shutdown(SHUTDOWN_GRACE)
         projection.stop()
 

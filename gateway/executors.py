@@ -22,10 +22,24 @@ def channel_target(target: str) -> str:
     return target
 
 
+# An executor that went away is tried again after this backoff, growing up to the maximum. gRPC's
+# defaults (1 s, growing to 120 s) leave an executor that was restarted at its address unused for
+# long after it is back; meanwhile, with the others also restarting, the gateway has no executor
+# at all ("connections to all backends failing").
+RECONNECT_BACKOFF_MS = 250
+MAX_RECONNECT_BACKOFF_MS = 2000
+
+
 def open_executors(target: str) -> tuple[grpc.aio.Channel, ExecutorServiceAsyncStub]:
     channel = grpc.aio.insecure_channel(
         channel_target(target),
-        options=[*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")],
+        options=[
+            *CHANNEL_OPTIONS,
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+            ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        ],
     )
     return channel, executor_service_pb2_grpc.ExecutorServiceStub(channel)
 

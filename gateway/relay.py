@@ -46,6 +46,12 @@ TERMINAL_STATUSES = frozenset(
     {run_pb2.RUN_STATUS_COMPLETED, run_pb2.RUN_STATUS_FAILED, run_pb2.RUN_STATUS_CANCELLED}
 )
 RELAYED_TAIL = 1024
+# Seconds between JetStream's heartbeats on an idle watch. A watch reads through an ephemeral
+# consumer that lives on one NATS server; when that server dies, the client notices the missing
+# heartbeats (after two) and recreates the consumer from the next sequence on a live server.
+# Without heartbeats nothing notices, and the watch stalls until JetStream itself moves the
+# consumer (15 s and more after a node of a cluster was killed).
+WATCH_HEARTBEAT = 1.0
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
@@ -108,6 +114,7 @@ class Relay:
             stream=self.link.names.events_stream,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,
+            idle_heartbeat=WATCH_HEARTBEAT,
         )
         seen = after_sequence
         check_at = time.monotonic() if probe_first else time.monotonic() + self.liveness_interval

@@ -25,6 +25,10 @@ from gateway.servicer import AgentServicer, RunServicer
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 5.0
+SHUTTING_DOWN = (
+    "the gateway is shutting down: reconnect (to any gateway) and resume with WatchRun "
+    "after the last sequence received"
+)
 
 
 async def run_gateway(
@@ -33,7 +37,8 @@ async def run_gateway(
     ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serves until SIGTERM/SIGINT (or ``stop``)."""
+    """Serves until SIGTERM/SIGINT (or ``stop``); then ends open streams with UNAVAILABLE, telling
+    clients to resume elsewhere (runs go on: disconnecting is not cancelling)."""
     link = NatsLink(
         list(settings.nats_urls),
         name=f"gateway-{uuid.uuid4().hex[:8]}",
@@ -66,7 +71,12 @@ async def run_gateway(
 
     try:
         await serve(
-            settings.gateway_listen, register, ready=on_ready, stop=stop, grace=SHUTDOWN_GRACE
+            settings.gateway_listen,
+            register,
+            ready=on_ready,
+            stop=stop,
+            grace=SHUTDOWN_GRACE,
+            end_streams_with=SHUTTING_DOWN,
         )
     finally:
         await relay.calls.close()

@@ -325,3 +325,24 @@ def test_application_env_for_postgres() -> None:
         "POSTGRES_SCHEMA": "blue",
     }
     assert "POSTGRES_SCHEMA" not in StoreConfig.from_url(url).application_env("AgentCatalog")
+
+
+def test_nats_replicas_default_to_one_and_are_read() -> None:
+    assert Settings.from_env({}).nats_replicas == 1
+    assert Settings.from_env({"AGENTRUN_NATS_REPLICAS": "3"}).nats_replicas == 3
+
+
+def test_postgres_url_sets_pool_sizes() -> None:
+    config = StoreConfig.from_url("postgresql://db/agents?schema=s&pool_size=2&max_overflow=0")
+    assert config.postgres is not None
+    assert (config.postgres.pool_size, config.postgres.max_overflow) == (2, 0)
+    env = config.application_env("Runs")
+    assert (env["POSTGRES_POOL_SIZE"], env["POSTGRES_MAX_OVERFLOW"]) == ("2", "0")
+    defaults = StoreConfig.from_url("postgresql://db/agents").application_env("Runs")
+    assert (defaults["POSTGRES_POOL_SIZE"], defaults["POSTGRES_MAX_OVERFLOW"]) == ("4", "8")
+
+
+@pytest.mark.parametrize("query", ["pool_size=0", "pool_size=x", "max_overflow=-1"])
+def test_postgres_pool_sizes_must_be_counts(query: str) -> None:
+    with pytest.raises(InvalidArgument):
+        StoreConfig.from_url(f"postgresql://db/agents?{query}")

@@ -12,13 +12,20 @@ run's last user message:
 - anything else: a reply of more than 20 tokens that quotes the input.
 
 The same messages always give the same answer, so a replayed step is identical.
+
+Test hook: a scripted turn whose text is CRASH_EXECUTOR_TURN kills its own process with SIGKILL
+(after the agent's first-token delay) when AGENTRUN_TEST_CRASH_HOOK=1 is set in the executor's
+environment, so that tests can make a step that keeps crashing its executor (a poison run).
+Without that variable the turn is ordinary text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 from collections.abc import Sequence
 
 from eventstore.agent_config import ScriptedTurn
@@ -30,6 +37,8 @@ _COUNT = re.compile(r"count to (\d+)", re.IGNORECASE)
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _CALCULATE = re.compile(r"calculate\s+(.+)", re.IGNORECASE)
 MAX_COUNT = 10_000
+CRASH_EXECUTOR_TURN = "<test hook: crash the executor>"
+CRASH_HOOK_VARIABLE = "AGENTRUN_TEST_CRASH_HOOK"
 
 
 def tokens_of(text: str) -> list[str]:
@@ -44,6 +53,9 @@ class ScriptedProvider:
         settings = request.model.scripted
         if settings.turns:
             turn = settings.turns[min(request.call_index, len(settings.turns) - 1)]
+            if turn.text == CRASH_EXECUTOR_TURN and os.environ.get(CRASH_HOOK_VARIABLE) == "1":
+                await asyncio.sleep(settings.first_token_delay)
+                os.kill(os.getpid(), signal.SIGKILL)
             tokens, tool_calls = _scripted_turn(turn, request.call_index)
         else:
             tokens, tool_calls = _demo_answer(request.messages, request.call_index)

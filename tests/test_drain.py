@@ -1,0 +1,176 @@
+"""Graceful drain on SIGTERM, with real processes.
+
+- An executor hands its durable runs back for immediate redelivery: the dispatch queue's
+  ack_wait is set far beyond the test's guard, so only the drain's nak can explain another
+  executor resuming them. They complete there with their uninterrupted output, and every
+  watcher's stream is gap-free.
+- A gateway ends its open streams with UNAVAILABLE saying how to resume; the client resumes
+  on another gateway with WatchRun after its last sequence and loses and repeats nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agentrun.launcher import Service, free_port
+from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
+from tests.client import EOF, Client, kinds, rest, scripted_agent, until
+from tests.conftest import database_url_for, drop_schema
+from tests.stack import Stack
+
+DURABLE = agent_pb2.EXECUTION_MODE_DURABLE
+CLASSIC = agent_pb2.EXECUTION_MODE_CLASSIC
+ONE = " ".join(f"one{i}" for i in range(25)) + " "
+TWO = " ".join(f"two{i}" for i in range(25)) + "."
+TURNS = [(ONE, [("calculator", '{"expression": "6*7"}')]), (TWO, [])]
+TOOLS = (("calculator", False),)
+# Far longer than any guard below: a run resumed elsewhere within the guard was handed back.
+NO_REDELIVERY = {"AGENTRUN_DISPATCH_ACK_WAIT": "600"}
+GUARD = 90.0
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def stack(
+    request: pytest.FixtureRequest, nats_server: Service, tmp_path: Path
+) -> AsyncIterator[Stack]:
+    url = database_url_for(request.param, tmp_path / "data")
+    running = Stack(database_url=url, nats=nats_server, tmp=tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+        drop_schema(url)
+
+
+def check_uninterrupted(events: list[run_pb2.RunEvent]) -> None:
+    """The run's stream is gap-free and shows, attempt by attempt, exactly the scripted output;
+    no step started again after it completed."""
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1)), kinds(events)
+    assert events[-1].HasField("run_completed"), kinds(events)
+    assert events[-1].run_completed.output == TWO
+    completed: set[int] = set()
+    texts: dict[int, tuple[int, str]] = {}
+    for event in events:
+        if event.HasField("step_started"):
+            step = event.step_started
+            assert step.step_index not in completed, "a completed step ran again"
+            if step.kind == run_pb2.STEP_KIND_MODEL_CALL:
+                texts[step.step_index] = (step.attempt, "")
+        elif event.HasField("step_completed"):
+            completed.add(event.step_completed.step_index)
+        elif event.HasField("text_delta"):
+            attempt, text = texts[event.text_delta.step_index]
+            if event.text_delta.attempt == attempt:
+                texts[event.text_delta.step_index] = (attempt, text + event.text_delta.text)
+    assert [texts[s][1] for s in sorted(texts)] == [ONE, TWO]
+
+
+async def read_all(call: object, started: list[run_pb2.RunEvent]) -> list[run_pb2.RunEvent]:
+    return started + await rest(call)
+
+
+@pytest.mark.timeout(240)
+async def test_a_draining_executor_hands_its_durable_runs_over_at_once(stack: Stack) -> None:
+    second_port = free_port()
+    first = stack.start_executor(AGENTRUN_EXECUTOR_ID="executor-a", **NO_REDELIVERY)
+    gateway = stack.start_gateway(f"{first.address},127.0.0.1:{second_port}", **NO_REDELIVERY)
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        client = Client(channel)
+        agent = await client.create_agent(
+            scripted_agent(turns=TURNS, tools=TOOLS, mode=DURABLE, token_delay_ms=50)
+        )
+        run_ids = [
+            (
+                await client.runs.StartRun(
+                    run_service_pb2.StartRunRequest(agent_id=agent.id, input=f"run {i}")
+                )
+            ).run.id
+            for i in range(4)
+        ]
+        watches = [client.watch(run_id) for run_id in run_ids]
+        # Every run is held by the first executor, streaming its first model call; the second
+        # executor starts once the first is draining.
+        seen = [await until(watch, "text_delta") for watch in watches]
+        first.process.send_signal(signal.SIGTERM)
+        second = stack.start_executor(
+            AGENTRUN_EXECUTOR_ID="executor-b",
+            AGENTRUN_EXECUTOR_LISTEN=f"127.0.0.1:{second_port}",
+            **NO_REDELIVERY,
+        )
+        finished = await asyncio.wait_for(
+            asyncio.gather(*(read_all(w, s) for w, s in zip(watches, seen, strict=True))),
+            GUARD,
+        )
+        assert await asyncio.to_thread(first.process.wait, GUARD) == 0
+    # A gateway of the second executor alone reads the stored histories (the first gateway
+    # may still be backing off from the address where the second was not yet listening).
+    reader = stack.start_gateway(second.address)
+    async with grpc.aio.insecure_channel(reader.address) as channel:
+        client = Client(channel)
+        for run_id, events in zip(run_ids, finished, strict=True):
+            check_uninterrupted(events)
+            stored = [
+                event
+                async for response in client.runs.ListRunEvents(
+                    run_service_pb2.ListRunEventsRequest(run_id=run_id)
+                )
+                for event in response.events
+            ]
+            resumed = [json.loads(e.payload_json) for e in stored if e.type == "Resumed"]
+            assert [r["executor_id"] for r in resumed] == ["executor-b"], [e.type for e in stored]
+            attempts = [e.step_started.attempt for e in events if e.HasField("step_started")]
+            assert max(attempts) == 2  # the interrupted step ran again, as a new attempt
+        assert first.log().count("handed back for another executor") == len(run_ids)
+        assert second.process.poll() is None
+
+
+async def _next_error(call: object) -> grpc.aio.AioRpcError:
+    """Reads a streaming call until it fails; the failure (an AssertionError if it ends well)."""
+    try:
+        while await call.read() is not EOF:  # type: ignore[attr-defined]
+            pass
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    raise AssertionError("the stream ended without an error")
+
+
+@pytest.mark.timeout(240)
+async def test_a_stopping_gateway_tells_its_streams_to_resume_elsewhere(stack: Stack) -> None:
+    stack.start_executor()
+    stopping = stack.start_gateway()
+    staying = stack.start_gateway()
+    async with (
+        grpc.aio.insecure_channel(stopping.address) as channel,
+        grpc.aio.insecure_channel(staying.address) as other_channel,
+    ):
+        client, other = Client(channel), Client(other_channel)
+        streams: list[object] = []
+        for mode in (DURABLE, CLASSIC):
+            agent = await client.create_agent(
+                scripted_agent(turns=TURNS, tools=TOOLS, mode=mode, token_delay_ms=20)
+            )
+            streams.append(client.stream(agent.id, "go"))
+        seen = [await until(call, "text_delta") for call in streams]
+        durable_id = seen[0][0].run_id
+        streams.append(client.watch(durable_id))
+        seen.append(await until(streams[-1], "text_delta"))
+        stopping.process.send_signal(signal.SIGTERM)
+        errors = await asyncio.wait_for(asyncio.gather(*map(_next_error, streams)), GUARD)
+        for error in errors:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            assert "WatchRun" in (error.details() or ""), error
+        assert await asyncio.to_thread(stopping.process.wait, GUARD) == 0
+        for before in seen:
+            # What the call delivered after ``before`` was dropped by _next_error: resuming
+            # after ``before`` must give it again, and everything after it.
+            after = await asyncio.wait_for(
+                other.watch_all(before[0].run_id, after=before[-1].sequence), GUARD
+            )
+            check_uninterrupted(before + after)
