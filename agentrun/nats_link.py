@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,14 +45,6 @@ TENANT_HEADER = "Agentrun-Tenant"
 VERSION_HEADER = "Agentrun-Version"  # the run's stored version a message's events reflect
 STEP_HEADER = "Agentrun-Step"  # the highest step a run's stream has announced
 DEDUPLICATION_WINDOW = 120.0
-REPLICAS_VARIABLE = "AGENTRUN_NATS_REPLICAS"
-
-
-def replicas_from_env() -> int:
-    """The replicas of the JetStream streams as AGENTRUN_NATS_REPLICAS sets them (default 1): for
-    a caller that does not pass ``replicas`` to NatsLink (Settings.nats_replicas reads the same)."""
-    value = os.environ.get(REPLICAS_VARIABLE, "").strip()
-    return int(value) if value else 1
 
 
 NAMESPACE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -124,12 +115,12 @@ class NatsLink:
         name: str,
         event_retention: float,
         names: NatsNames | None = None,
-        replicas: int | None = None,
+        replicas: int = 1,
     ) -> None:
         self.names = names or NatsNames()
         # Copies of each stream in a JetStream cluster (3 survives the loss of one server; 1 on a
-        # single server). None: as AGENTRUN_NATS_REPLICAS says.
-        self._replicas = replicas_from_env() if replicas is None else replicas
+        # single server).
+        self._replicas = replicas
         if self._replicas < 1:
             raise ValueError("a JetStream stream has at least one replica")
         self._urls = urls
@@ -186,18 +177,26 @@ class NatsLink:
     async def wait_connected(self) -> None:
         await self._connected.wait()
 
-    async def subscribe_control(self, run_id: str, handler: MessageHandler) -> None:
+    async def subscribe_control(
+        self, run_id: str, handler: MessageHandler, *, flush: bool = False
+    ) -> None:
         """Answers control requests for ``run_id`` with ``handler`` (now, or once connected)."""
-        await self.subscribe(self.names.control_subject(run_id), handler)
+        await self.subscribe(self.names.control_subject(run_id), handler, flush=flush)
 
     async def unsubscribe_control(self, run_id: str) -> None:
         await self.unsubscribe(self.names.control_subject(run_id))
 
-    async def subscribe(self, subject: str, handler: MessageHandler) -> None:
-        """Handles the subject's messages with ``handler`` (now, or once connected)."""
+    async def subscribe(
+        self, subject: str, handler: MessageHandler, *, flush: bool = False
+    ) -> None:
+        """Handles the subject's messages with ``handler`` (now, or once connected); a second
+        call for the subject replaces the handler, with no moment unsubscribed. ``flush``:
+        returns once the server has the subscription (one round trip)."""
         self._handlers[subject] = handler
-        if self._nc is not None:
-            await self._subscribe(subject, handler)
+        if self._nc is not None and subject not in self._subscriptions:
+            await self._subscribe(subject)
+            if flush:
+                await self._nc.flush()
 
     def on_reconnected(self, callback: Callable[[], None]) -> None:
         """Calls ``callback`` after each reconnection (messages may have been missed)."""
@@ -223,9 +222,15 @@ class NatsLink:
             return None
         return True
 
-    async def _subscribe(self, subject: str, handler: MessageHandler) -> None:
+    async def _subscribe(self, subject: str) -> None:
         assert self._nc is not None
-        self._subscriptions[subject] = await self._nc.subscribe(subject, cb=handler)
+
+        async def dispatch(msg: Msg) -> None:
+            handler = self._handlers.get(subject)
+            if handler is not None:
+                await handler(msg)
+
+        self._subscriptions[subject] = await self._nc.subscribe(subject, cb=dispatch)
 
     async def _connect_forever(self) -> None:
         delay = 0.2
@@ -258,9 +263,9 @@ class NatsLink:
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("cannot set up JetStream streams (%s); retrying", exc)
                 await asyncio.sleep(1.0)
-        for subject, handler in list(self._handlers.items()):
+        for subject in list(self._handlers):
             if subject not in self._subscriptions:
-                await self._subscribe(subject, handler)
+                await self._subscribe(subject)
         log.info("connected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?")
         self._connected.set()
 

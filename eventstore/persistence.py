@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -125,6 +126,22 @@ class StoreConfig:
             contextlib.suppress(*duplicate),
         ):
             db.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.postgres.schema}"')
+
+    @contextlib.contextmanager
+    def creating_tables(self) -> Iterator[None]:
+        """Holds, on PostgreSQL, a lock that one process at a time gets: executors starting
+        together would otherwise create the same tables and functions at once, and PostgreSQL
+        refuses concurrent ``CREATE OR REPLACE FUNCTION`` ("tuple concurrently updated")."""
+        if self.postgres is None:
+            yield
+            return
+        key = f"agentrun.tables:{self.postgres.schema}"
+        with psycopg.connect(self.postgres.conninfo(), autocommit=True) as db:
+            db.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+            try:
+                yield
+            finally:
+                db.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
 
     def application_env(self, name: str) -> dict[str, str]:
         """The eventsourcing settings for the application called ``name``."""

@@ -37,7 +37,13 @@ class ExecutorContext:
         store = StoreConfig.from_url(settings.database_url, settings.data_dir)
 
         def open_store() -> tuple[RunIndex, AgentCatalog, ConversationLog, RunStore]:
-            return RunIndex(store), AgentCatalog(store), ConversationLog(store), RunStore(store)
+            with store.creating_tables():
+                return (
+                    RunIndex(store),
+                    AgentCatalog(store),
+                    ConversationLog(store),
+                    RunStore(store),
+                )
 
         index, agents, conversations, run_store = await asyncio.to_thread(open_store)
         link = NatsLink(

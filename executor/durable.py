@@ -53,6 +53,10 @@ PUBLISH_FLUSH_TIMEOUT = 10.0
 RECENT_RUNS = 1000
 
 
+def _changing_hands(op: str, request: dict[str, Any]) -> None:
+    raise FailedPrecondition("the run is changing hands; try again")
+
+
 class RunLost(Exception):
     """This executor no longer holds the run: another one took it over."""
 
@@ -256,6 +260,7 @@ class DurableRunner:
         self._slots = asyncio.Semaphore(concurrency)
         self._task: asyncio.Task[None] | None = None
         self._taking: set[asyncio.Task[Any]] = set()
+        self._claiming: set[str] = set()  # runs whose claim is being committed here
         self._draining = False
 
     def start(self) -> None:
@@ -320,35 +325,56 @@ class DurableRunner:
         if not fresh and await self.ctx.link.holder_answers(run.run_id) is True:
             await dispatch.msg.ack()  # a duplicate: the run's holder has it in hand
             return
-        if taken_over and not run.is_finished and run.awaiting_decision() == []:
-            poisoned = exhausted_attempts(run, self.ctx.settings.max_step_attempts)
-            if poisoned is None:
-                run.resume(self.ctx.executor_id)
-            else:
-                run.fail(poisoned.code, poisoned.message, retryable=False)
-            try:
-                await asyncio.to_thread(store.commit, run)
-            except Conflict:
-                await dispatch.msg.ack()
-                return
-        if run.error is not None and run.error["code"] == ATTEMPTS_EXHAUSTED:
-            await self._dead_letter(run, dispatch)  # again if an earlier taker died before it
-        state = Published() if fresh else await published(self.ctx.link, run.run_id)
-        recorded_after = (
-            []
-            if fresh
-            else await asyncio.to_thread(store.recorded_after, run.run_id, state.version)
-        )
-        if self._draining:
-            with contextlib.suppress(nats.errors.Error):
-                await dispatch.msg.nak()
+        claiming = taken_over and not run.is_finished and run.awaiting_decision() == []
+        if claiming and run.run_id in self._claiming:
+            await dispatch.msg.ack()  # a duplicate, being claimed here already
             return
-        held = HeldRun(self.ctx, self.queue, run, dispatch, state)
-        self.held[run.run_id] = held
+        holding = False
         try:
-            await held.hold(recorded_after)
+            if claiming:
+                self._claiming.add(run.run_id)
+                # This executor answers for the run before its claim is committed: whoever
+                # loads the run after the claim then finds a holder and drops its duplicate
+                # message instead of claiming the run again (another Resumed, another attempt).
+                await self.ctx.link.subscribe_control(
+                    run.run_id, answering(_changing_hands, self.ctx.executor_id), flush=True
+                )
+                poisoned = exhausted_attempts(run, self.ctx.settings.max_step_attempts)
+                if poisoned is None:
+                    run.resume(self.ctx.executor_id)
+                else:
+                    run.fail(poisoned.code, poisoned.message, retryable=False)
+                try:
+                    await asyncio.to_thread(store.commit, run)
+                except Conflict:
+                    await dispatch.msg.ack()
+                    return
+            if run.error is not None and run.error["code"] == ATTEMPTS_EXHAUSTED:
+                await self._dead_letter(run, dispatch)  # again if an earlier taker died first
+            state = Published() if fresh else await published(self.ctx.link, run.run_id)
+            recorded_after = (
+                []
+                if fresh
+                else await asyncio.to_thread(store.recorded_after, run.run_id, state.version)
+            )
+            if self._draining:
+                if claiming:
+                    await self.ctx.link.unsubscribe_control(run.run_id)  # before the nak
+                with contextlib.suppress(nats.errors.Error):
+                    await dispatch.msg.nak()
+                return
+            held = HeldRun(self.ctx, self.queue, run, dispatch, state)
+            self.held[run.run_id] = held
+            holding = True
+            try:
+                await held.hold(recorded_after)
+            finally:
+                self.held.pop(run.run_id, None)
         finally:
-            self.held.pop(run.run_id, None)
+            if claiming:
+                self._claiming.discard(run.run_id)
+                if not holding:
+                    await self.ctx.link.unsubscribe_control(run.run_id)
 
     async def _dead_letter(self, run: Run, dispatch: Dispatch) -> None:
         assert run.error is not None

@@ -44,6 +44,7 @@ async def run_gateway(
         name=f"gateway-{uuid.uuid4().hex[:8]}",
         event_retention=settings.event_retention,
         names=settings.nats_names,
+        replicas=settings.nats_replicas,
     )
     await link.start()
     channel, executors = open_executors(settings.executor_target)
