@@ -16,6 +16,7 @@ import inspect
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import grpc
@@ -168,7 +169,7 @@ class StreamDrain(ServerInterceptor):
     def __init__(self, message: str) -> None:
         self.message = message
         self.draining = False
-        self._open: set[asyncio.Task[Any]] = set()
+        self._open: set[_OpenCall] = set()
 
     async def intercept_service(
         self,
@@ -200,28 +201,51 @@ class StreamDrain(ServerInterceptor):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, self.message)
             task = asyncio.current_task()
             assert task is not None
-            self._open.add(task)
+            call = _OpenCall(task)
+            self._open.add(call)
+            responses = behavior(request, context)
             try:
-                async for response in behavior(request, context):
+                while True:
+                    call.waiting = True
+                    try:
+                        response = await anext(responses)
+                    except StopAsyncIteration:
+                        return
+                    except asyncio.CancelledError:
+                        if not self.draining:
+                            raise  # the client went away
+                        task.uncancel()
+                        break
+                    finally:
+                        call.waiting = False
                     yield response
-            except asyncio.CancelledError:
-                if not self.draining:
-                    raise  # the client went away
-                task.uncancel()
-                await context.abort(grpc.StatusCode.UNAVAILABLE, self.message)
+                    if self.draining:
+                        break  # drained while gRPC sent the response
             finally:
-                self._open.discard(task)
+                self._open.discard(call)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.message)
 
         return tracked
 
     async def drain(self, wait: float) -> None:
-        """Refuses new streams and ends the open ones (waiting up to ``wait`` seconds)."""
+        """Refuses new streams and ends the open ones (waiting up to ``wait`` seconds).
+
+        Only a call waiting for its next response is cancelled: a cancellation that landed
+        while gRPC sends a response would end the call without a status. A call that is
+        sending ends once the send completes."""
         self.draining = True
         open_calls = list(self._open)
-        for task in open_calls:
-            task.cancel()
+        for call in open_calls:
+            if call.waiting:
+                call.task.cancel()
         if open_calls:
-            await asyncio.wait(open_calls, timeout=wait)
+            await asyncio.wait([call.task for call in open_calls], timeout=wait)
+
+
+@dataclass(eq=False)
+class _OpenCall:
+    task: asyncio.Task[Any]
+    waiting: bool = False
 
 
 async def serve(

@@ -31,6 +31,9 @@ ONE = " ".join(f"one{i}" for i in range(25)) + " "
 TWO = " ".join(f"two{i}" for i in range(25)) + "."
 TURNS = [(ONE, [("calculator", '{"expression": "6*7"}')]), (TWO, [])]
 TOOLS = (("calculator", False),)
+# With an approval the streams wait, open, for as long as the test needs: none of them can end
+# before the gateway stops.
+APPROVED_TOOLS = (("calculator", True),)
 # Far longer than any guard below: a run resumed elsewhere within the guard was handed back.
 NO_REDELIVERY = {"AGENTRUN_DISPATCH_ACK_WAIT": "600"}
 GUARD = 90.0
@@ -154,19 +157,22 @@ async def test_a_stopping_gateway_tells_its_streams_to_resume_elsewhere(stack: S
         streams: list[object] = []
         for mode in (DURABLE, CLASSIC):
             agent = await client.create_agent(
-                scripted_agent(turns=TURNS, tools=TOOLS, mode=mode, token_delay_ms=20)
+                scripted_agent(turns=TURNS, tools=APPROVED_TOOLS, mode=mode)
             )
             streams.append(client.stream(agent.id, "go"))
-        seen = [await until(call, "text_delta") for call in streams]
+        seen = [await until(call, "tool_approval_required") for call in streams]
         durable_id = seen[0][0].run_id
         streams.append(client.watch(durable_id))
-        seen.append(await until(streams[-1], "text_delta"))
+        seen.append(await until(streams[-1], "tool_approval_required"))
         stopping.process.send_signal(signal.SIGTERM)
         errors = await asyncio.wait_for(asyncio.gather(*map(_next_error, streams)), GUARD)
         for error in errors:
             assert error.code() == grpc.StatusCode.UNAVAILABLE, error
             assert "WatchRun" in (error.details() or ""), error
         assert await asyncio.to_thread(stopping.process.wait, GUARD) == 0
+        for before in seen[:2]:
+            required = before[-1].tool_approval_required
+            await other.approve(before[0].run_id, required.tool_call.id)
         for before in seen:
             # What the call delivered after ``before`` was dropped by _next_error: resuming
             # after ``before`` must give it again, and everything after it.
