@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,31 @@ RECONNECT_BACKOFF_MS = 250
 MAX_RECONNECT_BACKOFF_MS = 2000
 
 
+# Reads that find no executor ready (the one they would go to is restarting: "connection
+# refused") are tried again for a few seconds, with gRPC's retries. Writes are not: the gateway
+# could not tell whether a failed one took effect.
+RETRIED_READS = ("GetRun", "ListRuns", "ListRunEvents", "GetAgent", "ListAgents")
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": "agentrun.v1.ExecutorService", "method": method}
+                    for method in RETRIED_READS
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.5s",
+                    "maxBackoff": "4s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
 def open_executors(target: str) -> tuple[grpc.aio.Channel, ExecutorServiceAsyncStub]:
     channel = grpc.aio.insecure_channel(
         channel_target(target),
@@ -39,6 +65,7 @@ def open_executors(target: str) -> tuple[grpc.aio.Channel, ExecutorServiceAsyncS
             ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
             ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
             ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+            ("grpc.service_config", SERVICE_CONFIG),
         ],
     )
     return channel, executor_service_pb2_grpc.ExecutorServiceStub(channel)
