@@ -87,6 +87,7 @@ class Run(Aggregate):
         self.error: RunError | None = None
         self.cancel_reason = ""
         self.attempts: dict[str, int] = {}  # step index (as text: JSON keys) -> attempt
+        self.releases: dict[str, int] = {}  # step index -> attempts handed back by a drain
         self.holder = ""
         self.forked_from_run_id = forked_from_run_id
         self.forked_at_version = forked_at_version
@@ -139,8 +140,13 @@ class Run(Aggregate):
         )
 
     def attempt_of(self, step_index: int) -> int:
-        """1, or more if the step was interrupted (by a crash) and taken up again."""
+        """1, or more if the step was interrupted (by a crash or a drain) and taken up again."""
         return self.attempts.get(str(step_index), 1)
+
+    def releases_of(self, step_index: int) -> int:
+        """How many attempts of the step a draining executor handed back (see ``release``)."""
+        released: dict[str, int] = getattr(self, "releases", {})  # absent in older snapshots
+        return released.get(str(step_index), 0)
 
     @property
     def approval_deadline(self) -> float | None:
@@ -221,6 +227,18 @@ class Run(Aggregate):
     def _resumed(self, step_index: int, executor_id: str) -> None:
         self.attempts[str(step_index)] = self.attempt_of(step_index) + 1
         self.holder = executor_id
+
+    def release(self, executor_id: str) -> None:
+        """A draining executor hands the run back: the step in progress runs again elsewhere,
+        and its interrupted attempt does not count towards the step's failed attempts."""
+        self._released(step_index=self.steps_completed + 1, executor_id=executor_id)
+
+    @event("Released")
+    def _released(self, step_index: int, executor_id: str) -> None:
+        releases: dict[str, int] = getattr(self, "releases", {})
+        releases[str(step_index)] = releases.get(str(step_index), 0) + 1
+        self.releases = releases
+        self.holder = ""
 
     @event("Completed")
     def complete(self, output: str) -> None:

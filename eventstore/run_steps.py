@@ -111,7 +111,9 @@ def exhausted_attempts(run: Run, max_attempts: int) -> FailRun | None:
     its executor (a poison run) is not retried forever.
     """
     step_index = run.steps_completed + 1
-    attempts = run.attempt_of(step_index)
+    # Every attempt so far has ended (the run is being taken up again); those a draining
+    # executor handed back did not fail.
+    attempts = run.attempt_of(step_index) - run.releases_of(step_index)
     if attempts < max_attempts:
         return None
     step = next_step(run)

@@ -27,7 +27,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
-from agentrun.errors import Conflict, FailedPrecondition, NotFound
+from agentrun.errors import AgentrunError, Conflict, FailedPrecondition, NotFound
 from agentrun.nats_link import TENANT_HEADER, NatsLink, message_id
 from agentrun.run_events import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
@@ -155,6 +155,12 @@ class HeldRun:
                 # It must land before the next taker's claim, which would conflict with it
                 # and make that taker drop the run.
                 await self._commit
+        if not self.run.is_finished and not self.run.awaiting_decision():
+            # Recorded so that the interrupted attempt is not counted as a failed one (see
+            # eventstore.run_steps.exhausted_attempts): rolling restarts are not poison.
+            self.run.release(self.ctx.executor_id)
+            with contextlib.suppress(AgentrunError):  # then it counts as failed: no harm
+                await asyncio.to_thread(self.ctx.run_store.commit, self.run)
         self.stream.take_now()
         await self.stream.close()
         await self.publisher.close(PUBLISH_FLUSH_TIMEOUT)

@@ -128,6 +128,9 @@ async def test_a_draining_executor_hands_its_durable_runs_over_at_once(stack: St
             ]
             resumed = [json.loads(e.payload_json) for e in stored if e.type == "Resumed"]
             assert [r["executor_id"] for r in resumed] == ["executor-b"], [e.type for e in stored]
+            # The hand-back is recorded, so the interrupted attempt is not counted as failed.
+            released = [json.loads(e.payload_json) for e in stored if e.type == "Released"]
+            assert [r["executor_id"] for r in released] == ["executor-a"], [e.type for e in stored]
             attempts = [e.step_started.attempt for e in events if e.HasField("step_started")]
             assert max(attempts) == 2  # the interrupted step ran again, as a new attempt
         assert first.log().count("handed back for another executor") == len(run_ids)

@@ -155,6 +155,27 @@ def test_a_step_is_given_up_on_after_its_attempts_counted_from_the_events() -> N
     assert exhausted_attempts(rebuilt, MAX_ATTEMPTS + 1) is None
 
 
+def test_attempts_handed_back_by_a_drain_do_not_count() -> None:
+    run = new_run()
+    run.record_model_call(1, "", [{"id": "c1", "name": "clock", "arguments_json": "{}"}], USAGE)
+    for _ in range(2 * MAX_ATTEMPTS):  # rolling restarts: each drain hands the step back
+        run.release("draining")
+        assert exhausted_attempts(run, MAX_ATTEMPTS) is None
+        run.resume("next")
+    assert run.releases_of(2) == 2 * MAX_ATTEMPTS
+    for _ in range(MAX_ATTEMPTS - 1):  # then the step crashes its executors
+        assert exhausted_attempts(run, MAX_ATTEMPTS) is None
+        run.resume("next")
+    verdict = exhausted_attempts(run, MAX_ATTEMPTS)
+    assert verdict is not None
+    assert f"attempted {MAX_ATTEMPTS} times" in verdict.message
+    rebuilt = None
+    for event in run.collect_events():
+        rebuilt = event.mutate(rebuilt)
+    assert isinstance(rebuilt, type(run))
+    assert exhausted_attempts(rebuilt, MAX_ATTEMPTS) == verdict
+
+
 @pytest.mark.timeout(400)
 async def test_a_poison_run_is_dead_lettered_while_healthy_runs_complete(stack: Stack) -> None:
     executors = Executors(stack)
