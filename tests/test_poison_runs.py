@@ -23,6 +23,7 @@ from agentrun.launcher import Service, free_port
 from agentrun.nats_link import NatsNames
 from agentrun.run_events import is_terminal
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
+from eventstore.run import Run
 from eventstore.run_steps import ATTEMPTS_EXHAUSTED, exhausted_attempts
 from executor.models.scripted import CRASH_EXECUTOR_TURN, CRASH_HOOK_VARIABLE
 from tests.client import EOF, Client, kinds, scripted_agent
@@ -134,6 +135,15 @@ def check_healthy(events: list[run_pb2.RunEvent]) -> None:
     assert [texts[s][1] for s in sorted(texts)] == [ANSWER, FINAL]
 
 
+def rebuilt_from_events(run: Run) -> Run:
+    """The run as its events alone make it (what an executor that loads it sees)."""
+    rebuilt = None
+    for event in run.collect_events():
+        rebuilt = event.mutate(rebuilt)
+    assert isinstance(rebuilt, Run)
+    return rebuilt
+
+
 def test_a_step_is_given_up_on_after_its_attempts_counted_from_the_events() -> None:
     run = new_run()
     run.record_model_call(1, "", [{"id": "c1", "name": "clock", "arguments_json": "{}"}], USAGE)
@@ -147,10 +157,7 @@ def test_a_step_is_given_up_on_after_its_attempts_counted_from_the_events() -> N
     assert "step 2 (tool call 'clock')" in verdict.message
     assert f"attempted {MAX_ATTEMPTS} times" in verdict.message
     # Counted from the events alone: the run rebuilt from them decides the same.
-    rebuilt = None
-    for event in run.collect_events():
-        rebuilt = event.mutate(rebuilt)
-    assert isinstance(rebuilt, type(run))
+    rebuilt = rebuilt_from_events(run)
     assert exhausted_attempts(rebuilt, MAX_ATTEMPTS) == verdict
     assert exhausted_attempts(rebuilt, MAX_ATTEMPTS + 1) is None
 
@@ -169,10 +176,7 @@ def test_attempts_handed_back_by_a_drain_do_not_count() -> None:
     verdict = exhausted_attempts(run, MAX_ATTEMPTS)
     assert verdict is not None
     assert f"attempted {MAX_ATTEMPTS} times" in verdict.message
-    rebuilt = None
-    for event in run.collect_events():
-        rebuilt = event.mutate(rebuilt)
-    assert isinstance(rebuilt, type(run))
+    rebuilt = rebuilt_from_events(run)
     assert exhausted_attempts(rebuilt, MAX_ATTEMPTS) == verdict
 
 
