@@ -86,6 +86,18 @@ class Relay:
         )
         return response.response.run
 
+    async def is_stored(self, tenant: str, run_id: str) -> bool:
+        """Whether a durable run's first event is in the store: its row in the run list is
+        claimed before it is stored, so the row alone does not tell."""
+        request = run_service_pb2.ListRunEventsRequest(run_id=run_id, to_version=1)
+        call = self.executors.ListRunEvents(
+            pb.ExecutorServiceListRunEventsRequest(tenant=tenant, request=request)
+        )
+        async for response in call:
+            if response.response.events:
+                return True
+        return False
+
     async def watch(
         self,
         tenant: str,
@@ -281,9 +293,15 @@ class ExecutedRun:
             if not _executor_went_away(exc):
                 raise
             try:
-                await self._relay.get_run(self.tenant, self.run_id)
+                stored = await self._relay.is_stored(self.tenant, self.run_id)
             except grpc.aio.AioRpcError:
                 raise exc from None
+            if not stored:
+                raise Unavailable(
+                    "executor",
+                    "the executor went away before the run was stored: start it again with "
+                    "the same request_id",
+                ) from exc
 
     async def _continue_after_loss(
         self, relayed: list[run_pb2.RunEvent]

@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import signal
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ TURNS = [
 ]
 TOOLS = (("send_email", False), ("calculator", False))
 CRASH_ENV = {"AGENTRUN_DISPATCH_ACK_WAIT": "1", "AGENTRUN_RECONCILE_INTERVAL": "0.5"}
+GUARD = 60.0  # seconds; only bounds a hang
 
 
 @dataclass
@@ -308,3 +310,53 @@ async def test_a_lost_dispatch_is_recovered_by_the_reconciler(tmp_path: Path) ->
     finally:
         stack.stop()
         stack.nats.stop()
+
+
+async def test_a_start_whose_executor_died_before_storing_the_run_can_be_repeated(
+    tmp_path: Path, nats_server: Service
+) -> None:
+    """The run's row is claimed, then the executor dies before the run is stored: the client
+    is told to start again (UNAVAILABLE), not left watching a run that will never run; the
+    repeat, with the same request_id, stores and runs it."""
+    data = tmp_path / "data"
+    stack = Stack(database_url=f"sqlite:///{data}", nats=nats_server, tmp=tmp_path)
+    ports = [free_port(), free_port()]
+    try:
+        first = stack.start_executor(AGENTRUN_EXECUTOR_LISTEN=f"127.0.0.1:{ports[0]}")
+        gateway = stack.start_gateway(",".join(f"127.0.0.1:{p}" for p in ports))
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            client = Client(channel)
+            agent = await client.create_agent(
+                scripted_agent(turns=[("Stored at last.", [])], mode=DURABLE)
+            )
+            # Holding the run store's write lock keeps the first executor from storing the run.
+            lock = sqlite3.connect(data / "runstore.sqlite", isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")
+            request_id = str(uuid.uuid4())
+            call = client.stream(agent.id, "go", request_id=request_id)
+            reading = asyncio.ensure_future(rest(call))
+            run_id = await _claimed_run(client, agent.id)
+            second = stack.start_executor(AGENTRUN_EXECUTOR_LISTEN=f"127.0.0.1:{ports[1]}")
+            first.kill()
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await asyncio.wait_for(reading, GUARD)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
+            assert "same request_id" in (failed.value.details() or "")
+            lock.execute("ROLLBACK")
+            lock.close()
+            events = await asyncio.wait_for(
+                client.run(agent.id, "go", request_id=request_id), GUARD
+            )
+        assert events[0].run_id == run_id
+        assert events[-1].run_completed.output == "Stored at last.", kinds(events)
+        assert second.process.poll() is None
+    finally:
+        stack.stop()
+
+
+async def _claimed_run(client: Client, agent_id: str) -> str:
+    """The id of the agent's run once its row is in the run list (claimed)."""
+    request = run_service_pb2.ListRunsRequest(agent_id=agent_id)
+    while not (response := await client.runs.ListRuns(request, metadata=client.metadata)).runs:
+        pass
+    return str(response.runs[0].id)
