@@ -52,6 +52,8 @@ RELAYED_TAIL = 1024
 # Without heartbeats nothing notices, and the watch stalls until JetStream itself moves the
 # consumer (15 s and more after a node of a cluster was killed).
 WATCH_HEARTBEAT = 1.0
+# Seconds before "nobody holds the run" is asked again and believed (see Relay.holder_alive).
+CONFIRM_LOSS_AFTER = 0.25
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
@@ -166,7 +168,15 @@ class Relay:
         self._report_lost(tenant, run_id)
 
     async def holder_alive(self, run_id: str) -> bool:
-        """Whether some process holds the run (when it cannot be told, it counts as alive)."""
+        """Whether some process holds the run (when it cannot be told, it counts as alive).
+
+        "Nobody answers" is asked again after a moment before it counts: the executor of a run
+        that has just started may not have its control subscription at the server yet (it is
+        not flushed, to keep a round trip off the first-token path), and a loss, once
+        appended, ends the run for everyone."""
+        if await self.link.holder_answers(run_id) is not False:
+            return True
+        await asyncio.sleep(CONFIRM_LOSS_AFTER)
         return await self.link.holder_answers(run_id) is not False
 
     def _report_lost(self, tenant: str, run_id: str) -> None:
