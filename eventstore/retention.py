@@ -178,10 +178,9 @@ class RunRetention:
                 batch = self._postgres_batch(finished_before)
         except (psycopg.OperationalError, sqlite3.OperationalError) as exc:
             raise Unavailable("database", f"cannot prune finished runs now: {exc}") from exc
-        if batch is not None and self.run_store is not None and self.run_store.repository.cache:
+        if batch is not None and self.run_store is not None:
             for run_id in batch.pruned:
-                with contextlib.suppress(KeyError):
-                    self.run_store.repository.cache.get(UUID(run_id), evict=True)
+                self.run_store.forget(run_id)
         return batch
 
     # -- PostgreSQL -------------------------------------------------------------------------------

@@ -84,12 +84,12 @@ class RunStore(Application[UUID]):
         except IntegrityError:
             raise Conflict(f"run {run.run_id} was changed by another executor") from None
         if run.is_finished or run.awaiting_decision():
-            self._uncache(run.run_id)
+            self.forget(run.run_id)
 
-    def _uncache(self, run_id: str) -> None:
-        """Drops a run that waits for a person or has ended from the aggregate cache: a
-        suspended run must cost the executor no memory, and whoever needs it next (a decision,
-        minutes or days later) reads it back once."""
+    def forget(self, run_id: str) -> None:
+        """Drops the run from the aggregate cache: one that waits for a person or has ended
+        (a suspended run must cost the executor no memory, and whoever needs it next, minutes
+        or days later, reads it back once), or one that was pruned."""
         cache = self.repository.cache
         if isinstance(cache, LRUCache):
             with contextlib.suppress(KeyError):
@@ -108,7 +108,7 @@ class RunStore(Application[UUID]):
         if version is not None and run.version != version:
             raise OutOfRange(f"run {run_id} has no version {version} (it is at {run.version})")
         if version is None and (run.is_finished or run.awaiting_decision()):
-            self._uncache(run_id)
+            self.forget(run_id)
         return run
 
     def load_for(

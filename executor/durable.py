@@ -315,6 +315,10 @@ class DurableRunner:
         does not answer in time is taken to be stuck). Either way the store's optimistic
         concurrency decides, so two executors never both advance a run.
         """
+        if self._draining:
+            with contextlib.suppress(nats.errors.Error):
+                await dispatch.msg.nak()
+            return
         store = self.ctx.run_store
         taken_over = dispatch.deliveries > 1 or dispatch.recovery
         recent = self._recent.pop(dispatch.run_id, None)
@@ -363,13 +367,9 @@ class DurableRunner:
                 if fresh
                 else await asyncio.to_thread(store.recorded_after, run.run_id, state.version)
             )
-            if self._draining:
-                if claiming:
-                    await self.ctx.link.unsubscribe_control(run.run_id)  # before the nak
-                with contextlib.suppress(nats.errors.Error):
-                    await dispatch.msg.nak()
-                return
             held = HeldRun(self.ctx, self.queue, run, dispatch, state)
+            if self._draining:  # it began while the run was being taken up
+                held.hand_back()
             self.held[run.run_id] = held
             holding = True
             try:

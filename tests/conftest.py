@@ -75,6 +75,21 @@ def stack(
     drop_schema(url)
 
 
+@pytest.fixture(params=BACKENDS)
+def empty_stack(
+    request: pytest.FixtureRequest, nats_server: Service, tmp_path: Path
+) -> Iterator[Stack]:
+    """A stack with no process started yet, on each backend: for tests that start, stop and
+    kill executors and gateways themselves."""
+    url = database_url_for(request.param, tmp_path / "data")
+    running = Stack(database_url=url, nats=nats_server, tmp=tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+        drop_schema(url)
+
+
 @pytest.fixture
 async def channels(stack: Stack) -> AsyncIterator[list[grpc.aio.Channel]]:
     """One client channel to each gateway of the stack."""

@@ -13,16 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
 
-from agentrun.launcher import Service, free_port
+from agentrun.launcher import free_port
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from tests.client import EOF, Client, kinds, rest, scripted_agent, until
-from tests.conftest import database_url_for, drop_schema
 from tests.stack import Stack
 
 DURABLE = agent_pb2.EXECUTION_MODE_DURABLE
@@ -37,19 +34,6 @@ APPROVED_TOOLS = (("calculator", True),)
 # Far longer than any guard below: a run resumed elsewhere within the guard was handed back.
 NO_REDELIVERY = {"AGENTRUN_DISPATCH_ACK_WAIT": "600"}
 GUARD = 90.0
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def stack(
-    request: pytest.FixtureRequest, nats_server: Service, tmp_path: Path
-) -> AsyncIterator[Stack]:
-    url = database_url_for(request.param, tmp_path / "data")
-    running = Stack(database_url=url, nats=nats_server, tmp=tmp_path)
-    try:
-        yield running
-    finally:
-        running.stop()
-        drop_schema(url)
 
 
 def check_uninterrupted(events: list[run_pb2.RunEvent]) -> None:
@@ -80,10 +64,10 @@ async def read_all(call: object, started: list[run_pb2.RunEvent]) -> list[run_pb
 
 
 @pytest.mark.timeout(240)
-async def test_a_draining_executor_hands_its_durable_runs_over_at_once(stack: Stack) -> None:
+async def test_a_draining_executor_hands_its_durable_runs_over_at_once(empty_stack: Stack) -> None:
     second_port = free_port()
-    first = stack.start_executor(AGENTRUN_EXECUTOR_ID="executor-a", **NO_REDELIVERY)
-    gateway = stack.start_gateway(f"{first.address},127.0.0.1:{second_port}", **NO_REDELIVERY)
+    first = empty_stack.start_executor(AGENTRUN_EXECUTOR_ID="executor-a", **NO_REDELIVERY)
+    gateway = empty_stack.start_gateway(f"{first.address},127.0.0.1:{second_port}", **NO_REDELIVERY)
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         client = Client(channel)
         agent = await client.create_agent(
@@ -102,7 +86,7 @@ async def test_a_draining_executor_hands_its_durable_runs_over_at_once(stack: St
         # executor starts once the first is draining.
         seen = [await until(watch, "text_delta") for watch in watches]
         first.process.send_signal(signal.SIGTERM)
-        second = stack.start_executor(
+        second = empty_stack.start_executor(
             AGENTRUN_EXECUTOR_ID="executor-b",
             AGENTRUN_EXECUTOR_LISTEN=f"127.0.0.1:{second_port}",
             **NO_REDELIVERY,
@@ -114,7 +98,7 @@ async def test_a_draining_executor_hands_its_durable_runs_over_at_once(stack: St
         assert await asyncio.to_thread(first.process.wait, GUARD) == 0
     # A gateway of the second executor alone reads the stored histories (the first gateway
     # may still be backing off from the address where the second was not yet listening).
-    reader = stack.start_gateway(second.address)
+    reader = empty_stack.start_gateway(second.address)
     async with grpc.aio.insecure_channel(reader.address) as channel:
         client = Client(channel)
         for run_id, events in zip(run_ids, finished, strict=True):
@@ -148,10 +132,10 @@ async def _next_error(call: object) -> grpc.aio.AioRpcError:
 
 
 @pytest.mark.timeout(240)
-async def test_a_stopping_gateway_tells_its_streams_to_resume_elsewhere(stack: Stack) -> None:
-    stack.start_executor()
-    stopping = stack.start_gateway()
-    staying = stack.start_gateway()
+async def test_a_stopping_gateway_tells_its_streams_to_resume_elsewhere(empty_stack: Stack) -> None:
+    empty_stack.start_executor()
+    stopping = empty_stack.start_gateway()
+    staying = empty_stack.start_gateway()
     async with (
         grpc.aio.insecure_channel(stopping.address) as channel,
         grpc.aio.insecure_channel(staying.address) as other_channel,

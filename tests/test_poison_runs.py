@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,7 +25,6 @@ from eventstore.run import Run
 from eventstore.run_steps import ATTEMPTS_EXHAUSTED, exhausted_attempts
 from executor.models.scripted import CRASH_EXECUTOR_TURN, CRASH_HOOK_VARIABLE
 from tests.client import EOF, Client, kinds, scripted_agent
-from tests.conftest import database_url_for, drop_schema
 from tests.stack import Stack
 from tests.test_run_steps import USAGE, new_run
 
@@ -71,19 +68,6 @@ class Executors:
     async def wait_for_deaths(self, count: int) -> None:
         async with self.died:
             await self.died.wait_for(lambda: self.deaths >= count)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def stack(
-    request: pytest.FixtureRequest, nats_server: Service, tmp_path: Path
-) -> AsyncIterator[Stack]:
-    url = database_url_for(request.param, tmp_path / "data")
-    running = Stack(database_url=url, nats=nats_server, tmp=tmp_path)
-    try:
-        yield running
-    finally:
-        running.stop()
-        drop_schema(url)
 
 
 async def start_run(client: Client, agent_id: str) -> str:
@@ -181,15 +165,17 @@ def test_attempts_handed_back_by_a_drain_do_not_count() -> None:
 
 
 @pytest.mark.timeout(400)
-async def test_a_poison_run_is_dead_lettered_while_healthy_runs_complete(stack: Stack) -> None:
-    executors = Executors(stack)
+async def test_a_poison_run_is_dead_lettered_while_healthy_runs_complete(
+    empty_stack: Stack,
+) -> None:
+    executors = Executors(empty_stack)
     ports = [free_port() for _ in range(3)]
     keepers: list[asyncio.Task[None]] = []
     try:
         for port in ports:
             service = await asyncio.to_thread(executors.start, port)
             keepers.append(asyncio.create_task(executors.keep_up(service, port)))
-        gateway = stack.start_gateway(",".join(f"127.0.0.1:{p}" for p in ports), **ENV)
+        gateway = empty_stack.start_gateway(",".join(f"127.0.0.1:{p}" for p in ports), **ENV)
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             client = Client(channel)
             poison_agent = await client.create_agent(
@@ -235,16 +221,16 @@ async def test_a_poison_run_is_dead_lettered_while_healthy_runs_complete(stack: 
             for events in finished:
                 check_healthy(events)
 
-        dead_letters = await read_dead_letters(stack)
+        dead_letters = await read_dead_letters(empty_stack)
         assert [d["run_id"] for d in dead_letters] == [poison_id]
         assert dead_letters[0]["attempts"] == MAX_ATTEMPTS
         assert dead_letters[0]["step_index"] == 1
         assert dead_letters[0]["error"]["code"] == "ATTEMPTS_EXHAUSTED"
     finally:
         executors.done = True
-        stack.stop()
+        empty_stack.stop()
         await asyncio.gather(*keepers, return_exceptions=True)
-        stack.stop()  # an executor a keeper was restarting meanwhile
+        empty_stack.stop()  # an executor a keeper was restarting meanwhile
 
 
 async def read_dead_letters(stack: Stack) -> list[dict[str, Any]]:

@@ -25,8 +25,7 @@ from agentrun.launcher import Service
 from agentrun.nats_link import NatsLink, NatsNames
 from agentrun.settings import Settings
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
-from eventstore.agent_config import AgentConfig, ModelSettings, ToolSettings
-from eventstore.messages import ToolCall, Usage
+from eventstore.messages import Usage
 from eventstore.persistence import StoreConfig
 from eventstore.retention import (
     POSTGRES_EVENTS,
@@ -36,7 +35,6 @@ from eventstore.retention import (
     PruneResult,
     RunRetention,
 )
-from eventstore.run import Run
 from eventstore.run_index import RunFilter, RunIndex, RunRecord
 from eventstore.run_store import SNAPSHOT_INTERVAL, RunStore
 from executor.retention import RetentionJob
@@ -45,6 +43,7 @@ from executor.translation import record_of
 from tests.client import Client, scripted_agent, until
 from tests.conftest import BACKENDS, database_url_for, drop_schema
 from tests.stack import Stack
+from tests.test_run_store import call, new_run
 
 TENANT = "acme"
 DAY = 24 * 3600.0
@@ -161,31 +160,10 @@ def stores(store: StoreConfig) -> Iterator[Stores]:
     index.close()
 
 
-def call(call_id: str, name: str) -> ToolCall:
-    return {"id": call_id, "name": name, "arguments_json": json.dumps({"n": call_id})}
-
-
 def durable_run(stores: Stores, end: str, steps: int = 1) -> str:
     """A stored durable run of ``steps`` tool steps, then ended: completed, failed, cancelled,
     or left running or suspended (awaiting an approval)."""
-    agent = AgentConfig(
-        agent_id="helper",
-        version=1,
-        execution_mode="durable",
-        model=ModelSettings(provider="scripted"),
-        tools=(ToolSettings("clock"), ToolSettings("send_email", requires_approval=True)),
-        max_model_calls=500,
-    )
-    run = Run(
-        run_id=str(uuid.uuid4()),
-        tenant=TENANT,
-        request_id=f"req-{uuid.uuid4().hex[:8]}",
-        agent=agent.to_json(),
-        input="hello",
-        conversation_id="conv-1",
-        history=[],
-        execution_mode="durable",
-    )
+    run = new_run()
     stores.runs.create(run)
     for step in range(1, steps + 1):
         run.record_model_call(step, "checking", [call(f"c{step}", "clock")], USAGE)

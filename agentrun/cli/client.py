@@ -59,7 +59,7 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def rpc_error_message(error: grpc.aio.AioRpcError) -> str:
+def rpc_error_message(error: grpc.aio.AioRpcError | grpc.Call) -> str:
     """A one-line message for the user: ``error: <CODE>: <details>``."""
     code = error.code()
     name = code.name if code is not None else "UNKNOWN"

@@ -15,7 +15,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentrun.cli.client import DEFAULT_TARGET, TARGET_ENV
+from agentrun.cli.client import DEFAULT_TARGET, TARGET_ENV, rpc_error_message
 
 DEFAULT_TIMEOUT = 3.0
 EXIT_SERVING = 0
@@ -76,10 +76,7 @@ def check_health(target: str, service: str, timeout: float) -> tuple[bool, str]:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as error:
             if isinstance(error, grpc.Call):
-                code = error.code()
-                code_name = code.name if code is not None else "UNKNOWN"
-                details = " ".join((error.details() or "").split())
-                return False, f"error: {code_name}: {details}" if details else f"error: {code_name}"
+                return False, rpc_error_message(error)
             return False, f"error: {error}"
     status: int = response.status
     name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
