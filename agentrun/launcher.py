@@ -57,6 +57,7 @@ class Service:
     _said_ready: bool = field(default=False, repr=False)
     _lines: list[str] = field(default_factory=list, repr=False)
     _new_line: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _output_ended: bool = field(default=False, repr=False)
 
     @property
     def address(self) -> str:
@@ -90,7 +91,9 @@ class Service:
                     if text in self._lines[i]:
                         return i + 1
                 start = len(self._lines)
-                if self.process.poll() is not None or not self._new_line.wait(timeout):
+                # Its end, not the process's exit: lines printed before the exit may still be
+                # on their way through the pipe.
+                if self._output_ended or not self._new_line.wait(timeout):
                     raise TimeoutError(f"{self.name} did not print {text!r}")
 
     @property
@@ -115,6 +118,7 @@ def _follow(service: Service, stream: object, marker: str) -> None:
                 service._ready.set()
     service._ready.set()  # the process ended: stop waiting
     with service._new_line:
+        service._output_ended = True
         service._new_line.notify_all()
 
 

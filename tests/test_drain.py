@@ -117,6 +117,9 @@ async def test_a_draining_executor_hands_its_durable_runs_over_at_once(empty_sta
             assert [r["executor_id"] for r in released] == ["executor-a"], [e.type for e in stored]
             attempts = [e.step_started.attempt for e in events if e.HasField("step_started")]
             assert max(attempts) == 2  # the interrupted step ran again, as a new attempt
+        line = 0
+        for _ in run_ids:  # the log is written by another thread: wait for the lines
+            line = first.wait_for_output("handed back for another executor", after=line)
         assert first.log().count("handed back for another executor") == len(run_ids)
         assert second.process.poll() is None
 

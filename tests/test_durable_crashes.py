@@ -298,7 +298,8 @@ async def test_a_lost_dispatch_is_recovered_by_the_reconciler(tmp_path: Path) ->
             started = await client.runs.StartRun(
                 run_service_pb2.StartRunRequest(agent_id=agent.id, input="go")
             )
-            assert "not yet dispatched" in executor.log()
+            # The executor's log is read by another thread: wait for the line, do not peek.
+            await asyncio.to_thread(executor.wait_for_output, "not yet dispatched", after=marks[0])
             stack.nats = start_nats(
                 tmp_path / "nats", tmp_path / "logs", port=nats.port, name="nats-d"
             )
@@ -306,7 +307,7 @@ async def test_a_lost_dispatch_is_recovered_by_the_reconciler(tmp_path: Path) ->
             await asyncio.to_thread(gateway.wait_for_output, "reconnected to NATS", after=marks[1])
             events = await client.watch_all(started.run.id)
         assert events[-1].run_completed.output == "Recovered."
-        assert "dispatching it again" in executor.log()
+        await asyncio.to_thread(executor.wait_for_output, "dispatching it again", after=marks[0])
     finally:
         stack.stop()
         stack.nats.stop()
