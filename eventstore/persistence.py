@@ -163,6 +163,7 @@ class StoreConfig:
             "POSTGRES_POOL_SIZE": str(pg.pool_size),
             "POSTGRES_MAX_OVERFLOW": str(pg.max_overflow),
             "POSTGRES_CONNECT_TIMEOUT": "5",
+            "APPLICATION_RECORDER_TOPIC": "eventstore.ordered_recorder:OrderedInsertRecorder",
         }
         if pg.schema:
             env["POSTGRES_SCHEMA"] = pg.schema

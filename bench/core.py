@@ -1,0 +1,74 @@
+"""The core figures, fast: the loop to run while working on speed (about a minute).
+
+    python -m bench.core [--mode classic|durable|both] [--runs N] [--database-url URL]
+
+One nats-server, one executor, one gateway, as separate processes (as ``make bench``). For each
+mode: the first token at 1 client (p50/p99), then runs per second at 16 clients with the CPU
+each part of the stack spent per run (as bench.scale measures it). Prints one line per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import tempfile
+import uuid
+from pathlib import Path
+
+from bench.durable import create_agent
+from bench.latency import through_stack
+from bench.scale import CpuMeter
+from bench.stack import Stack, choose_store
+from bench.stats import Summary
+from bench.throughput import under_load
+from bench.workload import bench_agent
+
+
+async def measure(url: str, tmp: Path, modes: list[str], runs: int) -> None:
+    stack = Stack(url, tmp)
+    try:
+        _, executor = stack.executor()
+        gateway = stack.gateway([executor])
+        target = gateway.address
+        for mode in modes:
+            agent_id = f"core-{mode}-{uuid.uuid4().hex[:6]}"
+            await create_agent(target, bench_agent(agent_id, mode))  # type: ignore[arg-type]
+            await through_stack(target, agent_id, 30)
+            alone, _ = await through_stack(target, agent_id, runs)
+            first = Summary.of(alone.first_token)
+            print(f"{mode} c1 first token: p50 {first.p50_ms:.2f} ms, p99 {first.p99_ms:.2f} ms")
+            await under_load(target, agent_id, 64, 16)
+            meter = CpuMeter(
+                url, {"executor": [executor], "gateway": [gateway], "nats": [stack.nats]}
+            )
+            meter.start()
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            load = await under_load(target, agent_id, runs, 16)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            spent = meter.stop()
+            spent["client"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            cpu = {part: seconds * 1000 / runs for part, seconds in spent.items()}
+            parts = ", ".join(f"{part} {ms:.1f}" for part, ms in cpu.items())
+            print(
+                f"{mode} c16: {load.runs_per_second:.1f} runs/s; CPU ms/run: {parts}, "
+                f"total {sum(cpu.values()):.1f} (client not counted)"
+            )
+    finally:
+        stack.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="bench.core", description=__doc__)
+    parser.add_argument("--mode", choices=("classic", "durable", "both"), default="both")
+    parser.add_argument("--runs", type=int, default=400)
+    parser.add_argument("--database-url", default=os.environ.get("AGENTRUN_BENCH_DATABASE_URL", ""))
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="agentrun-core-"))
+    modes = ["classic", "durable"] if args.mode == "both" else [args.mode]
+    asyncio.run(measure(choose_store(args.database_url, tmp), tmp, modes, args.runs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""A PostgreSQL application recorder that saves in one statement, notification order kept.
+
+eventsourcing's recorder saves in a pipelined transaction of six statements (begin, lock
+timeout, table lock, notify, insert, commit): about 1.2 ms of client CPU per save, most of it
+in psycopg's pipeline machinery. Its database-function variant is one prepared statement but
+leaves out the table lock, so transactions may commit notification ids out of order and a
+follower of the log skips the late ones (seen: 30 of 11,382 events under concurrent writers).
+
+This recorder calls a function of its own that takes the same ``EXCLUSIVE`` table lock before
+inserting: one round trip, one statement, and notification ids still commit in order (the
+statement's transaction holds the lock from before its first id is drawn until it commits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.utils import retry
+from psycopg.sql import SQL, Identifier
+
+
+class OrderedInsertRecorder(PostgresApplicationRecorder):
+    """Saves with one call of a function that locks, notifies and inserts (see module)."""
+
+    def __init__(
+        self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"
+    ) -> None:
+        super().__init__(datastore, events_table_name=events_table_name)
+        schema = Identifier(self.datastore.schema)
+        table = Identifier(self.events_table_name)
+        self.pg_function_name_insert_events = (
+            f"agentrun_insert_events_{self.datastore.originator_id_type}"
+        )
+        function = Identifier(self.pg_function_name_insert_events)
+        self.sql_create_pg_function_insert_events = SQL(
+            "CREATE OR REPLACE FUNCTION {schema}.{function}(events {schema}.{event}[]) "
+            "RETURNS SETOF bigint LANGUAGE plpgsql AS $BODY$ "
+            "BEGIN "
+            "    SET LOCAL lock_timeout = '{lock_timeout}s'; "
+            "    LOCK TABLE {schema}.{table} IN EXCLUSIVE MODE; "
+            "    NOTIFY {channel}; "
+            "    RETURN QUERY "
+            "    INSERT INTO {schema}.{table} AS t "
+            "    (originator_id, originator_version, topic, state) "
+            "    SELECT originator_id, originator_version, topic, state FROM unnest(events) "
+            "    RETURNING notification_id; "
+            "END; $BODY$"
+        ).format(
+            schema=schema,
+            function=function,
+            event=Identifier(self.stored_event_type_name),
+            lock_timeout=self.datastore.lock_timeout,
+            table=table,
+            channel=Identifier(self.channel_name),
+        )
+        self.sql_create_statements[self.create_insert_function_statement_index] = (
+            self.sql_create_pg_function_insert_events
+        )
+        self.sql_invoke_pg_function_insert_events = SQL(
+            "SELECT * FROM {schema}.{function}((%s))"
+        ).format(schema=schema, function=function)
+        self._invoke: bytes | None = None  # the statement as bytes: composed once, not per save
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        if not stored_events:
+            return []
+        events = [
+            self.construct_pg_stored_event(e.originator_id, e.originator_version, e.topic, e.state)
+            for e in stored_events
+        ]
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            if self._invoke is None:
+                self._invoke = self.sql_invoke_pg_function_insert_events.as_bytes(conn)
+            curs.execute(self._invoke, (events,), prepare=True)
+            name = self.pg_function_name_insert_events
+            return [row[name] for row in curs.fetchall()]
