@@ -154,7 +154,7 @@ class StoreConfig:
             }
         pg = self.postgres
         env = {
-            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "PERSISTENCE_MODULE": "eventstore.postgres_recorders:PostgresFactory",
             "POSTGRES_DBNAME": pg.dbname,
             "POSTGRES_HOST": pg.host,
             "POSTGRES_PORT": str(pg.port),
@@ -163,7 +163,6 @@ class StoreConfig:
             "POSTGRES_POOL_SIZE": str(pg.pool_size),
             "POSTGRES_MAX_OVERFLOW": str(pg.max_overflow),
             "POSTGRES_CONNECT_TIMEOUT": "5",
-            "APPLICATION_RECORDER_TOPIC": "eventstore.ordered_recorder:OrderedInsertRecorder",
         }
         if pg.schema:
             env["POSTGRES_SCHEMA"] = pg.schema

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentrun.v1 import run_pb2
 from eventstore.messages import ToolCall, Usage
@@ -237,6 +240,8 @@ class RunStream:
 
     def _take(self) -> list[run_pb2.RunEvent]:
         batch: list[run_pb2.RunEvent] = []
+        now = time.time_ns()
+        taken_at = Timestamp(seconds=now // 1_000_000_000, nanos=now % 1_000_000_000)
         for item in self._outbox:
             if isinstance(item, _PendingText):
                 event = run_pb2.RunEvent(
@@ -248,7 +253,7 @@ class RunStream:
                 event = item
             event.run_id = self.run_id
             event.sequence = self._next_sequence
-            event.time.GetCurrentTime()
+            event.time.CopyFrom(taken_at)
             self._next_sequence += 1
             batch.append(event)
         self._outbox.clear()

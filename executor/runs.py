@@ -62,11 +62,11 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class DurableStart:
-    """A durable run being stored and queued: ``record`` is the run as it starts; ``stored``
-    completes once it is stored and queued, or fails with the reason it could not be stored."""
+    """A durable run, stored and being queued: ``record`` is the run as it starts; ``queued``
+    completes once it is queued (or left to the reconciler, NATS being down)."""
 
     record: RunRecord
-    stored: asyncio.Task[None]
+    queued: asyncio.Task[None]
 
 
 class RunManager:
@@ -95,9 +95,10 @@ class RunManager:
         """Starts a run: a classic one here, a durable one on whichever executor takes it from
         the work queue. Returns the existing run of a repeated request_id.
 
-        The agent is read and the run's row claimed in one trip to a worker thread (the claim,
-        the idempotency check, records the run's mode, so it follows the read); the conversation
-        is read meanwhile.
+        Each start has one idempotency check, one write: a classic run claims its row in the
+        run list, in the same trip to a worker thread as the agent read (the claim records the
+        run's mode, so it follows the read); a durable run's first stored event is its claim
+        (the run list follows the store). The conversation is read meanwhile.
         """
         self._validate(spec)
         conversation_id = spec.conversation_id or str(uuid.uuid4())
@@ -110,8 +111,11 @@ class RunManager:
                 agent = cached or self.ctx.agents.get(spec.tenant, spec.agent_id)
             except NotFound:
                 with contextlib.suppress(NotFound):  # a repeat outlives its agent
-                    return None, self.ctx.index.get(spec.tenant, spec.run_id)
+                    return None, self._recorded(spec.tenant, spec.run_id)
                 raise
+            mode = spec.execution_mode or agent.execution_mode
+            if mode == "durable":
+                return agent, None  # the store is the claim
             claim = RunRecord(
                 run_id=spec.run_id,
                 tenant=spec.tenant,
@@ -119,14 +123,16 @@ class RunManager:
                 agent_version=agent.version,
                 request_id=spec.request_id,
                 conversation_id=conversation_id,
-                execution_mode=spec.execution_mode or agent.execution_mode,
+                execution_mode=mode,
                 input=spec.input,
                 executor_id=self.ctx.executor_id,
             )
             return agent, self.ctx.index.claim(claim)
 
         claimed, history = await asyncio.gather(
-            asyncio.to_thread(read_agent_and_claim),
+            asyncio.to_thread(read_agent_and_claim)
+            if cached is None or (spec.execution_mode or cached.execution_mode) != "durable"
+            else _read(cached),
             asyncio.to_thread(self.ctx.conversations.history, spec.tenant, conversation_id)
             if spec.conversation_id
             else _no_history(),
@@ -138,12 +144,9 @@ class RunManager:
         if agent is not None and cached is None:
             cache.put(spec.tenant, agent, token)
         if existing is not None:
-            if agent is None or not await self._durable_start_interrupted(existing):
-                return existing
-            # The first start of this durable run claimed it but died before storing it:
-            # this repeat stores it (the store, not the claim, decides who did).
-            conversation_id = existing.conversation_id
+            return existing
         assert agent is not None
+        mode = spec.execution_mode or agent.execution_mode
         try:
             if isinstance(history, BaseException):
                 raise history
@@ -155,28 +158,16 @@ class RunManager:
                 input=spec.input,
                 conversation_id=conversation_id,
                 history=history,
-                execution_mode=spec.execution_mode or agent.execution_mode,
+                execution_mode=mode,
             )
-            if run.execution_mode == "durable":
-                return self._start_durable(run, claimed_here=existing is None)
+            if mode == "durable":
+                return await self._start_durable(run)
             return await self._start_classic(run)
         except BaseException:
-            if existing is None:
+            if mode != "durable":
                 with contextlib.suppress(AgentrunError):
                     await asyncio.to_thread(self.ctx.index.remove, spec.run_id)
             raise
-
-    async def _durable_start_interrupted(self, existing: RunRecord) -> bool:
-        """Whether a repeated start names a durable run that was claimed but never stored."""
-        if existing.execution_mode != "durable":
-            return False
-        try:
-            await asyncio.to_thread(
-                functools.partial(self.ctx.run_store.load, existing.run_id, to_change=False)
-            )
-        except NotFound:
-            return True
-        return False
 
     async def _start_classic(self, run: Run) -> ClassicRun:
         run.collect_events()
@@ -185,26 +176,27 @@ class RunManager:
         await classic.start_control()
         return classic
 
-    def _start_durable(self, run: Run, *, claimed_here: bool) -> DurableStart:
-        """Starts storing and queueing the run; the caller may tell its client about the run
-        meanwhile (so that the client's watch is set up while the store commits)."""
-        stored = asyncio.create_task(self._store_durable(run, claimed_here))
-        return DurableStart(record_of(run, ""), stored)
+    async def _start_durable(self, run: Run) -> DurableStart | RunRecord:
+        """Stores the run (a repeat of the request finds it stored and gets it as it is now),
+        then queues it while the caller tells its client about the run."""
+        store = self.ctx.run_store
 
-    async def _store_durable(self, run: Run, claimed_here: bool) -> None:
-        """Stores the run, then queues it. If NATS is down the run is stored all the same: the
-        reconciler dispatches it once NATS is back. If it cannot be stored, the claim this start
-        made goes (a repeat of the request may try again)."""
-        try:
-            await asyncio.to_thread(self.ctx.run_store.create, run)
-        except AlreadyExists:
-            return  # a repeat of the same request stored it at the same moment: it is queued
-        except BaseException:
-            if claimed_here:
-                with contextlib.suppress(AgentrunError):
-                    await asyncio.to_thread(self.ctx.index.remove, run.run_id)
-            raise
+        def create() -> RunRecord | None:
+            try:
+                store.create(run)
+            except AlreadyExists:
+                return record_of(store.load_for(run.tenant, run.run_id, to_change=False), "")
+            return None
+
+        existing = await asyncio.to_thread(create)
+        if existing is not None:
+            return existing
         self.durable.remember(run)
+        return DurableStart(record_of(run, ""), asyncio.create_task(self._dispatch_new(run)))
+
+    async def _dispatch_new(self, run: Run) -> None:
+        """Queues a stored run. If NATS is down the run stays stored: the reconciler dispatches
+        it once NATS is back."""
         try:
             await self.queue.dispatch(run.run_id, run.tenant, run.version)
         except (TimeoutError, Unavailable, nats.errors.Error) as exc:
@@ -307,7 +299,15 @@ class RunManager:
 
     async def get(self, tenant: str, run_id: str) -> RunRecord:
         _check_run_id(run_id)
-        return await asyncio.to_thread(self.ctx.index.get, tenant, run_id)
+        return await asyncio.to_thread(self._recorded, tenant, run_id)
+
+    def _recorded(self, tenant: str, run_id: str) -> RunRecord:
+        """The run's row in the run list; a durable run the run list has not caught up with
+        yet (it was stored a moment ago) is read from the store."""
+        try:
+            return self.ctx.index.get(tenant, run_id)
+        except NotFound:
+            return record_of(self.ctx.run_store.load_for(tenant, run_id, to_change=False), "")
 
     async def get_current(self, tenant: str, run_id: str, version: int = 0) -> RunRecord:
         """The run as it is now (or at ``version`` of a durable run's history): a durable run is
@@ -429,6 +429,11 @@ def _check_repeated_decision(record: RunRecord, tool_call_id: str, approved: boo
 
 async def _no_history() -> list[Any]:
     return []
+
+
+async def _read(agent: AgentConfig) -> tuple[AgentConfig, None]:
+    """A cached agent of a durable run: nothing to read or claim in a worker thread."""
+    return agent, None
 
 
 def _check_run_id(run_id: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,6 +41,9 @@ async def run_executor(
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
     )
+    # Every PostgreSQL connection of this executor says whose it is (pg_stat_activity's
+    # application_name): libpq reads PGAPPNAME when it connects.
+    os.environ.setdefault("PGAPPNAME", settings.executor_id[:63])
     ctx = await ExecutorContext.open(settings)
     queue = WorkQueue(ctx.link, settings.dispatch_ack_wait)
     durable = DurableRunner(ctx, queue, settings.max_durable_runs)

@@ -72,7 +72,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         outcome = await self.runs.start(spec)
         if isinstance(outcome, DurableStart):
             yield pb.ExecuteRunResponse(relayed_run=record_to_proto(outcome.record))
-            await outcome.stored  # the call's status tells the gateway whether it was stored
+            await outcome.queued
             return
         if not isinstance(outcome, ClassicRun):
             yield pb.ExecuteRunResponse(relayed_run=record_to_proto(outcome))
@@ -126,7 +126,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         if isinstance(outcome, ClassicRun):
             run = outcome.started
         elif isinstance(outcome, DurableStart):
-            await outcome.stored
+            await outcome.queued
             run = record_to_proto(outcome.record)
         else:
             run = record_to_proto(outcome)

@@ -272,8 +272,14 @@ class ExecutedRun:
                 yield list(response.events)
                 self._relay.calls.refill()
         except grpc.aio.AioRpcError as exc:
-            if not relayed or not _executor_went_away(exc):
+            if not _executor_went_away(exc):
                 raise
+            if not relayed:
+                raise Unavailable(
+                    "executor",
+                    "the executor went away before the run started: start it again with the "
+                    "same request_id (the repeat does not run it twice)",
+                ) from exc
             if is_terminal(relayed[-1]):
                 return
             log.warning("run %s: lost the executor stream (%s)", self.run_id, exc.code().name)

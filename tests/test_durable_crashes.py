@@ -13,18 +13,19 @@ import asyncio
 import json
 import random
 import signal
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 
 from agentrun.launcher import Service, free_port, start_nats
 from agentrun.run_events import is_terminal
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
+from eventstore.persistence import StoreConfig
 from executor.tools.send_email import read_attempts, read_outbox
 from tests.client import EOF, Client, kinds, rest, scripted_agent, until
 from tests.conftest import database_url_for, drop_schema
@@ -316,48 +317,58 @@ async def test_a_lost_dispatch_is_recovered_by_the_reconciler(tmp_path: Path) ->
 async def test_a_start_whose_executor_died_before_storing_the_run_can_be_repeated(
     tmp_path: Path, nats_server: Service
 ) -> None:
-    """The run's row is claimed, then the executor dies before the run is stored: the client
-    is told to start again (UNAVAILABLE), not left watching a run that will never run; the
-    repeat, with the same request_id, stores and runs it."""
-    data = tmp_path / "data"
-    stack = Stack(database_url=f"sqlite:///{data}", nats=nats_server, tmp=tmp_path)
-    ports = [free_port(), free_port()]
+    """The executor dies while it stores a new run: the client is told to start again
+    (UNAVAILABLE), not left waiting; the repeat, with the same request_id, stores and runs it."""
+    url = database_url_for("postgres", tmp_path)
+    stack = Stack(database_url=url, nats=nats_server, tmp=tmp_path)
     try:
-        first = stack.start_executor(AGENTRUN_EXECUTOR_LISTEN=f"127.0.0.1:{ports[0]}")
-        gateway = stack.start_gateway(",".join(f"127.0.0.1:{p}" for p in ports))
+        names = ["executor-storing-1", "executor-storing-2"]
+        executors = {name: stack.start_executor(AGENTRUN_EXECUTOR_ID=name) for name in names}
+        gateway = stack.start_gateway(",".join(e.address for e in executors.values()))
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             client = Client(channel)
             agent = await client.create_agent(
                 scripted_agent(turns=[("Stored at last.", [])], mode=DURABLE)
             )
-            # Holding the run store's write lock keeps the first executor from storing the run.
-            lock = sqlite3.connect(data / "runstore.sqlite", isolation_level=None)
-            lock.execute("BEGIN IMMEDIATE")
-            request_id = str(uuid.uuid4())
-            call = client.stream(agent.id, "go", request_id=request_id)
-            reading = asyncio.ensure_future(rest(call))
-            run_id = await _claimed_run(client, agent.id)
-            second = stack.start_executor(AGENTRUN_EXECUTOR_LISTEN=f"127.0.0.1:{ports[1]}")
-            first.kill()
-            with pytest.raises(grpc.aio.AioRpcError) as failed:
-                await asyncio.wait_for(reading, GUARD)
+            # Holding a lock on the run store's table keeps the executor from storing the run.
+            with _connect(url) as lock, lock.transaction():
+                lock.execute("LOCK TABLE runstore_events IN EXCLUSIVE MODE")
+                request_id = str(uuid.uuid4())
+                call = client.stream(agent.id, "go", request_id=request_id)
+                reading = asyncio.ensure_future(rest(call))
+                while not (storing := await asyncio.to_thread(_waiting_to_store, url)):
+                    assert not reading.done(), reading
+                executors[storing].kill()
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await asyncio.wait_for(reading, GUARD)
             assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
             assert "same request_id" in (failed.value.details() or "")
-            lock.execute("ROLLBACK")
-            lock.close()
             events = await asyncio.wait_for(
                 client.run(agent.id, "go", request_id=request_id), GUARD
             )
-        assert events[0].run_id == run_id
         assert events[-1].run_completed.output == "Stored at last.", kinds(events)
-        assert second.process.poll() is None
+        (survivor,) = [e for name, e in executors.items() if name != storing]
+        assert survivor.process.poll() is None
     finally:
         stack.stop()
+        drop_schema(url)
 
 
-async def _claimed_run(client: Client, agent_id: str) -> str:
-    """The id of the agent's run once its row is in the run list (claimed)."""
-    request = run_service_pb2.ListRunsRequest(agent_id=agent_id)
-    while not (response := await client.runs.ListRuns(request, metadata=client.metadata)).runs:
-        pass
-    return str(response.runs[0].id)
+def _connect(url: str) -> psycopg.Connection[tuple[object, ...]]:
+    config = StoreConfig.from_url(url)
+    assert config.postgres is not None
+    conn = psycopg.connect(config.postgres.conninfo(), autocommit=True)
+    conn.execute(f'SET search_path = "{config.postgres.schema}"')
+    return conn
+
+
+def _waiting_to_store(url: str) -> str:
+    """The executor (its PostgreSQL application_name) waiting for the run store's table, if
+    one is."""
+    with _connect(url) as db:
+        row = db.execute(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE l.locktype = 'relation' AND NOT l.granted"
+            " AND l.relation = 'runstore_events'::regclass"
+        ).fetchone()
+    return str(row[0]) if row else ""

@@ -313,7 +313,7 @@ def test_application_env_for_postgres() -> None:
     env = StoreConfig.from_url(f"{url}?schema=blue").application_env("AgentCatalog")
 
     assert env == {
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "PERSISTENCE_MODULE": "eventstore.postgres_recorders:PostgresFactory",
         "POSTGRES_DBNAME": "agents",
         "POSTGRES_HOST": "db",
         "POSTGRES_PORT": "6543",

@@ -1,4 +1,4 @@
-"""eventstore.ordered_recorder: one statement per save, notification ids committed in order."""
+"""eventstore.postgres_recorders: one statement per save, notification ids committed in order."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from eventstore.ordered_recorder import OrderedInsertRecorder
+from eventstore.conversations import ConversationLog
 from eventstore.persistence import StoreConfig
+from eventstore.postgres_recorders import ComposedOnceAggregateRecorder, OrderedInsertRecorder
 from eventstore.run_store import RunStore
 from tests.conftest import database_url_for, drop_schema
 from tests.test_run_store import new_run
@@ -42,12 +43,14 @@ def waiting_for_a_table_lock(config: StoreConfig) -> bool:
     return row is not None and int(str(row[0])) > 0
 
 
-def test_the_run_store_uses_it(postgres: StoreConfig) -> None:
-    runs = RunStore(postgres)
+def test_the_stores_use_them(postgres: StoreConfig) -> None:
+    runs, conversations = RunStore(postgres), ConversationLog(postgres)
     try:
         assert isinstance(runs.recorder, OrderedInsertRecorder)
+        assert isinstance(conversations.recorder, ComposedOnceAggregateRecorder)
     finally:
         runs.close()
+        conversations.close()
 
 
 def test_a_save_waits_for_a_writer_that_drew_an_earlier_notification_id(
