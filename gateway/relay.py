@@ -36,9 +36,14 @@ from agentrun.run_events import (
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from agentrun.v1 import executor_service_pb2 as pb
 from gateway.executors import WarmCalls
+from gateway.run_modes import RunModes
 
 if TYPE_CHECKING:
+    from nats.js.client import JetStreamContext
+
     from agentrun.v1.executor_service_pb2_grpc import ExecutorServiceAsyncStub
+
+    Subscription = JetStreamContext.PushSubscription
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,7 @@ class Relay:
         self.calls = WarmCalls(executors)
         self.liveness_interval = liveness_interval
         self.event_retention = event_retention
+        self.modes = RunModes()
         self._background: set[asyncio.Task[None]] = set()
 
     def execute(
@@ -100,6 +106,30 @@ class Relay:
                 return True
         return False
 
+    def subscribe(self, run_id: str) -> asyncio.Task[Subscription]:
+        """Starts subscribing to the run's events, all of them (the subscription reads them in
+        order, from the first; ``watch`` takes it, or ``drop`` it)."""
+        return asyncio.ensure_future(
+            self.link.js.subscribe(
+                self.link.names.events_subject(run_id),
+                stream=self.link.names.events_stream,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+                idle_heartbeat=WATCH_HEARTBEAT,
+            )
+        )
+
+    def drop(self, subscribing: asyncio.Task[Subscription]) -> None:
+        """Ends a subscription that ``watch`` did not take (or stops it being made)."""
+
+        async def unsubscribe() -> None:
+            with contextlib.suppress(Exception):
+                await (await subscribing).unsubscribe()
+
+        task = asyncio.create_task(unsubscribe())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def watch(
         self,
         tenant: str,
@@ -109,27 +139,29 @@ class Relay:
         run: run_pb2.Run | None = None,
         relayed: list[run_pb2.RunEvent] | None = None,
         probe_first: bool = False,
+        subscribing: asyncio.Task[Subscription] | None = None,
     ) -> AsyncIterator[list[run_pb2.RunEvent]]:
-        """The run's events after ``after_sequence`` until its terminal event, in batches."""
-        if run is None:
-            run = await self.get_run(tenant, run_id)
+        """The run's events after ``after_sequence`` until its terminal event, in batches
+        (through ``subscribing``, a ``subscribe`` begun earlier, if given)."""
+        sub = None
+        try:
+            if run is None:
+                run = await self.get_run(tenant, run_id)
+            if after_sequence or run.status in TERMINAL_STATUSES:
+                # Nothing may come after what the watcher asks for (it ended, or expired): look.
+                # (From sequence 0 on a running run, everything comes: no need to look first.)
+                _, last = await last_published(self.link, run_id)
+                ended_long_ago = time.time() - run.update_time.seconds > self.event_retention
+                if last is None and run.status in TERMINAL_STATUSES and ended_long_ago:
+                    raise OutOfRange(f"the events of run {run_id} are no longer retained")
+                if last is not None and is_terminal(last) and last.sequence <= after_sequence:
+                    return
+            sub = await (subscribing or self.subscribe(run_id))
+        finally:
+            if sub is None and subscribing is not None:
+                self.drop(subscribing)
+        assert sub is not None
         classic = run.execution_mode == agent_pb2.EXECUTION_MODE_CLASSIC
-        if after_sequence or run.status in TERMINAL_STATUSES:
-            # Nothing may come after what the watcher asks for (it ended, or expired): look.
-            # (From sequence 0 on a running run, everything comes: no need to look first.)
-            _, last = await last_published(self.link, run_id)
-            ended_long_ago = time.time() - run.update_time.seconds > self.event_retention
-            if last is None and run.status in TERMINAL_STATUSES and ended_long_ago:
-                raise OutOfRange(f"the events of run {run_id} are no longer retained")
-            if last is not None and is_terminal(last) and last.sequence <= after_sequence:
-                return
-        sub = await self.link.js.subscribe(
-            self.link.names.events_subject(run_id),
-            stream=self.link.names.events_stream,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
-            idle_heartbeat=WATCH_HEARTBEAT,
-        )
         seen = after_sequence
         check_at = time.monotonic() if probe_first else time.monotonic() + self.liveness_interval
         try:
@@ -255,19 +287,35 @@ class ExecutedRun:
     async def events(self) -> AsyncIterator[list[run_pb2.RunEvent]]:
         start = pb.ExecuteRunStart(tenant=self.tenant, run_id=self.run_id, request=self._request)
         relayed: deque[run_pb2.RunEvent] = deque(maxlen=RELAYED_TAIL)
+        modes = self._relay.modes
+        early: asyncio.Task[Subscription] | None = None
         try:
             await self._start(start)
+            if modes.probably_durable(self.tenant, self._request):
+                # Subscribed to while the executor stores the run (see gateway.run_modes).
+                early = self._relay.subscribe(self.run_id)
             while (read := await self._call.read()) is not EOF:
                 response = cast(pb.ExecuteRunResponse, read)
                 if response.HasField("relayed_run"):
+                    run = response.relayed_run
+                    durable = run.execution_mode == agent_pb2.EXECUTION_MODE_DURABLE
+                    modes.saw(self.tenant, self._request, durable)
                     self._detached = True
-                    # A new durable run is being stored meanwhile: the call's end says whether
-                    # it was; its stream is watched from now on all the same, to be quick.
+                    # The call's end says whether a new durable run was queued (or stored);
+                    # its stream is watched from now on all the same, to be quick.
                     stored = asyncio.ensure_future(self._call.code())
-                    watch = self._relay.watch(self.tenant, self.run_id, 0, run=response.relayed_run)
+                    # (``early`` is dropped when this ends, whatever the watch did with it.)
+                    watch = self._relay.watch(
+                        self.tenant, self.run_id, 0, run=run, subscribing=early
+                    )
                     async for batch in _unless_failed(watch, stored, self._confirm_stored):
                         yield batch
                     return
+                if not relayed:
+                    modes.saw(self.tenant, self._request, False)
+                    if early is not None:
+                        self._relay.drop(early)
+                        early = None
                 relayed.extend(response.events)
                 yield list(response.events)
                 self._relay.calls.refill()
@@ -287,6 +335,8 @@ class ExecutedRun:
                 yield batch
         finally:
             self._call.cancel()
+            if early is not None:
+                self._relay.drop(early)
 
     async def _start(self, start: pb.ExecuteRunStart) -> None:
         """Sends the start; a call that broke before it (its executor went away while the call

@@ -1,0 +1,70 @@
+"""gateway.run_modes: the gateway's guess of a new run's mode, and runs whose guess was wrong."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from agentrun.v1 import agent_pb2, agent_service_pb2, run_service_pb2
+from gateway.run_modes import RunModes
+from tests.client import Client, scripted_agent
+
+CLASSIC = agent_pb2.EXECUTION_MODE_CLASSIC
+DURABLE = agent_pb2.EXECUTION_MODE_DURABLE
+
+
+def request(
+    agent_id: str, mode: agent_pb2.ExecutionMode.ValueType = agent_pb2.EXECUTION_MODE_UNSPECIFIED
+) -> Any:
+    return run_service_pb2.StreamRunRequest(agent_id=agent_id, input="hi", execution_mode=mode)
+
+
+def test_an_agent_is_guessed_classic_until_a_run_of_it_was_durable() -> None:
+    modes = RunModes()
+    assert not modes.probably_durable("t", request("a"))
+    modes.saw("t", request("a"), durable=True)
+    assert modes.probably_durable("t", request("a"))
+    assert not modes.probably_durable("other tenant", request("a"))
+    modes.saw("t", request("a"), durable=False)
+    assert not modes.probably_durable("t", request("a"))
+
+
+def test_a_request_that_chooses_its_mode_is_taken_at_its_word_and_teaches_nothing() -> None:
+    modes = RunModes()
+    assert modes.probably_durable("t", request("a", DURABLE))
+    modes.saw("t", request("a", DURABLE), durable=True)
+    assert not modes.probably_durable("t", request("a"))
+    modes.saw("t", request("a"), durable=True)
+    assert not modes.probably_durable("t", request("a", CLASSIC))
+
+
+def test_the_least_recently_started_agents_are_forgotten() -> None:
+    modes = RunModes(size=2)
+    for agent in ("a", "b"):
+        modes.saw("t", request(agent), durable=True)
+    modes.saw("t", request("a"), durable=True)  # a is now more recent than b
+    modes.saw("t", request("c"), durable=True)
+    assert modes.probably_durable("t", request("a"))
+    assert not modes.probably_durable("t", request("b"))
+    assert modes.probably_durable("t", request("c"))
+
+
+async def test_runs_stream_whole_whatever_the_guess(channels: list[grpc.aio.Channel]) -> None:
+    """An agent switched between the modes: each switch makes the gateway's guess wrong once."""
+    client = Client(channels[0])
+    agent = await client.create_agent(scripted_agent(turns=[("Hello.", [])], mode=DURABLE))
+    outputs: list[tuple[int, str]] = []
+    switches = (DURABLE, DURABLE, CLASSIC, CLASSIC, DURABLE)
+    for mode in switches:
+        changed = scripted_agent(turns=[(f"Hello in mode {mode}.", [])], mode=mode)
+        changed.id = agent.id
+        await client.agents.UpdateAgent(agent_service_pb2.UpdateAgentRequest(agent=changed))
+        events = await client.run(agent.id, "hi")
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        assert events[0].run_started.run.execution_mode == mode
+        outputs.append((mode, events[-1].run_completed.output))
+    overridden = await client.run(agent.id, "hi", execution_mode=CLASSIC)
+    assert overridden[0].run_started.run.execution_mode == CLASSIC
+    assert overridden[-1].HasField("run_completed")
+    assert outputs == [(m, f"Hello in mode {m}.") for m in switches]
