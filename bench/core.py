@@ -14,30 +14,17 @@ import asyncio
 import os
 import resource
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 from bench.durable import create_agent
 from bench.latency import through_stack
+from bench.machine import loop_ms
 from bench.scale import CpuMeter
 from bench.stack import Stack, choose_store
 from bench.stats import Summary
 from bench.throughput import under_load
 from bench.workload import bench_agent
-
-
-def calibration() -> float:
-    """CPU milliseconds of a fixed piece of Python (the best of 5): this machine's speed varies
-    from minute to minute (a shared VM), so CPU per run is also given in units of this."""
-    best = float("inf")
-    for _ in range(5):
-        started = time.process_time()
-        total = 0
-        for i in range(300_000):
-            total += i % 7
-        best = min(best, time.process_time() - started)
-    return best * 1000
 
 
 async def measure(url: str, tmp: Path, modes: list[str], runs: int) -> None:
@@ -65,7 +52,7 @@ async def measure(url: str, tmp: Path, modes: list[str], runs: int) -> None:
             spent["client"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             cpu = {part: seconds * 1000 / runs for part, seconds in spent.items()}
             parts = ", ".join(f"{part} {ms:.1f}" for part, ms in cpu.items())
-            unit = calibration()
+            unit = loop_ms()
             print(
                 f"{mode} c16: {load.runs_per_second:.1f} runs/s; CPU ms/run: {parts}, "
                 f"total {sum(cpu.values()):.1f}; the machine's speed: {unit:.1f} ms for a fixed "

@@ -63,10 +63,13 @@ def render(report: dict[str, Any]) -> str:
         ]
 
     machine, suspended, events = report["machine"], report["suspended"], report["replay_events"]
+    speeds = list(machine.get("loop_ms_by_phase", {}).values()) or [0.0]
     lines = [
         f"Machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}; "
         f"store: {report['store']}; {report['time']}"
         + (" (SMOKE RUN: the numbers mean nothing)" if report["smoke"] else ""),
+        f"The machine's speed during the run (bench.machine's fixed loop, as each part ended): "
+        f"{min(speeds):.1f} to {max(speeds):.1f} ms (lower is faster).",
         f"Workload: {report['workload']}. Paced: {report['paced_workload']}.",
         "",
         "| figure | p50 ms | p99 ms | n |",

@@ -27,6 +27,7 @@ from agentrun.launcher import Service
 from agentrun.nats_link import NatsNames
 from bench.durable import create_agent, death_to_next_token, ratio, step_costs
 from bench.latency import RunTimes, in_process, through_stack
+from bench.machine import loop_ms
 from bench.pace import DESCRIPTION as PACED_WORKLOAD
 from bench.pace import paced
 from bench.replay import replay
@@ -142,6 +143,7 @@ async def run_suite(smoke: bool, database_url: str) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "loop_ms_by_phase": phase.loop_ms,
         },
         "store": StoreConfig.from_url(url).describe(),
         "workload": (
@@ -175,12 +177,14 @@ class Phases:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.loop_ms: dict[str, float] = {}  # the machine's speed as each part ended
         self._last = self._start = time.perf_counter()
 
     def done(self, name: str) -> None:
         now = time.perf_counter()
         self.seconds[name] = now - self._last
-        self._last = now
+        self.loop_ms[name] = loop_ms()
+        self._last = time.perf_counter()
         print(f"bench: {name}: {now - self._start:.1f} s", file=sys.stderr, flush=True)
 
 
