@@ -96,6 +96,7 @@ def render(report: dict[str, Any]) -> str:
         f"{suspended['rss_before_bytes'] / 2**20:.1f} MiB before, "
         f"{suspended['rss_after_bytes'] / 2**20:.1f} MiB after.",
         "",
+        *_rounds(report),
         *_scale(report),
         "| derived figure | measured | target |",
         "|---|---|---|",
@@ -106,6 +107,33 @@ def render(report: dict[str, Any]) -> str:
     for name in INFORMATIVE:
         lines.append(f"| {name} | {values[name]:.2f} | - |")
     return "\n".join(lines) + "\n"
+
+
+def _rounds(report: dict[str, Any]) -> list[str]:
+    """Each measurement taken in rounds: the best round (in the tables), the median, the worst."""
+    measured = report.get("rounds")
+    if not measured:
+        return []
+    lines = [
+        "Rounds (bench.rounds): the tables above give the best round of each; the machine's "
+        "speed (bench.machine's loop, ms) after each round beside.",
+        "",
+        "| measurement | rounds | first token p50 ms: best / median / worst "
+        "| runs/s: best / median / worst | loop ms |",
+        "|---|---|---|---|---|",
+    ]
+    for name, described in measured.items():
+        each = described["rounds"]
+        firsts = sorted(r["first_token_p50_ms"] for r in each)
+        rates = sorted((r["runs_per_second"] for r in each), reverse=True)
+        loops = [r["loop_ms"] for r in each]
+        lines.append(
+            f"| {name} | {len(each)} "
+            f"| {firsts[0]:.2f} / {described['median_first_token_p50_ms']:.2f} / {firsts[-1]:.2f} "
+            f"| {rates[0]:.1f} / {described['median_runs_per_second']:.1f} / {rates[-1]:.1f} "
+            f"| {min(loops):.1f}-{max(loops):.1f} |"
+        )
+    return [*lines, ""]
 
 
 def _scale(report: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -32,12 +33,12 @@ from bench.pace import DESCRIPTION as PACED_WORKLOAD
 from bench.pace import paced
 from bench.replay import replay
 from bench.report import render
+from bench.rounds import busiest, described, in_rounds, quickest
 from bench.scale import CLIENTS as SCALE_CLIENTS
 from bench.scale import scale_out
 from bench.stack import DEFAULT_POSTGRES, Stack, choose_store
 from bench.stats import Summary
 from bench.suspended import suspended_runs
-from bench.throughput import under_load
 from bench.workload import bench_agent
 from eventstore.agent_config import AgentConfig, ModelSettings, ScriptedSettings, ScriptedTurn
 from eventstore.persistence import StoreConfig
@@ -79,10 +80,11 @@ class Counts:
     death_trials: int
     scale_runs: int  # durable runs by 16 clients with each of 1, 2 and 3 executors
     scale_warm_up: int
+    rounds: int  # the sequential, c16 and c64 runs are measured in this many rounds
 
 
-FULL = Counts(1000, 800, 960, 5, 301, 3, 1000, 20, 2000, 100, 10, 800, 64)
-SMOKE = Counts(20, 32, 128, 1, 21, 1, 100, 3, 20, 5, 1, 16, 16)
+FULL = Counts(1000, 800, 960, 5, 301, 3, 1000, 20, 2000, 100, 10, 800, 64, 4)
+SMOKE = Counts(20, 32, 128, 1, 21, 1, 100, 3, 20, 5, 1, 16, 16, 2)
 
 
 async def run_suite(smoke: bool, database_url: str) -> dict[str, Any]:
@@ -93,6 +95,7 @@ async def run_suite(smoke: bool, database_url: str) -> dict[str, Any]:
     stack = Stack(url, tmp)
     figures: dict[str, Summary] = {}
     rates: dict[str, float] = {}
+    rounds: dict[str, Any] = {}
     try:
         _, main_executor = stack.executor()
         target = stack.gateway([main_executor]).address
@@ -101,14 +104,25 @@ async def run_suite(smoke: bool, database_url: str) -> dict[str, Any]:
             agent_id = f"bench-{mode}-{uuid.uuid4().hex[:6]}"
             await create_agent(target, bench_agent(agent_id, mode))
             await through_stack(target, agent_id, max(n.sequential // 10, 5))  # warm up
-            alone, _ = await through_stack(target, agent_id, n.sequential)
-            _record(figures, f"{mode}_c1", alone)
+            alone = await in_rounds(
+                functools.partial(through_stack, target, agent_id, n.sequential // n.rounds),
+                n.rounds,
+            )
+            _record(figures, f"{mode}_c1", quickest(alone).times)
+            rounds[f"{mode}_c1"] = described(alone)
             phase.done(f"{mode}, 1 client")
             for clients, runs in ((16, n.c16), (64, n.c64)):
-                load = await under_load(target, agent_id, runs, clients)
+                loads = await in_rounds(
+                    functools.partial(
+                        through_stack, target, agent_id, runs // n.rounds, concurrency=clients
+                    ),
+                    n.rounds,
+                )
+                load = busiest(loads)
                 _record(figures, f"{mode}_c{clients}", load.times)
                 rates[f"{mode}_runs_per_second_c{clients}"] = load.runs_per_second
                 rates[f"{mode}_tokens_per_second_c{clients}"] = load.tokens_per_second
+                rounds[f"{mode}_c{clients}"] = described(loads)
                 phase.done(f"{mode}, {clients} clients")
         await in_process(max(n.sequential // 10, 5))
         _record(figures, "in_process", await in_process(n.sequential))
@@ -154,6 +168,7 @@ async def run_suite(smoke: bool, database_url: str) -> dict[str, Any]:
         "counts": asdict(n),
         "figures": {name: asdict(summary) for name, summary in figures.items()},
         "rates": rates,
+        "rounds": rounds,
         "overhead": _overhead(figures),
         "phase_seconds": phase.seconds,
         "steps": n.steps,
