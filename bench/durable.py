@@ -34,6 +34,9 @@ async def create_agent(target: str, config: AgentConfig) -> None:
         await stub.CreateAgent(agent_service_pb2.CreateAgentRequest(agent=agent_to_proto(config)))
 
 
+STEPS_COMPARED = 10  # steps 3-12 against the last ten
+
+
 async def step_costs(target: str, steps: int, runs: int) -> tuple[list[float], list[float]]:
     """Step times (seconds) near the start (steps 3-12) and near the end (the last ten) of
     ``runs`` durable runs of ``steps`` steps, from StepCompleted to StepCompleted as the client
@@ -53,8 +56,10 @@ async def step_costs(target: str, steps: int, runs: int) -> tuple[list[float], l
                     if event.HasField("step_completed"):
                         completed[event.step_completed.step_index] = now
             last = max(completed)
-            early += [completed[s] - completed[s - 1] for s in range(3, 13)]
-            late += [completed[s] - completed[s - 1] for s in range(last - 9, last + 1)]
+            early += [completed[s] - completed[s - 1] for s in range(3, 3 + STEPS_COMPARED)]
+            late += [
+                completed[s] - completed[s - 1] for s in range(last - STEPS_COMPARED + 1, last + 1)
+            ]
     return early, late
 
 
@@ -107,5 +112,12 @@ async def death_to_next_token(
     return results
 
 
-def ratio(late: list[float], early: list[float]) -> float:
-    return statistics.median(late) / statistics.median(early)
+def ratio(late: list[float], early: list[float], per_run: int = STEPS_COMPARED) -> float:
+    """The median over runs of each run's median late step over its median early step: each
+    run takes about a second, so the machine's speed, which drifts from minute to minute
+    (bench.machine), is nearly the same for both ends of one run."""
+    runs = range(0, len(early), per_run)
+    return statistics.median(
+        statistics.median(late[i : i + per_run]) / statistics.median(early[i : i + per_run])
+        for i in runs
+    )

@@ -17,25 +17,12 @@ from typing import Any
 from bench.latency import RunTimes
 from bench.machine import loop_ms
 from bench.stats import Summary
+from bench.throughput import Load
 
 
 @dataclass
-class Round:
-    times: RunTimes
-    wall: float
-    loop_ms: float  # the machine's speed right after the round
-
-    @property
-    def runs(self) -> int:
-        return len(self.times.whole_run)
-
-    @property
-    def runs_per_second(self) -> float:
-        return self.runs / self.wall
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.times.tokens / self.wall
+class Round(Load):
+    loop_ms: float = 0.0  # the machine's speed right after the round
 
     @property
     def first_token_p50_ms(self) -> float:
@@ -49,7 +36,7 @@ async def in_rounds(
     done = []
     for _ in range(rounds):
         times, wall = await measure()
-        done.append(Round(times, wall, loop_ms()))
+        done.append(Round(times, wall, len(times.whole_run), loop_ms()))
     return done
 
 

@@ -83,7 +83,7 @@ class Counts:
     rounds: int  # the sequential, c16 and c64 runs are measured in this many rounds
 
 
-FULL = Counts(1000, 800, 960, 5, 301, 3, 1000, 20, 2000, 100, 10, 800, 64, 4)
+FULL = Counts(1000, 800, 960, 5, 301, 5, 1000, 20, 2000, 100, 10, 800, 64, 4)
 SMOKE = Counts(20, 32, 128, 1, 21, 1, 100, 3, 20, 5, 1, 16, 16, 2)
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import psycopg
 import pytest
 
 from agentrun.launcher import Service, free_port, start_nats
@@ -30,6 +29,7 @@ from executor.tools.send_email import read_attempts, read_outbox
 from tests.client import EOF, Client, kinds, rest, scripted_agent, until
 from tests.conftest import database_url_for, drop_schema
 from tests.stack import Stack
+from tests.test_postgres_recorders import connect, waiting_for_the_run_store
 
 DURABLE = agent_pb2.EXECUTION_MODE_DURABLE
 ONE = " ".join(f"one{i}" for i in range(25)) + " "
@@ -320,6 +320,7 @@ async def test_a_start_whose_executor_died_before_storing_the_run_can_be_repeate
     """The executor dies while it stores a new run: the client is told to start again
     (UNAVAILABLE), not left waiting; the repeat, with the same request_id, stores and runs it."""
     url = database_url_for("postgres", tmp_path)
+    config = StoreConfig.from_url(url)
     stack = Stack(database_url=url, nats=nats_server, tmp=tmp_path)
     try:
         names = ["executor-storing-1", "executor-storing-2"]
@@ -331,12 +332,12 @@ async def test_a_start_whose_executor_died_before_storing_the_run_can_be_repeate
                 scripted_agent(turns=[("Stored at last.", [])], mode=DURABLE)
             )
             # Holding a lock on the run store's table keeps the executor from storing the run.
-            with _connect(url) as lock, lock.transaction():
+            with connect(config) as lock, lock.transaction():
                 lock.execute("LOCK TABLE runstore_events IN EXCLUSIVE MODE")
                 request_id = str(uuid.uuid4())
                 call = client.stream(agent.id, "go", request_id=request_id)
                 reading = asyncio.ensure_future(rest(call))
-                while not (storing := await asyncio.to_thread(_waiting_to_store, url)):
+                while not (storing := await asyncio.to_thread(waiting_for_the_run_store, config)):
                     assert not reading.done(), reading
                 executors[storing].kill()
                 with pytest.raises(grpc.aio.AioRpcError) as failed:
@@ -352,23 +353,3 @@ async def test_a_start_whose_executor_died_before_storing_the_run_can_be_repeate
     finally:
         stack.stop()
         drop_schema(url)
-
-
-def _connect(url: str) -> psycopg.Connection[tuple[object, ...]]:
-    config = StoreConfig.from_url(url)
-    assert config.postgres is not None
-    conn = psycopg.connect(config.postgres.conninfo(), autocommit=True)
-    conn.execute(f'SET search_path = "{config.postgres.schema}"')
-    return conn
-
-
-def _waiting_to_store(url: str) -> str:
-    """The executor (its PostgreSQL application_name) waiting for the run store's table, if
-    one is."""
-    with _connect(url) as db:
-        row = db.execute(
-            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
-            " WHERE l.locktype = 'relation' AND NOT l.granted"
-            " AND l.relation = 'runstore_events'::regclass"
-        ).fetchone()
-    return str(row[0]) if row else ""

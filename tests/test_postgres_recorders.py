@@ -34,13 +34,16 @@ def connect(config: StoreConfig) -> psycopg.Connection[tuple[object, ...]]:
     return conn
 
 
-def waiting_for_a_table_lock(config: StoreConfig) -> bool:
+def waiting_for_the_run_store(config: StoreConfig) -> str:
+    """Who waits for a lock on the run store's table: a session's application_name (an
+    executor's id: see executor.server), "" if none waits."""
     with connect(config) as db:
         row = db.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND NOT granted"
-            " AND relation = 'runstore_events'::regclass"
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE l.locktype = 'relation' AND NOT l.granted"
+            " AND l.relation = 'runstore_events'::regclass"
         ).fetchone()
-    return row is not None and int(str(row[0])) > 0
+    return "" if row is None else str(row[0]) or "(unnamed)"
 
 
 def test_the_stores_use_them(postgres: StoreConfig) -> None:
@@ -76,7 +79,7 @@ def test_a_save_waits_for_a_writer_that_drew_an_earlier_notification_id(
             )
             thread = threading.Thread(target=save, daemon=True)
             thread.start()
-            while not waiting_for_a_table_lock(postgres):
+            while not waiting_for_the_run_store(postgres):
                 assert thread.is_alive(), "the save did not wait for the earlier writer"
             assert not saved.is_set()
         assert saved.wait(GUARD)
