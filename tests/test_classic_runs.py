@@ -9,6 +9,7 @@ import uuid
 import grpc
 import pytest
 
+from agentrun.nats_link import NatsLink, NatsNames
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from executor.tools.send_email import read_outbox
 from tests.client import Client, kinds, rest, scripted_agent, text_of, until
@@ -208,6 +209,57 @@ async def test_a_repeated_request_id_returns_the_same_run(
     assert started.run.id == first[0].run_id
     listed = await client.runs.ListRuns(run_service_pb2.ListRunsRequest(agent_id=agent.id))
     assert [r.id for r in listed.runs] == [first[0].run_id]
+
+
+async def test_a_repeat_of_a_live_run_takes_nothing_from_it(
+    channels: list[grpc.aio.Channel], stack: Stack
+) -> None:
+    """A repeat of a run that is live on the same executor gets that run's events, and takes
+    nothing from it: the run still answers for itself, takes its approval on its own stream,
+    and sends its email once."""
+    client = Client(channels[0])
+    agent = await client.create_agent(scripted_agent(turns=EMAIL_AGENT_TURNS))
+    request_id = str(uuid.uuid4())
+    live = client.runs.Converse()
+    await live.write(
+        run_service_pb2.ConverseRequest(
+            start=run_service_pb2.StreamRunRequest(
+                agent_id=agent.id, input="email Ada", request_id=request_id
+            )
+        )
+    )
+    before = await until(live, "tool_approval_required")
+    repeat = client.stream(agent.id, "email Ada", request_id=request_id)
+    seen_by_repeat = await until(repeat, "tool_approval_required")
+    assert seen_by_repeat == before
+    # The live run still answers for itself on NATS.
+    link = NatsLink(
+        [f"nats://{stack.nats.address}"],
+        name="probe",
+        event_retention=60,
+        names=NatsNames(stack.namespace),
+    )
+    await link.start()
+    try:
+        await link.wait_connected()
+        assert await link.holder_answers(before[0].run_id) is True
+    finally:
+        await link.close()
+    required = before[-1].tool_approval_required
+    await live.write(
+        run_service_pb2.ConverseRequest(
+            tool_approval=run_service_pb2.ToolApprovalDecision(
+                tool_call_id=required.tool_call.id, approved=True
+            )
+        )
+    )
+    after = await until(live, "run_completed")
+    await live.done_writing()
+    assert_gap_free(before + after)
+    assert seen_by_repeat + await rest(repeat) == before + after
+    run_id = before[0].run_id
+    assert await client.watch_all(run_id) == before + after
+    assert len([m for m in read_outbox(stack.data_dir) if m["run_id"] == run_id]) == 1
 
 
 async def test_the_second_run_of_a_conversation_sees_the_first(
