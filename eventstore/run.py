@@ -118,7 +118,7 @@ class Run(Aggregate):
 
     def tool_call(self, tool_call_id: str) -> ToolCall:
         """The tool call of this run with this id (KeyError if there is none)."""
-        for message in self.messages:
+        for message in reversed(self.messages):  # (usually the last model call's: look there first)
             for call in message.get("tool_calls", []):
                 if call["id"] == tool_call_id:
                     return call
@@ -127,7 +127,7 @@ class Run(Aggregate):
     def completes_step(self, tool_call_id: str) -> bool:
         """Whether this call is the last of its model call's tool calls (they run in order, so
         its outcome completes the step)."""
-        for message in self.messages:
+        for message in reversed(self.messages):
             calls = message.get("tool_calls", [])
             if any(c["id"] == tool_call_id for c in calls):
                 return calls[-1]["id"] == tool_call_id

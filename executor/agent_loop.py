@@ -80,6 +80,7 @@ class AgentLoop:
         self.models = models
         self.data_dir = data_dir
         self._announce = Announcements(stream, host.attempt)
+        self._seen_ids: set[str] | None = None
 
     async def drive(self) -> None:
         while True:
@@ -163,7 +164,7 @@ class AgentLoop:
         except ModelError as exc:
             await self.fail("MODEL_ERROR", exc.message, retryable=exc.retryable)
             return
-        tool_calls = _unique_ids(reply.tool_calls, run, step.call_index)
+        tool_calls = _unique_ids(reply.tool_calls, self._tool_call_ids(), step.call_index)
         run.record_model_call(step.step_index, reply.text, tool_calls, reply.usage)
         if not tool_calls:
             # The final answer: the run completes in the same save (one commit less per run).
@@ -221,6 +222,13 @@ class AgentLoop:
             log.exception("tool %s failed", call["name"])
             return _error(f"the tool failed: {type(exc).__name__}"), True
 
+    def _tool_call_ids(self) -> set[str]:
+        """The ids of the run's tool calls so far (read from its messages once per loop; the
+        loop adds those of each model call it records)."""
+        if self._seen_ids is None:
+            self._seen_ids = {c["id"] for m in self.run.messages for c in m.get("tool_calls", [])}
+        return self._seen_ids
+
     def _tool_specs(self) -> list[ToolSpec]:
         specs = []
         for settings in self.config.tools:
@@ -240,9 +248,9 @@ def _error(message: str) -> str:
     return json.dumps({"error": message})
 
 
-def _unique_ids(calls: list[ToolCall], run: Run, call_index: int) -> list[ToolCall]:
-    """Tool call ids must be unique within the run (approvals name calls by id)."""
-    seen = {c["id"] for m in run.messages for c in m.get("tool_calls", [])}
+def _unique_ids(calls: list[ToolCall], seen: set[str], call_index: int) -> list[ToolCall]:
+    """Tool call ids must be unique within the run (approvals name calls by id): ``seen`` holds
+    the run's, and gets these."""
     unique: list[ToolCall] = []
     for i, call in enumerate(calls):
         call_id = call["id"] or f"call_{call_index}_{i}"

@@ -22,6 +22,7 @@ Without that variable the turn is ordinary text.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -44,6 +45,12 @@ CRASH_HOOK_VARIABLE = "AGENTRUN_TEST_CRASH_HOOK"
 def tokens_of(text: str) -> list[str]:
     """Splits text into tokens at whitespace; whitespace stays with the token before it."""
     return _TOKEN.findall(text)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _token_count(text: str) -> int:
+    """(A run's messages are counted again at each model call: once each is enough.)"""
+    return len(tokens_of(text))
 
 
 class ScriptedProvider:
@@ -70,7 +77,7 @@ class ScriptedProvider:
                 await asyncio.sleep(0)
         if not tokens and settings.first_token_delay > 0:
             await asyncio.sleep(settings.first_token_delay)
-        input_tokens = sum(len(tokens_of(m["content"])) for m in request.messages)
+        input_tokens = sum(_token_count(m["content"]) for m in request.messages)
         return ModelReply(
             text="".join(tokens),
             tool_calls=tool_calls,
