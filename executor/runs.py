@@ -182,6 +182,9 @@ class RunManager:
         store = self.ctx.run_store
 
         def create() -> RunRecord | None:
+            if run.request_id:  # a repeat may name a classic run (the agent's mode changed since)
+                with contextlib.suppress(NotFound):
+                    return self.ctx.index.get(run.tenant, run.run_id)
             try:
                 store.create(run)
             except AlreadyExists:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import grpc
@@ -68,3 +69,20 @@ async def test_runs_stream_whole_whatever_the_guess(channels: list[grpc.aio.Chan
     assert overridden[0].run_started.run.execution_mode == CLASSIC
     assert overridden[-1].HasField("run_completed")
     assert outputs == [(m, f"Hello in mode {m}.") for m in switches]
+
+
+async def test_a_repeat_after_the_agent_changed_mode_returns_the_first_run(
+    channels: list[grpc.aio.Channel],
+) -> None:
+    client = Client(channels[0])
+    agent = await client.create_agent(scripted_agent(turns=[("First.", [])], mode=CLASSIC))
+    request_id = str(uuid.uuid4())
+    first = await client.run(agent.id, "hi", request_id=request_id)
+    changed = scripted_agent(turns=[("Second.", [])], mode=DURABLE)
+    changed.id = agent.id
+    await client.agents.UpdateAgent(agent_service_pb2.UpdateAgentRequest(agent=changed))
+    again = await client.run(agent.id, "hi", request_id=request_id)
+    assert again[0].run_id == first[0].run_id
+    assert again[-1].run_completed.output == "First."
+    listed = await client.runs.ListRuns(run_service_pb2.ListRunsRequest(agent_id=agent.id))
+    assert [(r.id, r.execution_mode) for r in listed.runs] == [(first[0].run_id, CLASSIC)]
