@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from typing import Any
 
 import grpc
 import pytest
@@ -24,6 +25,20 @@ EMAIL_AGENT_TURNS = [
 
 def assert_gap_free(events: list[run_pb2.RunEvent], first: int = 1) -> None:
     assert [e.sequence for e in events] == list(range(first, first + len(events)))
+
+
+async def approve_to_the_end(call: Any, tool_call_id: str) -> list[run_pb2.RunEvent]:
+    """Approves a tool call on a Converse stream; the events from there to the run's end."""
+    await call.write(
+        run_service_pb2.ConverseRequest(
+            tool_approval=run_service_pb2.ToolApprovalDecision(
+                tool_call_id=tool_call_id, approved=True
+            )
+        )
+    )
+    after: list[run_pb2.RunEvent] = await until(call, "run_completed")
+    await call.done_writing()
+    return after
 
 
 async def test_stream_run_streams_a_whole_run(channels: list[grpc.aio.Channel]) -> None:
@@ -69,15 +84,7 @@ async def test_converse_streams_a_run_and_takes_an_approval_on_the_stream(
     run_id = before[0].run_started.run.id
     assert (await client.get_run(run_id)).status == run_pb2.RUN_STATUS_AWAITING_APPROVAL
     assert not [m for m in read_outbox(stack.data_dir) if m["run_id"] == run_id]
-    await call.write(
-        run_service_pb2.ConverseRequest(
-            tool_approval=run_service_pb2.ToolApprovalDecision(
-                tool_call_id=required.tool_call.id, approved=True
-            )
-        )
-    )
-    after = await until(call, "run_completed")
-    await call.done_writing()
+    after = await approve_to_the_end(call, required.tool_call.id)
     events = before + after
     assert_gap_free(events)
     resolved = next(e.tool_approval_resolved for e in after if e.HasField("tool_approval_resolved"))
@@ -246,15 +253,7 @@ async def test_a_repeat_of_a_live_run_takes_nothing_from_it(
     finally:
         await link.close()
     required = before[-1].tool_approval_required
-    await live.write(
-        run_service_pb2.ConverseRequest(
-            tool_approval=run_service_pb2.ToolApprovalDecision(
-                tool_call_id=required.tool_call.id, approved=True
-            )
-        )
-    )
-    after = await until(live, "run_completed")
-    await live.done_writing()
+    after = await approve_to_the_end(live, required.tool_call.id)
     assert_gap_free(before + after)
     assert seen_by_repeat + await rest(repeat) == before + after
     run_id = before[0].run_id
