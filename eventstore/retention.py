@@ -149,21 +149,18 @@ class RunRetention:
         self.batch_size = batch_size
         self._index_ready = False
 
-    def prune(self, retention: float, now: float, *, max_batches: int = 0) -> PruneResult:
+    def prune(self, retention: float, now: float) -> PruneResult:
         """Prunes runs that finished before ``now - retention``, batch after batch, until none
-        is left (or ``max_batches`` batches, if set) or another process is pruning.
-        ``retention`` 0 (or less) keeps everything."""
+        is left or another process is pruning. ``retention`` 0 (or less) keeps everything."""
         total = PruneResult()
         if retention <= 0:
             return total
-        batches = 0
         while True:
             batch = self.prune_batch(now - retention)
             if batch is None:
                 return total
             total += batch.result
-            batches += 1
-            if not batch.more or (max_batches and batches >= max_batches):
+            if not batch.more:
                 return total
 
     def prune_batch(self, finished_before: float) -> Batch | None:

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agentrun.errors import AgentrunError
 from agentrun.run_events import append_executor_lost, is_terminal, last_published
 from agentrun.v1 import run_pb2
 from eventstore.run import TERMINAL_STATUSES
@@ -28,6 +27,7 @@ from eventstore.run_index import RunRecord
 from executor import stored_runs
 from executor.context import ExecutorContext
 from executor.dispatch import WorkQueue
+from executor.periodic import every
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +44,13 @@ class Reconciler:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._forever(), name="reconciler")
+        self._task = asyncio.create_task(
+            every(self.ctx.settings.reconcile_interval, self.once, "reconciler"), name="reconciler"
+        )
 
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-
-    async def _forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.ctx.settings.reconcile_interval)
-            try:
-                await self.once()
-            except AgentrunError as exc:
-                log.warning("reconciler: %s", exc.message)
-            except Exception:
-                log.exception("reconciler failed; trying again later")
 
     async def once(self) -> None:
         if not self.ctx.link.is_connected:

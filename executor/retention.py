@@ -22,11 +22,11 @@ import logging
 import random
 import time
 
-from agentrun.errors import AgentrunError
 from eventstore.persistence import StoreConfig
 from eventstore.retention import BATCH_RUNS, PruneResult, RunRetention
 from eventstore.run_store import RunStore
 from executor.context import ExecutorContext
+from executor.periodic import every
 from executor.run_list import NAME as RUN_LIST_PROJECTION
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,15 @@ class RetentionJob:
 
     def start(self) -> None:
         if self.enabled and self._task is None:
-            self._task = asyncio.create_task(self._forever(), name="retention")
+            self._task = asyncio.create_task(
+                every(
+                    self.interval,
+                    self.once,
+                    "retention",
+                    first_after=random.uniform(0, self.interval),
+                ),
+                name="retention",
+            )
 
     def stop(self) -> None:
         """Stops the job (a batch already in its thread still completes: it is short)."""
@@ -91,20 +99,11 @@ class RetentionJob:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def _forever(self) -> None:
-        await asyncio.sleep(random.uniform(0, self.interval))
-        while True:
-            try:
-                await self.once()
-            except AgentrunError as exc:
-                log.warning("retention: %s", exc.message)
-            except Exception:
-                log.exception("retention: pruning failed; trying again later")
-            await asyncio.sleep(self.interval)
-
     async def once(self, now: float | None = None) -> PruneResult:
         """One prune, batch by batch, of the runs that finished before ``now`` (default: the
-        current time) minus the retention. Stops early when another executor is pruning."""
+        current time) minus the retention. Stops early when another executor is pruning.
+        (RunRetention.prune, with a trip to a worker thread per batch: stopping the job takes
+        effect between batches, not after the whole prune.)"""
         total = PruneResult()
         if not self.enabled:
             return total

@@ -72,7 +72,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         outcome = await self.runs.start(spec)
         if isinstance(outcome, DurableStart):
             yield pb.ExecuteRunResponse(relayed_run=record_to_proto(outcome.record))
-            await outcome.queued
+            await asyncio.shield(outcome.queued)  # the gateway leaving must not stop the queueing
             return
         if not isinstance(outcome, ClassicRun):
             yield pb.ExecuteRunResponse(relayed_run=record_to_proto(outcome))

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -93,18 +93,6 @@ class Relay:
             )
         )
         return response.response.run
-
-    async def is_stored(self, tenant: str, run_id: str) -> bool:
-        """Whether a durable run's first event is in the store: its row in the run list is
-        claimed before it is stored, so the row alone does not tell."""
-        request = run_service_pb2.ListRunEventsRequest(run_id=run_id, to_version=1)
-        call = self.executors.ListRunEvents(
-            pb.ExecutorServiceListRunEventsRequest(tenant=tenant, request=request)
-        )
-        async for response in call:
-            if response.response.events:
-                return True
-        return False
 
     def subscribe(self, run_id: str) -> asyncio.Task[Subscription]:
         """Starts subscribing to the run's events, all of them (the subscription reads them in
@@ -301,14 +289,13 @@ class ExecutedRun:
                     durable = run.execution_mode == agent_pb2.EXECUTION_MODE_DURABLE
                     modes.saw(self.tenant, self._request, durable)
                     self._detached = True
-                    # The call's end says whether a new durable run was queued (or stored);
-                    # its stream is watched from now on all the same, to be quick.
-                    stored = asyncio.ensure_future(self._call.code())
-                    # (``early`` is dropped when this ends, whatever the watch did with it.)
+                    # The run is stored (the executor says so only then): from here on its
+                    # events come from JetStream, whatever becomes of this call. (``early`` is
+                    # dropped when this ends, whatever the watch did with it.)
                     watch = self._relay.watch(
                         self.tenant, self.run_id, 0, run=run, subscribing=early
                     )
-                    async for batch in _unless_failed(watch, stored, self._confirm_stored):
+                    async for batch in watch:
                         yield batch
                     return
                 if not relayed:
@@ -350,25 +337,6 @@ class ExecutedRun:
         self._call = self._relay.calls.open()
         await self._call.write(pb.ExecuteRunRequest(start=start))
 
-    async def _confirm_stored(self) -> None:
-        """The call that stores a new durable run failed: raises its error, unless the executor
-        went away after the run was stored (then the run goes on, and so does its watch)."""
-        try:
-            await self._call.read()
-        except grpc.aio.AioRpcError as exc:
-            if not _executor_went_away(exc):
-                raise
-            try:
-                stored = await self._relay.is_stored(self.tenant, self.run_id)
-            except grpc.aio.AioRpcError:
-                raise exc from None
-            if not stored:
-                raise Unavailable(
-                    "executor",
-                    "the executor went away before the run was stored: start it again with "
-                    "the same request_id",
-                ) from exc
-
     async def _continue_after_loss(
         self, relayed: list[run_pb2.RunEvent]
     ) -> AsyncIterator[list[run_pb2.RunEvent]]:
@@ -387,39 +355,6 @@ class ExecutedRun:
         except Unavailable:
             # NATS is down too: the client still learns at once that the run is lost.
             yield [executor_lost_event(self.run_id, last + 1)]
-
-
-async def _unless_failed(
-    batches: AsyncIterator[list[run_pb2.RunEvent]],
-    status: asyncio.Future[grpc.StatusCode],
-    check: Callable[[], Awaitable[None]],
-) -> AsyncIterator[list[run_pb2.RunEvent]]:
-    """The batches, unless a call's ``status`` turns out not OK and ``check`` raises then."""
-    iterator = aiter(batches)
-    checked = False
-    try:
-        while True:
-            following: asyncio.Future[list[run_pb2.RunEvent]] = asyncio.ensure_future(
-                anext(iterator)
-            )
-            if not checked:
-                waiting: set[asyncio.Future[Any]] = {following, status}
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if status.done():
-                    checked = True
-                    if status.result() != grpc.StatusCode.OK:
-                        try:
-                            await check()
-                        except BaseException:
-                            following.cancel()
-                            raise
-            try:
-                batch = await following
-            except StopAsyncIteration:
-                return
-            yield batch
-    finally:
-        status.cancel()
 
 
 def _classic_placeholder(run_id: str) -> run_pb2.Run:

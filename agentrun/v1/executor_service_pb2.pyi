@@ -107,8 +107,7 @@ class ExecuteRunResponse(_message.Message):
     def relayed_run(self) -> _run_pb2.Run:
         """Set, alone, when this stream does not carry the run's events: the run already existed (a
         repeated request_id) or is durable. The gateway relays it from the run's event stream. A
-        new durable run is announced before it is stored: the call then ends OK once it is stored
-        and queued, or with the error that prevented it.
+        new durable run is announced once it is stored; the call ends once it is queued.
         """
 
     def __init__(

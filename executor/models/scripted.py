@@ -47,7 +47,7 @@ def tokens_of(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
-@functools.lru_cache(maxsize=65_536)
+@functools.lru_cache(maxsize=4096)
 def _token_count(text: str) -> int:
     """(A run's messages are counted again at each model call: once each is enough.)"""
     return len(tokens_of(text))
