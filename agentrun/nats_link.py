@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,11 @@ TENANT_HEADER = "Agentrun-Tenant"
 VERSION_HEADER = "Agentrun-Version"  # the run's stored version a message's events reflect
 STEP_HEADER = "Agentrun-Step"  # the highest step a run's stream has announced
 DEDUPLICATION_WINDOW = 120.0
+# Seconds a connection must have been up before "nobody answers for the run" is believed. Every
+# process reconnects after a NATS outage within about a second (``reconnect_time_wait`` and its
+# jitter), and a reconnected client has its subscriptions back before it is connected; until a
+# holder has had that time, its silence says nothing about whether it is alive.
+SETTLE_AFTER_CONNECT = 5.0
 
 
 NAMESPACE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -116,8 +122,10 @@ class NatsLink:
         event_retention: float,
         names: NatsNames | None = None,
         replicas: int = 1,
+        settle_after: float = SETTLE_AFTER_CONNECT,
     ) -> None:
         self.names = names or NatsNames()
+        self._settle_after = settle_after
         # Copies of each stream in a JetStream cluster (3 survives the loss of one server; 1 on a
         # single server).
         self._replicas = replicas
@@ -129,6 +137,7 @@ class NatsLink:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._connected = asyncio.Event()
+        self._connected_at = 0.0  # monotonic time of the last (re)connection
         self._task: asyncio.Task[None] | None = None
         self._handlers: dict[str, MessageHandler] = {}
         self._subscriptions: dict[str, Subscription] = {}
@@ -209,15 +218,22 @@ class NatsLink:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    @property
+    def settled(self) -> bool:
+        """Whether this connection has been up long enough for every live process to have
+        reconnected too (see SETTLE_AFTER_CONNECT)."""
+        return self.is_connected and time.monotonic() - self._connected_at >= self._settle_after
+
     async def holder_answers(self, run_id: str, wait: float = 2.0) -> bool | None:
         """Whether a process answers the run's control subject, i.e. holds the run: True or
-        False; None when it cannot be told (NATS unavailable or no answer in time)."""
+        False; None when it cannot be told (NATS unavailable, no answer in time, or a silence
+        heard too soon after a (re)connection to mean anything)."""
         try:
             await self.nc.request(
                 self.names.control_subject(run_id), b'{"op": "ping"}', timeout=wait
             )
         except nats.errors.NoRespondersError:
-            return False
+            return False if self.settled else None
         except (TimeoutError, nats.errors.Error, Unavailable):
             return None
         return True
@@ -255,6 +271,7 @@ class NatsLink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self._nc = nc
+        self._connected_at = time.monotonic()
         self._js = nc.jetstream(timeout=5)
         while True:
             try:
@@ -310,6 +327,7 @@ class NatsLink:
         log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
+        self._connected_at = time.monotonic()
         log.info("reconnected to NATS")
         for callback in self._reconnected_callbacks:
             callback()

@@ -34,9 +34,15 @@ def new_names(prefix: str = "p") -> NatsNames:
     return NatsNames(f"{prefix}{uuid.uuid4().hex[:10]}")
 
 
-def new_link(nats_server: Service, names: NatsNames, name: str = "test") -> NatsLink:
+def new_link(
+    nats_server: Service, names: NatsNames, name: str = "test", settle_after: float = 0.0
+) -> NatsLink:
     return NatsLink(
-        [f"nats://{nats_server.address}"], name=name, event_retention=RETENTION, names=names
+        [f"nats://{nats_server.address}"],
+        name=name,
+        event_retention=RETENTION,
+        names=names,
+        settle_after=settle_after,
     )
 
 
@@ -656,6 +662,20 @@ async def test_holder_answers_cannot_tell_when_nobody_answers_in_time_or_nats_is
 
     nowhere = NatsLink(["nats://127.0.0.1:1"], name="nowhere", event_retention=60)
     assert await nowhere.holder_answers(run_id) is None
+
+
+async def test_silence_heard_right_after_connecting_means_nothing(
+    link: NatsLink, nats_server: Service
+) -> None:
+    """After a NATS outage every process reconnects within about a second: until then a live
+    holder's silence must not be taken for its death."""
+    fresh = await started(new_link(nats_server, link.names, name="fresh", settle_after=3600))
+    try:
+        assert not fresh.settled
+        assert await fresh.holder_answers(str(uuid.uuid4())) is None
+        assert await link.holder_answers(str(uuid.uuid4())) is False
+    finally:
+        await fresh.close()
 
 
 async def test_a_runs_holder_in_another_namespace_does_not_answer(
