@@ -1,14 +1,15 @@
 """Reading and appending a run's published event stream (JetStream), for gateways and executors.
 
-Appending after the last published event is fenced with ``Nats-Expected-Last-Subject-Sequence``:
-if anything else reached the run's subject first, the append is refused and re-decided, so two
-processes that both notice a lost run cannot both append a failure, and a late event of a run
-that was not lost after all is never followed by a contradicting failure.
+Appending a run's end after the last published event is fenced with
+``Nats-Expected-Last-Subject-Sequence``: if anything else reached the run's subject first, the
+append is refused and re-decided, so two processes that both settle a lost run cannot both
+append an end.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import nats.errors
@@ -37,22 +38,6 @@ def is_terminal(event: run_pb2.RunEvent) -> bool:
 
 def decode(data: bytes) -> list[run_pb2.RunEvent]:
     return list(executor_service_pb2.PublishedRunEvents.FromString(data).events)
-
-
-def executor_lost_event(run_id: str, sequence: int) -> run_pb2.RunEvent:
-    event = run_pb2.RunEvent(
-        run_id=run_id,
-        sequence=sequence,
-        run_failed=run_pb2.RunFailed(
-            error=run_pb2.RunError(
-                code=run_pb2.RUN_ERROR_CODE_EXECUTOR_LOST,
-                message="the executor running this classic run went away; the run is lost",
-                retryable=True,
-            )
-        ),
-    )
-    event.time.GetCurrentTime()
-    return event
 
 
 @dataclass(frozen=True)
@@ -91,18 +76,20 @@ async def last_published(link: NatsLink, run_id: str) -> tuple[int, run_pb2.RunE
     return state.stream_sequence, state.last
 
 
-async def append_executor_lost(
+async def append_end(
     link: NatsLink,
     run_id: str,
     tenant: str,
-    relayed: list[run_pb2.RunEvent] | None = None,
+    end: run_pb2.RunEvent,
+    relayed: Sequence[run_pb2.RunEvent] = (),
 ) -> run_pb2.RunEvent | None:
-    """Appends RunFailed(EXECUTOR_LOST) to the run's stream, after the last published event.
+    """Appends ``end`` (a terminal event, not yet sequenced) to the run's stream, after the last
+    published event, unless the stream has ended already.
 
     ``relayed`` are events a gateway already gave its client; those the stream lacks (the dead
     executor did not get to publish them) are appended first, so the stream matches what the
-    client saw. Returns the run's terminal event (the appended one, or one already there), or
-    None if NATS is unavailable.
+    client saw. Returns the run's terminal event (the appended one, or the one already there),
+    or None if NATS is unavailable.
     """
     try:
         for _ in range(5):
@@ -110,12 +97,15 @@ async def append_executor_lost(
             if last is not None and is_terminal(last):
                 return last
             last_sequence = last.sequence if last is not None else 0
-            missing = [e for e in relayed or () if e.sequence > last_sequence]
-            next_sequence = (missing[-1].sequence if missing else last_sequence) + 1
-            failure = executor_lost_event(run_id, next_sequence)
-            batch = [*missing, failure]
+            missing = [e for e in relayed if e.sequence > last_sequence]
+            appended = run_pb2.RunEvent()
+            appended.CopyFrom(end)
+            appended.run_id = run_id
+            appended.sequence = (missing[-1].sequence if missing else last_sequence) + 1
+            appended.time.GetCurrentTime()
+            batch = [*missing, appended]
             headers = {
-                "Nats-Msg-Id": f"{message_id(run_id, batch[0].sequence)}:lost",
+                "Nats-Msg-Id": f"{message_id(run_id, batch[0].sequence)}:end",
                 TENANT_HEADER: tenant,
                 EXPECTED_LAST_SUBJECT_SEQUENCE: str(stream_seq),
             }
@@ -126,9 +116,9 @@ async def append_executor_lost(
                 if exc.err_code == WRONG_LAST_SEQUENCE:
                     continue  # the stream moved on: look again
                 raise
-            return failure
+            return appended
     except (Unavailable, nats.errors.Error, TimeoutError) as exc:
-        log.warning("run %s: cannot append EXECUTOR_LOST: %s", run_id, exc)
+        log.warning("run %s: cannot append its end: %s", run_id, exc)
         return None
-    log.warning("run %s: the stream kept moving; EXECUTOR_LOST not appended", run_id)
+    log.warning("run %s: the stream kept moving; its end was not appended", run_id)
     return None

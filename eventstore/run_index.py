@@ -161,6 +161,19 @@ class RunIndex:
         return _from_row(row)
 
     def update(self, run_id: str, **changes: Any) -> None:
+        self._update(run_id, changes, "")
+
+    def update_active(self, run_id: str, **changes: Any) -> bool:
+        """Updates the run's row unless it records an ended run; True if it was updated.
+
+        A classic run's row is the arbiter of how it ended: its executor records the end here
+        before the end goes out, and whoever finds the executor gone records EXECUTOR_LOST here
+        before appending it to the run's stream. Only one of them can move the row from active
+        to ended, so a run's stream and its row never tell two different endings.
+        """
+        return self._update(run_id, changes, " AND status IN ('running', 'awaiting_approval')")
+
+    def _update(self, run_id: str, changes: dict[str, Any], condition: str) -> bool:
         unknown = set(changes) - _UPDATABLE
         if unknown:
             raise ValueError(f"not updatable: {sorted(unknown)}")
@@ -170,9 +183,11 @@ class RunIndex:
         assignments = ", ".join(f"{name} = %s" for name in changes)
         with self._db.cursor() as cur:
             cur.execute(
-                f"UPDATE agentrun_runs SET {assignments} WHERE run_id = %s",
+                f"UPDATE agentrun_runs SET {assignments} WHERE run_id = %s{condition}",
                 (*changes.values(), run_id),
             )
+            updated: bool = cur.rowcount == 1
+            return updated
 
     def remove(self, run_id: str) -> None:
         with self._db.cursor() as cur:

@@ -22,12 +22,16 @@ from executor.agent_loop import AgentLoop
 from executor.context import ExecutorContext
 from executor.control import answering
 from executor.event_publisher import RunPublisher
+from executor.lost_runs import end_event_of
 from executor.run_stream import RunStream
 from executor.translation import record_of, run_to_proto
 
 log = logging.getLogger(__name__)
-
 PUBLISH_FLUSH_TIMEOUT = 10.0
+
+
+class EndedElsewhere(Exception):
+    """The run's row already records an end: it was settled as lost while it ran here."""
 
 
 class ClassicRun:
@@ -113,6 +117,8 @@ class ClassicRun:
                     )
                 else:
                     raise
+            except EndedElsewhere:
+                await self._end_as_recorded()
             except Exception as exc:
                 log.exception("run %s failed unexpectedly", self.run_id)
                 if not self.run.is_finished:
@@ -125,6 +131,12 @@ class ClassicRun:
             await self.stream.close()
             await self.ctx.link.unsubscribe_control(self.run_id)
             self._on_done(self)
+
+    async def _end_as_recorded(self) -> None:
+        """Ends the stream as the run's row says the run ended (settled as lost meanwhile)."""
+        record = await asyncio.to_thread(self.ctx.index.get, self.run.tenant, self.run_id)
+        log.warning("run %s: settled as %s while it ran here", self.run_id, record.status)
+        self.stream.end(end_event_of(record))
 
     def _control(self, op: str, request: dict[str, Any]) -> None:
         if op == "decide":
@@ -172,7 +184,11 @@ class ClassicRun:
 
     async def finished(self, run: Run) -> None:
         """Records the ended run before its terminal event goes out: a client that sees the
-        end and asks again (GetRun, the next run of the conversation) sees it recorded."""
+        end and asks again (GetRun, the next run of the conversation) sees it recorded.
+
+        Raises EndedElsewhere if the run's row was settled as lost meanwhile (this executor
+        was out of reach for a while): the row decides how the run ended (see
+        executor.lost_runs)."""
         record = record_of(run, self.ctx.executor_id)
         fields = {
             k: v for k, v in vars(record).items() if k not in ("run_id", "tenant", "created_at")
@@ -180,9 +196,10 @@ class ClassicRun:
         work = [self.update_index(**fields)]
         if run.status == "completed":
             work.append(self._record_turn(run))
-        await asyncio.gather(*work)
+        if not (await asyncio.gather(*work))[0]:
+            raise EndedElsewhere
 
-    async def _record_turn(self, run: Run) -> None:
+    async def _record_turn(self, run: Run) -> bool:
         try:
             await asyncio.to_thread(
                 self.ctx.conversations.record_turn,
@@ -194,11 +211,16 @@ class ClassicRun:
             )
         except AgentrunError as exc:
             log.error("run %s: could not record its turn: %s", self.run_id, exc.message)
+        return True
 
-    async def update_index(self, **fields: object) -> None:
-        """Updates the run's row; updates of one run apply in the order they were made."""
+    async def update_index(self, **fields: object) -> bool:
+        """Updates the run's row unless it records an end already (False then); updates of one
+        run apply in the order they were made. A row that cannot be written now is left as it
+        is: once this executor lets the run go, whoever settles it takes the end from its
+        stream (see executor.lost_runs)."""
         async with self._index_lock:
             try:
-                await asyncio.to_thread(self.ctx.index.update, self.run_id, **fields)
+                return await asyncio.to_thread(self.ctx.index.update_active, self.run_id, **fields)
             except AgentrunError as exc:
                 log.error("run %s: could not update the run list: %s", self.run_id, exc.message)
+                return True

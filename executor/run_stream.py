@@ -202,6 +202,10 @@ class RunStream:
     def run_cancelled(self, reason: str) -> None:
         self._add_terminal(run_pb2.RunEvent(run_cancelled=run_pb2.RunCancelled(reason=reason)))
 
+    def end(self, event: run_pb2.RunEvent) -> None:
+        """Ends the stream with a terminal event made elsewhere (a run's recorded end)."""
+        self._add_terminal(event)
+
     def _add(self, event: run_pb2.RunEvent) -> None:
         if self._terminal_added:
             return

@@ -288,9 +288,13 @@ class RunManager:
                 raise Unavailable(
                     "executor", f"run {run_id} is changing hands; try again"
                 ) from None
-            lost = await self.reconciler.report_lost(record.tenant, run_id)
-            raise FailedPrecondition(
-                f"run {run_id} has already ended ({lost.status}): its executor went away"
+            settled = await self.reconciler.lost.settle(record.tenant, run_id)
+            if settled.status in TERMINAL_STATUSES:
+                raise FailedPrecondition(
+                    f"run {run_id} has already ended ({settled.status}): its executor went away"
+                ) from None
+            raise Unavailable(
+                "executor", f"the executor holding run {run_id} did not answer; try again"
             ) from None
         except (nats.errors.TimeoutError, TimeoutError):
             raise Unavailable(
@@ -331,7 +335,7 @@ class RunManager:
         if version:
             raise InvalidArgument("version", "classic runs have no stored history to read from")
         if self.reconciler.active_elsewhere(record):
-            return await self.reconciler.report_lost(tenant, run_id, min_age=SETTLING_TIME)
+            return await self.reconciler.lost.settle(tenant, run_id, min_age=SETTLING_TIME)
         return record
 
     async def list_runs(

@@ -224,7 +224,9 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     async def ReportRunLost(
         self, request: pb.ReportRunLostRequest, context: Context
     ) -> pb.ReportRunLostResponse:
-        record = await self.runs.reconciler.report_lost(request.tenant, request.run_id)
+        record = await self.runs.reconciler.lost.settle(
+            request.tenant, request.run_id, relayed=request.relayed
+        )
         return pb.ReportRunLostResponse(run=record_to_proto(record))
 
     # -- agents ----------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def record_to_proto(record: RunRecord) -> run_pb2.Run:
         status=STATUS_ENUMS.get(record.status, run_pb2.RUN_STATUS_UNSPECIFIED),
         input=record.input,
         output=record.output,
-        usage=run_pb2.Usage(input_tokens=record.input_tokens, output_tokens=record.output_tokens),
+        usage=usage_of(record),
         pending_approvals=[tool_call_proto(c) for c in record.pending_approvals],
         request_id=record.request_id,
         version=record.version,
@@ -171,16 +171,22 @@ def record_to_proto(record: RunRecord) -> run_pb2.Run:
         forked_at_version=record.forked_at_version,
     )
     if record.error_code:
-        run.error.CopyFrom(
-            run_pb2.RunError(
-                code=ERROR_ENUMS.get(record.error_code, run_pb2.RUN_ERROR_CODE_INTERNAL),
-                message=record.error_message,
-                retryable=record.error_retryable,
-            )
-        )
+        run.error.CopyFrom(error_of(record))
     run.create_time.FromNanoseconds(int(record.created_at * 1e9))
     run.update_time.FromNanoseconds(int(record.updated_at * 1e9))
     return run
+
+
+def usage_of(record: RunRecord) -> run_pb2.Usage:
+    return run_pb2.Usage(input_tokens=record.input_tokens, output_tokens=record.output_tokens)
+
+
+def error_of(record: RunRecord) -> run_pb2.RunError:
+    return run_pb2.RunError(
+        code=ERROR_ENUMS.get(record.error_code, run_pb2.RUN_ERROR_CODE_INTERNAL),
+        message=record.error_message,
+        retryable=record.error_retryable,
+    )
 
 
 def record_of(run: Run, executor_id: str = "") -> RunRecord:

@@ -1,12 +1,12 @@
 """How a gateway gets a run's events to its client: live from an executor, or from JetStream.
 
 - ``ExecutedRun``: a run started on an executor over one ExecuteRun call; its events stream
-  straight through. If the call breaks before the run's end, the gateway checks whether any
-  executor still holds the run (its NATS control subject answers): if so, the client continues
-  from JetStream without a gap; if not, the run is lost and the client gets RunFailed
-  (EXECUTOR_LOST) right after the last event it saw, appended to the run's stream for everyone.
+  straight through. If the call breaks before the run's end, the client continues from
+  JetStream without a gap, after the last event it saw.
 - ``Relay.watch``: a run's events after a sequence, from JetStream: the stored ones, then live.
-  While it waits it checks every ``liveness_interval`` that a classic run's executor still lives.
+  While it waits it checks every ``liveness_interval`` that some process answers for a classic
+  run; when none does, it asks an executor to settle the run (an executor decides whether the
+  run is lost and appends its end to the stream; see executor.lost_runs), and reads on.
 """
 
 from __future__ import annotations
@@ -26,13 +26,7 @@ from nats.js.api import DeliverPolicy
 from agentrun.errors import OutOfRange, Unavailable
 from agentrun.nats_link import NatsLink
 from agentrun.rpc import STATUS_DETAILS_KEY, metadata_pairs
-from agentrun.run_events import (
-    append_executor_lost,
-    decode,
-    executor_lost_event,
-    is_terminal,
-    last_published,
-)
+from agentrun.run_events import decode, is_terminal, last_published
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from agentrun.v1 import executor_service_pb2 as pb
 from gateway.executors import WarmCalls
@@ -57,8 +51,7 @@ RELAYED_TAIL = 1024
 # Without heartbeats nothing notices, and the watch stalls until JetStream itself moves the
 # consumer (15 s and more after a node of a cluster was killed).
 WATCH_HEARTBEAT = 1.0
-# Seconds before "nobody holds the run" is asked again and believed (see Relay.holder_alive).
-CONFIRM_LOSS_AFTER = 0.25
+REPORT_TIMEOUT = 10.0
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
@@ -179,38 +172,18 @@ class Relay:
     async def _check_holder(
         self, tenant: str, run_id: str, relayed: list[run_pb2.RunEvent] | None
     ) -> None:
-        """If no process holds the run, appends its failure (the watch then delivers it)."""
-        if await self.holder_alive(run_id):
-            return
-        failure = await append_executor_lost(self.link, run_id, tenant, relayed)
-        if failure is None:
-            raise Unavailable("nats", "the run's executor is gone and NATS cannot record it")
-        self._report_lost(tenant, run_id)
-
-    async def holder_alive(self, run_id: str) -> bool:
-        """Whether some process holds the run (when it cannot be told, it counts as alive).
-
-        "Nobody answers" is asked again after a moment before it counts: the executor of a run
-        that has just started may not have its control subscription at the server yet (it is
-        not flushed, to keep a round trip off the first-token path), and a loss, once
-        appended, ends the run for everyone."""
+        """If no process seems to hold the run, asks an executor to settle it (an executor
+        decides whether the run is lost and records its end; the watch then delivers it)."""
         if await self.link.holder_answers(run_id) is not False:
-            return True
-        await asyncio.sleep(CONFIRM_LOSS_AFTER)
-        return await self.link.holder_answers(run_id) is not False
-
-    def _report_lost(self, tenant: str, run_id: str) -> None:
-        """Tells an executor to record the lost run in the run list (best effort)."""
-
-        async def report() -> None:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self.executors.ReportRunLost(
-                    pb.ReportRunLostRequest(tenant=tenant, run_id=run_id), timeout=10.0
-                )
-
-        task = asyncio.create_task(report())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+            return
+        try:
+            await self.executors.ReportRunLost(
+                pb.ReportRunLostRequest(tenant=tenant, run_id=run_id, relayed=relayed or ()),
+                timeout=REPORT_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as exc:
+            # No executor to ask now: the executors' reconciler settles the run once one is.
+            log.warning("run %s: cannot report its executor gone: %s", run_id, exc.code().name)
 
 
 class AttachedRun:
@@ -352,9 +325,12 @@ class ExecutedRun:
                 run=_classic_placeholder(self.run_id),
             ):
                 yield batch
-        except Unavailable:
-            # NATS is down too: the client still learns at once that the run is lost.
-            yield [executor_lost_event(self.run_id, last + 1)]
+        except Unavailable as exc:
+            raise Unavailable(
+                "nats",
+                f"the stream from run {self.run_id}'s executor broke and NATS is unavailable: "
+                f"resume with WatchRun(after_sequence={last})",
+            ) from exc
 
 
 def _classic_placeholder(run_id: str) -> run_pb2.Run:

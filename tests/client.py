@@ -152,3 +152,30 @@ async def rest(call: Any) -> list[run_pb2.RunEvent]:
     while (batch := await _next_events(call)) is not None:
         events.extend(batch)
     return events
+
+
+TERMINAL_KINDS = {"run_completed", "run_failed", "run_cancelled"}
+
+
+async def assert_history_agrees(
+    client: Client, run_id: str, live: Sequence[run_pb2.RunEvent] | None = None
+) -> list[run_pb2.RunEvent]:
+    """The run's history, as WatchRun replays it from the start, is whole (sequences 1..n),
+    ends with one terminal event, says what GetRun says and, given the events a live client
+    saw (``live``), is exactly those. Returns the history."""
+    history = await client.watch_all(run_id)
+    assert [e.sequence for e in history] == list(range(1, len(history) + 1)), kinds(history)
+    assert [k for k in kinds(history) if k in TERMINAL_KINDS] == [kinds(history)[-1]]
+    end = history[-1]
+    run = await client.get_run(run_id)
+    if end.HasField("run_completed"):
+        assert run.status == run_pb2.RUN_STATUS_COMPLETED, run
+        assert run.output == end.run_completed.output
+    elif end.HasField("run_failed"):
+        assert run.status == run_pb2.RUN_STATUS_FAILED, run
+        assert run.error.code == end.run_failed.error.code
+    else:
+        assert run.status == run_pb2.RUN_STATUS_CANCELLED, run
+    if live is not None:
+        assert list(history) == list(live)
+    return history

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import nats.errors
@@ -19,7 +19,7 @@ from nats.js.api import DeliverPolicy
 
 from agentrun.launcher import Service
 from agentrun.nats_link import NatsLink, NatsNames
-from agentrun.run_events import Published, append_executor_lost, decode, published
+from agentrun.run_events import Published, append_end, decode, published
 from agentrun.v1 import executor_service_pb2, run_pb2
 from eventstore.messages import ToolCall
 from executor.event_publisher import MAX_MESSAGE_BYTES, RunPublisher
@@ -485,7 +485,15 @@ async def test_an_event_too_large_for_a_message_does_not_stall_the_stream(
     assert last.run_completed.output == "done"
 
 
-# -- append_executor_lost -------------------------------------------------------------------------
+# -- append_end --------------------------------------------------------------------------------
+
+
+async def append_executor_lost(
+    link: NatsLink, run_id: str, tenant: str, relayed: Sequence[run_pb2.RunEvent] = ()
+) -> run_pb2.RunEvent | None:
+    error = run_pb2.RunError(code=run_pb2.RUN_ERROR_CODE_EXECUTOR_LOST, retryable=True)
+    lost = run_pb2.RunEvent(run_failed=run_pb2.RunFailed(error=error))
+    return await append_end(link, run_id, tenant, lost, relayed)
 
 
 def assert_executor_lost(event: run_pb2.RunEvent | None, run_id: str, sequence: int) -> None:
@@ -507,7 +515,7 @@ async def test_executor_lost_is_appended_after_the_last_event(link: NatsLink) ->
     assert len(messages) == 2
     appended = messages[1]
     assert appended.events == [failure]
-    assert appended.headers["Nats-Msg-Id"] == f"{run_id}:4:lost"
+    assert appended.headers["Nats-Msg-Id"] == f"{run_id}:4:end"
     assert appended.headers["Agentrun-Tenant"] == TENANT
     state = await published(link, run_id)
     assert (state.stream_sequence, state.last) == (appended.seq, failure)
@@ -532,7 +540,7 @@ async def test_relayed_events_the_stream_lacks_are_appended_before_the_failure(
     messages = await stored(link, run_id)
     assert [m.sequences for m in messages] == [[1, 2, 3], [4, 5, 6]]
     assert messages[1].events == [*relayed[3:], failure]
-    assert messages[1].headers["Nats-Msg-Id"] == f"{run_id}:4:lost"
+    assert messages[1].headers["Nats-Msg-Id"] == f"{run_id}:4:end"
 
     # Relayed events the stream already has are not appended again.
     other = str(uuid.uuid4())

@@ -138,6 +138,18 @@ def test_update_of_a_fixed_or_unknown_field_is_refused(index: RunIndex, name: st
     assert index.get(TENANT, "run-1") == before
 
 
+def test_update_active_changes_a_row_only_until_it_records_an_end(index: RunIndex) -> None:
+    """The row arbitrates how a classic run ended: the first end recorded stays."""
+    index.claim(run("run-1"))
+    assert index.update_active("run-1", status="awaiting_approval")
+    assert index.update_active("run-1", status="failed", error_code="EXECUTOR_LOST")
+    assert not index.update_active("run-1", status="completed", output="too late")
+    assert not index.update_active("run-1", status="running")
+    stored = index.get(TENANT, "run-1")
+    assert (stored.status, stored.error_code, stored.output) == ("failed", "EXECUTOR_LOST", "")
+    assert not index.update_active("no-such-run", status="completed")
+
+
 def test_get_with_the_wrong_tenant_or_id_is_not_found(index: RunIndex) -> None:
     index.claim(run("run-1"))
 

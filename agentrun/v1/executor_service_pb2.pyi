@@ -504,19 +504,28 @@ class ReportRunLostRequest(_message.Message):
 
     TENANT_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
+    RELAYED_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """The run's tenant."""
     run_id: _builtins.str
     """The run whose executor seems gone."""
+    @_builtins.property
+    def relayed(self) -> _containers.RepeatedCompositeFieldContainer[_run_pb2.RunEvent]:
+        """The last events the reporting gateway relayed to its client from the run's executor: those
+        the run's stream lacks are appended before the run's end, so that the stream shows what
+        the client saw.
+        """
+
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         run_id: _builtins.str = ...,
+        relayed: _abc.Iterable[_run_pb2.RunEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["relayed", b"relayed", "run_id", b"run_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -174,8 +174,11 @@ class ExecutorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportRunLost(self, request, context):
-        """Tells the executors that a run's executor seems gone (a gateway lost its stream to it).
-        The receiving executor checks and, if the run is indeed lost, records it as failed.
+        """Tells the executors that a classic run's executor seems gone (a gateway lost its stream to
+        it, or nobody answers for a run it watches). The receiving executor checks and, if the
+        executor is indeed gone, settles the run: records how it ended (EXECUTOR_LOST, or the end
+        it reached before its executor went) in the run list and in its stream. Gateways never
+        write to a run's history themselves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,8 +56,11 @@ class ExecutorServiceStub:
     ForkRun: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.ExecutorServiceForkRunRequest, _executor_service_pb2.ExecutorServiceForkRunResponse]
     """RunService.ForkRun for a tenant."""
     ReportRunLost: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.ReportRunLostRequest, _executor_service_pb2.ReportRunLostResponse]
-    """Tells the executors that a run's executor seems gone (a gateway lost its stream to it).
-    The receiving executor checks and, if the run is indeed lost, records it as failed.
+    """Tells the executors that a classic run's executor seems gone (a gateway lost its stream to
+    it, or nobody answers for a run it watches). The receiving executor checks and, if the
+    executor is indeed gone, settles the run: records how it ended (EXECUTOR_LOST, or the end
+    it reached before its executor went) in the run list and in its stream. Gateways never
+    write to a run's history themselves.
     """
     CreateAgent: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.ExecutorServiceCreateAgentRequest, _executor_service_pb2.ExecutorServiceCreateAgentResponse]
     """AgentService.CreateAgent for a tenant."""
@@ -98,8 +101,11 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     ForkRun: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.ExecutorServiceForkRunRequest, _executor_service_pb2.ExecutorServiceForkRunResponse]  # type: ignore[assignment]
     """RunService.ForkRun for a tenant."""
     ReportRunLost: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.ReportRunLostRequest, _executor_service_pb2.ReportRunLostResponse]  # type: ignore[assignment]
-    """Tells the executors that a run's executor seems gone (a gateway lost its stream to it).
-    The receiving executor checks and, if the run is indeed lost, records it as failed.
+    """Tells the executors that a classic run's executor seems gone (a gateway lost its stream to
+    it, or nobody answers for a run it watches). The receiving executor checks and, if the
+    executor is indeed gone, settles the run: records how it ended (EXECUTOR_LOST, or the end
+    it reached before its executor went) in the run list and in its stream. Gateways never
+    write to a run's history themselves.
     """
     CreateAgent: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.ExecutorServiceCreateAgentRequest, _executor_service_pb2.ExecutorServiceCreateAgentResponse]  # type: ignore[assignment]
     """AgentService.CreateAgent for a tenant."""
@@ -191,8 +197,11 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _executor_service_pb2.ReportRunLostRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_executor_service_pb2.ReportRunLostResponse, _abc.Awaitable[_executor_service_pb2.ReportRunLostResponse]]:
-        """Tells the executors that a run's executor seems gone (a gateway lost its stream to it).
-        The receiving executor checks and, if the run is indeed lost, records it as failed.
+        """Tells the executors that a classic run's executor seems gone (a gateway lost its stream to
+        it, or nobody answers for a run it watches). The receiving executor checks and, if the
+        executor is indeed gone, settles the run: records how it ended (EXECUTOR_LOST, or the end
+        it reached before its executor went) in the run list and in its stream. Gateways never
+        write to a run's history themselves.
         """
 
     @_abc_1.abstractmethod
