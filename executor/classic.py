@@ -27,7 +27,6 @@ from executor.run_stream import RunStream
 from executor.translation import record_of, run_to_proto
 
 log = logging.getLogger(__name__)
-PUBLISH_FLUSH_TIMEOUT = 10.0
 
 
 class EndedElsewhere(Exception):
@@ -126,7 +125,9 @@ class ClassicRun:
                         "INTERNAL", f"internal error: {type(exc).__name__}", retryable=True
                     )
             await self.stream.wait_ended()
-            await self.publisher.close(PUBLISH_FLUSH_TIMEOUT)
+            # The run stays held (its control subject answers) until its stream is published
+            # whole, however long NATS is away: otherwise it would be settled as lost.
+            await self.publisher.close(None)
         finally:
             await self.stream.close()
             await self.ctx.link.unsubscribe_control(self.run_id)

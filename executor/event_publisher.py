@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 512 * 1024
 PUBLISH_TIMEOUT = 2.0
+# Seconds of NATS outage after which a closing publisher gives up (its run's end is then taken
+# from the run list by whoever settles the run: see executor.lost_runs).
+GIVE_UP_AFTER = 3600.0
 
 
 class RunPublisher:
@@ -53,7 +56,7 @@ class RunPublisher:
         last_stream_sequence: int = 0,
         on_fenced: Callable[[], None] | None = None,
         max_queued: int = 100_000,
-        give_up_after: float = 300.0,
+        give_up_after: float = GIVE_UP_AFTER,
         identity: str | None = None,
     ) -> None:
         self._link = link
@@ -103,10 +106,10 @@ class RunPublisher:
             async with asyncio.timeout(0.05):
                 await self._idle.wait()
 
-    async def close(self, wait: float) -> bool:
-        """Publishes what is queued (waiting at most ``wait`` seconds), then stops.
-
-        True if everything was published."""
+    async def close(self, wait: float | None) -> bool:
+        """Publishes what is queued (waiting at most ``wait`` seconds; None: until it is
+        published or the publisher gives up, ``give_up_after`` seconds into an outage), then
+        stops. True if everything was published."""
         self._closing = True
         self._wake.set()
         try:
