@@ -27,6 +27,9 @@
 | AGENTRUN_MAX_DURABLE_RUNS | 256 | durable runs one executor holds at once (the rest wait queued) |
 | AGENTRUN_MAX_STEP_ATTEMPTS | 5 | attempts of one durable step (each ended by its executor |
 |   |   | stopping) after which the run fails with ATTEMPTS_EXHAUSTED and is dead-lettered |
+| AGENTRUN_MAX_DISPATCH_FAILURES | 5 | deliveries of a durable run's dispatch message after which |
+|   |   | a take-up that keeps failing (raising, not crashing) fails the run with |
+|   |   | DISPATCH_FAILED and dead-letters it |
 
 With no API keys configured, every caller is the tenant "local" (the embedded default).
 """
@@ -115,6 +118,7 @@ class Settings:
     dispatch_ack_wait: float = 1.5
     max_durable_runs: int = 256
     max_step_attempts: int = 5
+    max_dispatch_failures: int = 5
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -150,4 +154,7 @@ class Settings:
             dispatch_ack_wait=float(get("DISPATCH_ACK_WAIT", str(defaults.dispatch_ack_wait))),
             max_durable_runs=int(get("MAX_DURABLE_RUNS", str(defaults.max_durable_runs))),
             max_step_attempts=int(get("MAX_STEP_ATTEMPTS", str(defaults.max_step_attempts))),
+            max_dispatch_failures=int(
+                get("MAX_DISPATCH_FAILURES", str(defaults.max_dispatch_failures))
+            ),
         )

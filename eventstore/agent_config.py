@@ -22,12 +22,33 @@ DEFAULT_APPROVAL_TIMEOUT = 24 * 3600.0
 DEFAULT_TOOL_TIMEOUT = 30.0
 DEFAULT_MAX_MODEL_CALLS = 16
 MAX_MODEL_CALLS_LIMIT = 1000
+# Every duration of an agent is bounded: an unbounded one overflows far from where it was
+# accepted (an approval's deadline as a protobuf Timestamp, say), and waiting for years is never
+# what was meant.
+MAX_APPROVAL_TIMEOUT = 30 * 24 * 3600.0
+MAX_TOOL_TIMEOUT = 3600.0
+MAX_SCRIPTED_DELAY = 60.0
 AGENT_ID_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
 
 
-def _finite(seconds: float) -> bool:
-    """A duration that is a number (not NaN or infinite) and not negative."""
-    return math.isfinite(seconds) and seconds >= 0
+def _check_duration(field: str, seconds: float, limit: float, *, zero_allowed: bool) -> None:
+    """Raises InvalidArgument naming ``field`` unless ``seconds`` is a number of seconds that is
+    positive (or zero, if allowed) and at most ``limit``."""
+    if not math.isfinite(seconds):
+        raise InvalidArgument(field, "must be a finite number of seconds")
+    if seconds < 0 or (seconds == 0 and not zero_allowed):
+        raise InvalidArgument(field, "must not be negative" if zero_allowed else "must be positive")
+    if seconds > limit:
+        raise InvalidArgument(field, f"must be at most {_spoken(limit)}")
+
+
+def _spoken(seconds: float) -> str:
+    """A bound as people say it: "30 days", "1 hour", "60 seconds"."""
+    for unit, size in (("day", 86400), ("hour", 3600)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    return f"{seconds:g} seconds"
 
 
 @dataclass(frozen=True)
@@ -101,8 +122,13 @@ class AgentConfig:
         if self.model.provider == "openai" and not self.model.name:
             raise InvalidArgument("agent.model.name", "is required for the openai provider")
         scripted = self.model.scripted
-        if not (_finite(scripted.first_token_delay) and _finite(scripted.token_delay)):
-            raise InvalidArgument("agent.model.scripted", "delays must be finite, not negative")
+        for name, delay in (
+            ("first_token_delay", scripted.first_token_delay),
+            ("token_delay", scripted.token_delay),
+        ):
+            _check_duration(
+                f"agent.model.scripted.{name}", delay, MAX_SCRIPTED_DELAY, zero_allowed=True
+            )
         names = [t.name for t in self.tools]
         for tool in self.tools:
             if tool.name not in BUILTIN_TOOL_NAMES:
@@ -110,12 +136,17 @@ class AgentConfig:
                     "agent.tools",
                     f"unknown tool {tool.name!r}; built-in tools: {', '.join(BUILTIN_TOOL_NAMES)}",
                 )
-            if not (_finite(tool.timeout) and tool.timeout > 0):
-                raise InvalidArgument("agent.tools.timeout", "must be positive")
+            _check_duration(
+                "agent.tools.timeout", tool.timeout, MAX_TOOL_TIMEOUT, zero_allowed=False
+            )
         if len(set(names)) != len(names):
             raise InvalidArgument("agent.tools", "a tool is listed twice")
-        if not (_finite(self.approval_timeout) and self.approval_timeout > 0):
-            raise InvalidArgument("agent.approval_timeout", "must be positive")
+        _check_duration(
+            "agent.approval_timeout",
+            self.approval_timeout,
+            MAX_APPROVAL_TIMEOUT,
+            zero_allowed=False,
+        )
         if not 1 <= self.max_model_calls <= MAX_MODEL_CALLS_LIMIT:
             raise InvalidArgument(
                 "agent.max_model_calls", f"must be between 1 and {MAX_MODEL_CALLS_LIMIT}"

@@ -229,8 +229,9 @@ class Run(Aggregate):
         self.holder = executor_id
 
     def release(self, executor_id: str) -> None:
-        """A draining executor hands the run back: the step in progress runs again elsewhere,
-        and its interrupted attempt does not count towards the step's failed attempts."""
+        """A draining executor (or one whose taking the run up failed) hands the run back: the
+        step in progress runs again elsewhere, and its interrupted attempt does not count
+        towards the step's failed attempts."""
         self._released(step_index=self.steps_completed + 1, executor_id=executor_id)
 
     @event("Released")

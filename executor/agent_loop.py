@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from eventstore.agent_config import AgentConfig
 from eventstore.messages import ToolCall
 from eventstore.run import Run
 from eventstore.run_steps import (
@@ -72,9 +73,11 @@ class AgentLoop:
         host: RunHost,
         models: ModelProviders,
         data_dir: Any,
+        config: AgentConfig | None = None,
     ) -> None:
         self.run = run
-        self.config = run.agent_config  # the agent as of the run's start; parsed once
+        # The agent as of the run's start, parsed once (``config``: parsed by the caller).
+        self.config = config or run.agent_config
         self.stream = stream
         self.host = host
         self.models = models

@@ -10,8 +10,10 @@ Messages are deduplicated by run and version (``Nats-Msg-Id``), so dispatching t
 twice within the deduplication window queues it once.
 
 An executor that drains (SIGTERM) stops fetching and gives its messages back with ``nak``: they
-are delivered again at once rather than after ``ack_wait``. A run given up on (see
-eventstore.run_steps.exhausted_attempts) gets a record in the dead-letter stream.
+are delivered again at once rather than after ``ack_wait``. A message whose taking up failed is
+given back with a delay that grows with each delivery (``retry_later``). A run given up on (see
+eventstore.run_steps.exhausted_attempts and executor.durable) gets a record in the dead-letter
+stream.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 RECOVERY_HEADER = "Agentrun-Recovery"
 FETCH_WAIT = 10.0
+MAX_RETRY_DELAY = 60.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,13 @@ class WorkQueue:
             json.dumps(body).encode(),
             headers={"Nats-Msg-Id": f"deadletter:{run_id}"},
         )
+
+    async def retry_later(self, dispatch: Dispatch) -> None:
+        """Gives a message whose taking up failed back for another delivery, after a delay of
+        ``ack_wait`` doubled with each delivery so far, at most MAX_RETRY_DELAY."""
+        delay = min(self.ack_wait * 2 ** min(dispatch.deliveries - 1, 16), MAX_RETRY_DELAY)
+        with contextlib.suppress(nats.errors.Error):
+            await dispatch.msg.nak(delay=delay)
 
     async def take_forever(
         self, handle: Callable[[Dispatch], Awaitable[None]], slots: asyncio.Semaphore
@@ -161,7 +171,7 @@ async def _run_then_release(
 ) -> None:
     try:
         await handle(dispatch)
-    except Exception:
+    except Exception:  # ``handle`` deals with its failures: this is a bug in that
         log.exception("run %s: dispatch failed", dispatch.run_id)
     finally:
         slots.release()

@@ -14,6 +14,13 @@ finds nobody answering for the run and the stream and store as this executor lef
 
 A run taken up again whose step has had too many attempts (see
 eventstore.run_steps.exhausted_attempts) is failed instead of resumed, and dead-lettered.
+
+Taking a run up may also fail with an error: one that says nothing about the run (the database
+or NATS out of reach, another executor changing the run meanwhile) leaves the message to be
+delivered again after ``ack_wait``, as often as it takes; any other (a bug, data of the run this
+version cannot read) gives the message back with a growing delay, and at the
+AGENTRUN_MAX_DISPATCH_FAILURES-th delivery fails the run with DISPATCH_FAILED and dead-letters
+it (see DurableRunner._take_failed).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
-from agentrun.errors import AgentrunError, Conflict, FailedPrecondition, NotFound
+from agentrun.errors import AgentrunError, Conflict, FailedPrecondition, NotFound, Unavailable
 from agentrun.nats_link import TENANT_HEADER, NatsLink, message_id
 from agentrun.run_events import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
@@ -51,6 +58,13 @@ log = logging.getLogger(__name__)
 
 PUBLISH_FLUSH_TIMEOUT = 10.0
 RECENT_RUNS = 1000
+DISPATCH_FAILED = "DISPATCH_FAILED"
+DEAD_LETTERED = frozenset({ATTEMPTS_EXHAUSTED, DISPATCH_FAILED})
+# Failures of a take-up that say nothing about the run: the infrastructure comes back, or the
+# executor that changed the run meanwhile has it.
+PASSING_FAILURES = (Unavailable, Conflict, nats.errors.Error, TimeoutError, ConnectionError)
+FAIL_ATTEMPTS = 10
+MAX_ERROR_TEXT = 500
 
 
 def _changing_hands(op: str, request: dict[str, Any]) -> None:
@@ -76,6 +90,8 @@ class HeldRun:
         dispatch: Dispatch,
         stream_state: Published,
     ) -> None:
+        # First: a run whose agent this version cannot read fails before anything starts.
+        config = run.agent_config
         self.ctx = ctx
         self.run = run
         self._dispatch = dispatch
@@ -95,7 +111,9 @@ class HeldRun:
             on_taken=self.publisher.enqueue,
             pace=self.publisher.pace,
         )
-        self.loop = AgentLoop(run, self.stream, self, ctx.models, ctx.settings.data_dir)
+        self.loop = AgentLoop(
+            run, self.stream, self, ctx.models, ctx.settings.data_dir, config=config
+        )
         self.loop.announced_before(stream_state.step, stream_state.attempt)
         self._cancel_reason: str | None = None
         self._driving = False
@@ -132,6 +150,9 @@ class HeldRun:
             if self.task is not None:
                 self.task.uncancel()
             handed_back = True  # cancelled outside the steps (say, while recording a cancel)
+        except Exception:
+            await self._close_streams()  # the error goes to DurableRunner._take_failed
+            raise
         finally:
             heartbeat.cancel()
             await self.ctx.link.unsubscribe_control(self.run_id)  # before the nak, see below
@@ -147,6 +168,12 @@ class HeldRun:
         if await self.publisher.close(PUBLISH_FLUSH_TIMEOUT):
             with contextlib.suppress(nats.errors.Error):
                 await self._dispatch.msg.ack()
+
+    async def _close_streams(self) -> None:
+        """Publishes what the run's stream took so far and stops its tasks."""
+        self.stream.take_now()
+        await self.stream.close()
+        await self.publisher.close(PUBLISH_FLUSH_TIMEOUT)
 
     async def _release(self) -> None:
         """Gives the run's message back for immediate redelivery (see module docstring)."""
@@ -303,6 +330,10 @@ class DurableRunner:
         self._taking.add(task)
         try:
             await self._take(dispatch)
+        except PASSING_FAILURES as exc:
+            log.warning("run %s: not taken up (%r); it is delivered again", dispatch.run_id, exc)
+        except Exception as exc:
+            await self._take_failed(dispatch, exc)
         finally:
             self._taking.discard(task)
 
@@ -359,7 +390,7 @@ class DurableRunner:
                 except Conflict:
                     await dispatch.msg.ack()
                     return
-            if run.error is not None and run.error["code"] == ATTEMPTS_EXHAUSTED:
+            if run.error is not None and run.error["code"] in DEAD_LETTERED:
                 await self._dead_letter(run, dispatch)  # again if an earlier taker died first
             state = Published() if fresh else await published(self.ctx.link, run.run_id)
             recorded_after = (
@@ -381,6 +412,106 @@ class DurableRunner:
                 self._claiming.discard(run.run_id)
                 if not holding:
                     await self.ctx.link.unsubscribe_control(run.run_id)
+
+    async def _take_failed(self, dispatch: Dispatch, exc: Exception) -> None:
+        """Handles a take-up that raised an error that is not one of PASSING_FAILURES: the
+        message comes back later (see WorkQueue.retry_later), until its
+        AGENTRUN_MAX_DISPATCH_FAILURES-th delivery; a failure then ends the run (``_give_up``).
+
+        Failures are counted by JetStream's delivery count of the message: they leave no other
+        trace to count (the store may be what fails, and a delivered message cannot be
+        changed). The trade-off: it also counts deliveries that ended otherwise (a drain's
+        hand-back, an executor that died, an outage), so a run whose message was handed back k
+        times is failed after max - k failures. Never without one, though: hand-backs and
+        crashes alone do not fail a run here (crashes have their own limit,
+        AGENTRUN_MAX_STEP_ATTEMPTS). Each failed take-up records that it let the run go
+        (``_let_go``), so that it does not count towards that limit as well.
+        """
+        run_id, limit = dispatch.run_id, self.ctx.settings.max_dispatch_failures
+        if await self.ctx.link.holder_answers(run_id) is True:
+            with contextlib.suppress(nats.errors.Error):
+                await dispatch.msg.ack()  # a duplicate: another executor holds the run
+            return
+        if dispatch.deliveries < limit:
+            log.error(
+                "run %s: taking it up failed (delivery %d; the limit is %d); trying again later",
+                run_id,
+                dispatch.deliveries,
+                limit,
+                exc_info=exc,
+            )
+            await self._let_go(run_id)
+            await self.queue.retry_later(dispatch)
+            return
+        log.error("run %s: taking it up failed again; failing the run", run_id, exc_info=exc)
+        text = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_TEXT]
+        await self._give_up(
+            dispatch,
+            f"taking the run up kept failing (its dispatch was delivered {dispatch.deliveries} "
+            f"times; the limit is {limit}), the last time with {text}; it is not tried again",
+        )
+
+    async def _let_go(self, run_id: str) -> None:
+        """Records that a failed take-up let the run go (a Released event, as a drain records):
+        its step's attempt then does not count as one that crashed its executor."""
+        try:
+            run = await asyncio.to_thread(self.ctx.run_store.load, run_id)
+            if not run.is_finished and not run.awaiting_decision():
+                run.release(self.ctx.executor_id)
+                await asyncio.to_thread(self.ctx.run_store.commit, run)
+        except Exception as exc:  # then the attempt counts as a crashed one: no harm
+            log.warning("run %s: could not record letting it go: %r", run_id, exc)
+
+    async def _give_up(self, dispatch: Dispatch, message: str) -> None:
+        """Ends a run whose taking up keeps failing: RunFailed(DISPATCH_FAILED), not retryable,
+        in the store, then on the run's stream (that event alone: publishing the run's earlier
+        events may be what failed; the store keeps them), a dead letter, the message acked.
+
+        Idempotent, so two executors (two messages of one run: a reconciler's, say) may both get
+        here: the store's optimistic concurrency decides which failure is recorded (the other
+        commit conflicts, and reading again finds the run ended: it is left as it is), the
+        publish is fenced and deduplicated, and so is the dead letter (by its Nats-Msg-Id).
+        An outage meanwhile leaves the message to be delivered again (and to get here again).
+        Any other error terminates the message and dead-letters what is known.
+        """
+        try:
+            run, failure = await self._fail_in_store(dispatch.run_id, message)
+            await publish_recorded(self.ctx.link, run, failure)
+            if run.error is not None and run.error["code"] in DEAD_LETTERED:
+                await self._dead_letter(run, dispatch)
+            await dispatch.msg.ack()
+        except PASSING_FAILURES as exc:
+            log.warning("run %s: not failed yet (%r); it is delivered again", dispatch.run_id, exc)
+        except Exception as exc:
+            log.error(
+                "run %s: cannot fail it; dropping its dispatch", dispatch.run_id, exc_info=exc
+            )
+            with contextlib.suppress(nats.errors.Error):
+                await dispatch.msg.term()
+            record = {
+                "error": {"code": DISPATCH_FAILED, "message": message, "retryable": False},
+                "not_failed": f"{type(exc).__name__}: {exc}"[:MAX_ERROR_TEXT],
+                "executor_id": self.ctx.executor_id,
+                "deliveries": dispatch.deliveries,
+            }
+            with contextlib.suppress(*PASSING_FAILURES):
+                await self.queue.dead_letter(dispatch.run_id, dispatch.tenant, record)
+
+    async def _fail_in_store(self, run_id: str, message: str) -> tuple[Run, list[Any]]:
+        """Fails the run with DISPATCH_FAILED unless it has ended; the run and its last event."""
+        store = self.ctx.run_store
+        for _ in range(FAIL_ATTEMPTS):
+            run = await asyncio.to_thread(store.load, run_id)
+            if run.is_finished:
+                return run, await asyncio.to_thread(store.recorded_after, run_id, run.version - 1)
+            run.fail(DISPATCH_FAILED, message, retryable=False)
+            failure = list(run.pending_events)
+            try:
+                await asyncio.to_thread(store.commit, run)
+            except Conflict:
+                continue
+            return run, failure
+        raise Conflict(f"run {run_id} kept changing while it was being failed")
 
     async def _dead_letter(self, run: Run, dispatch: Dispatch) -> None:
         assert run.error is not None

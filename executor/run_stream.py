@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ from agentrun.v1 import run_pb2
 from eventstore.messages import ToolCall, Usage
 
 MAX_DELTA_CHARS = 16_384
+# What a protobuf Timestamp can hold: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+FIRST_TIME_NANOS = -62_135_596_800 * 10**9
+LAST_TIME_NANOS = 253_402_300_799 * 10**9 + 999_999_999
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ class RunStream:
         required = run_pb2.ToolApprovalRequired(
             step_index=step_index, tool_call=tool_call_proto(call)
         )
-        required.expire_time.FromNanoseconds(int(expire_at * 1e9))
+        set_time(required.expire_time, expire_at)
         self._add(run_pb2.RunEvent(tool_approval_required=required))
 
     def approval_resolved(
@@ -307,6 +311,18 @@ class RunStream:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drain_task
             self._drain_task = None
+
+
+def set_time(stamp: Timestamp, seconds: float) -> None:
+    """Sets ``stamp`` to ``seconds`` since the epoch, clamped to what a Timestamp can hold: a
+    time too far away (an approval deadline of an agent stored before durations were bounded)
+    reads as the last representable one, instead of failing the event that carries it. NaN, a
+    deadline that never comes, reads as the last one too."""
+    if math.isfinite(seconds):
+        nanos = int(seconds * 1e9)
+    else:
+        nanos = FIRST_TIME_NANOS if seconds == -math.inf else LAST_TIME_NANOS
+    stamp.FromNanoseconds(min(max(nanos, FIRST_TIME_NANOS), LAST_TIME_NANOS))
 
 
 def tool_call_proto(call: ToolCall) -> run_pb2.ToolCall:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from agentrun.errors import InvalidArgument
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
@@ -23,7 +23,7 @@ from eventstore.agent_config import (
 from eventstore.run import Run
 from eventstore.run_index import RunRecord
 from eventstore.run_store import StoredEvent
-from executor.run_stream import tool_call_proto
+from executor.run_stream import set_time, tool_call_proto
 
 MODES: dict[int, ExecutionMode] = {
     agent_pb2.EXECUTION_MODE_CLASSIC: "classic",
@@ -52,6 +52,7 @@ ERROR_ENUMS: dict[str, run_pb2.RunErrorCode.ValueType] = {
     "INVALID_AGENT": run_pb2.RUN_ERROR_CODE_INVALID_AGENT,
     "ATTEMPTS_EXHAUSTED": run_pb2.RUN_ERROR_CODE_ATTEMPTS_EXHAUSTED,
     "INTERNAL": run_pb2.RUN_ERROR_CODE_INTERNAL,
+    "DISPATCH_FAILED": run_pb2.RUN_ERROR_CODE_DISPATCH_FAILED,
 }
 
 
@@ -75,7 +76,7 @@ def agent_from_proto(agent: agent_pb2.Agent) -> AgentConfig:
         execution_mode=mode_of(agent.execution_mode) or "classic",
         instructions=agent.instructions,
         approval_timeout=(
-            agent.approval_timeout.ToTimedelta().total_seconds()
+            seconds_of(agent.approval_timeout)
             if agent.HasField("approval_timeout")
             else DEFAULT_APPROVAL_TIMEOUT
         ),
@@ -87,8 +88,8 @@ def agent_from_proto(agent: agent_pb2.Agent) -> AgentConfig:
             base_url=model.base_url,
             api_key_env=model.api_key_env,
             scripted=ScriptedSettings(
-                first_token_delay=scripted.first_token_delay.ToTimedelta().total_seconds(),
-                token_delay=scripted.token_delay.ToTimedelta().total_seconds(),
+                first_token_delay=seconds_of(scripted.first_token_delay),
+                token_delay=seconds_of(scripted.token_delay),
                 turns=tuple(
                     ScriptedTurn(
                         text=turn.text,
@@ -106,14 +107,18 @@ def agent_from_proto(agent: agent_pb2.Agent) -> AgentConfig:
                 description=tool.description,
                 requires_approval=tool.requires_approval,
                 timeout=(
-                    tool.timeout.ToTimedelta().total_seconds()
-                    if tool.HasField("timeout")
-                    else DEFAULT_TOOL_TIMEOUT
+                    seconds_of(tool.timeout) if tool.HasField("timeout") else DEFAULT_TOOL_TIMEOUT
                 ),
             )
             for tool in agent.tools
         ),
     )
+
+
+def seconds_of(duration: duration_pb2.Duration) -> float:
+    """A Duration in seconds, whatever its value (Duration.ToTimedelta overflows on huge ones):
+    AgentConfig.validate then refuses one out of bounds, naming its field."""
+    return duration.seconds + duration.nanos / 1e9
 
 
 def agent_to_proto(config: AgentConfig) -> agent_pb2.Agent:
@@ -172,8 +177,8 @@ def record_to_proto(record: RunRecord) -> run_pb2.Run:
     )
     if record.error_code:
         run.error.CopyFrom(error_of(record))
-    run.create_time.FromNanoseconds(int(record.created_at * 1e9))
-    run.update_time.FromNanoseconds(int(record.updated_at * 1e9))
+    set_time(run.create_time, record.created_at)
+    set_time(run.update_time, record.updated_at)
     return run
 
 

@@ -14,7 +14,10 @@ from eventstore.agent_config import (
     DEFAULT_APPROVAL_TIMEOUT,
     DEFAULT_MAX_MODEL_CALLS,
     DEFAULT_TOOL_TIMEOUT,
+    MAX_APPROVAL_TIMEOUT,
     MAX_MODEL_CALLS_LIMIT,
+    MAX_SCRIPTED_DELAY,
+    MAX_TOOL_TIMEOUT,
     AgentConfig,
     ModelSettings,
     ScriptedSettings,
@@ -178,14 +181,14 @@ def test_valid_agent_ids(agent_id: str) -> None:
                     provider="scripted", scripted=ScriptedSettings(first_token_delay=-1)
                 )
             ),
-            "agent.model.scripted",
+            "agent.model.scripted.first_token_delay",
             id="negative-first-token-delay",
         ),
         pytest.param(
             minimal(
                 model=ModelSettings(provider="scripted", scripted=ScriptedSettings(token_delay=-1))
             ),
-            "agent.model.scripted",
+            "agent.model.scripted.token_delay",
             id="negative-token-delay",
         ),
         pytest.param(minimal(tools=(ToolSettings("shell"),)), "agent.tools", id="unknown-tool"),
@@ -238,6 +241,70 @@ def test_validate_accepts_the_bounds() -> None:
     full_config().validate()
 
 
+def scripted_delays(first_token_delay: float = 0.0, token_delay: float = 0.0) -> ModelSettings:
+    return ModelSettings(
+        provider="scripted",
+        scripted=ScriptedSettings(first_token_delay=first_token_delay, token_delay=token_delay),
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "field", "bound"),
+    [
+        pytest.param(
+            minimal(approval_timeout=315_576_000_000),
+            "agent.approval_timeout",
+            "30 days",
+            id="approval-timeout-of-the-largest-duration",
+        ),
+        pytest.param(
+            minimal(approval_timeout=float(2**62)),
+            "agent.approval_timeout",
+            "30 days",
+            id="approval-timeout-of-2**62-seconds",
+        ),
+        pytest.param(
+            minimal(approval_timeout=MAX_APPROVAL_TIMEOUT + 0.001),
+            "agent.approval_timeout",
+            "30 days",
+            id="approval-timeout-just-over",
+        ),
+        pytest.param(
+            minimal(tools=(ToolSettings("clock", timeout=MAX_TOOL_TIMEOUT + 1),)),
+            "agent.tools.timeout",
+            "1 hour",
+            id="tool-timeout",
+        ),
+        pytest.param(
+            minimal(model=scripted_delays(first_token_delay=MAX_SCRIPTED_DELAY + 1)),
+            "agent.model.scripted.first_token_delay",
+            "60 seconds",
+            id="first-token-delay",
+        ),
+        pytest.param(
+            minimal(model=scripted_delays(token_delay=1e300)),
+            "agent.model.scripted.token_delay",
+            "60 seconds",
+            id="token-delay",
+        ),
+    ],
+)
+def test_validate_bounds_every_duration(config: AgentConfig, field: str, bound: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        config.validate()
+    assert caught.value.field == field
+    assert caught.value.description == f"must be at most {bound}"
+
+
+def test_validate_accepts_durations_at_their_bounds() -> None:
+    minimal(
+        approval_timeout=MAX_APPROVAL_TIMEOUT,
+        tools=(ToolSettings("clock", timeout=MAX_TOOL_TIMEOUT),),
+        model=scripted_delays(MAX_SCRIPTED_DELAY, MAX_SCRIPTED_DELAY),
+    ).validate()
+    assert (MAX_APPROVAL_TIMEOUT, MAX_TOOL_TIMEOUT, MAX_SCRIPTED_DELAY) == (30 * 86400, 3600, 60)
+
+
 def test_validate_refuses_an_agent_id_with_a_trailing_newline() -> None:
     with pytest.raises(InvalidArgument) as caught:
         minimal(agent_id="helper\n").validate()
@@ -255,9 +322,17 @@ def test_validate_refuses_an_agent_id_with_a_trailing_newline() -> None:
         pytest.param(
             minimal(approval_timeout=math.nan), "agent.approval_timeout", id="nan-approval"
         ),
+        pytest.param(
+            minimal(approval_timeout=math.inf), "agent.approval_timeout", id="infinite-approval"
+        ),
+        pytest.param(
+            minimal(model=scripted_delays(token_delay=math.nan)),
+            "agent.model.scripted.token_delay",
+            id="nan-token-delay",
+        ),
     ],
 )
-def test_validate_refuses_nan_timeouts(config: AgentConfig, field: str) -> None:
+def test_validate_refuses_durations_that_are_not_finite(config: AgentConfig, field: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         config.validate()
     assert caught.value.field == field

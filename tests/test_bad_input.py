@@ -150,6 +150,56 @@ async def test_bad_agents_are_refused(channels: list[grpc.aio.Channel]) -> None:
     assert "page_token" in message
 
 
+def with_durations(agent: agent_pb2.Agent, field: str, seconds: int) -> agent_pb2.Agent:
+    """``agent`` with the duration ``field`` (as an error names it) set to ``seconds``."""
+    changed = agent_pb2.Agent()
+    changed.CopyFrom(agent)
+    durations = {
+        "agent.approval_timeout": changed.approval_timeout,
+        "agent.tools.timeout": changed.tools[0].timeout,
+        "agent.model.scripted.first_token_delay": changed.model.scripted.first_token_delay,
+        "agent.model.scripted.token_delay": changed.model.scripted.token_delay,
+    }
+    durations[field].seconds = seconds
+    return changed
+
+
+# Each duration with a value past its bound: the largest a Duration may hold (accepted before,
+# it made runs fail), 2**62 seconds (INTERNAL OverflowError before), and just past the bound.
+DURATIONS_OUT_OF_BOUNDS = [
+    ("agent.approval_timeout", 315_576_000_000, "30 days"),
+    ("agent.approval_timeout", 2**62, "30 days"),
+    ("agent.approval_timeout", 30 * 86400 + 1, "30 days"),
+    ("agent.tools.timeout", 2**62, "1 hour"),
+    ("agent.tools.timeout", 3601, "1 hour"),
+    ("agent.model.scripted.first_token_delay", 2**62, "60 seconds"),
+    ("agent.model.scripted.token_delay", 61, "60 seconds"),
+]
+
+
+async def test_durations_past_their_bounds_are_refused_naming_the_field(
+    channels: list[grpc.aio.Channel],
+) -> None:
+    client = Client(channels[0])
+    valid = scripted_agent(tools=(("clock", False),))
+    for field, seconds, bound in DURATIONS_OUT_OF_BOUNDS:
+        code, message = await status_of(client.create_agent(with_durations(valid, field, seconds)))
+        assert (code, message) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field}: must be at most {bound}",
+        )
+    created = await client.create_agent(valid)
+    for field, seconds, bound in DURATIONS_OUT_OF_BOUNDS:
+        update = agent_service_pb2.UpdateAgentRequest(agent=with_durations(created, field, seconds))
+        code, message = await status_of(client.agents.UpdateAgent(update))
+        assert (code, message) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field}: must be at most {bound}",
+        )
+    unchanged = await client.agents.GetAgent(agent_service_pb2.GetAgentRequest(agent_id=created.id))
+    assert unchanged.agent == created
+
+
 async def test_garbage_bytes_do_not_hurt_the_servers(
     channels: list[grpc.aio.Channel], stack: Stack
 ) -> None:

@@ -289,6 +289,7 @@ async def test_two_approvals_in_one_step_announce_the_step_once() -> None:
         ("EXECUTOR_LOST", run_pb2.RUN_ERROR_CODE_EXECUTOR_LOST),
         ("ATTEMPTS_EXHAUSTED", run_pb2.RUN_ERROR_CODE_ATTEMPTS_EXHAUSTED),
         ("INVALID_AGENT", run_pb2.RUN_ERROR_CODE_INVALID_AGENT),
+        ("DISPATCH_FAILED", run_pb2.RUN_ERROR_CODE_DISPATCH_FAILED),
         ("SOMETHING_NEW", run_pb2.RUN_ERROR_CODE_INTERNAL),
     ],
 )

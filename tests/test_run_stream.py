@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
 from agentrun.v1 import run_pb2
-from eventstore.messages import Usage
+from eventstore.messages import ToolCall, Usage
 from executor.run_stream import MAX_DELTA_CHARS, Marks, RunStream
 
 USAGE: Usage = {"input_tokens": 1, "output_tokens": 2}
@@ -98,4 +99,27 @@ async def test_an_interrupted_consumer_gets_the_error_and_the_run_is_unaffected(
         await waiting
     stream.text(1, 1, "still streaming")
     assert (await stream.next_batch())[0].text_delta.text == "still streaming"
+    await stream.close()
+
+
+@pytest.mark.parametrize(
+    ("expire_at", "expected"),
+    [
+        (1_700_000_000.5, "2023-11-14T22:13:20.500Z"),
+        (1_700_000_000 + 315_576_000_000, "9999-12-31T23:59:59.999999999Z"),
+        (float(2**62), "9999-12-31T23:59:59.999999999Z"),
+        (math.inf, "9999-12-31T23:59:59.999999999Z"),
+        (math.nan, "9999-12-31T23:59:59.999999999Z"),
+        (-1e12, "0001-01-01T00:00:00Z"),
+    ],
+)
+async def test_an_approval_deadline_out_of_a_timestamps_range_is_clamped(
+    expire_at: float, expected: str
+) -> None:
+    stream = RunStream("r")
+    assert stream.attach()
+    call: ToolCall = {"id": "c1", "name": "send_email", "arguments_json": "{}"}
+    stream.approval_required(2, call, expire_at)
+    [event] = await stream.next_batch()
+    assert event.tool_approval_required.expire_time.ToJsonString() == expected
     await stream.close()

@@ -41,6 +41,7 @@ def test_defaults() -> None:
     assert settings.max_input_bytes == 65536
     assert settings.liveness_interval == 1.0
     assert settings.reconcile_interval == 5.0
+    assert settings.max_dispatch_failures == 5
     assert settings.executor_id.startswith("executor-")
     assert len(settings.executor_id) == len("executor-") + 8
     assert Settings.from_env({}).executor_id != settings.executor_id
@@ -61,6 +62,7 @@ def test_every_variable() -> None:
             "AGENTRUN_EXECUTOR_ID": "executor-east",
             "AGENTRUN_LIVENESS_INTERVAL": "0.25",
             "AGENTRUN_RECONCILE_INTERVAL": "2.5",
+            "AGENTRUN_MAX_DISPATCH_FAILURES": "3",
             "UNRELATED": "ignored",
         }
     )
@@ -78,6 +80,7 @@ def test_every_variable() -> None:
         executor_id="executor-east",
         liveness_interval=0.25,
         reconcile_interval=2.5,
+        max_dispatch_failures=3,
     )
 
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+from google.protobuf import duration_pb2
+
+from agentrun.errors import InvalidArgument
+from agentrun.v1 import agent_pb2
 from eventstore.run_store import StoredEvent
-from executor.translation import history_batches
+from executor.translation import agent_from_proto, history_batches
 
 
 def stored(version: int, text: str) -> StoredEvent:
@@ -31,3 +36,29 @@ def test_a_batch_closes_with_the_event_that_fills_it() -> None:
 
 def test_no_events_make_no_batches() -> None:
     assert list(history_batches([], max_bytes=1000)) == []
+
+
+def test_durations_of_any_size_reach_validation_which_names_their_field() -> None:
+    huge = duration_pb2.Duration(seconds=2**62)
+    agent = agent_pb2.Agent(
+        id="helper",
+        model=agent_pb2.ModelConfig(provider="scripted"),
+        approval_timeout=huge,
+        tools=[agent_pb2.Tool(name="clock", timeout=huge)],
+    )
+    agent.model.scripted.first_token_delay.CopyFrom(huge)
+    agent.model.scripted.token_delay.CopyFrom(huge)
+    config = agent_from_proto(agent)  # raised OverflowError (then INTERNAL) before
+    assert config.approval_timeout == config.tools[0].timeout == float(2**62)
+    assert config.model.scripted.first_token_delay == config.model.scripted.token_delay == 2**62
+    with pytest.raises(InvalidArgument) as caught:
+        config.validate()
+    assert caught.value.field == "agent.model.scripted.first_token_delay"
+
+
+def test_durations_keep_their_nanoseconds() -> None:
+    agent = agent_pb2.Agent(approval_timeout=duration_pb2.Duration(seconds=90, nanos=500_000_000))
+    agent.model.scripted.token_delay.FromMilliseconds(10)
+    config = agent_from_proto(agent)
+    assert config.approval_timeout == 90.5
+    assert config.model.scripted.token_delay == 0.01

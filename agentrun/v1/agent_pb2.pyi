@@ -88,7 +88,8 @@ class Agent(_message.Message):
     @_builtins.property
     def approval_timeout(self) -> _duration_pb2.Duration:
         """How long a run waits for a human to decide on a tool call that requires approval.
-        An approval that times out counts as a denial. Unset means 24 hours.
+        An approval that times out counts as a denial. Unset means 24 hours; at most 30 days
+        (a longer one, or one that is not positive, is refused with INVALID_ARGUMENT).
         """
 
     @_builtins.property
@@ -186,11 +187,11 @@ class ScriptedModel(_message.Message):
     TURNS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def first_token_delay(self) -> _duration_pb2.Duration:
-        """Delay before the first token of each model call."""
+        """Delay before the first token of each model call: at most 60 seconds, not negative."""
 
     @_builtins.property
     def token_delay(self) -> _duration_pb2.Duration:
-        """Delay between two tokens."""
+        """Delay between two tokens: at most 60 seconds, not negative."""
 
     @_builtins.property
     def turns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScriptedTurn]:
@@ -283,7 +284,9 @@ class Tool(_message.Message):
     """Whether a human must approve each call before it runs."""
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """How long one call may take before it fails with a timeout error. Unset means 30 seconds."""
+        """How long one call may take before it fails with a timeout error. Unset means 30 seconds;
+        at most 1 hour (a longer one, or one that is not positive, is refused with INVALID_ARGUMENT).
+        """
 
     def __init__(
         self,

@@ -77,6 +77,10 @@ class _RunErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunError
     """A step of the run failed too many times (it kept crashing its executor)."""
     RUN_ERROR_CODE_INTERNAL: _RunErrorCode.ValueType  # 6
     """An unexpected error inside agentrun."""
+    RUN_ERROR_CODE_DISPATCH_FAILED: _RunErrorCode.ValueType  # 7
+    """Taking the durable run up kept failing with an error (not a crash, not an outage), for
+    example on data of the run that this version cannot read; it is not tried again.
+    """
 
 class RunErrorCode(_RunErrorCode, metaclass=_RunErrorCodeEnumTypeWrapper):
     """Why a run failed."""
@@ -95,6 +99,10 @@ RUN_ERROR_CODE_ATTEMPTS_EXHAUSTED: RunErrorCode.ValueType  # 5
 """A step of the run failed too many times (it kept crashing its executor)."""
 RUN_ERROR_CODE_INTERNAL: RunErrorCode.ValueType  # 6
 """An unexpected error inside agentrun."""
+RUN_ERROR_CODE_DISPATCH_FAILED: RunErrorCode.ValueType  # 7
+"""Taking the durable run up kept failing with an error (not a crash, not an outage), for
+example on data of the run that this version cannot read; it is not tried again.
+"""
 Global___RunErrorCode: _TypeAlias = RunErrorCode  # noqa: Y015
 
 class _StepKind:
