@@ -10,6 +10,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY agentrun ./agentrun
+COPY common ./common
+COPY cli ./cli
 COPY gateway ./gateway
 COPY executor ./executor
 COPY eventstore ./eventstore

@@ -1,5 +1,2 @@
-"""agentrun: executes LLM agent runs for other programs over gRPC.
-
-This package holds what the gateway and executor share (settings, errors, gRPC and NATS
-plumbing), the generated API (agentrun.v1) and the command line (agentrun.cli).
-"""
+"""The contract's generated code: agentrun.v1 (the public API) and agentrun.internal.v1 (between
+gateways and executors), produced from protos/ by `make proto` and never edited by hand."""

@@ -14,8 +14,6 @@ from typing import Any
 import grpc
 import nats
 
-from agentrun.launcher import Service
-from agentrun.nats_link import NatsNames
 from agentrun.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
@@ -24,6 +22,8 @@ from agentrun.v1 import (
 )
 from bench.latency import EOF
 from bench.workload import long_agent
+from cli.launcher import Service
+from common.nats_link import NatsNames
 from eventstore.agent_config import AgentConfig
 from executor.translation import agent_to_proto
 

@@ -24,8 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agentrun.launcher import Service
-from agentrun.nats_link import NatsNames
 from bench.durable import create_agent, death_to_next_token, ratio, step_costs
 from bench.latency import RunTimes, in_process, through_stack
 from bench.machine import loop_ms
@@ -40,6 +38,8 @@ from bench.stack import DEFAULT_POSTGRES, Stack, choose_store
 from bench.stats import Summary
 from bench.suspended import suspended_runs
 from bench.workload import bench_agent
+from cli.launcher import Service
+from common.nats_link import NatsNames
 from eventstore.agent_config import AgentConfig, ModelSettings, ScriptedSettings, ScriptedTurn
 from eventstore.persistence import StoreConfig
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import psycopg
 
-from agentrun.launcher import Service
 from bench.durable import create_agent
 from bench.stack import Stack
 from bench.throughput import under_load
 from bench.workload import bench_agent
+from cli.launcher import Service
 from eventstore.persistence import StoreConfig
 
 EXECUTOR_COUNTS = (1, 2, 3)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psycopg
 
-from agentrun.launcher import Service, start_agentrun, start_nats
+from cli.launcher import Service, start_agentrun, start_nats
 from eventstore.persistence import StoreConfig
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"

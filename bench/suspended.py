@@ -16,10 +16,10 @@ from typing import Any
 
 import grpc
 
-from agentrun.launcher import Service
 from agentrun.v1 import run_pb2, run_service_pb2, run_service_pb2_grpc
 from bench.durable import create_agent
 from bench.stack import rss_bytes
+from cli.launcher import Service
 from eventstore.agent_config import (
     AgentConfig,
     ModelSettings,

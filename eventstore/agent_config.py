@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from agentrun.errors import InvalidArgument
+from common.errors import InvalidArgument
 
 ExecutionMode = Literal["classic", "durable"]
 EXECUTION_MODES: tuple[ExecutionMode, ...] = ("classic", "durable")

@@ -11,7 +11,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import IntegrityError
 
-from agentrun.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+from common.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from eventstore.agent_config import AgentConfig
 from eventstore.persistence import StoreConfig, UnnotifiedApplication
 from eventstore.store_errors import translate_store_errors

@@ -10,7 +10,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import IntegrityError
 
-from agentrun.errors import Conflict
+from common.errors import Conflict
 from eventstore.messages import ChatMessage
 from eventstore.persistence import StoreConfig, UnnotifiedApplication
 from eventstore.store_errors import translate_store_errors

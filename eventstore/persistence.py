@@ -26,7 +26,7 @@ import psycopg.errors
 from eventsourcing.application import Application
 from eventsourcing.persistence import ApplicationRecorder
 
-from agentrun.errors import InvalidArgument
+from common.errors import InvalidArgument
 
 DEFAULT_DATA_DIR = Path(".agentrun")
 

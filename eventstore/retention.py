@@ -76,7 +76,7 @@ from uuid import UUID
 import psycopg
 import psycopg.errors
 
-from agentrun.errors import Unavailable
+from common.errors import Unavailable
 from eventstore.persistence import StoreConfig
 from eventstore.run import TERMINAL_STATUSES
 from eventstore.run_store import RunStore

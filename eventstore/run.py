@@ -12,7 +12,7 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
 
-from agentrun.errors import FailedPrecondition
+from common.errors import FailedPrecondition
 from eventstore.agent_config import AgentConfig
 from eventstore.messages import (
     ChatMessage,

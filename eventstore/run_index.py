@@ -23,7 +23,7 @@ import psycopg
 import psycopg.errors
 import psycopg_pool
 
-from agentrun.errors import InvalidArgument, NotFound, Unavailable
+from common.errors import InvalidArgument, NotFound, Unavailable
 from eventstore.messages import ToolCall
 from eventstore.persistence import StoreConfig
 

@@ -17,7 +17,7 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError, Application, LRUCache
 from eventsourcing.persistence import IntegrityError
 
-from agentrun.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound, OutOfRange
+from common.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound, OutOfRange
 from eventstore.persistence import StoreConfig
 from eventstore.run import Run
 from eventstore.store_errors import translate_store_errors

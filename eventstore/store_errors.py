@@ -8,7 +8,7 @@ from typing import ParamSpec, TypeVar
 
 from eventsourcing.persistence import InterfaceError, OperationalError
 
-from agentrun.errors import Unavailable
+from common.errors import Unavailable
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -18,8 +18,8 @@ import time
 import nats.errors
 from nats.aio.msg import Msg
 
-from agentrun.errors import Unavailable
-from agentrun.nats_link import NatsLink
+from common.errors import Unavailable
+from common.nats_link import NatsLink
 from eventstore.agent_config import AgentConfig
 
 log = logging.getLogger(__name__)

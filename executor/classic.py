@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agentrun.errors import AgentrunError, FailedPrecondition, NotFound
+from common.errors import AgentrunError, FailedPrecondition, NotFound
 from eventstore.run import Run
 from eventstore.run_steps import AwaitApprovals
 from executor.agent_loop import AgentLoop

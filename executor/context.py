@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from agentrun.nats_link import NatsLink
-from agentrun.settings import Settings
+from common.nats_link import NatsLink
+from common.settings import Settings
 from eventstore.agents import AgentCatalog
 from eventstore.conversations import ConversationLog
 from eventstore.persistence import StoreConfig

@@ -12,8 +12,8 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from agentrun.errors import AgentrunError, FailedPrecondition, InvalidArgument, NotFound
-from agentrun.nats_link import MessageHandler
+from common.errors import AgentrunError, FailedPrecondition, InvalidArgument, NotFound
+from common.nats_link import MessageHandler
 
 Handle = Callable[[str, dict[str, Any]], None]
 """Carries out one operation (``op``, the request); raises a domain error to refuse it."""

@@ -31,8 +31,8 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from agentrun.errors import Unavailable
-from agentrun.nats_link import NatsLink
+from common.errors import Unavailable
+from common.nats_link import NatsLink
 
 log = logging.getLogger(__name__)
 

@@ -34,15 +34,15 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
-from agentrun.errors import AgentrunError, Conflict, FailedPrecondition, NotFound, Unavailable
-from agentrun.nats_link import TENANT_HEADER, NatsLink, message_id
-from agentrun.run_events import (
+from agentrun.v1 import executor_service_pb2
+from common.errors import AgentrunError, Conflict, FailedPrecondition, NotFound, Unavailable
+from common.event_streams import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
     WRONG_LAST_SEQUENCE,
     Published,
     published,
 )
-from agentrun.v1 import executor_service_pb2
+from common.nats_link import TENANT_HEADER, NatsLink, message_id
 from eventstore.run import Run
 from eventstore.run_steps import ATTEMPTS_EXHAUSTED, AwaitApprovals, exhausted_attempts
 from executor.agent_loop import AgentLoop

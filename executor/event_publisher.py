@@ -23,16 +23,16 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
-from agentrun.errors import Unavailable
-from agentrun.nats_link import (
+from agentrun.v1 import executor_service_pb2, run_pb2
+from common.errors import Unavailable
+from common.event_streams import EXPECTED_LAST_SUBJECT_SEQUENCE, WRONG_LAST_SEQUENCE
+from common.nats_link import (
     STEP_HEADER,
     TENANT_HEADER,
     VERSION_HEADER,
     NatsLink,
     message_id,
 )
-from agentrun.run_events import EXPECTED_LAST_SUBJECT_SEQUENCE, WRONG_LAST_SEQUENCE
-from agentrun.v1 import executor_service_pb2, run_pb2
 from executor.run_stream import Marks
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from agentrun.run_events import append_end, is_terminal, last_published
 from agentrun.v1 import run_pb2
+from common.event_streams import append_end, is_terminal, last_published
 from eventstore.run import TERMINAL_STATUSES
 from eventstore.run_index import RunRecord
 from executor.context import ExecutorContext

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
-from agentrun.errors import AgentrunError
+from common.errors import AgentrunError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from agentrun.errors import AgentrunError
+from common.errors import AgentrunError
 from executor.context import ExecutorContext
 from executor.translation import record_of
 

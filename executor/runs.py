@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import nats.errors
 
-from agentrun.errors import (
+from common.errors import (
     AgentrunError,
     AlreadyExists,
     FailedPrecondition,

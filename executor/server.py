@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from agentrun.rpc import serve
-from agentrun.settings import Settings
 from agentrun.v1 import executor_service_pb2, executor_service_pb2_grpc
+from common.rpc import serve
+from common.settings import Settings
 from executor.context import ExecutorContext
 from executor.dispatch import WorkQueue
 from executor.durable import DurableRunner

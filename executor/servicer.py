@@ -9,8 +9,6 @@ from typing import Any
 
 import grpc
 
-from agentrun.errors import InvalidArgument
-from agentrun.rpc import stream_errors, unary_errors
 from agentrun.v1 import (
     agent_service_pb2,
     executor_service_pb2_grpc,
@@ -19,6 +17,8 @@ from agentrun.v1 import (
 from agentrun.v1 import (
     executor_service_pb2 as pb,
 )
+from common.errors import InvalidArgument
+from common.rpc import stream_errors, unary_errors
 from eventstore.run_index import RunFilter
 from executor.classic import ClassicRun
 from executor.context import ExecutorContext

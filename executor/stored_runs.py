@@ -14,7 +14,7 @@ import time
 
 import nats.errors
 
-from agentrun.errors import AgentrunError, Conflict, FailedPrecondition
+from common.errors import AgentrunError, Conflict, FailedPrecondition
 from eventstore.run import Run
 from executor.context import ExecutorContext
 from executor.dispatch import WorkQueue

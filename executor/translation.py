@@ -6,8 +6,8 @@ from collections.abc import Iterable, Iterator
 
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
-from agentrun.errors import InvalidArgument
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
+from common.errors import InvalidArgument
 from eventstore.agent_config import (
     DEFAULT_APPROVAL_TIMEOUT,
     DEFAULT_MAX_MODEL_CALLS,

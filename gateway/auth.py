@@ -6,8 +6,8 @@ from typing import Any
 
 import grpc
 
-from agentrun.errors import Unauthenticated
-from agentrun.settings import LOCAL_TENANT, ApiKeys
+from common.errors import Unauthenticated
+from common.settings import LOCAL_TENANT, ApiKeys
 
 
 def tenant_of(context: grpc.aio.ServicerContext[Any, Any], keys: ApiKeys) -> str:

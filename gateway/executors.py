@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from agentrun.rpc import CHANNEL_OPTIONS
 from agentrun.v1 import executor_service_pb2, executor_service_pb2_grpc
+from common.rpc import CHANNEL_OPTIONS
 
 if TYPE_CHECKING:
     from agentrun.v1.executor_service_pb2_grpc import ExecutorServiceAsyncStub

@@ -23,12 +23,12 @@ import grpc
 import nats.errors
 from nats.js.api import DeliverPolicy
 
-from agentrun.errors import OutOfRange, Unavailable
-from agentrun.nats_link import NatsLink
-from agentrun.rpc import STATUS_DETAILS_KEY, metadata_pairs
-from agentrun.run_events import decode, is_terminal, last_published
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from agentrun.v1 import executor_service_pb2 as pb
+from common.errors import OutOfRange, Unavailable
+from common.event_streams import decode, is_terminal, last_published
+from common.nats_link import NatsLink
+from common.rpc import STATUS_DETAILS_KEY, metadata_pairs
 from gateway.executors import WarmCalls
 from gateway.run_modes import RunModes
 

@@ -9,15 +9,15 @@ from collections.abc import Callable
 
 import grpc
 
-from agentrun.nats_link import NatsLink
-from agentrun.rpc import serve
-from agentrun.settings import Settings
 from agentrun.v1 import (
     agent_service_pb2,
     agent_service_pb2_grpc,
     run_service_pb2,
     run_service_pb2_grpc,
 )
+from common.nats_link import NatsLink
+from common.rpc import serve
+from common.settings import Settings
 from gateway.executors import open_executors
 from gateway.relay import Relay
 from gateway.servicer import AgentServicer, RunServicer

@@ -11,9 +11,6 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from agentrun.errors import InvalidArgument
-from agentrun.rpc import stream_errors, unary_errors
-from agentrun.settings import Settings
 from agentrun.v1 import (
     agent_service_pb2 as agents,
 )
@@ -28,6 +25,9 @@ from agentrun.v1 import (
 from agentrun.v1 import (
     run_service_pb2 as runs,
 )
+from common.errors import InvalidArgument
+from common.rpc import stream_errors, unary_errors
+from common.settings import Settings
 from gateway.auth import tenant_of
 from gateway.relay import AttachedRun, Relay
 

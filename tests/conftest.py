@@ -15,7 +15,7 @@ import grpc
 import psycopg
 import pytest
 
-from agentrun.launcher import Service, start_nats
+from cli.launcher import Service, start_nats
 from eventstore.persistence import StoreConfig
 from tests.stack import Stack, start_stack
 

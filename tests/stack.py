@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agentrun.launcher import Service, start_agentrun
+from cli.launcher import Service, start_agentrun
 
 
 @dataclass

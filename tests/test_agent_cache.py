@@ -9,9 +9,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agentrun.launcher import Service
-from agentrun.nats_link import NatsLink, NatsNames
 from agentrun.v1 import agent_service_pb2
+from cli.launcher import Service
+from common.nats_link import NatsLink, NatsNames
 from eventstore.agent_config import AgentConfig, ModelSettings
 from executor.agent_cache import AgentCache
 from tests.client import Client, scripted_agent

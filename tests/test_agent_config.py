@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agentrun.errors import InvalidArgument
+from common.errors import InvalidArgument
 from eventstore.agent_config import (
     DEFAULT_APPROVAL_TIMEOUT,
     DEFAULT_MAX_MODEL_CALLS,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agentrun.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+from common.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from eventstore.agent_config import (
     AgentConfig,
     ModelSettings,

@@ -15,8 +15,8 @@ import json
 import grpc
 import pytest
 
-from agentrun.settings import LOCAL_TENANT
 from agentrun.v1 import agent_pb2
+from common.settings import LOCAL_TENANT
 from eventstore.agents import Agent, AgentCatalog
 from eventstore.persistence import StoreConfig
 from executor.translation import agent_from_proto

@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 import pytest
 
-from agentrun.nats_link import NatsLink, NatsNames
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
+from common.nats_link import NatsLink, NatsNames
 from executor.tools.send_email import read_outbox
 from tests.client import Client, kinds, rest, scripted_agent, text_of, until
 from tests.stack import Stack

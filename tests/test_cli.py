@@ -1,6 +1,6 @@
 """The ``agentrun`` command line as a real subprocess against a real gateway: chat and runs.
 
-Every command runs as ``python -m agentrun.cli.main ...`` with its stdin piped, against the first
+Every command runs as ``python -m cli.main ...`` with its stdin piped, against the first
 gateway of the ``stack`` fixture. Timeouts only bound a hang; they never assert timing.
 """
 
@@ -20,9 +20,9 @@ from typing import Any
 import grpc
 import pytest
 
-from agentrun.cli.chat import PROMPT
-from agentrun.launcher import free_port
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
+from cli.chat import PROMPT
+from cli.launcher import free_port
 from executor.tools.send_email import read_outbox
 from tests.client import Client, rest, scripted_agent, until
 from tests.stack import Stack
@@ -43,7 +43,7 @@ async def agentrun(stack: Stack, *args: str, stdin: str = "") -> subprocess.Comp
     argv = [
         sys.executable,
         "-m",
-        "agentrun.cli.main",
+        "cli.main",
         *args,
         "--target",
         stack.gateways[0].address,
@@ -375,7 +375,7 @@ async def test_an_unreachable_gateway_is_an_error_not_a_traceback() -> None:
     argv = [
         sys.executable,
         "-m",
-        "agentrun.cli.main",
+        "cli.main",
         "runs",
         "show",
         str(uuid.uuid4()),
@@ -406,7 +406,7 @@ class Live:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "agentrun.cli.main",
+            "cli.main",
             *args,
             "--target",
             stack.gateways[0].address,

@@ -10,12 +10,12 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agentrun.cli import render
-from agentrun.cli.chat import add_chat_parser, parse_approval, run_chat
-from agentrun.cli.client import DEFAULT_TARGET, call_metadata, rpc_error_message
-from agentrun.cli.render import EventRenderer
-from agentrun.cli.runs import add_runs_parser, list_request
 from agentrun.v1 import agent_pb2, run_pb2
+from cli import render
+from cli.chat import add_chat_parser, parse_approval, run_chat
+from cli.client import DEFAULT_TARGET, call_metadata, rpc_error_message
+from cli.render import EventRenderer
+from cli.runs import add_runs_parser, list_request
 
 RUN_ID = "3f2a9c4e-1b2d-4e5f-8a9b-0c1d2e3f4a5b"
 

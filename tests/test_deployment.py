@@ -1,7 +1,7 @@
 """The deployment files against the code they deploy, and ``agentrun health`` against real servers.
 
 - docker-compose.yml: every service built from our Dockerfile runs a subcommand that the
-  ``agentrun`` command line has (its real argparse parser, taken from ``agentrun.cli.main``), its
+  ``agentrun`` command line has (its real argparse parser, taken from ``cli.main``), its
   health check is ``agentrun health`` on the port it listens on, every AGENTRUN_* variable it sets
   is one that ``Settings.from_env`` reads (found by calling it with a mapping that records what is
   asked of it) and parses, and the addresses in those settings name services of the file.
@@ -46,9 +46,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nats.js import JetStreamContext
 from nats.js.api import StreamInfo
 
-from agentrun.cli import main as cli_main
-from agentrun.launcher import NATS_READY, Service, _start, free_port, nats_server_path
-from agentrun.settings import Settings
+from cli import main as cli_main
+from cli.launcher import NATS_READY, Service, _start, free_port, nats_server_path
+from common.settings import Settings
 from eventstore.persistence import StoreConfig
 from gateway.executors import channel_target
 from tests.stack import Stack
@@ -269,7 +269,7 @@ def test_every_agentrun_variable_is_a_setting_and_parses() -> None:
     for name, service in services().items():
         env = environment(service)
         unknown = {k for k in env if k.startswith(SETTINGS_PREFIX)} - known
-        assert not unknown, f"{name}: agentrun/settings.py reads no {sorted(unknown)}"
+        assert not unknown, f"{name}: common/settings.py reads no {sorted(unknown)}"
         if runs_our_image(service):
             Settings.from_env(env)  # raises on a value it cannot parse
 
@@ -570,7 +570,7 @@ def agentrun_health(*args: str) -> subprocess.CompletedProcess[str]:
     """``agentrun health <args>`` as a real process, to its end."""
     env = {k: v for k, v in os.environ.items() if k != "AGENTRUN_TARGET"}
     return subprocess.run(
-        [sys.executable, "-m", "agentrun.cli.main", "health", *args],
+        [sys.executable, "-m", "cli.main", "health", *args],
         capture_output=True,
         text=True,
         timeout=GUARD,

@@ -21,8 +21,8 @@ from typing import Any
 import grpc
 import pytest
 
-from agentrun.settings import LOCAL_TENANT
 from agentrun.v1 import agent_pb2, run_pb2
+from common.settings import LOCAL_TENANT
 from eventstore.agent_config import AgentConfig, ModelSettings, ScriptedSettings, ScriptedTurn
 from eventstore.persistence import StoreConfig
 from eventstore.run import Run

@@ -17,8 +17,8 @@ import signal
 import grpc
 import pytest
 
-from agentrun.launcher import free_port
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
+from cli.launcher import free_port
 from tests.client import EOF, Client, kinds, rest, scripted_agent, until
 from tests.stack import Stack
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agentrun.launcher import Service, free_port, start_nats
-from agentrun.run_events import is_terminal
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
+from cli.launcher import Service, free_port, start_nats
+from common.event_streams import is_terminal
 from eventstore.persistence import StoreConfig
 from executor.tools.send_email import read_attempts, read_outbox
 from tests.client import EOF, Client, kinds, rest, scripted_agent, until

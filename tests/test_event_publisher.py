@@ -17,10 +17,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
 
-from agentrun.launcher import Service
-from agentrun.nats_link import NatsLink, NatsNames
-from agentrun.run_events import Published, append_end, decode, published
 from agentrun.v1 import executor_service_pb2, run_pb2
+from cli.launcher import Service
+from common.event_streams import Published, append_end, decode, published
+from common.nats_link import NatsLink, NatsNames
 from eventstore.messages import ToolCall
 from executor.event_publisher import MAX_MESSAGE_BYTES, RunPublisher
 from executor.run_stream import Marks, RunStream

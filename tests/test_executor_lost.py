@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agentrun.launcher import Service
 from agentrun.v1 import run_pb2, run_service_pb2
+from cli.launcher import Service
 from tests.client import Client, kinds, rest, scripted_agent, until
 from tests.conftest import database_url_for, drop_schema
 from tests.stack import Stack

@@ -16,8 +16,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agentrun.launcher import NATS_READY, Service, _start, free_port, nats_server_path
 from agentrun.v1 import agent_pb2
+from cli.launcher import NATS_READY, Service, _start, free_port, nats_server_path
 from tests.client import Client, kinds, scripted_agent, text_of
 from tests.conftest import POSTGRES_URL, database_url_for, drop_schema
 from tests.stack import Stack

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agentrun.launcher import start_nats
+from cli.launcher import start_nats
 from tests.client import Client, assert_history_agrees, kinds, rest, scripted_agent, text_of, until
 from tests.conftest import database_url_for, drop_schema
 from tests.stack import Stack

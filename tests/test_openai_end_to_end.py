@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 import pytest
 
-from agentrun.launcher import Service
 from agentrun.v1 import agent_pb2, run_pb2
+from cli.launcher import Service
 from tests.client import Client, kinds, text_of
 from tests.conftest import database_url_for
 from tests.openai_wire_server import Completion, HttpError, OpenAIWireServer, WireToolCall

@@ -17,10 +17,10 @@ import grpc
 import nats
 import pytest
 
-from agentrun.launcher import Service, free_port
-from agentrun.nats_link import NatsNames
-from agentrun.run_events import is_terminal
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
+from cli.launcher import Service, free_port
+from common.event_streams import is_terminal
+from common.nats_link import NatsNames
 from eventstore.run import Run
 from eventstore.run_steps import ATTEMPTS_EXHAUSTED, exhausted_attempts
 from executor.models.scripted import CRASH_EXECUTOR_TURN, CRASH_HOOK_VARIABLE

@@ -20,11 +20,11 @@ from uuid import UUID
 import grpc
 import pytest
 
-from agentrun.errors import NotFound
-from agentrun.launcher import Service
-from agentrun.nats_link import NatsLink, NatsNames
-from agentrun.settings import Settings
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
+from cli.launcher import Service
+from common.errors import NotFound
+from common.nats_link import NatsLink, NatsNames
+from common.settings import Settings
 from eventstore.messages import Usage
 from eventstore.persistence import StoreConfig
 from eventstore.retention import (

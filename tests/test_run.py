@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from agentrun.errors import FailedPrecondition
+from common.errors import FailedPrecondition
 from eventstore.agent_config import AgentConfig, ModelSettings, ToolSettings
 from eventstore.messages import ChatMessage, ToolCall, Usage
 from eventstore.run import Run

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agentrun.errors import InvalidArgument, NotFound
+from common.errors import InvalidArgument, NotFound
 from eventstore.messages import ToolCall
 from eventstore.persistence import StoreConfig
 from eventstore.run_index import MAX_PAGE_SIZE, RunFilter, RunIndex, RunRecord

@@ -13,7 +13,7 @@ from uuid import UUID
 
 import pytest
 
-from agentrun.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound, OutOfRange
+from common.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound, OutOfRange
 from eventstore.agent_config import AgentConfig, ModelSettings, ToolSettings
 from eventstore.messages import ChatMessage, ToolCall, Usage
 from eventstore.persistence import StoreConfig

@@ -32,10 +32,10 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from agentrun.launcher import Service, free_port, start_agentrun
-from agentrun.nats_link import NatsNames
-from agentrun.run_events import is_terminal
 from agentrun.v1 import agent_pb2, run_pb2
+from cli.launcher import Service, free_port, start_agentrun
+from common.event_streams import is_terminal
+from common.nats_link import NatsNames
 from executor.tools.send_email import read_outbox
 from tests.client import EOF, Client, kinds, rest, scripted_agent, text_of, until
 from tests.conftest import database_url_for, drop_schema

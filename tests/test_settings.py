@@ -9,8 +9,8 @@ from pathlib import Path
 import psycopg.conninfo
 import pytest
 
-from agentrun.errors import InvalidArgument
-from agentrun.settings import ApiKeys, Settings
+from common.errors import InvalidArgument
+from common.settings import ApiKeys, Settings
 from eventstore.persistence import PostgresParams, StoreConfig
 
 

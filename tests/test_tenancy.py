@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agentrun.launcher import Service
 from agentrun.v1 import agent_service_pb2, run_service_pb2
+from cli.launcher import Service
 from tests.client import Client, rest, scripted_agent, until
 from tests.stack import Stack
 

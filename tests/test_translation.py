@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import pytest
 from google.protobuf import duration_pb2
 
-from agentrun.errors import InvalidArgument
 from agentrun.v1 import agent_pb2
+from common.errors import InvalidArgument
 from eventstore.run_store import StoredEvent
 from executor.translation import agent_from_proto, history_batches
 

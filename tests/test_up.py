@@ -20,7 +20,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agentrun.launcher import READY_PREFIX, Service, _start, free_port
 from agentrun.v1 import (
     agent_pb2,
     agent_service_pb2,
@@ -29,6 +28,7 @@ from agentrun.v1 import (
     run_service_pb2,
     run_service_pb2_grpc,
 )
+from cli.launcher import READY_PREFIX, Service, _start, free_port
 from tests.client import rest, text_of
 
 GUARD = 120.0  # seconds; only bounds a hang so that a broken `up` fails instead of stalling CI
@@ -121,7 +121,7 @@ async def start_up(ups: list[Up], data_dir: Path) -> Up:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "agentrun.cli.main",
+        "cli.main",
         "up",
         "--data-dir",
         str(data_dir),
@@ -181,8 +181,8 @@ async def test_up_serves_the_demo_agents_and_stops_with_its_children_on_sigterm(
     commands = sorted(command_line(pid) for pid in up.children)
     assert len(commands) == 3, commands
     assert any("nats-server" in c for c in commands), commands
-    assert any("agentrun.cli.serve executor" in c for c in commands), commands
-    assert any("agentrun.cli.serve gateway" in c for c in commands), commands
+    assert any("cli.serve executor" in c for c in commands), commands
+    assert any("cli.serve gateway" in c for c in commands), commands
 
     async with grpc.aio.insecure_channel(up.gateway) as channel:
         classic = await get_agent(channel, "demo-classic")
@@ -289,7 +289,7 @@ async def test_up_with_its_gateway_port_taken_fails_and_leaves_nothing_running(
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "agentrun.cli.main",
+            "cli.main",
             "up",
             "--data-dir",
             str(data_dir),
@@ -360,7 +360,7 @@ async def exited(pid: int) -> None:
 
 async def test_services_stop_when_up_is_killed(ups: list[Up], tmp_path: Path) -> None:
     up = await start_up(ups, tmp_path / "data")
-    services = [p for p in up.children if "agentrun.cli.serve" in command_line(p)]
+    services = [p for p in up.children if "cli.serve" in command_line(p)]
     others = [p for p in up.children if p not in services]
     assert len(services) == 2, [command_line(p) for p in up.children]
     os.kill(up.process.pid, signal.SIGKILL)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agentrun.errors import InvalidArgument
+from common.errors import InvalidArgument
 from executor.models.base import ModelProvider
 from executor.models.openai import OpenAIProvider
 from executor.models.scripted import ScriptedProvider

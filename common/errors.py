@@ -1,4 +1,4 @@
-"""Typed domain errors. Each carries structured fields; agentrun.rpc maps them to gRPC statuses.
+"""Typed domain errors. Each carries structured fields; common.rpc maps them to gRPC statuses.
 
 Domain code raises these and nothing else for expected failures; anything else reaching a
 servicer is a bug and becomes INTERNAL.

@@ -1,6 +1,6 @@
 """``agentrun gateway`` and ``agentrun executor``: run one service with settings from AGENTRUN_*.
 
-Also runnable as ``python -m agentrun.cli.serve gateway|executor`` (what the launcher does).
+Also runnable as ``python -m cli.serve gateway|executor`` (what the launcher does).
 Prints ``agentrun-ready <port>`` once the service listens. Started that way, the service stops
 (as on SIGTERM) when the process that started it is gone: a killed test run or a killed
 ``agentrun up`` must not leave services running on their own.
@@ -17,8 +17,8 @@ import threading
 import time
 from dataclasses import replace
 
-from agentrun.launcher import READY_PREFIX
-from agentrun.settings import Settings
+from cli.launcher import READY_PREFIX
+from common.settings import Settings
 
 
 def serve(service: str, listen: str | None = None) -> int:

@@ -25,7 +25,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agentrun import errors
+from common import errors
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agentrun.nats_link import NatsNames
+from common.nats_link import NatsNames
 
 LOCAL_TENANT = "local"
 

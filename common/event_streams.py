@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import nats.errors
 import nats.js.errors
 
-from agentrun.errors import Unavailable
-from agentrun.nats_link import (
+from agentrun.v1 import executor_service_pb2, run_pb2
+from common.errors import Unavailable
+from common.nats_link import (
     STEP_HEADER,
     TENANT_HEADER,
     VERSION_HEADER,
     NatsLink,
     message_id,
 )
-from agentrun.v1 import executor_service_pb2, run_pb2
 
 log = logging.getLogger(__name__)
 

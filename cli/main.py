@@ -10,11 +10,11 @@ import sys
 import threading
 from pathlib import Path
 
-from agentrun.cli.chat import add_chat_parser
-from agentrun.cli.health import add_health_parser
-from agentrun.cli.runs import add_runs_parser
-from agentrun.cli.serve import serve
-from agentrun.launcher import Service, start_agentrun, start_nats
+from cli.chat import add_chat_parser
+from cli.health import add_health_parser
+from cli.launcher import Service, start_agentrun, start_nats
+from cli.runs import add_runs_parser
+from cli.serve import serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     """nats-server, an executor and a gateway as child processes; demo agents; until Ctrl-C."""
-    from agentrun.demo import seed_demo_agents
+    from cli.demo import seed_demo_agents
 
     data_dir = Path(args.data_dir).resolve()
     logs = data_dir / "logs"

@@ -174,6 +174,6 @@ def start_agentrun(
     extra_args: list[str] | None = None,
 ) -> Service:
     """Starts ``agentrun <command>`` (executor or gateway) with ``env`` (AGENTRUN_* settings)."""
-    argv = [sys.executable, "-m", "agentrun.cli.serve", command, *(extra_args or [])]
+    argv = [sys.executable, "-m", "cli.serve", command, *(extra_args or [])]
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     return _start(name or command, argv, full_env, log_dir, READY_PREFIX)

@@ -13,8 +13,9 @@ import grpc
 from google.protobuf.json_format import MessageToJson
 from google.protobuf.message import Message
 
-from agentrun.cli.client import Metadata, add_connection_args, connect, rpc_error_message
-from agentrun.cli.render import (
+from agentrun.v1 import agent_pb2, run_service_pb2, run_service_pb2_grpc
+from cli.client import Metadata, add_connection_args, connect, rpc_error_message
+from cli.render import (
     MODE_CHOICES,
     STATUS_CHOICES,
     EventRenderer,
@@ -23,7 +24,6 @@ from agentrun.cli.render import (
     run_summary_line,
     stored_event_line,
 )
-from agentrun.v1 import agent_pb2, run_service_pb2, run_service_pb2_grpc
 
 if TYPE_CHECKING:
     from agentrun.v1.run_service_pb2_grpc import RunServiceAsyncStub

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, TextIO
 
 import grpc
 
-from agentrun.cli.client import Metadata, add_connection_args, connect, rpc_error_message
-from agentrun.cli.render import MODE_CHOICES, EventRenderer, approval_prompt
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2, run_service_pb2_grpc
+from cli.client import Metadata, add_connection_args, connect, rpc_error_message
+from cli.render import MODE_CHOICES, EventRenderer, approval_prompt
 
 if TYPE_CHECKING:
     from agentrun.v1.run_service_pb2_grpc import RunServiceAsyncStub

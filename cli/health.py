@@ -15,7 +15,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentrun.cli.client import DEFAULT_TARGET, TARGET_ENV, rpc_error_message
+from cli.client import DEFAULT_TARGET, TARGET_ENV, rpc_error_message
 
 DEFAULT_TIMEOUT = 3.0
 EXIT_SERVING = 0

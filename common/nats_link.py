@@ -38,7 +38,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from agentrun.errors import Unavailable
+from common.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
