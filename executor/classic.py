@@ -51,7 +51,7 @@ class ClassicRun:
         self._decided = asyncio.Event()
         self._cancel_reason: str | None = None
         self._shutting_down = False
-        self._index_lock = asyncio.Lock()
+        self._row_lock = asyncio.Lock()
         self._on_done = on_done
         self.started = run_to_proto(run, ctx.executor_id)
         self.stream.run_started(self.started)
@@ -135,7 +135,7 @@ class ClassicRun:
 
     async def _end_as_recorded(self) -> None:
         """Ends the stream as the run's row says the run ended (settled as lost meanwhile)."""
-        record = await asyncio.to_thread(self.ctx.index.get, self.run.tenant, self.run_id)
+        record = await asyncio.to_thread(self.ctx.run_list.get, self.run.tenant, self.run_id)
         log.warning("run %s: settled as %s while it ran here", self.run_id, record.status)
         self.stream.end(end_event_of(record))
 
@@ -219,9 +219,11 @@ class ClassicRun:
         run apply in the order they were made. A row that cannot be written now is left as it
         is: once this executor lets the run go, whoever settles it takes the end from its
         stream (see executor.lost_runs)."""
-        async with self._index_lock:
+        async with self._row_lock:
             try:
-                return await asyncio.to_thread(self.ctx.index.update_active, self.run_id, **fields)
+                return await asyncio.to_thread(
+                    self.ctx.run_list.update_active, self.run_id, **fields
+                )
             except AgentrunError as exc:
                 log.error("run %s: could not update the run list: %s", self.run_id, exc.message)
                 return True

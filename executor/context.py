@@ -10,7 +10,7 @@ from common.settings import Settings
 from eventstore.agents import AgentCatalog
 from eventstore.conversations import ConversationLog
 from eventstore.persistence import StoreConfig
-from eventstore.run_index import RunIndex
+from eventstore.run_list import RunList
 from eventstore.run_store import RunStore
 from executor.agent_cache import AgentCache
 from executor.models import ModelProviders
@@ -22,7 +22,7 @@ class ExecutorContext:
     store: StoreConfig
     agents: AgentCatalog
     conversations: ConversationLog
-    index: RunIndex
+    run_list: RunList
     run_store: RunStore
     link: NatsLink
     models: ModelProviders
@@ -36,16 +36,16 @@ class ExecutorContext:
     async def open(settings: Settings, *, nats_wait: float = 2.0) -> ExecutorContext:
         store = StoreConfig.from_url(settings.database_url, settings.data_dir)
 
-        def open_store() -> tuple[RunIndex, AgentCatalog, ConversationLog, RunStore]:
+        def open_store() -> tuple[RunList, AgentCatalog, ConversationLog, RunStore]:
             with store.creating_tables():
                 return (
-                    RunIndex(store),
+                    RunList(store),
                     AgentCatalog(store),
                     ConversationLog(store),
                     RunStore(store),
                 )
 
-        index, agents, conversations, run_store = await asyncio.to_thread(open_store)
+        run_list, agents, conversations, run_store = await asyncio.to_thread(open_store)
         link = NatsLink(
             list(settings.nats_urls),
             name=settings.executor_id,
@@ -61,7 +61,7 @@ class ExecutorContext:
             store=store,
             agents=agents,
             conversations=conversations,
-            index=index,
+            run_list=run_list,
             run_store=run_store,
             link=link,
             models=ModelProviders(),
@@ -76,6 +76,6 @@ class ExecutorContext:
             self.agents.close()
             self.conversations.close()
             self.run_store.close()
-            self.index.close()
+            self.run_list.close()
 
         await asyncio.to_thread(close_store)

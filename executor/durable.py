@@ -265,7 +265,7 @@ class HeldRun:
             raise RunLost from None
 
     async def status_changed(self, run: Run) -> None:
-        return None  # the run list follows the store (executor.run_list)
+        return None  # the run list follows the store (executor.run_list_projection)
 
     async def wait_for_decisions(self, run: Run, step: AwaitApprovals) -> bool:
         return False  # suspend: the run waits in the store, not here

@@ -6,7 +6,7 @@ it ended before its executor went, which its row in the run list then says (the 
 records a run's end there before the end goes out).
 
 The row is the arbiter. Moving it from active to ended is a conditional update
-(RunIndex.update_active) that only one writer wins: the run's executor recording the end it
+(RunList.update_active) that only one writer wins: the run's executor recording the end it
 reached, or a reporter recording EXECUTOR_LOST. A reporter appends EXECUTOR_LOST to the run's
 stream only after winning the row, and an executor that finds its run's row already ended ends
 the run as the row says; so the stream and the row never tell two different endings. Whoever
@@ -23,7 +23,7 @@ from typing import Any
 from agentrun.v1 import run_pb2
 from common.event_streams import append_end, is_terminal, last_published
 from eventstore.run import TERMINAL_STATUSES
-from eventstore.run_index import RunRecord
+from eventstore.run_list import RunRecord
 from executor.context import ExecutorContext
 from executor.translation import error_of, usage_of
 
@@ -57,8 +57,8 @@ class LostRuns:
         ``min_age`` seconds is only settled if its stream has ended: its executor may not have
         subscribed yet.
         """
-        index = self.ctx.index
-        record = await asyncio.to_thread(index.get, tenant, run_id)
+        run_list = self.ctx.run_list
+        record = await asyncio.to_thread(run_list.get, tenant, run_id)
         if record.execution_mode != "classic" or self.held_here(run_id):
             return record
         if not await self._holder_gone(run_id):
@@ -69,8 +69,8 @@ class LostRuns:
             if stream_end is None and time.time() - record.created_at < min_age:
                 return record
             # The stream may have an end the row lacks (the row's update failed at the end).
-            await asyncio.to_thread(index.update_active, run_id, **ended_fields(stream_end))
-            record = await asyncio.to_thread(index.get, tenant, run_id)
+            await asyncio.to_thread(run_list.update_active, run_id, **ended_fields(stream_end))
+            record = await asyncio.to_thread(run_list.get, tenant, run_id)
         await append_end(self.ctx.link, run_id, tenant, end_event_of(record), relayed)
         return record
 

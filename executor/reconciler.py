@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from eventstore.run import TERMINAL_STATUSES
-from eventstore.run_index import RunRecord
+from eventstore.run_list import RunRecord
 from executor import stored_runs
 from executor.context import ExecutorContext
 from executor.dispatch import WorkQueue
@@ -54,12 +54,14 @@ class Reconciler:
     async def once(self) -> None:
         if not self.ctx.link.is_connected:
             return
-        for record in await asyncio.to_thread(self.ctx.index.active_classic_runs):
+        for record in await asyncio.to_thread(self.ctx.run_list.active_classic_runs):
             if not self.held_here(record.run_id):
                 await self.lost.settle(record.tenant, record.run_id, min_age=SETTLING_TIME)
         now = time.time()
         stalled_before = now - 3 * self.queue.ack_wait
-        for record in await asyncio.to_thread(self.ctx.index.durable_runs_due, stalled_before, now):
+        for record in await asyncio.to_thread(
+            self.ctx.run_list.durable_runs_due, stalled_before, now
+        ):
             if self.held_here(record.run_id):
                 continue
             if record.status == "awaiting_approval":

@@ -1,6 +1,6 @@
 """The retention job: every executor prunes, now and then, the store's records of runs that
 finished longer ago than AGENTRUN_RUN_RETENTION (what is removed and kept, and why several
-executors may do it at once: eventstore.retention).
+executors may do it at once: eventstore.pruning).
 
 | variable | default | meaning |
 |---|---|---|
@@ -23,11 +23,11 @@ import random
 import time
 
 from eventstore.persistence import StoreConfig
-from eventstore.retention import BATCH_RUNS, PruneResult, RunRetention
+from eventstore.pruning import BATCH_RUNS, PruneResult, RunPruner
 from eventstore.run_store import RunStore
 from executor.context import ExecutorContext
 from executor.periodic import every
-from executor.run_list import NAME as RUN_LIST_PROJECTION
+from executor.run_list_projection import NAME as RUN_LIST_PROJECTION
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class RetentionJob:
     ) -> None:
         self.retention = retention
         self.interval = interval
-        self.pruner = RunRetention(
+        self.pruner = RunPruner(
             store, run_store, projection=RUN_LIST_PROJECTION, batch_size=batch_size
         )
         self._task: asyncio.Task[None] | None = None
@@ -102,7 +102,7 @@ class RetentionJob:
     async def once(self, now: float | None = None) -> PruneResult:
         """One prune, batch by batch, of the runs that finished before ``now`` (default: the
         current time) minus the retention. Stops early when another executor is pruning.
-        (RunRetention.prune, with a trip to a worker thread per batch: stopping the job takes
+        (RunPruner.prune, with a trip to a worker thread per batch: stopping the job takes
         effect between batches, not after the whole prune.)"""
         total = PruneResult()
         if not self.enabled:

@@ -29,7 +29,7 @@ from common.errors import (
 )
 from eventstore.agent_config import AgentConfig, ExecutionMode
 from eventstore.run import TERMINAL_STATUSES, Run
-from eventstore.run_index import RunFilter, RunRecord
+from eventstore.run_list import RunFilter, RunRecord
 from eventstore.run_store import StoredEvent
 from executor import stored_runs
 from executor.classic import ClassicRun
@@ -38,7 +38,7 @@ from executor.control import raise_for_answer
 from executor.dispatch import WorkQueue
 from executor.durable import DurableRunner
 from executor.reconciler import SETTLING_TIME, Reconciler
-from executor.run_list import RunListProjection
+from executor.run_list_projection import RunListProjection
 from executor.translation import record_of
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class RunManager:
                 input=spec.input,
                 executor_id=self.ctx.executor_id,
             )
-            return agent, self.ctx.index.claim(claim)
+            return agent, self.ctx.run_list.claim(claim)
 
         claimed, history = await asyncio.gather(
             asyncio.to_thread(read_agent_and_claim)
@@ -166,7 +166,7 @@ class RunManager:
         except BaseException:
             if mode != "durable":
                 with contextlib.suppress(AgentrunError):
-                    await asyncio.to_thread(self.ctx.index.remove, spec.run_id)
+                    await asyncio.to_thread(self.ctx.run_list.remove, spec.run_id)
             raise
 
     async def _start_classic(self, run: Run) -> ClassicRun:
@@ -184,7 +184,7 @@ class RunManager:
         def create() -> RunRecord | None:
             if run.request_id:  # a repeat may name a classic run (the agent's mode changed since)
                 with contextlib.suppress(NotFound):
-                    return self.ctx.index.get(run.tenant, run.run_id)
+                    return self.ctx.run_list.get(run.tenant, run.run_id)
             try:
                 store.create(run)
             except AlreadyExists:
@@ -312,7 +312,7 @@ class RunManager:
         """The run's row in the run list; a durable run the run list has not caught up with
         yet (it was stored a moment ago) is read from the store."""
         try:
-            return self.ctx.index.get(tenant, run_id)
+            return self.ctx.run_list.get(tenant, run_id)
         except NotFound:
             return record_of(self.ctx.run_store.load_for(tenant, run_id, to_change=False), "")
 
@@ -345,7 +345,7 @@ class RunManager:
 
         def read() -> tuple[list[RunRecord], str]:
             self.projection.catch_up()
-            return self.ctx.index.list_runs(tenant, run_filter, page_size, page_token)
+            return self.ctx.run_list.list_runs(tenant, run_filter, page_size, page_token)
 
         return await asyncio.to_thread(read)
 
@@ -385,7 +385,7 @@ class RunManager:
             forked_from_run_id=run_id,
             forked_at_version=at_version,
         )
-        existing = await asyncio.to_thread(self.ctx.index.claim, claim)
+        existing = await asyncio.to_thread(self.ctx.run_list.claim, claim)
         if existing is not None:
             return existing
         try:
@@ -394,12 +394,12 @@ class RunManager:
             )
         except BaseException:
             with contextlib.suppress(AgentrunError):
-                await asyncio.to_thread(self.ctx.index.remove, new_run_id)
+                await asyncio.to_thread(self.ctx.run_list.remove, new_run_id)
             raise
         record = record_of(fork, "")
         self.durable.remember(fork)
         await asyncio.to_thread(
-            self.ctx.index.update,
+            self.ctx.run_list.update,
             new_run_id,
             forked_at_version=fork.forked_at_version,
             status=fork.status,

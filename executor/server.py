@@ -17,7 +17,7 @@ from executor.context import ExecutorContext
 from executor.dispatch import WorkQueue
 from executor.durable import DurableRunner
 from executor.retention import RetentionJob
-from executor.run_list import RunListProjection
+from executor.run_list_projection import RunListProjection
 from executor.runs import RunManager
 from executor.servicer import ExecutorServicer
 

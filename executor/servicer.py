@@ -19,7 +19,7 @@ from agentrun.v1 import (
 )
 from common.errors import InvalidArgument
 from common.rpc import stream_errors, unary_errors
-from eventstore.run_index import RunFilter
+from eventstore.run_list import RunFilter
 from executor.classic import ClassicRun
 from executor.context import ExecutorContext
 from executor.runs import DurableStart, RunManager, RunSpec

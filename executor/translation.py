@@ -21,7 +21,7 @@ from eventstore.agent_config import (
     ToolSettings,
 )
 from eventstore.run import Run
-from eventstore.run_index import RunRecord
+from eventstore.run_list import RunRecord
 from eventstore.run_store import StoredEvent
 from executor.run_stream import set_time, tool_call_proto
 

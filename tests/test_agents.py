@@ -19,7 +19,7 @@ from eventstore.agent_config import (
 )
 from eventstore.agents import MAX_PAGE_SIZE, Agent, AgentCatalog
 from eventstore.persistence import StoreConfig
-from eventstore.run_index import RunIndex
+from eventstore.run_list import RunList
 
 TENANT = "acme"
 OTHER = "globex"
@@ -33,8 +33,8 @@ def agent(agent_id: str, **changes: Any) -> AgentConfig:
 
 @pytest.fixture
 def catalog(store: StoreConfig) -> Iterator[AgentCatalog]:
-    # RunIndex creates the PostgreSQL schema, as it does first in executor/context.py.
-    RunIndex(store).close()
+    # RunList creates the PostgreSQL schema, as it does first in executor/context.py.
+    RunList(store).close()
     app = AgentCatalog(store)
     yield app
     app.close()

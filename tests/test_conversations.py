@@ -17,7 +17,7 @@ from eventstore.messages import (
     user_message,
 )
 from eventstore.persistence import StoreConfig
-from eventstore.run_index import RunIndex
+from eventstore.run_list import RunList
 
 TENANT = "acme"
 OTHER = "globex"
@@ -29,8 +29,8 @@ def turn(n: int) -> list[ChatMessage]:
 
 @pytest.fixture
 def log(store: StoreConfig) -> Iterator[ConversationLog]:
-    # RunIndex creates the PostgreSQL schema, as it does first in executor/context.py.
-    RunIndex(store).close()
+    # RunList creates the PostgreSQL schema, as it does first in executor/context.py.
+    RunList(store).close()
     app = ConversationLog(store)
     yield app
     app.close()

@@ -27,18 +27,18 @@ from common.nats_link import NatsLink, NatsNames
 from common.settings import Settings
 from eventstore.messages import Usage
 from eventstore.persistence import StoreConfig
-from eventstore.retention import (
+from eventstore.pruning import (
     POSTGRES_EVENTS,
     POSTGRES_SNAPSHOTS,
     SQLITE_EVENTS,
     SQLITE_SNAPSHOTS,
     PruneResult,
-    RunRetention,
+    RunPruner,
 )
-from eventstore.run_index import RunFilter, RunIndex, RunRecord
+from eventstore.run_list import RunFilter, RunList, RunRecord
 from eventstore.run_store import SNAPSHOT_INTERVAL, RunStore
 from executor.retention import RetentionJob
-from executor.run_list import NAME as RUN_LIST
+from executor.run_list_projection import NAME as RUN_LIST
 from executor.translation import record_of
 from tests.client import Client, scripted_agent, until
 from tests.conftest import BACKENDS, database_url_for, drop_schema
@@ -119,21 +119,21 @@ async def test_event_retention_is_the_streams_max_age_and_a_change_is_applied(
 class Stores:
     config: StoreConfig
     runs: RunStore
-    index: RunIndex
+    run_list: RunList
 
     def project(self) -> None:
         """What the run-list projection of an executor does: every recorded change, applied."""
         while True:
-            position = self.index.projection_position(RUN_LIST)
+            position = self.run_list.projection_position(RUN_LIST)
             notifications = self.runs.recorder.select_notifications(start=position + 1, limit=500)
             if not notifications:
                 return
             run_ids = list(dict.fromkeys(str(n.originator_id) for n in notifications))
             records = [record_of(self.runs.load(r, to_change=False)) for r in run_ids]
-            self.index.apply_projection(RUN_LIST, position, notifications[-1].id, records)
+            self.run_list.apply_projection(RUN_LIST, position, notifications[-1].id, records)
 
-    def retention(self, batch_size: int = 100) -> RunRetention:
-        return RunRetention(self.config, self.runs, projection=RUN_LIST, batch_size=batch_size)
+    def retention(self, batch_size: int = 100) -> RunPruner:
+        return RunPruner(self.config, self.runs, projection=RUN_LIST, batch_size=batch_size)
 
     def events(self, run_id: str) -> int:
         return len(list(self.runs.events.get(UUID(run_id))))
@@ -146,7 +146,7 @@ class Stores:
         """No row, no events, no snapshots (a cached copy in another store's memory may stay:
         readers find runs through their rows)."""
         try:
-            self.index.get(TENANT, run_id)
+            self.run_list.get(TENANT, run_id)
         except NotFound:
             return self.events(run_id) == 0 and self.snapshots(run_id) == 0
         return False
@@ -154,10 +154,10 @@ class Stores:
 
 @pytest.fixture
 def stores(store: StoreConfig) -> Iterator[Stores]:
-    runs, index = RunStore(store), RunIndex(store)
-    yield Stores(store, runs, index)
+    runs, run_list = RunStore(store), RunList(store)
+    yield Stores(store, runs, run_list)
     runs.close()
-    index.close()
+    run_list.close()
 
 
 def durable_run(stores: Stores, end: str, steps: int = 1) -> str:
@@ -185,9 +185,9 @@ def durable_run(stores: Stores, end: str, steps: int = 1) -> str:
 
 def classic_run(stores: Stores, status: str) -> str:
     run_id = str(uuid.uuid4())
-    stores.index.claim(RunRecord(run_id=run_id, tenant=TENANT, agent_id="helper"))
+    stores.run_list.claim(RunRecord(run_id=run_id, tenant=TENANT, agent_id="helper"))
     if status != "running":
-        stores.index.update(run_id, status=status)
+        stores.run_list.update(run_id, status=status)
     return run_id
 
 
@@ -234,14 +234,14 @@ def test_finished_runs_older_than_the_retention_are_pruned_the_rest_kept(stores:
         with pytest.raises(NotFound):
             stores.runs.load(run_id)
     assert {r: stores.events(r) for r in young + unfinished} == kept_events
-    listed, _ = stores.index.list_runs(TENANT, RunFilter())
+    listed, _ = stores.run_list.list_runs(TENANT, RunFilter())
     assert {r.run_id for r in listed} == set(young + unfinished)
 
     # Much later: every finished run goes; unfinished ones stay, whatever their age.
     later = stores.retention().prune(RETENTION, now=between + 100 * RETENTION)
     assert later.runs == 2
     assert all(stores.is_gone(r) for r in young)
-    listed, _ = stores.index.list_runs(TENANT, RunFilter())
+    listed, _ = stores.run_list.list_runs(TENANT, RunFilter())
     assert {r.run_id: r.status for r in listed} == {
         unfinished[0]: "running",
         unfinished[1]: "awaiting_approval",
@@ -262,7 +262,7 @@ def test_retention_zero_keeps_everything(stores: Stores) -> None:
     job = RetentionJob(stores.config, stores.runs, retention=0, interval=1.0)
     assert not job.enabled
     assert asyncio.run(job.once(now=far)) == PruneResult()
-    assert [stores.index.get(TENANT, r).status for r in finished] == ["completed", "completed"]
+    assert [stores.run_list.get(TENANT, r).status for r in finished] == ["completed", "completed"]
     assert stores.events(finished[0]) == events == 4
 
 
@@ -275,11 +275,11 @@ def test_a_run_is_pruned_only_once_the_run_list_has_applied_all_its_events(
     # completed, but the projection has the run's later notifications still to apply.
     first = stores.runs.recorder.select_notifications(start=1, limit=1)[0]
     record = record_of(stores.runs.load(run_id, to_change=False))
-    stores.index.apply_projection(RUN_LIST, 0, first.id, [record])
+    stores.run_list.apply_projection(RUN_LIST, 0, first.id, [record])
     now = time.time() + 2 * RETENTION
 
     assert stores.retention().prune(RETENTION, now=now) == PruneResult(deferred=1)
-    assert stores.index.get(TENANT, run_id).status == "completed"
+    assert stores.run_list.get(TENANT, run_id).status == "completed"
     stores.project()
     assert stores.retention().prune(RETENTION, now=now).runs == 1
     assert stores.is_gone(run_id)
@@ -298,7 +298,7 @@ def test_on_sqlite_the_run_holding_the_newest_event_waits_for_a_newer_one(
     # SQLite would give the next event the deleted newest event's rowid, which the run list
     # projection has passed: the run is left for later...
     assert first == PruneResult(deferred=1)
-    assert stores.index.get(TENANT, run_id).status == "completed"
+    assert stores.run_list.get(TENANT, run_id).status == "completed"
     # ...until something newer is written. The newer event is then seen by the projection.
     newer = durable_run(stores, "running")
     stores.project()
@@ -306,7 +306,7 @@ def test_on_sqlite_the_run_holding_the_newest_event_waits_for_a_newer_one(
     assert stores.is_gone(run_id)
     another = durable_run(stores, "running")
     stores.project()
-    assert {r.run_id for r in stores.index.list_runs(TENANT, RunFilter())[0]} == {newer, another}
+    assert {r.run_id for r in stores.run_list.list_runs(TENANT, RunFilter())[0]} == {newer, another}
 
 
 def test_pruning_twice_and_from_two_stores_at_once_is_safe(stores: Stores) -> None:
@@ -322,7 +322,7 @@ def test_pruning_twice_and_from_two_stores_at_once_is_safe(stores: Stores) -> No
     try:
         pruners = [
             stores.retention(batch_size=3),
-            RunRetention(stores.config, other_runs, projection=RUN_LIST, batch_size=3),
+            RunPruner(stores.config, other_runs, projection=RUN_LIST, batch_size=3),
         ]
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(lambda p: p.prune(RETENTION, now=now), pruners))
@@ -333,7 +333,7 @@ def test_pruning_twice_and_from_two_stores_at_once_is_safe(stores: Stores) -> No
     assert all(stores.is_gone(r) for r in finished)
     # Again: nothing left to do, nothing else touched.
     assert stores.retention().prune(RETENTION, now=now) == PruneResult()
-    assert [stores.index.get(TENANT, r).status for r in unfinished] == [
+    assert [stores.run_list.get(TENANT, r).status for r in unfinished] == [
         "awaiting_approval",
         "running",
     ]
@@ -349,7 +349,7 @@ async def test_the_executor_job_prunes_in_batches(stores: Stores) -> None:
     result = await job.once(now=between + RETENTION)
     assert result == PruneResult(runs=7)
     assert all(stores.is_gone(r) for r in finished)
-    assert stores.index.get(TENANT, young).status == "completed"
+    assert stores.run_list.get(TENANT, young).status == "completed"
     job.start()  # the first prune comes within an interval: stopping before it is clean
     job.stop()
     await job.wait_stopped()
@@ -410,7 +410,7 @@ async def test_pruned_runs_are_not_found_through_the_api(
         assert await list_run_ids(client, waiting_agent.id) == {waiting_id}
         config = StoreConfig.from_url(retention_stack.database_url, retention_stack.data_dir)
         result = await asyncio.to_thread(
-            RunRetention(config).prune, RETENTION, between + 100 * RETENTION
+            RunPruner(config).prune, RETENTION, between + 100 * RETENTION
         )
         assert result.runs == 2
 

@@ -1,4 +1,4 @@
-"""RunIndex on every backend: claiming rows, updating them, and listing them a page at a time."""
+"""The run list on every backend: claiming, updating and listing rows a page at a time."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from common.errors import InvalidArgument, NotFound
 from eventstore.messages import ToolCall
 from eventstore.persistence import StoreConfig
-from eventstore.run_index import MAX_PAGE_SIZE, RunFilter, RunIndex, RunRecord
+from eventstore.run_list import MAX_PAGE_SIZE, RunFilter, RunList, RunRecord
 
 TENANT = "acme"
 OTHER = "globex"
@@ -24,23 +24,23 @@ def run(run_id: str, **fields: Any) -> RunRecord:
 
 
 @pytest.fixture
-def index(store: StoreConfig) -> Iterator[RunIndex]:
-    opened = RunIndex(store)
+def run_list(store: StoreConfig) -> Iterator[RunList]:
+    opened = RunList(store)
     yield opened
     opened.close()
 
 
-def all_pages(index: RunIndex, run_filter: RunFilter, page_size: int) -> list[list[str]]:
+def all_pages(run_list: RunList, run_filter: RunFilter, page_size: int) -> list[list[str]]:
     pages: list[list[str]] = []
     token = ""
     while True:
-        records, token = index.list_runs(TENANT, run_filter, page_size, token)
+        records, token = run_list.list_runs(TENANT, run_filter, page_size, token)
         pages.append([r.run_id for r in records])
         if not token:
             return pages
 
 
-def test_claim_inserts_the_row(index: RunIndex) -> None:
+def test_claim_inserts_the_row(run_list: RunList) -> None:
     record = run(
         "run-1",
         request_id="req-1",
@@ -51,42 +51,42 @@ def test_claim_inserts_the_row(index: RunIndex) -> None:
         created_at=1000.5,
     )
 
-    assert index.claim(record) is None
+    assert run_list.claim(record) is None
 
-    stored = index.get(TENANT, "run-1")
+    stored = run_list.get(TENANT, "run-1")
     assert stored == record
     assert stored.created_at == 1000.5
     assert stored.updated_at > 0
 
 
-def test_claim_sets_created_at_when_missing(index: RunIndex) -> None:
-    index.claim(run("run-1"))
+def test_claim_sets_created_at_when_missing(run_list: RunList) -> None:
+    run_list.claim(run("run-1"))
 
-    stored = index.get(TENANT, "run-1")
+    stored = run_list.get(TENANT, "run-1")
     assert stored.created_at > 0
     assert stored.created_at == stored.updated_at
 
 
-def test_second_claim_returns_the_existing_row_unchanged(index: RunIndex) -> None:
+def test_second_claim_returns_the_existing_row_unchanged(run_list: RunList) -> None:
     first = run("run-1", input="first", created_at=1000.0)
-    index.claim(first)
-    stored = index.get(TENANT, "run-1")
+    run_list.claim(first)
+    stored = run_list.get(TENANT, "run-1")
 
-    existing = index.claim(run("run-1", input="second", status="failed", created_at=2000.0))
+    existing = run_list.claim(run("run-1", input="second", status="failed", created_at=2000.0))
 
     assert existing == stored
     assert (existing.input, existing.status, existing.created_at) == ("first", "running", 1000.0)
-    assert index.get(TENANT, "run-1") == stored
+    assert run_list.get(TENANT, "run-1") == stored
 
 
-def test_update_changes_the_given_fields_including_json_fields(index: RunIndex) -> None:
-    index.claim(run("run-1", input="hi", created_at=1000.0))
+def test_update_changes_the_given_fields_including_json_fields(run_list: RunList) -> None:
+    run_list.claim(run("run-1", input="hi", created_at=1000.0))
     approvals: list[ToolCall] = [
         {"id": "call_0_0", "name": "send_email", "arguments_json": '{"to": "a@example.com"}'},
         {"id": "call_0_1", "name": "clock", "arguments_json": "{}"},
     ]
 
-    index.update(
+    run_list.update(
         "run-1",
         status="awaiting_approval",
         pending_approvals=approvals,
@@ -97,7 +97,7 @@ def test_update_changes_the_given_fields_including_json_fields(index: RunIndex) 
         version=5,
     )
 
-    stored = index.get(TENANT, "run-1")
+    stored = run_list.get(TENANT, "run-1")
     assert stored.pending_approvals == approvals
     assert stored.decisions == {"call_0_0": True, "call_0_1": False}
     assert (stored.status, stored.output, stored.version) == ("awaiting_approval", "partial", 5)
@@ -105,10 +105,10 @@ def test_update_changes_the_given_fields_including_json_fields(index: RunIndex) 
     assert (stored.input, stored.created_at) == ("hi", 1000.0)
 
 
-def test_update_of_error_fields(index: RunIndex) -> None:
-    index.claim(run("run-1"))
+def test_update_of_error_fields(run_list: RunList) -> None:
+    run_list.claim(run("run-1"))
 
-    index.update(
+    run_list.update(
         "run-1",
         status="failed",
         error_code="MODEL_ERROR",
@@ -117,7 +117,7 @@ def test_update_of_error_fields(index: RunIndex) -> None:
         pending_approvals=[],
     )
 
-    stored = index.get(TENANT, "run-1")
+    stored = run_list.get(TENANT, "run-1")
     assert stored.error_retryable is True
     assert (stored.status, stored.error_code, stored.error_message) == (
         "failed",
@@ -128,60 +128,60 @@ def test_update_of_error_fields(index: RunIndex) -> None:
 
 
 @pytest.mark.parametrize("name", ["tenant", "created_at", "colour"])
-def test_update_of_a_fixed_or_unknown_field_is_refused(index: RunIndex, name: str) -> None:
-    index.claim(run("run-1", created_at=1000.0))
-    before = index.get(TENANT, "run-1")
+def test_update_of_a_fixed_or_unknown_field_is_refused(run_list: RunList, name: str) -> None:
+    run_list.claim(run("run-1", created_at=1000.0))
+    before = run_list.get(TENANT, "run-1")
 
     with pytest.raises(ValueError, match=name):
-        index.update("run-1", **{name: "x"})
+        run_list.update("run-1", **{name: "x"})
 
-    assert index.get(TENANT, "run-1") == before
+    assert run_list.get(TENANT, "run-1") == before
 
 
-def test_update_active_changes_a_row_only_until_it_records_an_end(index: RunIndex) -> None:
+def test_update_active_changes_a_row_only_until_it_records_an_end(run_list: RunList) -> None:
     """The row arbitrates how a classic run ended: the first end recorded stays."""
-    index.claim(run("run-1"))
-    assert index.update_active("run-1", status="awaiting_approval")
-    assert index.update_active("run-1", status="failed", error_code="EXECUTOR_LOST")
-    assert not index.update_active("run-1", status="completed", output="too late")
-    assert not index.update_active("run-1", status="running")
-    stored = index.get(TENANT, "run-1")
+    run_list.claim(run("run-1"))
+    assert run_list.update_active("run-1", status="awaiting_approval")
+    assert run_list.update_active("run-1", status="failed", error_code="EXECUTOR_LOST")
+    assert not run_list.update_active("run-1", status="completed", output="too late")
+    assert not run_list.update_active("run-1", status="running")
+    stored = run_list.get(TENANT, "run-1")
     assert (stored.status, stored.error_code, stored.output) == ("failed", "EXECUTOR_LOST", "")
-    assert not index.update_active("no-such-run", status="completed")
+    assert not run_list.update_active("no-such-run", status="completed")
 
 
-def test_get_with_the_wrong_tenant_or_id_is_not_found(index: RunIndex) -> None:
-    index.claim(run("run-1"))
+def test_get_with_the_wrong_tenant_or_id_is_not_found(run_list: RunList) -> None:
+    run_list.claim(run("run-1"))
 
     with pytest.raises(NotFound) as caught:
-        index.get(OTHER, "run-1")
+        run_list.get(OTHER, "run-1")
     assert (caught.value.kind, caught.value.resource_id) == ("run", "run-1")
     with pytest.raises(NotFound):
-        index.get(TENANT, "run-2")
+        run_list.get(TENANT, "run-2")
 
 
-def test_rows_survive_reopening_the_index(index: RunIndex, store: StoreConfig) -> None:
-    index.claim(run("run-1", input="kept", created_at=1000.0))
+def test_rows_survive_reopening_the_index(run_list: RunList, store: StoreConfig) -> None:
+    run_list.claim(run("run-1", input="kept", created_at=1000.0))
 
-    reopened = RunIndex(store)
+    reopened = RunList(store)
     try:
-        assert reopened.get(TENANT, "run-1") == index.get(TENANT, "run-1")
+        assert reopened.get(TENANT, "run-1") == run_list.get(TENANT, "run-1")
     finally:
         reopened.close()
 
 
-def test_list_is_newest_first_with_ties_by_run_id(index: RunIndex) -> None:
+def test_list_is_newest_first_with_ties_by_run_id(run_list: RunList) -> None:
     for run_id, created_at in [("b", 100.0), ("d", 300.0), ("a", 200.0), ("c", 200.0)]:
-        index.claim(run(run_id, created_at=created_at))
-    index.claim(replace(run("z", created_at=400.0), tenant=OTHER))
+        run_list.claim(run(run_id, created_at=created_at))
+    run_list.claim(replace(run("z", created_at=400.0), tenant=OTHER))
 
-    records, token = index.list_runs(TENANT, RunFilter())
+    records, token = run_list.list_runs(TENANT, RunFilter())
 
     assert [r.run_id for r in records] == ["d", "c", "a", "b"]
     assert token == ""
 
 
-def test_list_filters_combine_with_and(index: RunIndex) -> None:
+def test_list_filters_combine_with_and(run_list: RunList) -> None:
     rows = [
         run("r1", agent_id="a1", conversation_id="c1", status="running"),
         run("r2", agent_id="a1", conversation_id="c1", status="completed"),
@@ -191,13 +191,13 @@ def test_list_filters_combine_with_and(index: RunIndex) -> None:
         run("r6", agent_id="a1", conversation_id="c1", status="cancelled"),
     ]
     for n, row in enumerate(rows):
-        index.claim(replace(row, created_at=1000.0 + n))
-    index.claim(
+        run_list.claim(replace(row, created_at=1000.0 + n))
+    run_list.claim(
         replace(run("x1", agent_id="a1", conversation_id="c1"), tenant=OTHER, created_at=2000.0)
     )
 
     def listed(run_filter: RunFilter) -> list[str]:
-        return [r.run_id for r in index.list_runs(TENANT, run_filter)[0]]
+        return [r.run_id for r in run_list.list_runs(TENANT, run_filter)[0]]
 
     assert listed(RunFilter()) == ["r6", "r5", "r4", "r3", "r2", "r1"]
     assert listed(RunFilter(agent_id="a1")) == ["r6", "r3", "r2", "r1"]
@@ -212,71 +212,71 @@ def test_list_filters_combine_with_and(index: RunIndex) -> None:
     assert listed(RunFilter(agent_id="a2", conversation_id="c1", statuses=("running",))) == []
 
 
-def test_paging_until_exhaustion_has_no_duplicates_and_no_gaps(index: RunIndex) -> None:
+def test_paging_until_exhaustion_has_no_duplicates_and_no_gaps(run_list: RunList) -> None:
     # 23 runs, several sharing a creation time, so pages split inside a tie.
     expected: list[tuple[float, str]] = []
     for n in range(23):
         created_at = 1000.0 + n // 3
-        index.claim(run(f"run-{n:02d}", created_at=created_at))
+        run_list.claim(run(f"run-{n:02d}", created_at=created_at))
         expected.append((created_at, f"run-{n:02d}"))
     newest_first = [run_id for _, run_id in sorted(expected, reverse=True)]
 
-    pages = all_pages(index, RunFilter(), page_size=5)
+    pages = all_pages(run_list, RunFilter(), page_size=5)
 
     assert [len(p) for p in pages] == [5, 5, 5, 5, 3]
     assert [run_id for page in pages for run_id in page] == newest_first
 
 
-def test_paging_with_a_filter(index: RunIndex) -> None:
+def test_paging_with_a_filter(run_list: RunList) -> None:
     for n in range(10):
         status = "completed" if n % 2 else "running"
-        index.claim(run(f"run-{n}", status=status, created_at=1000.0 + n))
+        run_list.claim(run(f"run-{n}", status=status, created_at=1000.0 + n))
 
-    pages = all_pages(index, RunFilter(statuses=("completed",)), page_size=2)
+    pages = all_pages(run_list, RunFilter(statuses=("completed",)), page_size=2)
 
     assert pages == [["run-9", "run-7"], ["run-5", "run-3"], ["run-1"]]
 
 
-def test_an_exactly_full_last_page_has_no_next_token(index: RunIndex) -> None:
+def test_an_exactly_full_last_page_has_no_next_token(run_list: RunList) -> None:
     for n in range(4):
-        index.claim(run(f"run-{n}", created_at=1000.0 + n))
+        run_list.claim(run(f"run-{n}", created_at=1000.0 + n))
 
-    assert all_pages(index, RunFilter(), page_size=2) == [["run-3", "run-2"], ["run-1", "run-0"]]
+    assert all_pages(run_list, RunFilter(), page_size=2) == [["run-3", "run-2"], ["run-1", "run-0"]]
 
 
-def test_default_and_maximum_page_sizes(index: RunIndex) -> None:
+def test_default_and_maximum_page_sizes(run_list: RunList) -> None:
     for n in range(MAX_PAGE_SIZE + 1):
-        index.claim(run(f"run-{n:04d}", created_at=1000.0 + n))
+        run_list.claim(run(f"run-{n:04d}", created_at=1000.0 + n))
 
-    default_page, default_token = index.list_runs(TENANT, RunFilter())
+    default_page, default_token = run_list.list_runs(TENANT, RunFilter())
     assert len(default_page) == 50
     assert default_token
 
-    capped, token = index.list_runs(TENANT, RunFilter(), page_size=10_000)
+    capped, token = run_list.list_runs(TENANT, RunFilter(), page_size=10_000)
     assert len(capped) == MAX_PAGE_SIZE
-    rest, last_token = index.list_runs(TENANT, RunFilter(), 10_000, token)
+    rest, last_token = run_list.list_runs(TENANT, RunFilter(), 10_000, token)
     assert [r.run_id for r in rest] == ["run-0000"]
     assert last_token == ""
 
 
-def test_a_token_used_with_other_filters_is_invalid(index: RunIndex) -> None:
+def test_a_token_used_with_other_filters_is_invalid(run_list: RunList) -> None:
     for n in range(3):
-        index.claim(run(f"run-{n}", agent_id="a1", created_at=1000.0 + n))
-    _, token = index.list_runs(TENANT, RunFilter(agent_id="a1"), page_size=1)
+        run_list.claim(run(f"run-{n}", agent_id="a1", created_at=1000.0 + n))
+    _, token = run_list.list_runs(TENANT, RunFilter(agent_id="a1"), page_size=1)
     assert token
 
     for other in (RunFilter(), RunFilter(agent_id="a2"), RunFilter(agent_id="a1", statuses=["x"])):
         with pytest.raises(InvalidArgument) as caught:
-            index.list_runs(TENANT, other, page_size=1, page_token=token)
+            run_list.list_runs(TENANT, other, page_size=1, page_token=token)
         assert caught.value.field == "page_token"
 
 
-def test_a_token_does_not_depend_on_the_order_of_statuses(index: RunIndex) -> None:
+def test_a_token_does_not_depend_on_the_order_of_statuses(run_list: RunList) -> None:
     for n, status in enumerate(["running", "failed", "running", "completed"]):
-        index.claim(run(f"run-{n}", status=status, created_at=1000.0 + n))
-    _, token = index.list_runs(TENANT, RunFilter(statuses=("running", "failed")), page_size=1)
+        run_list.claim(run(f"run-{n}", status=status, created_at=1000.0 + n))
+    _, token = run_list.list_runs(TENANT, RunFilter(statuses=("running", "failed")), page_size=1)
 
-    records, _ = index.list_runs(
+    records, _ = run_list.list_runs(
         TENANT, RunFilter(statuses=("failed", "running")), page_size=5, page_token=token
     )
 
@@ -308,46 +308,46 @@ def b64(raw: bytes) -> str:
         "bad-created-at",
     ],
 )
-def test_a_garbage_token_is_invalid(index: RunIndex, token: str) -> None:
-    index.claim(run("run-1"))
+def test_a_garbage_token_is_invalid(run_list: RunList, token: str) -> None:
+    run_list.claim(run("run-1"))
 
     with pytest.raises(InvalidArgument) as caught:
-        index.list_runs(TENANT, RunFilter(), page_token=token)
+        run_list.list_runs(TENANT, RunFilter(), page_token=token)
     assert caught.value.field == "page_token"
 
 
-def test_a_negative_page_size_is_invalid(index: RunIndex) -> None:
+def test_a_negative_page_size_is_invalid(run_list: RunList) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        index.list_runs(TENANT, RunFilter(), page_size=-1)
+        run_list.list_runs(TENANT, RunFilter(), page_size=-1)
     assert caught.value.field == "page_size"
 
 
-def test_active_classic_runs(index: RunIndex) -> None:
-    index.claim(run("running", status="running"))
-    index.claim(run("waiting", status="awaiting_approval"))
-    index.claim(run("done", status="completed"))
-    index.claim(run("failed", status="failed"))
-    index.claim(run("cancelled", status="cancelled"))
-    index.claim(run("durable", status="running", execution_mode="durable"))
-    index.claim(replace(run("elsewhere", status="running"), tenant=OTHER))
-    index.claim(run("finished-later", status="running"))
-    index.update("finished-later", status="completed")
+def test_active_classic_runs(run_list: RunList) -> None:
+    run_list.claim(run("running", status="running"))
+    run_list.claim(run("waiting", status="awaiting_approval"))
+    run_list.claim(run("done", status="completed"))
+    run_list.claim(run("failed", status="failed"))
+    run_list.claim(run("cancelled", status="cancelled"))
+    run_list.claim(run("durable", status="running", execution_mode="durable"))
+    run_list.claim(replace(run("elsewhere", status="running"), tenant=OTHER))
+    run_list.claim(run("finished-later", status="running"))
+    run_list.update("finished-later", status="completed")
 
-    active = index.active_classic_runs()
+    active = run_list.active_classic_runs()
 
     assert sorted(r.run_id for r in active) == ["elsewhere", "running", "waiting"]
 
 
-def test_remove_deletes_the_row(index: RunIndex) -> None:
-    index.claim(run("run-1", input="first", created_at=1000.0))
-    index.claim(run("run-2", created_at=1001.0))
+def test_remove_deletes_the_row(run_list: RunList) -> None:
+    run_list.claim(run("run-1", input="first", created_at=1000.0))
+    run_list.claim(run("run-2", created_at=1001.0))
 
-    index.remove("run-1")
-    index.remove("never-existed")
+    run_list.remove("run-1")
+    run_list.remove("never-existed")
 
     with pytest.raises(NotFound):
-        index.get(TENANT, "run-1")
-    assert [r.run_id for r in index.list_runs(TENANT, RunFilter())[0]] == ["run-2"]
+        run_list.get(TENANT, "run-1")
+    assert [r.run_id for r in run_list.list_runs(TENANT, RunFilter())[0]] == ["run-2"]
     # A removed run id can be claimed afresh.
-    assert index.claim(run("run-1", input="again", created_at=1002.0)) is None
-    assert index.get(TENANT, "run-1").input == "again"
+    assert run_list.claim(run("run-1", input="again", created_at=1002.0)) is None
+    assert run_list.get(TENANT, "run-1").input == "again"

@@ -53,17 +53,17 @@ class RunListProjection:
 
         Safe next to the background task and other executors: applying is optimistic."""
         target = self.ctx.run_store.recorder.max_notification_id() or 0
-        while self.ctx.index.projection_position(NAME) < target:
+        while self.ctx.run_list.projection_position(NAME) < target:
             self.catch_up_once()
 
     def catch_up_once(self) -> int:
         """Applies the next batch of notifications; returns how many there were."""
-        index, store = self.ctx.index, self.ctx.run_store
-        position = index.projection_position(NAME)
+        run_list, store = self.ctx.run_list, self.ctx.run_store
+        position = run_list.projection_position(NAME)
         notifications = store.recorder.select_notifications(start=position + 1, limit=BATCH)
         if not notifications:
             return 0
         run_ids = list(dict.fromkeys(str(n.originator_id) for n in notifications))
         records = [record_of(store.load(run_id, to_change=False), "") for run_id in run_ids]
-        index.apply_projection(NAME, position, notifications[-1].id, records)
+        run_list.apply_projection(NAME, position, notifications[-1].id, records)
         return len(notifications)

@@ -129,7 +129,7 @@ class Batch:
         return self.candidates >= self.batch_size and bool(self.pruned)
 
 
-class RunRetention:
+class RunPruner:
     """Prunes finished runs older than a retention (see module docstring). ``run_store``: this
     process's RunStore, whose cache then forgets the pruned runs."""
 

@@ -112,13 +112,15 @@ class RunFilter:
     execution_mode: str = ""
 
 
-class RunIndex:
+class RunList:
     """The run list over one SQL database (see module docstring)."""
 
     def __init__(self, store: StoreConfig) -> None:
         self._db: _Database
         if store.postgres is None:
             store.sqlite_dir.mkdir(parents=True, exist_ok=True)
+            # (The file keeps the name it had before the run list was called so: data dirs of
+            # earlier versions stay readable.)
             self._db = _SqliteDatabase(str(store.sqlite_dir / "runindex.sqlite"))
         else:
             store.ensure_schema()
