@@ -27,8 +27,8 @@ from agentrun.errors import OutOfRange, Unavailable
 from agentrun.nats_link import NatsLink
 from agentrun.rpc import STATUS_DETAILS_KEY, metadata_pairs
 from agentrun.run_events import (
+    Reassembly,
     append_executor_lost,
-    decode,
     executor_lost_event,
     is_terminal,
     last_published,
@@ -151,6 +151,7 @@ class Relay:
         assert sub is not None
         classic = run.execution_mode == agent_pb2.EXECUTION_MODE_CLASSIC
         seen = after_sequence
+        reassembly = Reassembly()  # the subscription reads every message, from the first
         check_at = time.monotonic() if probe_first else time.monotonic() + self.liveness_interval
         try:
             while True:
@@ -161,7 +162,8 @@ class Relay:
                         await self._check_holder(tenant, run_id, relayed)
                     check_at = time.monotonic() + self.liveness_interval
                     continue
-                batch = [e for e in decode(msg.data) if e.sequence > seen]
+                events = reassembly.add(msg.data, msg.headers)
+                batch = [e for e in events if e.sequence > seen]
                 if not batch:
                     continue
                 if seen and batch[0].sequence != seen + 1:
