@@ -9,7 +9,12 @@ Names below are for the default namespace ``agentrun`` (see NatsNames).
 
 - Run event streams: JetStream stream ``AGENTRUN_RUN_EVENTS``, one subject per run,
   ``agentrun.events.<run_id>``. A message carries consecutive events (PublishedRunEvents) and the
-  ``Nats-Msg-Id`` ``<run_id>:<first sequence>`` so that a retried publish is deduplicated.
+  ``Nats-Msg-Id`` ``<run_id>:<first sequence>[:<publisher>]`` so that a retried publish is
+  deduplicated. Its headers say which of the run's stored versions and which step (and attempt)
+  the stream reflects once it has the message (``Agentrun-Version``, ``Agentrun-Step``). An
+  event too large for one message goes out as n consecutive parts, each a slice of the
+  message's payload (``Agentrun-Part: i/n``, the message's id followed by ``:i/n``): see
+  common.event_streams, which reads and writes them.
 - Dispatch: JetStream work-queue stream ``AGENTRUN_DISPATCH`` (subject ``agentrun.dispatch``),
   one message per durable run that needs an executor, shared by all executors.
 - Dead letters: JetStream stream ``AGENTRUN_DEADLETTER`` (subject ``agentrun.deadletter``), one
@@ -45,6 +50,11 @@ log = logging.getLogger(__name__)
 TENANT_HEADER = "Agentrun-Tenant"
 VERSION_HEADER = "Agentrun-Version"  # the run's stored version a message's events reflect
 STEP_HEADER = "Agentrun-Step"  # the highest step a run's stream has announced
+PART_HEADER = "Agentrun-Part"  # "i/n": the message is part i of n of one message's payload
+# On parts 1..n-1: the sequence of the last event before the parts (the stream's whole history
+# ends there until part n is stored).
+LAST_SEQUENCE_HEADER = "Agentrun-Last-Sequence"
+FIRST_PART_HEADER = "Agentrun-First-Part"  # on parts 2..n: part 1's sequence in the stream
 DEDUPLICATION_WINDOW = 120.0
 # Seconds a connection must have been up before "nobody answers for the run" is believed. Every
 # process reconnects after a NATS outage within about a second (``reconnect_time_wait`` and its

@@ -34,14 +34,8 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
-from agentrun.v1 import executor_service_pb2
 from common.errors import AgentrunError, Conflict, FailedPrecondition, NotFound, Unavailable
-from common.event_streams import (
-    EXPECTED_LAST_SUBJECT_SEQUENCE,
-    WRONG_LAST_SEQUENCE,
-    Published,
-    published,
-)
+from common.event_streams import WRONG_LAST_SEQUENCE, Outgoing, Published, published
 from common.nats_link import TENANT_HEADER, NatsLink, message_id
 from eventstore.run import Run
 from eventstore.run_steps import ATTEMPTS_EXHAUSTED, AwaitApprovals, exhausted_attempts
@@ -69,6 +63,11 @@ MAX_ERROR_TEXT = 500
 
 def _changing_hands(op: str, request: dict[str, Any]) -> None:
     raise FailedPrecondition("the run is changing hands; try again")
+
+
+def marks_of(state: Published) -> Marks:
+    """The marks a run's published stream has reached."""
+    return Marks(state.version, state.step, state.attempt)
 
 
 class RunLost(Exception):
@@ -102,9 +101,10 @@ class HeldRun:
             run.run_id,
             run.tenant,
             last_stream_sequence=stream_state.stream_sequence,
+            published_marks=marks_of(stream_state),
             on_fenced=self._fenced,
         )
-        first = stream_state.last.sequence + 1 if stream_state.last is not None else 1
+        first = stream_state.last_sequence + 1
         self.stream = RunStream(
             run.run_id,
             first_sequence=first,
@@ -136,7 +136,7 @@ class HeldRun:
         )
         handed_back = False
         try:
-            if self._state.last is None:
+            if not self._state.last_sequence:
                 self.stream.run_started(run_to_proto(self.run, self.ctx.executor_id))
             self.loop.emit_recorded(recorded_after, catching_up=True)
             await self._drive()
@@ -539,23 +539,25 @@ async def publish_recorded(link: NatsLink, run: Run, events: list[Any]) -> None:
         pending = [e for e in events if e.originator_version > state.version]
         if not pending:
             return
-        first = state.last.sequence + 1 if state.last is not None else 1
-        stream = RunStream(run.run_id, first_sequence=first, drain=False)
+        stream = RunStream(run.run_id, first_sequence=state.last_sequence + 1, drain=False)
         announce = Announcements(stream, run.attempt_of, state.step, state.attempt)
         emit_recorded(run, stream, pending, announce, catching_up=True)
         batch = stream.take_now()
         if not batch:
             return
-        payload = executor_service_pb2.PublishedRunEvents(events=batch).SerializeToString()
         marks = stream.marks.merge(Marks(step=state.step, attempt=state.attempt))
-        headers = {
-            "Nats-Msg-Id": f"{message_id(run.run_id, batch[0].sequence)}:recorded",
-            TENANT_HEADER: run.tenant,
-            EXPECTED_LAST_SUBJECT_SEQUENCE: str(state.stream_sequence),
-            **marks_headers(marks),
-        }
+        message = Outgoing(
+            link,
+            run.run_id,
+            batch,
+            message_id=f"{message_id(run.run_id, batch[0].sequence)}:recorded",
+            after=state.stream_sequence,
+            headers={TENANT_HEADER: run.tenant},
+            marks=marks_headers(marks),
+            marks_before=marks_headers(marks_of(state)),
+        )
         try:
-            await link.js.publish(link.names.events_subject(run.run_id), payload, headers=headers)
+            await message.publish()
             return
         except nats.js.errors.APIError as exc:
             if exc.err_code != WRONG_LAST_SEQUENCE:

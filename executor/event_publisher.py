@@ -2,12 +2,15 @@
 
 One task per run publishes one message at a time and waits for its acknowledgement, so a run's
 messages are stored in sequence order; whatever arrives meanwhile goes into the next message
-(events coalesce while a publish is in flight). Every publish expects the subject's last message
-to be the previous one this publisher stored (``Nats-Expected-Last-Subject-Sequence``): if
-anything else was appended — another executor took the run over, or the run was declared lost —
-the publish is refused, the publisher stops and ``on_fenced`` tells its owner. A failed publish
-is retried with the same ``Nats-Msg-Id``, so the stream deduplicates it. The live stream never
-waits for any of this: while NATS is down, events queue here until it is back.
+(events coalesce while a publish is in flight, up to common.event_streams.message_budget bytes
+a message). An event larger than that on its own goes out as consecutive parts, each waiting for
+the acknowledgement of the one before (the wire format is in common.event_streams). Every publish
+expects the subject's last message to be the previous one this publisher stored
+(``Nats-Expected-Last-Subject-Sequence``): if anything else was appended — another executor took
+the run over, or the run was declared lost — the publish is refused, the publisher stops and
+``on_fenced`` tells its owner. A failed publish is retried with the same ``Nats-Msg-Id`` (an
+event in parts from its first part not stored), so the stream deduplicates it. The live stream
+never waits for any of this: while NATS is down, events queue here until it is back.
 """
 
 from __future__ import annotations
@@ -18,30 +21,23 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import nats.errors
 import nats.js.errors
 
-from agentrun.v1 import executor_service_pb2, run_pb2
+from agentrun.v1 import run_pb2
 from common.errors import Unavailable
-from common.event_streams import EXPECTED_LAST_SUBJECT_SEQUENCE, WRONG_LAST_SEQUENCE
-from common.nats_link import (
-    STEP_HEADER,
-    TENANT_HEADER,
-    VERSION_HEADER,
-    NatsLink,
-    message_id,
-)
+from common.event_streams import WRONG_LAST_SEQUENCE, Outgoing, message_budget
+from common.nats_link import STEP_HEADER, TENANT_HEADER, VERSION_HEADER, NatsLink, message_id
 from executor.run_stream import Marks
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 512 * 1024
 PUBLISH_TIMEOUT = 2.0
 # Seconds of NATS outage after which a closing publisher gives up (its run's end is then taken
 # from the run list by whoever settles the run: see executor.lost_runs).
 GIVE_UP_AFTER = 3600.0
+FRAMING_BYTES = 6  # what an event adds to a message besides itself: its field tag and length
 
 
 class RunPublisher:
@@ -54,6 +50,7 @@ class RunPublisher:
         tenant: str,
         *,
         last_stream_sequence: int = 0,
+        published_marks: Marks | None = None,
         on_fenced: Callable[[], None] | None = None,
         max_queued: int = 100_000,
         give_up_after: float = GIVE_UP_AFTER,
@@ -62,16 +59,16 @@ class RunPublisher:
         self._link = link
         self._run_id = run_id
         self._tenant = tenant
-        self._subject = link.names.events_subject(run_id)
         # Message ids carry this publisher's identity: a retry of its own publish is recognised
         # as such, and never confused with what another process appended at the same sequence.
         self._identity = identity or uuid.uuid4().hex[:12]
         # Each event with the stream's marks after it (set on the last event of each enqueued
         # batch): a message's marks are those of its last marked event, never more.
         self._queue: list[tuple[run_pb2.RunEvent, Marks | None]] = []
-        self._published_marks = Marks()
+        # The marks of the stream as this publisher last left it (or found it).
+        self._published_marks = published_marks or Marks()
         self._enqueued_marks = Marks()
-        self._retry: tuple[list[run_pb2.RunEvent], Marks] | None = None
+        self._retry: tuple[Outgoing, Marks] | None = None
         self._stream_sequence = last_stream_sequence
         self._on_fenced = on_fenced
         self._wake = asyncio.Event()
@@ -132,9 +129,9 @@ class RunPublisher:
                 await self._wake.wait()
                 continue
             # A failed publish is retried as it was (its id may be stored already).
-            batch, marks = self._retry or self._take_batch()
+            message, marks = self._retry or self._take_message()
             try:
-                await self._publish(batch, marks)
+                await message.publish(ack_wait=PUBLISH_TIMEOUT, own_retries=True)
             except nats.js.errors.APIError as exc:
                 if exc.err_code != WRONG_LAST_SEQUENCE:
                     raise
@@ -153,21 +150,39 @@ class RunPublisher:
                     log.error("run %s: giving up publishing to NATS: %s", self._run_id, exc)
                     self._gave_up = True
                     return
-                self._retry = (batch, marks)
+                self._retry = (message, marks)
                 await asyncio.sleep(0.2)
                 continue
             self._retry = None
+            self._stream_sequence = message.after
             self._published_marks = marks
             started_waiting = None
 
+    def _take_message(self) -> tuple[Outgoing, Marks]:
+        """The next message (or parts of one) and the marks the stream reaches with it."""
+        batch, marks = self._take_batch()
+        message = Outgoing(
+            self._link,
+            self._run_id,
+            batch,
+            message_id=f"{message_id(self._run_id, batch[0].sequence)}:{self._identity}",
+            after=self._stream_sequence,
+            headers={TENANT_HEADER: self._tenant},
+            marks=marks_headers(marks),
+            marks_before=marks_headers(self._published_marks),
+        )
+        return message, marks
+
     def _take_batch(self) -> tuple[list[run_pb2.RunEvent], Marks]:
-        """The next message's events (up to MAX_MESSAGE_BYTES) and the marks they reach."""
+        """The next message's events (a message's worth, or one event however large) and the
+        marks they reach."""
+        budget = message_budget(self._link)
         size = 0
         count = 0
         marks = self._published_marks
         for event, event_marks in self._queue:
-            size += event.ByteSize()
-            if count and size > MAX_MESSAGE_BYTES:
+            size += event.ByteSize() + FRAMING_BYTES
+            if count and size > budget:
                 break
             count += 1
             if event_marks is not None:
@@ -175,53 +190,6 @@ class RunPublisher:
         batch = [event for event, _ in self._queue[:count]]
         del self._queue[:count]
         return batch, marks
-
-    async def _publish(self, batch: list[run_pb2.RunEvent], marks: Marks) -> None:
-        payload = _payload(batch, self._link.max_payload)
-        headers = {
-            "Nats-Msg-Id": f"{message_id(self._run_id, batch[0].sequence)}:{self._identity}",
-            TENANT_HEADER: self._tenant,
-            **marks_headers(marks),
-            EXPECTED_LAST_SUBJECT_SEQUENCE: str(self._stream_sequence),
-        }
-        js = self._link.js
-        try:
-            ack = await js.publish(self._subject, payload, timeout=PUBLISH_TIMEOUT, headers=headers)
-        except nats.js.errors.NoStreamResponseError as exc:
-            raise Unavailable("nats", "no JetStream response") from exc
-        except nats.js.errors.APIError as exc:
-            # JetStream checks the expected sequence before duplicates: a retry of a publish
-            # that was stored after all is refused as if fenced. Tell the two apart.
-            if exc.err_code != WRONG_LAST_SEQUENCE:
-                raise
-            last = await js.get_last_msg(self._link.names.events_stream, self._subject)
-            if (last.headers or {}).get("Nats-Msg-Id") != headers["Nats-Msg-Id"]:
-                raise
-            self._stream_sequence = last.seq or 0
-            return
-        self._stream_sequence = ack.seq
-
-
-def _payload(batch: list[run_pb2.RunEvent], max_payload: int) -> bytes:
-    """The message's payload. An event too large for one NATS message on its own (a huge tool
-    result, say) goes out with its long texts cut, saying so, rather than block the stream."""
-    payload: bytes = executor_service_pb2.PublishedRunEvents(events=batch).SerializeToString()
-    if len(payload) <= max_payload - 4096 or len(batch) > 1:
-        return payload
-    event = run_pb2.RunEvent()
-    event.CopyFrom(batch[0])
-    _cut_texts(event, max(1024, (max_payload - 4096) // 4))
-    cut: bytes = executor_service_pb2.PublishedRunEvents(events=[event]).SerializeToString()
-    return cut
-
-
-def _cut_texts(message: Any, limit: int) -> None:
-    for field, value in message.ListFields():
-        if field.type == field.TYPE_STRING and field.label != field.LABEL_REPEATED:
-            if len(value) > limit:
-                setattr(message, field.name, value[:limit] + " [cut: too large to publish]")
-        elif field.type == field.TYPE_MESSAGE and field.label != field.LABEL_REPEATED:
-            _cut_texts(value, limit)
 
 
 def marks_headers(marks: Marks) -> dict[str, str]:

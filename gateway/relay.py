@@ -26,7 +26,7 @@ from nats.js.api import DeliverPolicy
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from agentrun.v1 import executor_service_pb2 as pb
 from common.errors import OutOfRange, Unavailable
-from common.event_streams import decode, is_terminal, last_published
+from common.event_streams import Reassembly, is_terminal, last_published
 from common.nats_link import NatsLink
 from common.rpc import STATUS_DETAILS_KEY, metadata_pairs
 from gateway.executors import WarmCalls
@@ -144,6 +144,7 @@ class Relay:
         assert sub is not None
         classic = run.execution_mode == agent_pb2.EXECUTION_MODE_CLASSIC
         seen = after_sequence
+        reassembly = Reassembly()  # the subscription reads every message, from the first
         check_at = time.monotonic() if probe_first else time.monotonic() + self.liveness_interval
         try:
             while True:
@@ -154,7 +155,8 @@ class Relay:
                         await self._check_holder(tenant, run_id, relayed)
                     check_at = time.monotonic() + self.liveness_interval
                     continue
-                batch = [e for e in decode(msg.data) if e.sequence > seen]
+                events = reassembly.add(msg.data, msg.headers)
+                batch = [e for e in events if e.sequence > seen]
                 if not batch:
                     continue
                 if seen and batch[0].sequence != seen + 1:

@@ -23,12 +23,14 @@ import pytest
 
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from cli.launcher import Service, free_port, start_nats
-from common.event_streams import is_terminal
+from common.event_streams import is_terminal, published
+from common.nats_link import NatsLink, NatsNames
 from eventstore.persistence import StoreConfig
 from executor.tools.send_email import read_attempts, read_outbox
 from tests.client import EOF, Client, kinds, rest, scripted_agent, until
 from tests.conftest import database_url_for, drop_schema
 from tests.stack import Stack
+from tests.test_event_publisher import publish_parts
 from tests.test_postgres_recorders import connect, waiting_for_the_run_store
 
 DURABLE = agent_pb2.EXECUTION_MODE_DURABLE
@@ -278,6 +280,41 @@ async def test_two_executors_racing_on_one_run_one_wins(crash_stack: CrashStack)
     resumed = [json.loads(e.payload_json) for e in stored if e.type == "Resumed"]
     assert len(resumed) == 1
     assert second.process.poll() is None
+
+
+async def test_a_run_whose_executor_died_between_parts_goes_on_from_the_last_whole_event(
+    crash_stack: CrashStack,
+) -> None:
+    client = crash_stack.client
+    agent = await client.create_agent(
+        scripted_agent(turns=TURNS, tools=TOOLS, mode=DURABLE, token_delay_ms=20)
+    )
+    live = client.stream(agent.id, "work")
+    before = await until(live, "text_delta")
+    run_id = before[0].run_id
+    crash_stack.stack.executors[-1].kill()
+    # What the executor would have left had it died publishing an event too large for one
+    # message: its first parts (here of a made-up RunCompleted that nobody must get).
+    link = NatsLink(
+        [f"nats://{crash_stack.stack.nats.address}"],
+        name="dying-executor",
+        event_retention=60,
+        names=NatsNames(crash_stack.stack.namespace),
+    )
+    await link.start()
+    try:
+        await link.wait_connected()
+        sequence = (await published(link, run_id)).last_sequence + 1
+        decoy = run_pb2.RunEvent(
+            run_id=run_id, sequence=sequence, run_completed=run_pb2.RunCompleted(output="x" * 2**21)
+        )
+        await publish_parts(link, run_id, decoy, 2)
+    finally:
+        await link.close()
+    await asyncio.to_thread(crash_stack.start_executor)  # takes the run up
+    events = before + await rest(live)
+    check_run(events, crash_stack.stack.data_dir, await stored_history(client, run_id))
+    assert await client.watch_all(run_id) == events
 
 
 async def test_a_lost_dispatch_is_recovered_by_the_reconciler(tmp_path: Path) -> None:

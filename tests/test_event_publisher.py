@@ -19,10 +19,20 @@ from nats.js.api import DeliverPolicy
 
 from agentrun.v1 import executor_service_pb2, run_pb2
 from cli.launcher import Service
-from common.event_streams import Published, append_end, decode, published
+from common.event_streams import (
+    MAX_MESSAGE_BYTES,
+    WRONG_LAST_SEQUENCE,
+    Published,
+    Reassembly,
+    append_end,
+    decode,
+    encode,
+    message_budget,
+    published,
+)
 from common.nats_link import NatsLink, NatsNames
 from eventstore.messages import ToolCall
-from executor.event_publisher import MAX_MESSAGE_BYTES, RunPublisher
+from executor.event_publisher import RunPublisher
 from executor.run_stream import Marks, RunStream
 
 TENANT = "acme"
@@ -80,7 +90,12 @@ class Stored:
 
     seq: int
     headers: dict[str, str]
-    events: list[run_pb2.RunEvent]
+    data: bytes
+
+    @property
+    def events(self) -> list[run_pb2.RunEvent]:
+        """A whole message's events (none for a part of one)."""
+        return [] if "Agentrun-Part" in self.headers else decode(self.data)
 
     @property
     def sequences(self) -> list[int]:
@@ -99,8 +114,14 @@ async def stored(link: NatsLink, run_id: str) -> list[Stored]:
         except nats.js.errors.NotFoundError:
             return found
         assert msg.seq is not None
-        found.append(Stored(msg.seq, dict(msg.headers or {}), decode(msg.data or b"")))
+        found.append(Stored(msg.seq, dict(msg.headers or {}), msg.data or b""))
         seq = msg.seq + 1
+
+
+async def history(link: NatsLink, run_id: str) -> list[run_pb2.RunEvent]:
+    """The run's events as a reader of its whole stream gets them (parts put back together)."""
+    reassembly = Reassembly()
+    return [e for m in await stored(link, run_id) for e in reassembly.add(m.data, m.headers)]
 
 
 class Reader:
@@ -108,6 +129,7 @@ class Reader:
 
     def __init__(self, sub: Subscription) -> None:
         self._sub = sub
+        self._reassembly = Reassembly()
 
     @staticmethod
     async def open(link: NatsLink, run_id: str) -> Reader:
@@ -123,7 +145,14 @@ class Reader:
 
     async def next(self) -> Stored:
         msg = await self._sub.next_msg(timeout=WAIT)
-        return Stored(msg.metadata.sequence.stream, dict(msg.headers or {}), decode(msg.data))
+        return Stored(msg.metadata.sequence.stream, dict(msg.headers or {}), msg.data)
+
+    async def next_events(self) -> list[run_pb2.RunEvent]:
+        """The events of the next messages, once there are any (as Relay.watch reads them)."""
+        while True:
+            message = await self.next()
+            if events := self._reassembly.add(message.data, message.headers):
+                return events
 
     async def close(self) -> None:
         with contextlib.suppress(nats.errors.BadSubscriptionError):
@@ -172,11 +201,18 @@ def publisher(
     run_id: str,
     *,
     after: int = 0,
+    marks: Marks | None = None,
     on_fenced: Callable[[], None] | None = None,
     identity: str | None = None,
 ) -> RunPublisher:
     created = RunPublisher(
-        link, run_id, TENANT, last_stream_sequence=after, on_fenced=on_fenced, identity=identity
+        link,
+        run_id,
+        TENANT,
+        last_stream_sequence=after,
+        published_marks=marks,
+        on_fenced=on_fenced,
+        identity=identity,
     )
 
     async def close() -> None:
@@ -197,6 +233,48 @@ async def publish_all(
     own.enqueue(batch, Marks(version=len(batch)))
     assert await own.close(WAIT)
     return (await stored(link, run_id))[-1]
+
+
+def huge_result(run_id: str, sequence: int, letter: str = "x") -> run_pb2.RunEvent:
+    """An event larger than the server takes in one message (1 MiB by default)."""
+    return tool_result(run_id, sequence, letter * 1_500_000)
+
+
+async def publish_parts(
+    link: NatsLink, run_id: str, event: run_pb2.RunEvent, stop_after: int, identity: str = "dead"
+) -> list[int]:
+    """Publishes the first ``stop_after`` parts of ``event`` after the run's last message, as a
+    publisher that then died would have (its headers, each part fenced on the one before); the
+    parts' stream sequences. Looks again if the stream moved before the first part."""
+    while True:
+        state = await published(link, run_id)
+        payload, budget = encode([event]), message_budget(link)
+        chunks = [payload[i : i + budget] for i in range(0, len(payload), budget)]
+        assert 0 < stop_after < len(chunks)
+        stored_at: list[int] = []
+        try:
+            for index, chunk in enumerate(chunks[:stop_after]):
+                number = f"{index + 1}/{len(chunks)}"
+                headers = {
+                    "Nats-Msg-Id": f"{run_id}:{event.sequence}:{identity}:{number}",
+                    "Agentrun-Tenant": TENANT,
+                    "Agentrun-Part": number,
+                    "Agentrun-Version": str(state.version),
+                    "Agentrun-Step": f"{state.step}/{state.attempt}",
+                    "Agentrun-Last-Sequence": str(state.last_sequence),
+                    "Nats-Expected-Last-Subject-Sequence": str(
+                        stored_at[-1] if stored_at else state.stream_sequence
+                    ),
+                }
+                if stored_at:
+                    headers["Agentrun-First-Part"] = str(stored_at[0])
+                subject = link.names.events_subject(run_id)
+                stored_at.append((await link.js.publish(subject, chunk, headers=headers)).seq)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != WRONG_LAST_SEQUENCE or stored_at:
+                raise
+            continue
+        return stored_at
 
 
 # -- RunPublisher -------------------------------------------------------------------------------
@@ -239,7 +317,7 @@ async def test_batches_are_published_in_order_with_their_ids_and_marks(link: Nat
     assert fenced.calls == 0
     assert await stored(link, run_id) == [first, second, third]
     assert await published(link, run_id) == Published(
-        stream_sequence=third.seq, last=batch[-1], version=3, step=2, attempt=2
+        stream_sequence=third.seq, last=batch[-1], version=3, step=2, attempt=2, last_sequence=6
     )
     await reader.close()
 
@@ -485,6 +563,95 @@ async def test_an_event_too_large_for_a_message_does_not_stall_the_stream(
     assert last.run_completed.output == "done"
 
 
+async def test_an_event_larger_than_a_message_goes_out_in_parts_and_reads_back_whole(
+    link: NatsLink,
+) -> None:
+    run_id = str(uuid.uuid4())
+    reader = await Reader.open(link, run_id)
+    pub = publisher(link, run_id, identity="big")
+    small, huge = events(run_id, 1, 2), huge_result(run_id, 3)
+    pub.enqueue(small, Marks(version=2, step=1, attempt=1))
+    pub.enqueue([huge], Marks(version=3, step=2, attempt=1))
+    assert await pub.close(WAIT)
+
+    whole, *parts = await stored(link, run_id)
+    assert whole.events == small
+    assert [p.headers["Agentrun-Part"] for p in parts] == ["1/3", "2/3", "3/3"]
+    assert [p.headers["Nats-Msg-Id"] for p in parts] == [
+        f"{run_id}:3:big:{n}/3" for n in range(1, 4)
+    ]
+    assert all(len(p.data) <= MAX_MESSAGE_BYTES for p in parts)
+    assert b"".join(p.data for p in parts) == encode([huge])
+    for part in parts[:2]:  # the stream's marks and last event before the event
+        assert (part.headers["Agentrun-Version"], part.headers["Agentrun-Step"]) == ("2", "1/1")
+        assert part.headers["Agentrun-Last-Sequence"] == "2"
+    assert (parts[2].headers["Agentrun-Version"], parts[2].headers["Agentrun-Step"]) == ("3", "2/1")
+    assert "Agentrun-Last-Sequence" not in parts[2].headers
+    assert "Agentrun-First-Part" not in parts[0].headers
+    assert {p.headers["Agentrun-First-Part"] for p in parts[1:]} == {str(parts[0].seq)}
+
+    assert await published(link, run_id) == Published(
+        stream_sequence=parts[2].seq, last=huge, version=3, step=2, attempt=1, last_sequence=3
+    )
+    assert await history(link, run_id) == [*small, huge]
+    assert await reader.next_events() == small
+    assert await reader.next_events() == [huge]
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+async def test_a_publisher_that_died_between_parts_is_followed_from_the_last_whole_event(
+    link: NatsLink, stop_after: int
+) -> None:
+    run_id = str(uuid.uuid4())
+    reader = await Reader.open(link, run_id)
+    before = events(run_id, 1, 3)
+    first = await publish_all(link, run_id, before)
+    parts = await publish_parts(link, run_id, huge_result(run_id, 4, "x"), stop_after)
+    # The stream's history ends at event 3; whoever appends next is fenced on the last part.
+    state = await published(link, run_id)
+    assert state == Published(
+        stream_sequence=parts[-1], last=None, version=3, step=0, attempt=0, last_sequence=3
+    )
+    assert first.seq < state.stream_sequence
+
+    # The run's next executor goes on from there (a step run again may say something else).
+    again, done = huge_result(run_id, 4, "y"), completed(run_id, 5)
+    successor = publisher(
+        link,
+        run_id,
+        after=state.stream_sequence,
+        marks=Marks(state.version, state.step, state.attempt),
+    )
+    successor.enqueue([again, done], Marks(version=5))
+    assert await successor.close(WAIT) is True
+    assert not successor.fenced
+
+    assert await history(link, run_id) == [*before, again, done]
+    assert [await reader.next_events() for _ in range(3)] == [before, [again], [done]]
+    assert (await published(link, run_id)).last == done
+
+
+async def test_a_retried_part_that_was_stored_after_all_is_not_published_twice(
+    link: NatsLink,
+) -> None:
+    """The acknowledgement of an event's first part was lost: the publisher publishes it again
+    as it was, recognizes it stored, and goes on with the next part."""
+    run_id = str(uuid.uuid4())
+    huge = huge_result(run_id, 1)
+    await publish_parts(link, run_id, huge, 1, identity="the-one")
+    fenced = Fenced()
+    retrying = publisher(link, run_id, after=0, on_fenced=fenced, identity="the-one")
+    retrying.enqueue([huge], Marks())
+    assert await retrying.close(WAIT) is True
+    assert fenced.calls == 0
+    messages = await stored(link, run_id)
+    assert [m.headers["Agentrun-Part"] for m in messages] == ["1/3", "2/3", "3/3"]
+    assert await history(link, run_id) == [huge]
+
+
+# -- append_end (of EXECUTOR_LOST) -----------------------------------------------------------
+
+
 # -- append_end --------------------------------------------------------------------------------
 
 
@@ -562,6 +729,29 @@ async def test_a_stream_that_ended_gets_nothing_appended(link: NatsLink) -> None
     assert failure is not None
     assert await append_executor_lost(link, failure.run_id, TENANT) == failure
     assert len(await stored(link, failure.run_id)) == 1
+
+
+async def test_executor_lost_after_an_event_cut_short_follows_the_last_whole_event(
+    link: NatsLink,
+) -> None:
+    """A classic run's executor died between the parts of event 4, which the gateway had
+    relayed to its client: the stream gets event 4 whole, then the failure."""
+    run_id = str(uuid.uuid4())
+    before, huge = events(run_id, 1, 3), huge_result(run_id, 4)
+    await publish_all(link, run_id, before)
+    await publish_parts(link, run_id, huge, 2)
+    failure = await append_executor_lost(link, run_id, TENANT, [*before, huge])
+    assert_executor_lost(failure, run_id, 5)
+    assert await history(link, run_id) == [*before, huge, failure]
+    assert (await published(link, run_id)).last == failure
+
+    # Without the relayed events, the failure follows the last whole event.
+    other = str(uuid.uuid4())
+    await publish_all(link, other, events(other, 1, 3))
+    await publish_parts(link, other, huge_result(other, 4), 1)
+    failure = await append_executor_lost(link, other, TENANT)
+    assert_executor_lost(failure, other, 4)
+    assert [e.sequence for e in await history(link, other)] == [1, 2, 3, 4]
 
 
 FENCE_BY_MESSAGE_ID = (
