@@ -39,14 +39,14 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-## Regenerates agentrun/v1 from protos/ (the one command that produces generated code).
+## Regenerates agentrun/ from protos/ (the one command that produces generated code).
 proto: setup
 	PYTHON=$(BIN)/python scripts/generate_protos.sh
 
 ## Fails if the generated code is not what protos/ generates.
 proto-check: proto
-	git diff --exit-code --stat -- agentrun/v1
-	test -z "$$(git status --porcelain -- agentrun/v1)"
+	git diff --exit-code --stat -- agentrun
+	test -z "$$(git status --porcelain -- agentrun)"
 
 proto-lint: $(BUF)
 	$(BUF) lint

@@ -35,7 +35,8 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import RawStreamMsg
 
-from agentrun.v1 import executor_service_pb2, run_pb2
+from agentrun.internal.v1 import run_events_pb2
+from agentrun.v1 import run_pb2
 from common.errors import Unavailable
 from common.nats_link import (
     FIRST_PART_HEADER,
@@ -67,12 +68,12 @@ def message_budget(link: NatsLink) -> int:
 
 
 def encode(events: list[run_pb2.RunEvent]) -> bytes:
-    payload: bytes = executor_service_pb2.PublishedRunEvents(events=events).SerializeToString()
+    payload: bytes = run_events_pb2.PublishedRunEvents(events=events).SerializeToString()
     return payload
 
 
 def decode(data: bytes) -> list[run_pb2.RunEvent]:
-    return list(executor_service_pb2.PublishedRunEvents.FromString(data).events)
+    return list(run_events_pb2.PublishedRunEvents.FromString(data).events)
 
 
 def _part(headers: Mapping[str, str]) -> tuple[int, int] | None:

@@ -17,7 +17,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -45,11 +45,15 @@ STATUS_CODES: dict[type[errors.AgentrunError], grpc.StatusCode] = {
     errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+# Between a gateway and its executors: a frozen executor (a stopped process, a paused VM) is
+# noticed within about 10 s (a ping every 5 s, unanswered for 5 s), so that the streams it
+# carried resume on another executor; the executors accept pings that often.
+INTERNAL_KEEPALIVE_MS = 5_000
+INTERNAL_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", INTERNAL_KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", INTERNAL_KEEPALIVE_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
@@ -63,6 +67,10 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.so_reuseport", 0),
+]
+INTERNAL_SERVER_OPTIONS: list[tuple[str, Any]] = [
+    *(option for option in SERVER_OPTIONS if not option[0].endswith("without_data_ms")),
+    ("grpc.http2.min_ping_interval_without_data_ms", INTERNAL_KEEPALIVE_MS - 1_000),
 ]
 
 
@@ -115,43 +123,39 @@ def _has_details(exc: grpc.aio.AioRpcError) -> bool:
     return any(k == STATUS_DETAILS_KEY for k, _ in metadata_pairs(exc))
 
 
-S = TypeVar("S")
-Req = TypeVar("Req")
+P = ParamSpec("P")
 Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def unary_errors(
-    method: Callable[[S, Req, Context], Awaitable[Resp]],
-) -> Callable[[S, Req, Context], Awaitable[Resp]]:
-    """Wraps a unary servicer method: domain errors become their status; bugs become INTERNAL."""
+def unary_errors(method: Callable[P, Awaitable[Resp]]) -> Callable[P, Awaitable[Resp]]:
+    """Wraps a unary handler (its last argument is the call's context): domain errors become
+    their status; bugs become INTERNAL."""
 
     @functools.wraps(method)
-    async def wrapper(self: S, request: Req, context: Context) -> Resp:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Resp:
         try:
-            return await method(self, request, context)
+            return await method(*args, **kwargs)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await abort_with(context, exc)
+            await abort_with(cast(Context, args[-1]), exc)
 
     return wrapper
 
 
-def stream_errors(
-    method: Callable[[S, Req, Context], AsyncIterator[Resp]],
-) -> Callable[[S, Req, Context], AsyncIterator[Resp]]:
-    """Wraps a streaming servicer method (server or bidi streaming) like ``unary_errors``."""
+def stream_errors(method: Callable[P, AsyncIterator[Resp]]) -> Callable[P, AsyncIterator[Resp]]:
+    """Wraps a streaming handler (server or bidi streaming) like ``unary_errors``."""
 
     @functools.wraps(method)
-    async def wrapper(self: S, request: Req, context: Context) -> AsyncIterator[Resp]:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[Resp]:
         try:
-            async for response in method(self, request, context):
+            async for response in method(*args, **kwargs):
                 yield response
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await abort_with(context, exc)
+            await abort_with(cast(Context, args[-1]), exc)
 
     return wrapper
 
@@ -266,6 +270,7 @@ async def serve(
     grace: float = 5.0,
     on_stopping: Callable[[], Awaitable[None]] | None = None,
     end_streams_with: str | None = None,
+    options: Sequence[tuple[str, Any]] = SERVER_OPTIONS,
 ) -> None:
     """Runs a grpc.aio server on ``listen`` until SIGTERM/SIGINT or ``stop`` is set.
 
@@ -276,7 +281,7 @@ async def serve(
     ``grace`` seconds.
     """
     drain = StreamDrain(end_streams_with) if end_streams_with is not None else None
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[drain] if drain else None)
+    server = grpc.aio.server(options=list(options), interceptors=[drain] if drain else None)
     service_names = list(register(server))
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -315,3 +320,16 @@ def _stop_on_signals(stop: asyncio.Event, signals: Iterable[signal.Signals]) -> 
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread
             return
+
+
+# The metadata key that carries the caller's tenant from a gateway to an executor. A gateway sets
+# it after authenticating the caller; an executor believes it (only gateways reach executors).
+TENANT_METADATA = "agentrun-tenant"
+
+
+def tenant_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The tenant a gateway named in a call to an executor."""
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_METADATA and value:
+            return str(value)
+    raise errors.Unauthenticated(f"an internal call must name its tenant ({TENANT_METADATA})")

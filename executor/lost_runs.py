@@ -16,6 +16,7 @@ then finds the stream without an end appends the row's (fenced: once, however ma
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,10 +28,19 @@ from eventstore.run_list import RunRecord
 from executor.context import ExecutorContext
 from executor.translation import error_of, usage_of
 
+log = logging.getLogger(__name__)
+
 # Seconds before "nobody holds the run" is asked again and believed: the executor of a run
 # that has just started may not have its control subscription at the server yet (it is not
 # flushed, to keep a round trip off the first-token path).
 CONFIRM_LOSS_AFTER = 0.25
+# Seconds a lost run's stream stays quiet before a settle that brings no relayed events ends it:
+# longer than a gateway takes to notice its executor gone (a frozen one: 10 s of unanswered pings)
+# and report what it relayed.
+QUIET_BEFORE_LOST = 15.0
+# A classic run this young may not answer its control subject yet: the reconciler and readers
+# leave it be unless its stream has ended.
+SETTLING_TIME = 5.0
 EXECUTOR_LOST_MESSAGE = "the executor running this classic run went away; the run is lost"
 
 
@@ -66,13 +76,40 @@ class LostRuns:
         if record.status not in TERMINAL_STATUSES:
             _, last = await last_published(self.ctx.link, run_id)
             stream_end = last if last is not None and is_terminal(last) else None
-            if stream_end is None and time.time() - record.created_at < min_age:
+            if stream_end is None and not self._may_end(record, last, min_age, relayed):
                 return record
             # The stream may have an end the row lacks (the row's update failed at the end).
             await asyncio.to_thread(run_list.update_active, run_id, **ended_fields(stream_end))
             record = await asyncio.to_thread(run_list.get, tenant, run_id)
-        await append_end(self.ctx.link, run_id, tenant, end_event_of(record), relayed)
+        end = await append_end(self.ctx.link, run_id, tenant, end_event_of(record), relayed)
+        if end is not None:
+            log.info(
+                "run %s: its executor is gone; its stream ends at %d (%s)",
+                run_id,
+                end.sequence,
+                end.WhichOneof("kind"),
+            )
         return record
+
+    @staticmethod
+    def _may_end(
+        record: RunRecord,
+        last: run_pb2.RunEvent | None,
+        min_age: float,
+        relayed: Sequence[run_pb2.RunEvent],
+    ) -> bool:
+        """Whether a run whose stream has no end may be given one now. A settle that brings no
+        relayed events waits until the stream has been quiet for QUIET_BEFORE_LOST seconds: the
+        gateway that was streaming the run to its client (which may have given it events the
+        dead executor never published) resumes at once and reports them, and the stream must
+        end after what that client saw, not before it."""
+        now = time.time()
+        if now - record.created_at < min_age:
+            return False
+        if relayed:
+            return True
+        last_time = last.time.ToSeconds() if last is not None else record.created_at
+        return now - last_time >= QUIET_BEFORE_LOST
 
     async def _holder_gone(self, run_id: str) -> bool:
         link = self.ctx.link

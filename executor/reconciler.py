@@ -5,7 +5,8 @@
 - A durable run that should be running but has not changed for a while and that no process
   holds (its executor died and its dispatch message is gone, or its dispatch was never
   published: a crash between commit and publish) is dispatched again, as a recovery.
-- A suspended durable run whose approval deadline passed gets its approvals denied as timed out.
+- A suspended durable run whose approval deadline passed gets its approvals denied as timed out
+  (the command a session waiting in memory gives itself; see executor.steering).
 
 All of it is idempotent: holders are asked first, stream appends are fenced, store writes are
 optimistic and dispatches are deduplicated, so several executors reconciling at once agree.
@@ -14,32 +15,37 @@ optimistic and dispatches are deduplicated, so several executors reconciling at 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
 
-from eventstore.run import TERMINAL_STATUSES
-from eventstore.run_list import RunRecord
-from executor import stored_runs
+from common.errors import AgentrunError
+from eventstore.run_commands import TimeOutApprovals
 from executor.context import ExecutorContext
-from executor.dispatch import WorkQueue
-from executor.lost_runs import LostRuns
+from executor.durable.dispatch import WorkQueue
+from executor.lost_runs import SETTLING_TIME, LostRuns
 from executor.periodic import every
+from executor.session.sessions import Sessions
+from executor.steering import Steering
 
 log = logging.getLogger(__name__)
-
-SETTLING_TIME = 5.0  # a classic run this young may not answer its control subject yet
 
 
 class Reconciler:
     def __init__(
-        self, ctx: ExecutorContext, queue: WorkQueue, held_here: Callable[[str], bool]
+        self,
+        ctx: ExecutorContext,
+        queue: WorkQueue,
+        sessions: Sessions,
+        lost: LostRuns,
+        steering: Steering,
     ) -> None:
         self.ctx = ctx
         self.queue = queue
-        self.held_here = held_here
-        self.lost = LostRuns(ctx, held_here)
+        self.sessions = sessions
+        self.lost = lost
+        self.steering = steering
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -55,31 +61,24 @@ class Reconciler:
         if not self.ctx.link.is_connected:
             return
         for record in await asyncio.to_thread(self.ctx.run_list.active_classic_runs):
-            if not self.held_here(record.run_id):
+            if not self.sessions.holds(record.run_id):
                 await self.lost.settle(record.tenant, record.run_id, min_age=SETTLING_TIME)
         now = time.time()
         stalled_before = now - 3 * self.queue.ack_wait
-        for record in await asyncio.to_thread(
-            self.ctx.run_list.durable_runs_due, stalled_before, now
-        ):
-            if self.held_here(record.run_id):
+        due = self.ctx.run_list.durable_runs_due
+        for record in await asyncio.to_thread(due, stalled_before, now):
+            if self.sessions.holds(record.run_id):
                 continue
             if record.status == "awaiting_approval":
-                await stored_runs.time_out_approvals(
-                    self.ctx, self.queue, record.tenant, record.run_id
-                )
+                with contextlib.suppress(AgentrunError):  # decided or ended meanwhile
+                    command = TimeOutApprovals(now)
+                    await self.steering.steer(record.tenant, record.run_id, command)
             elif await self.ctx.link.holder_answers(record.run_id) is False:
-                run = await asyncio.to_thread(
-                    functools.partial(self.ctx.run_store.load, record.run_id, to_change=False)
-                )
-                if not run.is_finished and not run.awaiting_decision():
-                    log.info("run %s: no executor holds it; dispatching it again", run.run_id)
-                    await self.queue.dispatch(run.run_id, run.tenant, run.version, recovery=True)
+                await self._dispatch_again(record.run_id)
 
-    def active_elsewhere(self, record: RunRecord) -> bool:
-        """A classic run, not ended, not held by this executor."""
-        return (
-            record.execution_mode == "classic"
-            and record.status not in TERMINAL_STATUSES
-            and not self.held_here(record.run_id)
-        )
+    async def _dispatch_again(self, run_id: str) -> None:
+        load = functools.partial(self.ctx.run_store.load, run_id, to_change=False)
+        run = await asyncio.to_thread(load)
+        if not run.is_finished and not run.awaiting_decision():
+            log.info("run %s: no executor holds it; dispatching it again", run.run_id)
+            await self.queue.dispatch(run.run_id, run.tenant, run.version, recovery=True)

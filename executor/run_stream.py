@@ -76,6 +76,7 @@ class RunStream:
         self._terminal_added = False
         self._terminal_taken = False
         self._ended = asyncio.Event()
+        self._emptied = asyncio.Event()
         self._interruption: BaseException | None = None
         self._marks = Marks()
         self._on_taken = on_taken
@@ -265,12 +266,20 @@ class RunStream:
             self._next_sequence += 1
             batch.append(event)
         self._outbox.clear()
+        self._emptied.set()
         if self._terminal_added:
             self._terminal_taken = True
             self._ended.set()
         if self._on_taken is not None:
             self._on_taken(batch, self._marks)
         return batch
+
+    async def drained(self) -> None:
+        """Returns once everything added so far has been taken (by the consumer attached, or
+        by the drain task)."""
+        while self._outbox:
+            self._emptied.clear()
+            await self._emptied.wait()
 
     async def wait_ended(self) -> None:
         """Returns once the terminal event has been taken by a consumer."""

@@ -1,4 +1,5 @@
-"""The executor process: ExecutorService over gRPC, with health and reflection."""
+"""The executor process: agentrun.internal.v1.ExecutorService and, for its gateways, the public
+RunService and AgentService, over gRPC, with health and reflection."""
 
 from __future__ import annotations
 
@@ -7,19 +8,34 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 
-from agentrun.v1 import executor_service_pb2, executor_service_pb2_grpc
-from common.rpc import serve
+from agentrun.internal.v1 import executor_service_pb2, executor_service_pb2_grpc
+from agentrun.v1 import (
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    run_service_pb2,
+    run_service_pb2_grpc,
+)
+from common.rpc import INTERNAL_SERVER_OPTIONS, serve
 from common.settings import Settings
+from executor.api.agent_service import AgentService
+from executor.api.execute_run import ExecutorService
+from executor.api.run_service import RunService
 from executor.context import ExecutorContext
-from executor.dispatch import WorkQueue
-from executor.durable import DurableRunner
+from executor.durable.dispatch import WorkQueue
+from executor.durable.taking import Taker
+from executor.lost_runs import LostRuns
+from executor.modes import Classic, Durable, Modes
+from executor.reconciler import Reconciler
 from executor.retention import RetentionJob
 from executor.run_list_projection import RunListProjection
-from executor.runs import RunManager
-from executor.servicer import ExecutorServicer
+from executor.runs import Runs
+from executor.session.sessions import Sessions
+from executor.steering import Steering
+from executor.watching import Watching
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +46,88 @@ SHUTDOWN_GRACE = 10.0
 STORE_THREADS = 32
 
 
+@dataclass
+class Executor:
+    """An executor's parts, wired together."""
+
+    ctx: ExecutorContext
+    sessions: Sessions
+    runs: Runs
+    steering: Steering
+    watching: Watching
+    taker: Taker
+    reconciler: Reconciler
+    projection: RunListProjection
+    retention: RetentionJob
+
+    @staticmethod
+    def of(ctx: ExecutorContext) -> Executor:
+        settings = ctx.settings
+        queue = WorkQueue(ctx.link, settings.dispatch_ack_wait)
+        sessions = Sessions()
+        lost = LostRuns(ctx, sessions.holds)
+        modes = Modes(Classic(ctx, sessions), Durable(ctx, queue))
+        projection = RunListProjection(ctx)
+        runs = Runs(ctx, modes, lost, projection)
+        steering = Steering(ctx, sessions, queue, lost, runs.get)
+        watching = Watching(
+            ctx.link,
+            lost,
+            runs.get,
+            lambda mode: modes[mode].movable,
+            liveness_interval=settings.liveness_interval,
+            event_retention=settings.event_retention,
+        )
+        return Executor(
+            ctx=ctx,
+            sessions=sessions,
+            runs=runs,
+            steering=steering,
+            watching=watching,
+            taker=Taker(ctx, queue, modes.durable, sessions, settings.max_durable_runs),
+            reconciler=Reconciler(ctx, queue, sessions, lost, steering),
+            projection=projection,
+            retention=RetentionJob.of(ctx),
+        )
+
+    def start(self) -> None:
+        self.reconciler.start()
+        self.retention.start()
+        self.projection.start()
+        self.taker.start()
+
+    async def drain(self) -> None:
+        """Takes no more durable runs, hands back those it holds for immediate redelivery, and
+        lets classic runs (which cannot move) finish for a while before they fail."""
+        self.retention.stop()
+        self.reconciler.stop()
+        await self.taker.stop()
+        await self.sessions.drain(SHUTDOWN_GRACE)
+        await self.taker.wait_taken(SHUTDOWN_GRACE)
+        self.projection.stop()
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(
+            ExecutorService(self.runs, self.steering, self.watching), server
+        )
+        run_service_pb2_grpc.add_RunServiceServicer_to_server(
+            RunService(self.runs, self.steering), server
+        )
+        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(self.ctx), server)
+        return [
+            executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name,
+            run_service_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
+            agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+        ]
+
+
 async def run_executor(
     settings: Settings,
     *,
     ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serves until SIGTERM/SIGINT (or ``stop``); then drains: takes no more durable runs, hands
-    back those it holds for immediate redelivery, and lets classic runs finish for a while."""
+    """Serves until SIGTERM/SIGINT (or ``stop``); then drains (see Executor.drain)."""
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
     )
@@ -45,20 +135,8 @@ async def run_executor(
     # application_name): libpq reads PGAPPNAME when it connects.
     os.environ.setdefault("PGAPPNAME", settings.executor_id[:63])
     ctx = await ExecutorContext.open(settings)
-    queue = WorkQueue(ctx.link, settings.dispatch_ack_wait)
-    durable = DurableRunner(ctx, queue, settings.max_durable_runs)
-    projection = RunListProjection(ctx)
-    runs = RunManager(ctx, queue, durable, projection)
-    runs.reconciler.start()
-    retention = RetentionJob.of(ctx)
-    retention.start()
-    projection.start()
-    durable.start()
-    servicer = ExecutorServicer(ctx, runs)
-
-    def register(server: grpc.aio.Server) -> list[str]:
-        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(servicer, server)
-        return [executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name]
+    executor = Executor.of(ctx)
+    executor.start()
 
     def on_ready(port: int) -> None:
         log.info(
@@ -70,22 +148,15 @@ async def run_executor(
         if ready is not None:
             ready(port)
 
-    async def on_stopping() -> None:
-        retention.stop()
-        # Durable runs go to other executors at once; classic runs cannot move, so they get
-        # the grace period to finish before they fail with EXECUTOR_LOST.
-        await durable.drain(SHUTDOWN_GRACE)
-        await runs.shutdown(SHUTDOWN_GRACE)
-        projection.stop()
-
     try:
         await serve(
             settings.executor_listen,
-            register,
+            executor.register,
             ready=on_ready,
             stop=stop,
             grace=SHUTDOWN_GRACE,
-            on_stopping=on_stopping,
+            on_stopping=executor.drain,
+            options=INTERNAL_SERVER_OPTIONS,
         )
     finally:
         await ctx.close()

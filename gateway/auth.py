@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -27,3 +29,11 @@ def tenant_of(context: grpc.aio.ServicerContext[Any, Any], keys: ApiKeys) -> str
     if tenant is None:
         raise Unauthenticated("invalid API key")
     return tenant
+
+
+Authenticate = Callable[[grpc.aio.ServicerContext[Any, Any]], str]
+"""The tenant of a call (or Unauthenticated)."""
+
+
+def authenticator(keys: ApiKeys) -> Authenticate:
+    return functools.partial(tenant_of, keys=keys)

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from agentrun.v1 import executor_service_pb2, executor_service_pb2_grpc
-from common.rpc import CHANNEL_OPTIONS
+from agentrun.internal.v1 import executor_service_pb2, executor_service_pb2_grpc
+from common.rpc import INTERNAL_CHANNEL_OPTIONS
 
 if TYPE_CHECKING:
-    from agentrun.v1.executor_service_pb2_grpc import ExecutorServiceAsyncStub
+    from agentrun.internal.v1.executor_service_pb2_grpc import ExecutorServiceAsyncStub
 
 
 def channel_target(target: str) -> str:
@@ -34,14 +34,19 @@ MAX_RECONNECT_BACKOFF_MS = 2000
 # Reads that find no executor ready (the one they would go to is restarting: "connection
 # refused") are tried again for a few seconds, with gRPC's retries. Writes are not: the gateway
 # could not tell whether a failed one took effect.
-RETRIED_READS = ("GetRun", "ListRuns", "ListRunEvents", "GetAgent", "ListAgents")
+RETRIED_READS = (
+    ("agentrun.v1.RunService", "GetRun"),
+    ("agentrun.v1.RunService", "ListRuns"),
+    ("agentrun.v1.RunService", "ListRunEvents"),
+    ("agentrun.v1.AgentService", "GetAgent"),
+    ("agentrun.v1.AgentService", "ListAgents"),
+)
 SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
                 "name": [
-                    {"service": "agentrun.v1.ExecutorService", "method": method}
-                    for method in RETRIED_READS
+                    {"service": service, "method": method} for service, method in RETRIED_READS
                 ],
                 "retryPolicy": {
                     "maxAttempts": 5,
@@ -57,10 +62,11 @@ SERVICE_CONFIG = json.dumps(
 
 
 def open_executors(target: str) -> tuple[grpc.aio.Channel, ExecutorServiceAsyncStub]:
+    """The channel to the executors, and their internal service on it."""
     channel = grpc.aio.insecure_channel(
         channel_target(target),
         options=[
-            *CHANNEL_OPTIONS,
+            *INTERNAL_CHANNEL_OPTIONS,
             ("grpc.lb_policy_name", "round_robin"),
             ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
             ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
@@ -95,9 +101,13 @@ class WarmCalls:
                 return call
         return self.open()
 
-    def open(self) -> ExecuteRunCall:
+    def open(self, *, wait_for_ready: bool = False) -> ExecuteRunCall:
+        """A new call (``wait_for_ready``: it waits for an executor to be reachable rather than
+        failing at once)."""
         # No request iterator: the requests are written to the call as they come.
-        call: ExecuteRunCall = self._executors.ExecuteRun()  # type: ignore[call-arg]
+        call: ExecuteRunCall = self._executors.ExecuteRun(  # type: ignore[call-arg]
+            wait_for_ready=wait_for_ready
+        )
         return call
 
     def refill(self) -> None:

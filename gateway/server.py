@@ -1,26 +1,24 @@
-"""The gateway process: RunService and AgentService over gRPC, with health and reflection."""
+"""The gateway process: the public RunService and AgentService over gRPC, with health and
+reflection. It authenticates callers, carries runs' streams (gateway.conversations) and
+forwards every other call to the executors (gateway.forwarding); it holds no run state and does
+not connect to NATS or the store."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Callable
 
 import grpc
 
-from agentrun.v1 import (
-    agent_service_pb2,
-    agent_service_pb2_grpc,
-    run_service_pb2,
-    run_service_pb2_grpc,
-)
-from common.nats_link import NatsLink
+from agentrun.v1 import agent_service_pb2, run_service_pb2
+from agentrun.v1 import run_service_pb2 as runs
 from common.rpc import serve
 from common.settings import Settings
-from gateway.executors import open_executors
-from gateway.relay import Relay
-from gateway.servicer import AgentServicer, RunServicer
+from gateway.auth import authenticator
+from gateway.conversations import Conversations
+from gateway.executors import WarmCalls, open_executors
+from gateway.forwarding import Forwarding
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +27,43 @@ SHUTTING_DOWN = (
     "the gateway is shutting down: reconnect (to any gateway) and resume with WatchRun "
     "after the last sequence received"
 )
+RUN_SERVICE = run_service_pb2.DESCRIPTOR.services_by_name["RunService"]
+AGENT_SERVICE = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]
+# The methods whose streams a gateway carries over ExecuteRun (resumed on another executor when
+# one goes away); every other method is forwarded.
+CARRIED = ("StreamRun", "Converse", "WatchRun")
+
+
+def register(
+    server: grpc.aio.Server, channel: grpc.aio.Channel, calls: WarmCalls, settings: Settings
+) -> list[str]:
+    """Adds the public services to ``server``; returns their names."""
+    authenticate = authenticator(settings.api_keys)
+    forwarding = Forwarding(channel, authenticate)
+    conversations = Conversations(calls, authenticate)
+    run_handlers = forwarding.handlers(RUN_SERVICE, carried=CARRIED)
+    run_handlers["StreamRun"] = grpc.unary_stream_rpc_method_handler(
+        conversations.stream_run,
+        request_deserializer=runs.StreamRunRequest.FromString,
+        response_serializer=runs.StreamRunResponse.SerializeToString,
+    )
+    run_handlers["WatchRun"] = grpc.unary_stream_rpc_method_handler(
+        conversations.watch_run,
+        request_deserializer=runs.WatchRunRequest.FromString,
+        response_serializer=runs.WatchRunResponse.SerializeToString,
+    )
+    run_handlers["Converse"] = grpc.stream_stream_rpc_method_handler(
+        conversations.converse,
+        request_deserializer=runs.ConverseRequest.FromString,
+        response_serializer=runs.ConverseResponse.SerializeToString,
+    )
+    services = {
+        RUN_SERVICE.full_name: run_handlers,
+        AGENT_SERVICE.full_name: forwarding.handlers(AGENT_SERVICE),
+    }
+    for name, handlers in services.items():
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    return list(services)
 
 
 async def run_gateway(
@@ -39,31 +74,8 @@ async def run_gateway(
 ) -> None:
     """Serves until SIGTERM/SIGINT (or ``stop``); then ends open streams with UNAVAILABLE, telling
     clients to resume elsewhere (runs go on: disconnecting is not cancelling)."""
-    link = NatsLink(
-        list(settings.nats_urls),
-        name=f"gateway-{uuid.uuid4().hex[:8]}",
-        event_retention=settings.event_retention,
-        names=settings.nats_names,
-        replicas=settings.nats_replicas,
-    )
-    await link.start()
     channel, executors = open_executors(settings.executor_target)
-    relay = Relay(
-        link,
-        executors,
-        liveness_interval=settings.liveness_interval,
-        event_retention=settings.event_retention,
-    )
-
-    def register(server: grpc.aio.Server) -> list[str]:
-        run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(settings, relay), server)
-        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(settings, relay), server
-        )
-        return [
-            run_service_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
-            agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
-        ]
+    calls = WarmCalls(executors)
 
     def on_ready(port: int) -> None:
         log.info("gateway listening on port %d (executors at %s)", port, settings.executor_target)
@@ -73,13 +85,12 @@ async def run_gateway(
     try:
         await serve(
             settings.gateway_listen,
-            register,
+            lambda server: register(server, channel, calls, settings),
             ready=on_ready,
             stop=stop,
             grace=SHUTDOWN_GRACE,
             end_streams_with=SHUTTING_DOWN,
         )
     finally:
-        await relay.calls.close()
+        await calls.close()
         await channel.close(grace=None)
-        await link.close()

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nats.errors
+from nats.js.api import DeliverPolicy
+
+from agentrun.v1 import run_pb2
 from cli.launcher import Service, start_agentrun
+from common.event_streams import Reassembly, published
+from common.nats_link import NatsLink, NatsNames
 
 
 @dataclass
@@ -78,3 +85,56 @@ def start_stack(
         stack.stop()
         raise
     return stack
+
+
+async def holder_of(stack: Stack, run_id: str) -> str | None:
+    """The id of the executor that answers for the run on NATS (None: nobody does)."""
+    link = NatsLink(
+        [f"nats://{stack.nats.address}"],
+        name="probe",
+        event_retention=60,
+        names=NatsNames(stack.namespace),
+    )
+    await link.start()
+    try:
+        await link.wait_connected()
+        subject = link.names.control_subject(run_id)
+        try:
+            reply = await link.nc.request(subject, b'{"op": "ping"}', timeout=5.0)
+        except nats.errors.NoRespondersError:
+            return None
+        executor: str = json.loads(reply.data)["executor"]
+        return executor
+    finally:
+        await link.close()
+
+
+async def published_events(stack: Stack, run_id: str) -> list[run_pb2.RunEvent]:
+    """Every event on the run's JetStream subject, as stored (parts put back together)."""
+    link = NatsLink(
+        [f"nats://{stack.nats.address}"],
+        name="reader",
+        event_retention=60,
+        names=NatsNames(stack.namespace),
+    )
+    await link.start()
+    try:
+        await link.wait_connected()
+        names = link.names
+        sub = await link.js.subscribe(
+            names.events_subject(run_id),
+            stream=names.events_stream,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        last = (await published(link, run_id)).stream_sequence
+        reassembly = Reassembly()
+        events: list[run_pb2.RunEvent] = []
+        while True:
+            msg = await sub.next_msg(timeout=10.0)
+            events.extend(reassembly.add(msg.data, msg.headers))
+            if msg.metadata.sequence.stream >= last:
+                await sub.unsubscribe()
+                return events
+    finally:
+        await link.close()

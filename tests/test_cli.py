@@ -342,7 +342,7 @@ async def test_runs_watch_of_an_unknown_run_exits_1_with_not_found(stack: Stack)
     assert "error: NOT_FOUND: " in result.stderr, explain(result)
 
 
-async def test_runs_replay_of_a_classic_run_exits_1_with_unimplemented(
+async def test_runs_replay_of_a_classic_run_exits_1_with_failed_precondition(
     stack: Stack, channels: list[grpc.aio.Channel]
 ) -> None:
     _, run_id = await finished_run(Client(channels[0]))
@@ -350,19 +350,19 @@ async def test_runs_replay_of_a_classic_run_exits_1_with_unimplemented(
     assert result.returncode == 1, explain(result)
     assert result.stdout == ""
     message = result.stderr.strip()
-    assert message.startswith("error: UNIMPLEMENTED: "), explain(result)
+    assert message.startswith("error: FAILED_PRECONDITION: "), explain(result)
     assert "durable run" in message
     assert "classic run" in message
     assert "\n" not in message  # one clear line, no traceback
 
 
-async def test_runs_fork_of_a_classic_run_exits_1_with_unimplemented(
+async def test_runs_fork_of_a_classic_run_exits_1_with_failed_precondition(
     stack: Stack, channels: list[grpc.aio.Channel]
 ) -> None:
     _, run_id = await finished_run(Client(channels[0]))
     result = await agentrun(stack, "runs", "fork", run_id, "--at", "0")
     assert result.returncode == 1, explain(result)
-    assert result.stderr.startswith("error: UNIMPLEMENTED: "), explain(result)
+    assert result.stderr.startswith("error: FAILED_PRECONDITION: "), explain(result)
 
 
 async def test_a_bad_command_line_exits_2_with_usage(stack: Stack) -> None:

@@ -586,13 +586,15 @@ def test_health_exits_0_on_serving_gateways_and_executor(stack: Stack) -> None:
         done = agentrun_health("--target", gateway.address, "--service", "agentrun.v1.RunService")
         assert done.returncode == 0, done.stderr
     executor = stack.executors[0].address
-    done = agentrun_health("--target", executor, "--service", "agentrun.v1.ExecutorService")
+    done = agentrun_health(
+        "--target", executor, "--service", "agentrun.internal.v1.ExecutorService"
+    )
     assert done.returncode == 0, done.stderr
 
 
 def test_health_exits_1_for_a_service_the_server_lacks(stack: Stack) -> None:
     gateway = stack.gateways[0].address
-    done = agentrun_health("--target", gateway, "--service", "agentrun.v1.ExecutorService")
+    done = agentrun_health("--target", gateway, "--service", "agentrun.internal.v1.ExecutorService")
     assert done.returncode == 1, done.stdout
     assert "NOT_FOUND" in done.stderr
 

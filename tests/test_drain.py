@@ -4,6 +4,8 @@
   ack_wait is set far beyond the test's guard, so only the drain's nak can explain another
   executor resuming them. They complete there with their uninterrupted output, and every
   watcher's stream is gap-free.
+- An executor gives its classic runs (which cannot move) its grace period: one that ends within
+  it completes, one that does not fails with EXECUTOR_LOST, and their histories say so.
 - A gateway ends its open streams with UNAVAILABLE saying how to resume; the client resumes
   on another gateway with WatchRun after its last sequence and loses and repeats nothing.
 """
@@ -19,7 +21,7 @@ import pytest
 
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from cli.launcher import free_port
-from tests.client import EOF, Client, kinds, rest, scripted_agent, until
+from tests.client import EOF, Client, assert_history_agrees, kinds, rest, scripted_agent, until
 from tests.stack import Stack
 
 DURABLE = agent_pb2.EXECUTION_MODE_DURABLE
@@ -122,6 +124,40 @@ async def test_a_draining_executor_hands_its_durable_runs_over_at_once(empty_sta
             line = first.wait_for_output("handed back for another executor", after=line)
         assert first.log().count("handed back for another executor") == len(run_ids)
         assert second.process.poll() is None
+
+
+@pytest.mark.timeout(240)
+async def test_a_draining_executor_gives_its_classic_runs_their_grace_then_fails_them(
+    empty_stack: Stack,
+) -> None:
+    stopping = empty_stack.start_executor(AGENTRUN_EXECUTOR_ID="stopping")
+    staying = empty_stack.start_executor(AGENTRUN_EXECUTOR_ID="staying")
+    gateway = empty_stack.start_gateway(stopping.address)
+    reader = empty_stack.start_gateway(staying.address)
+    short = " ".join(f"s{i}" for i in range(20))  # 2 s: ends within the grace period
+    long = " ".join(f"l{i}" for i in range(600))  # 60 s: does not
+    async with (
+        grpc.aio.insecure_channel(gateway.address) as channel,
+        grpc.aio.insecure_channel(reader.address) as reader_channel,
+    ):
+        client, watcher = Client(channel), Client(reader_channel)
+        agents = [
+            await client.create_agent(scripted_agent(turns=[(text, [])], token_delay_ms=100))
+            for text in (short, long)
+        ]
+        calls = [client.stream(agent.id, "talk") for agent in agents]
+        firsts = [await until(call, "text_delta") for call in calls]
+        stopping.process.send_signal(signal.SIGTERM)
+        ended, lost = [
+            first + await asyncio.wait_for(rest(call), GUARD)
+            for first, call in zip(firsts, calls, strict=True)
+        ]
+        assert ended[-1].run_completed.output == short
+        assert lost[-1].run_failed.error.code == run_pb2.RUN_ERROR_CODE_EXECUTOR_LOST
+        assert "shut down" in lost[-1].run_failed.error.message
+        assert await asyncio.to_thread(stopping.process.wait, GUARD) == 0
+        await assert_history_agrees(watcher, ended[0].run_id, ended)
+        await assert_history_agrees(watcher, lost[0].run_id, lost)
 
 
 async def _next_error(call: object) -> grpc.aio.AioRpcError:

@@ -256,18 +256,29 @@ async def test_an_approval_after_everything_restarted_resumes_the_run(tmp_path: 
 
 
 async def test_two_executors_racing_on_one_run_one_wins(crash_stack: CrashStack) -> None:
-    client = crash_stack.client
+    """The executor holding a run (and streaming it to the client) freezes: the run goes on
+    on a second executor, and so does the client's stream (once the gateway finds the frozen
+    executor not answering its pings); when the first thaws, it finds the run taken over."""
+    stack = crash_stack.stack
+    second_port = free_port()
+    gateway = stack.start_gateway(
+        f"127.0.0.1:{crash_stack.executor_port},127.0.0.1:{second_port}", **CRASH_ENV
+    )
+    channel = grpc.aio.insecure_channel(gateway.address)
+    client = Client(channel)
     agent = await client.create_agent(
         scripted_agent(turns=TURNS, tools=TOOLS, mode=DURABLE, token_delay_ms=20)
     )
     live = client.stream(agent.id, "work")
     before = await until(live, "text_delta")
-    stalled = crash_stack.stack.executors[-1]
+    stalled = stack.executors[-1]
     mark = stalled.lines_seen
     stalled.process.send_signal(signal.SIGSTOP)  # alive, holding the run, answering nothing
     try:
         # The second executor gets the run's message once the first stops keeping it alive.
-        second = await asyncio.to_thread(crash_stack.stack.start_executor, **CRASH_ENV)
+        second = await asyncio.to_thread(
+            stack.start_executor, AGENTRUN_EXECUTOR_LISTEN=f"127.0.0.1:{second_port}", **CRASH_ENV
+        )
         taken: list[run_pb2.RunEvent] = []
         while not taken or taken[-1].step_started.attempt != 2:
             taken += await until(live, "step_started")
@@ -280,6 +291,7 @@ async def test_two_executors_racing_on_one_run_one_wins(crash_stack: CrashStack)
     resumed = [json.loads(e.payload_json) for e in stored if e.type == "Resumed"]
     assert len(resumed) == 1
     assert second.process.poll() is None
+    await channel.close(grace=None)
 
 
 async def test_a_run_whose_executor_died_between_parts_goes_on_from_the_last_whole_event(
@@ -328,24 +340,21 @@ async def test_a_lost_dispatch_is_recovered_by_the_reconciler(tmp_path: Path) ->
             agent = await client.create_agent(
                 scripted_agent(turns=[("Recovered.", [])], mode=DURABLE)
             )
-            marks = executor.lines_seen, gateway.lines_seen
+            mark = executor.lines_seen
             nats.kill()
-            await asyncio.to_thread(
-                executor.wait_for_output, "disconnected from NATS", after=marks[0]
-            )
+            await asyncio.to_thread(executor.wait_for_output, "disconnected from NATS", after=mark)
             started = await client.runs.StartRun(
                 run_service_pb2.StartRunRequest(agent_id=agent.id, input="go")
             )
             # The executor's log is read by another thread: wait for the line, do not peek.
-            await asyncio.to_thread(executor.wait_for_output, "not yet dispatched", after=marks[0])
+            await asyncio.to_thread(executor.wait_for_output, "not yet dispatched", after=mark)
             stack.nats = start_nats(
                 tmp_path / "nats", tmp_path / "logs", port=nats.port, name="nats-d"
             )
-            await asyncio.to_thread(executor.wait_for_output, "reconnected to NATS", after=marks[0])
-            await asyncio.to_thread(gateway.wait_for_output, "reconnected to NATS", after=marks[1])
+            await asyncio.to_thread(executor.wait_for_output, "reconnected to NATS", after=mark)
             events = await client.watch_all(started.run.id)
         assert events[-1].run_completed.output == "Recovered."
-        await asyncio.to_thread(executor.wait_for_output, "dispatching it again", after=marks[0])
+        await asyncio.to_thread(executor.wait_for_output, "dispatching it again", after=mark)
     finally:
         stack.stop()
         stack.nats.stop()

@@ -17,7 +17,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
 
-from agentrun.v1 import executor_service_pb2, run_pb2
+from agentrun.internal.v1 import run_events_pb2
+from agentrun.v1 import run_pb2
 from cli.launcher import Service
 from common.event_streams import (
     MAX_MESSAGE_BYTES,
@@ -394,7 +395,7 @@ async def test_a_large_backlog_is_split_into_bounded_messages_in_order(link: Nat
     messages = await stored(link, run_id)
     assert [m.sequences for m in messages] == [[1, 2], [3, 4], [5]]
     for message in messages:
-        payload = executor_service_pb2.PublishedRunEvents(events=message.events)
+        payload = run_events_pb2.PublishedRunEvents(events=message.events)
         assert payload.ByteSize() <= MAX_MESSAGE_BYTES + 64
         assert message.headers["Nats-Msg-Id"].startswith(f"{run_id}:{message.sequences[0]}:")
 
@@ -423,7 +424,7 @@ async def test_an_append_by_another_process_fences_the_publisher(link: NatsLink)
     mine = await reader.next()
 
     # Another executor took the run over and appended to its stream.
-    foreign = executor_service_pb2.PublishedRunEvents(events=events(run_id, 3, 3))
+    foreign = run_events_pb2.PublishedRunEvents(events=events(run_id, 3, 3))
     ack = await link.js.publish(
         link.names.events_subject(run_id),
         foreign.SerializeToString(),
@@ -967,7 +968,7 @@ async def test_namespaces_differing_by_dash_and_underscore_keep_their_streams_ap
     try:
         run_id = str(uuid.uuid4())
         first = tool_result(run_id, 1)
-        payload = executor_service_pb2.PublishedRunEvents(events=[first]).SerializeToString()
+        payload = run_events_pb2.PublishedRunEvents(events=[first]).SerializeToString()
         for each in (dashed, underscored):
             await each.js.publish(each.names.events_subject(run_id), payload)
             assert (await published(each, run_id)).last == first

@@ -10,11 +10,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agentrun.v1 import agent_service_pb2, run_service_pb2
+from agentrun.v1 import agent_pb2, agent_service_pb2, run_service_pb2
 from cli.launcher import Service
-from tests.client import Client, rest, scripted_agent, until
+from tests.client import Client, assert_history_agrees, rest, scripted_agent, until
 from tests.stack import Stack
 
+CLASSIC, DURABLE = agent_pb2.EXECUTION_MODE_CLASSIC, agent_pb2.EXECUTION_MODE_DURABLE
 EMAIL = '{"to": "a@example.com", "subject": "s", "body": "b"}'
 
 
@@ -56,11 +57,12 @@ async def test_calls_without_a_valid_key_are_refused(keyed: grpc.aio.Channel) ->
         await expect(grpc.StatusCode.UNAUTHENTICATED, stream.read())
 
 
+@pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
 async def test_tenants_see_and_steer_only_their_own_runs_and_agents(
-    keyed: grpc.aio.Channel,
+    keyed: grpc.aio.Channel, mode: agent_pb2.ExecutionMode.ValueType
 ) -> None:
     acme, globex = Client(keyed, "acme-secret"), Client(keyed, "globex-secret")
-    agent = scripted_agent(turns=[("", [("send_email", EMAIL)]), ("done", [])])
+    agent = scripted_agent(turns=[("", [("send_email", EMAIL)]), ("done", [])], mode=mode)
     await acme.create_agent(agent)
     # The same agent id in another tenant is another agent.
     other = scripted_agent(turns=[("globex speaking", [])], agent_id=agent.id)
@@ -92,4 +94,22 @@ async def test_tenants_see_and_steer_only_their_own_runs_and_agents(
     await acme.approve(run_id, tool_call_id)
     after = await rest(live)
     assert after[-1].run_completed.output == "done"
-    assert (await acme.get_run(run_id)).id == run_id
+    assert [
+        e.tool_approval_resolved.approved for e in after if e.HasField("tool_approval_resolved")
+    ] == [True]
+    await assert_history_agrees(acme, run_id, before + after)
+
+
+async def test_one_request_id_in_two_tenants_starts_two_runs(keyed: grpc.aio.Channel) -> None:
+    acme, globex = Client(keyed, "acme-secret"), Client(keyed, "globex-secret")
+    agent = scripted_agent(turns=[("hello", [])])
+    await acme.create_agent(agent)
+    await globex.create_agent(agent)
+    request_id = "the-same-request"
+    ours = await acme.run(agent.id, "hi", request_id=request_id)
+    theirs = await globex.run(agent.id, "hi", request_id=request_id)
+    assert ours[0].run_id != theirs[0].run_id
+    again = await acme.run(agent.id, "hi", request_id=request_id)
+    assert again[0].run_id == ours[0].run_id
+    await assert_history_agrees(acme, ours[0].run_id, ours)
+    await assert_history_agrees(globex, theirs[0].run_id, theirs)

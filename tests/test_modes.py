@@ -1,58 +1,20 @@
-"""gateway.run_modes: the gateway's guess of a new run's mode, and runs whose guess was wrong."""
+"""executor.modes: an agent's runs follow its mode as it changes; a repeat keeps its first run."""
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 import grpc
 
 from agentrun.v1 import agent_pb2, agent_service_pb2, run_service_pb2
-from gateway.run_modes import RunModes
 from tests.client import Client, scripted_agent
 
 CLASSIC = agent_pb2.EXECUTION_MODE_CLASSIC
 DURABLE = agent_pb2.EXECUTION_MODE_DURABLE
 
 
-def request(
-    agent_id: str, mode: agent_pb2.ExecutionMode.ValueType = agent_pb2.EXECUTION_MODE_UNSPECIFIED
-) -> Any:
-    return run_service_pb2.StreamRunRequest(agent_id=agent_id, input="hi", execution_mode=mode)
-
-
-def test_an_agent_is_guessed_classic_until_a_run_of_it_was_durable() -> None:
-    modes = RunModes()
-    assert not modes.probably_durable("t", request("a"))
-    modes.saw("t", request("a"), durable=True)
-    assert modes.probably_durable("t", request("a"))
-    assert not modes.probably_durable("other tenant", request("a"))
-    modes.saw("t", request("a"), durable=False)
-    assert not modes.probably_durable("t", request("a"))
-
-
-def test_a_request_that_chooses_its_mode_is_taken_at_its_word_and_teaches_nothing() -> None:
-    modes = RunModes()
-    assert modes.probably_durable("t", request("a", DURABLE))
-    modes.saw("t", request("a", DURABLE), durable=True)
-    assert not modes.probably_durable("t", request("a"))
-    modes.saw("t", request("a"), durable=True)
-    assert not modes.probably_durable("t", request("a", CLASSIC))
-
-
-def test_the_least_recently_started_agents_are_forgotten() -> None:
-    modes = RunModes(size=2)
-    for agent in ("a", "b"):
-        modes.saw("t", request(agent), durable=True)
-    modes.saw("t", request("a"), durable=True)  # a is now more recent than b
-    modes.saw("t", request("c"), durable=True)
-    assert modes.probably_durable("t", request("a"))
-    assert not modes.probably_durable("t", request("b"))
-    assert modes.probably_durable("t", request("c"))
-
-
-async def test_runs_stream_whole_whatever_the_guess(channels: list[grpc.aio.Channel]) -> None:
-    """An agent switched between the modes: each switch makes the gateway's guess wrong once."""
+async def test_runs_stream_whole_whatever_the_mode(channels: list[grpc.aio.Channel]) -> None:
+    """An agent switched between the modes: every run streams whole in the mode it had."""
     client = Client(channels[0])
     agent = await client.create_agent(scripted_agent(turns=[("Hello.", [])], mode=DURABLE))
     outputs: list[tuple[int, str]] = []

@@ -1,0 +1,1 @@
+"""Generated from protos/agentrun/internal by `make proto`. Do not edit."""

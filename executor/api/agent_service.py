@@ -1,0 +1,79 @@
+"""agentrun.v1.AgentService on an executor, for the tenant its gateway names. A change to an
+agent is announced to every executor's agent cache."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from agentrun.v1 import agent_service_pb2 as agents
+from agentrun.v1 import agent_service_pb2_grpc
+from common.rpc import tenant_metadata, unary_errors
+from executor.context import ExecutorContext
+from executor.translation import agent_from_proto, agent_to_proto
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
+    def __init__(self, ctx: ExecutorContext) -> None:
+        self.ctx = ctx
+
+    @unary_errors
+    async def CreateAgent(
+        self, request: agents.CreateAgentRequest, context: Context
+    ) -> agents.CreateAgentResponse:
+        tenant = tenant_metadata(context)
+        config = agent_from_proto(request.agent)
+        created = await asyncio.to_thread(self.ctx.agents.create, tenant, config)
+        await self.ctx.agent_cache.announce_change(tenant, created.agent_id)
+        return agents.CreateAgentResponse(agent=agent_to_proto(created))
+
+    @unary_errors
+    async def GetAgent(
+        self, request: agents.GetAgentRequest, context: Context
+    ) -> agents.GetAgentResponse:
+        config = await asyncio.to_thread(
+            self.ctx.agents.get, tenant_metadata(context), request.agent_id, request.version
+        )
+        return agents.GetAgentResponse(agent=agent_to_proto(config))
+
+    @unary_errors
+    async def ListAgents(
+        self, request: agents.ListAgentsRequest, context: Context
+    ) -> agents.ListAgentsResponse:
+        configs, token = await asyncio.to_thread(
+            self.ctx.agents.list_agents,
+            tenant_metadata(context),
+            request.page_size,
+            request.page_token,
+        )
+        return agents.ListAgentsResponse(
+            agents=[agent_to_proto(c) for c in configs], next_page_token=token
+        )
+
+    @unary_errors
+    async def UpdateAgent(
+        self, request: agents.UpdateAgentRequest, context: Context
+    ) -> agents.UpdateAgentResponse:
+        tenant = tenant_metadata(context)
+        updated = await asyncio.to_thread(
+            self.ctx.agents.update,
+            tenant,
+            agent_from_proto(request.agent),
+            list(request.update_mask.paths),
+            request.expected_version,
+        )
+        await self.ctx.agent_cache.announce_change(tenant, updated.agent_id)
+        return agents.UpdateAgentResponse(agent=agent_to_proto(updated))
+
+    @unary_errors
+    async def DeleteAgent(
+        self, request: agents.DeleteAgentRequest, context: Context
+    ) -> agents.DeleteAgentResponse:
+        tenant = tenant_metadata(context)
+        await asyncio.to_thread(self.ctx.agents.delete, tenant, request.agent_id)
+        await self.ctx.agent_cache.announce_change(tenant, request.agent_id)
+        return agents.DeleteAgentResponse()

@@ -1,0 +1,132 @@
+"""agentrun.internal.v1.ExecutorService.ExecuteRun: a run's events for a gateway, with the
+run's steering on the same stream.
+
+A new run that runs here live (classic) streams straight from its session: events taken while
+the previous message was being written merge into the next ("flush when the previous write
+completes"). Any other run (durable, a repeated start, a resumed stream) streams from its
+published stream (executor.watching). Approvals and cancellation that follow on the call go
+through executor.steering, wherever the run is held; a refused one ends the call with its
+error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from agentrun.internal.v1 import executor_service_pb2 as pb
+from agentrun.internal.v1 import executor_service_pb2_grpc
+from agentrun.v1 import run_pb2
+from common.errors import InvalidArgument, Unauthenticated
+from common.rpc import stream_errors
+from common.side_by_side import ReportError, side_by_side
+from eventstore.run_commands import Cancel, Command, Decide
+from executor.api.run_service import spec_of
+from executor.runs import Runs, checked_run_id
+from executor.session.session import RunSession
+from executor.steering import Steering
+from executor.watching import Watching
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Requests = AsyncIterator[pb.ExecuteRunRequest]
+Batches = AsyncIterator[list[run_pb2.RunEvent]]
+
+
+class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
+    def __init__(self, runs: Runs, steering: Steering, watching: Watching) -> None:
+        self.runs = runs
+        self.steering = steering
+        self.watching = watching
+
+    @stream_errors
+    async def ExecuteRun(
+        self, request_iterator: Requests, context: Context
+    ) -> AsyncIterator[pb.ExecuteRunResponse]:
+        first = await anext(aiter(request_iterator), None)
+        if first is not None and first.HasField("start"):
+            tenant = _tenant(first.start.tenant)
+            spec = spec_of(tenant, first.start.request)
+            started = await self.runs.start(spec, watching=self.watching)
+            run_id = started.record.run_id
+            if started.session is not None:
+                live = self._live(started.session, request_iterator, spec.cancel_on_disconnect)
+                async for batch in live:
+                    yield pb.ExecuteRunResponse(events=batch)
+                return
+            events = self.watching.watch(tenant, run_id, 0, subscribing=started.subscribing)
+        elif first is not None and first.HasField("resume"):
+            resume = first.resume
+            tenant = _tenant(resume.tenant)
+            run_id = checked_run_id(resume.run_id, "resume.run_id")
+            if resume.after_sequence < 0:
+                raise InvalidArgument("resume.after_sequence", "must not be negative")
+            events = self.watching.watch(
+                tenant,
+                run_id,
+                resume.after_sequence,
+                relayed=resume.relayed,
+                probe_first=bool(resume.relayed),
+            )
+        else:
+            raise InvalidArgument("message", "the first message must start or resume a run")
+        steering = functools.partial(self._steer, request_iterator, tenant, run_id)
+        async for batch in side_by_side(events, steering):
+            yield pb.ExecuteRunResponse(events=batch)
+
+    async def _live(
+        self, session: RunSession, requests: Requests, cancel_on_disconnect: bool
+    ) -> Batches:
+        stream = session.stream
+        if not stream.attach():
+            raise InvalidArgument("run_id", "the run is already being streamed")
+        # Let the run's loop start before the first write: whatever it emits without waiting
+        # (with a fast model, the first tokens) shares the first message with RunStarted.
+        await asyncio.sleep(0)
+        tenant, run_id = session.run.tenant, session.run_id
+        steering = asyncio.create_task(self._steer(requests, tenant, run_id, stream.interrupt))
+        try:
+            while batch := await stream.next_batch():
+                yield batch
+        finally:
+            stream.detach()
+            steering.cancel()
+            if cancel_on_disconnect and not stream.ended:
+                with contextlib.suppress(Exception):
+                    session.cancel("the client disconnected")
+
+    async def _steer(
+        self,
+        requests: Requests,
+        tenant: str,
+        run_id: str,
+        on_error: ReportError,
+    ) -> None:
+        """Carries out the approvals and cancellation that follow on the call; the first one
+        refused goes to ``on_error``."""
+        try:
+            async for request in requests:
+                await self.steering.steer(tenant, run_id, _command_of(request))
+        except Exception as exc:
+            on_error(exc)
+
+
+def _tenant(tenant: str) -> str:
+    if not tenant:
+        raise Unauthenticated("ExecuteRun's first message must name the tenant")
+    return tenant
+
+
+def _command_of(request: pb.ExecuteRunRequest) -> Command:
+    if request.HasField("tool_approval"):
+        decision = request.tool_approval
+        if not decision.tool_call_id:
+            raise InvalidArgument("decision.tool_call_id", "is required")
+        return Decide(decision.tool_call_id, decision.approved, decision.reason)
+    if request.HasField("cancel"):
+        return Cancel(request.cancel.reason)
+    raise InvalidArgument("message", "only approvals and cancel may follow start or resume")

@@ -1,0 +1,64 @@
+"""How a run waits for something from outside (today: decisions on tool calls): the port that
+makes a session classic or durable (with executor.session.recording).
+
+- ``InMemory`` (classic): the loop waits in the session until every call is decided or its
+  approval deadline passes (then it is denied as timed out, by the same command a reconciler
+  would send); decisions reach the session from any gateway over the run's control subject.
+- ``Suspending`` (durable): the run suspends: the session lets it go, the store keeps it (no
+  memory, task or worker) until a decision is recorded there and the run is dispatched again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from eventstore.run_commands import TimeOutApprovals
+
+if TYPE_CHECKING:
+    from executor.session.session import RunSession
+
+
+class Waiting(Protocol):
+    """How a run waits for decisions (see module docstring)."""
+
+    @property
+    def takes_decisions(self) -> bool:
+        """Whether decisions are taken by the session holding the run (else by the store)."""
+        ...
+
+    async def for_decisions(self, session: RunSession) -> bool:
+        """Waits until the run's awaited calls are decided. False: the run suspends (its
+        session stops driving it)."""
+        ...
+
+
+class InMemory:
+    """Classic runs (see module docstring)."""
+
+    takes_decisions = True
+
+    async def for_decisions(self, session: RunSession) -> bool:
+        run = session.run
+        while undecided := run.awaiting_decision():
+            now = time.time()
+            if await session.apply(TimeOutApprovals(now)):
+                continue
+            deadline = min(run.approvals_required[c["id"]] for c in undecided)
+            session.decided.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(deadline - now, 0.0)):
+                    await session.decided.wait()
+        await session.recording.state_changed(run)
+        return True
+
+
+class Suspending:
+    """Durable runs (see module docstring)."""
+
+    takes_decisions = False
+
+    async def for_decisions(self, session: RunSession) -> bool:
+        return False
