@@ -25,7 +25,7 @@ setup: $(INSTALLED)
 run: setup
 	$(BIN)/agentrun up
 
-## The tests (PostgreSQL suites run when AGENTRUN_TEST_POSTGRES_URL is set).
+## The tests (PostgreSQL: AGENTRUN_TEST_POSTGRES_URL, or a throwaway server the tests start).
 test: setup
 	$(BIN)/pytest
 

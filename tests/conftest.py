@@ -1,7 +1,8 @@
 """Shared fixtures: the store on every backend, a real nats-server, a real stack of processes.
 
-PostgreSQL suites run when AGENTRUN_TEST_POSTGRES_URL is set (CI sets it); each test session
-gets its own schema. Without it they are skipped, and the skip says why.
+PostgreSQL suites use the server of AGENTRUN_TEST_POSTGRES_URL (CI sets it) or, without it, a
+throwaway server started the first time a test needs one (tests/postgres_server.py); every store
+and stack gets its own schema. They are skipped only when the variable says ``skip``.
 """
 
 from __future__ import annotations
@@ -17,23 +18,33 @@ import pytest
 
 from cli.launcher import Service, start_nats
 from eventstore.persistence import StoreConfig
+from tests.postgres_server import Throwaway
 from tests.stack import Stack, start_stack
 
-POSTGRES_URL = os.environ.get("AGENTRUN_TEST_POSTGRES_URL", "")
 BACKENDS = ["sqlite", "postgres"]
+THROWAWAY_POSTGRES = Throwaway()
 
 
 def postgres_url(schema: str) -> str:
-    separator = "&" if "?" in POSTGRES_URL else "?"
-    return f"{POSTGRES_URL}{separator}schema={schema}"
+    server = os.environ.get("AGENTRUN_TEST_POSTGRES_URL", "")
+    if server == "skip":
+        pytest.skip("PostgreSQL suite: AGENTRUN_TEST_POSTGRES_URL=skip")
+    server = server or THROWAWAY_POSTGRES.url()
+    separator = "&" if "?" in server else "?"
+    return f"{server}{separator}schema={schema}"
 
 
 def database_url_for(backend: str, tmp: Path) -> str:
     if backend == "postgres":
-        if not POSTGRES_URL:
-            pytest.skip("PostgreSQL suite: set AGENTRUN_TEST_POSTGRES_URL to run it")
         return postgres_url(f"t_{uuid.uuid4().hex[:12]}")
     return f"sqlite:///{tmp}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_throwaway_postgres() -> Iterator[None]:
+    """Set up before, so torn down after, every other fixture of the session."""
+    yield
+    THROWAWAY_POSTGRES.stop()
 
 
 def drop_schema(url: str) -> None:

@@ -19,7 +19,7 @@ import pytest
 from agentrun.v1 import agent_pb2
 from cli.launcher import NATS_READY, Service, _start, free_port, nats_server_path
 from tests.client import Client, kinds, scripted_agent, text_of
-from tests.conftest import POSTGRES_URL, database_url_for, drop_schema
+from tests.conftest import database_url_for, drop_schema
 from tests.stack import Stack
 from tests.test_durable_crashes import CRASH_ENV, TOOLS, TURNS, check_run, stored_history
 from tests.test_scale_out import GUARD, POOLS, Progress, Reader
@@ -67,8 +67,7 @@ def nats_cluster(tmp_path: Path) -> Iterator[list[Service]]:
 async def test_runs_complete_when_the_executors_nats_node_dies(
     nats_cluster: list[Service], tmp_path: Path
 ) -> None:
-    backend = "postgres" if POSTGRES_URL else "sqlite"
-    url = database_url_for(backend, tmp_path / "data") + (POOLS if POSTGRES_URL else "")
+    url = database_url_for("postgres", tmp_path / "data") + POOLS
     urls = ",".join(f"nats://{member.address}" for member in nats_cluster)
     env = {"AGENTRUN_NATS_URL": urls, "AGENTRUN_NATS_REPLICAS": "3", **CRASH_ENV}
     stack = Stack(database_url=url, nats=nats_cluster[0], tmp=tmp_path)

@@ -10,7 +10,7 @@ one nats-server.
   target list), and those on an executor that is killed fail with EXECUTOR_LOST while the
   others complete.
 
-PostgreSQL only (AGENTRUN_TEST_POSTGRES_URL): several executors share one store.
+PostgreSQL only: several executors share one store.
 """
 
 from __future__ import annotations
