@@ -27,10 +27,10 @@ from executor.translation import (
     HISTORY_BATCH_BYTES,
     STATUSES,
     agent_from_proto,
-    agent_to_proto,
     history_batches,
     mode_of,
     record_to_proto,
+    stored_agent_to_proto,
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -237,9 +237,9 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     ) -> pb.ExecutorServiceCreateAgentResponse:
         config = agent_from_proto(request.request.agent)
         created = await asyncio.to_thread(self.ctx.agents.create, request.tenant, config)
-        await self.ctx.agent_cache.announce_change(request.tenant, created.agent_id)
+        await self.ctx.agent_cache.announce_change(request.tenant, created.config.agent_id)
         return pb.ExecutorServiceCreateAgentResponse(
-            response=agent_service_pb2.CreateAgentResponse(agent=agent_to_proto(created))
+            response=agent_service_pb2.CreateAgentResponse(agent=stored_agent_to_proto(created))
         )
 
     @unary_errors
@@ -247,11 +247,11 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         self, request: pb.ExecutorServiceGetAgentRequest, context: Context
     ) -> pb.ExecutorServiceGetAgentResponse:
         req = request.request
-        config = await asyncio.to_thread(
-            self.ctx.agents.get, request.tenant, req.agent_id, req.version
+        stored = await asyncio.to_thread(
+            self.ctx.agents.get_stored, request.tenant, req.agent_id, req.version
         )
         return pb.ExecutorServiceGetAgentResponse(
-            response=agent_service_pb2.GetAgentResponse(agent=agent_to_proto(config))
+            response=agent_service_pb2.GetAgentResponse(agent=stored_agent_to_proto(stored))
         )
 
     @unary_errors
@@ -259,12 +259,12 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         self, request: pb.ExecutorServiceListAgentsRequest, context: Context
     ) -> pb.ExecutorServiceListAgentsResponse:
         req = request.request
-        configs, token = await asyncio.to_thread(
+        agents, token = await asyncio.to_thread(
             self.ctx.agents.list_agents, request.tenant, req.page_size, req.page_token
         )
         return pb.ExecutorServiceListAgentsResponse(
             response=agent_service_pb2.ListAgentsResponse(
-                agents=[agent_to_proto(c) for c in configs], next_page_token=token
+                agents=[stored_agent_to_proto(a) for a in agents], next_page_token=token
             )
         )
 
@@ -280,9 +280,9 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             list(req.update_mask.paths),
             req.expected_version,
         )
-        await self.ctx.agent_cache.announce_change(request.tenant, updated.agent_id)
+        await self.ctx.agent_cache.announce_change(request.tenant, updated.config.agent_id)
         return pb.ExecutorServiceUpdateAgentResponse(
-            response=agent_service_pb2.UpdateAgentResponse(agent=agent_to_proto(updated))
+            response=agent_service_pb2.UpdateAgentResponse(agent=stored_agent_to_proto(updated))
         )
 
     @unary_errors
