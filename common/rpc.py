@@ -2,10 +2,11 @@
 
 - One table maps domain errors to status codes; every servicer method is wrapped by
   ``unary_errors`` or ``stream_errors`` so that error handling lives here and nowhere else.
-- ``serve`` builds a grpc.aio server with health, reflection, keepalive tolerance and message
-  limits, and stops it gracefully. A server that cannot keep its streams through a restart (the
-  gateway) ends them on stop with UNAVAILABLE and a message saying how to resume
-  (``StreamDrain``), so that clients reconnect elsewhere instead of hanging or seeing CANCELLED.
+- ``serve`` builds a grpc.aio server with health, reflection (v1 and v1alpha), keepalive
+  tolerance and message limits, and stops it gracefully. A server that cannot keep its streams
+  through a restart (the gateway) ends them on stop with UNAVAILABLE and a message saying how
+  to resume (``StreamDrain``), so that clients reconnect elsewhere instead of hanging or seeing
+  CANCELLED.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from common import errors
+from common.reflection import enable_server_reflection
 
 log = logging.getLogger(__name__)
 
@@ -285,13 +286,8 @@ async def serve(
     service_names = list(register(server))
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [
-            *service_names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
+    enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server
     )
     port = server.add_insecure_port(listen)
     if port == 0:

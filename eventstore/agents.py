@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid5
 
@@ -31,6 +33,16 @@ DEFAULT_PAGE_SIZE = 50
 _SAVE_ATTEMPTS = 5
 
 
+@dataclass(frozen=True)
+class StoredAgent:
+    """An agent at one version, with when the agent was created (version 1, or its creation
+    again after a deletion) and when that version was."""
+
+    config: AgentConfig
+    create_time: datetime
+    update_time: datetime
+
+
 class Agent(Aggregate):
     """One agent of one tenant. Its aggregate version is the agent's version."""
 
@@ -44,6 +56,8 @@ class Agent(Aggregate):
         self.agent_id = agent_id
         self.config = config
         self.deleted = False
+        # When the agent was created: this event's time, or that of its creation again.
+        self.created_at = self.created_on
 
     def update(self, config: AgentConfig) -> None:
         self._updated(config.with_version(self.version + 1).to_json())
@@ -57,9 +71,12 @@ class Agent(Aggregate):
         self._recreated(config.with_version(self.version + 1).to_json())
 
     @event("Recreated")
-    def _recreated(self, config: dict[str, Any]) -> None:
+    def _recreated(self, config: dict[str, Any], timestamp: datetime | None = None) -> None:
+        # eventsourcing passes the event's own time to a parameter of this name.
+        assert timestamp is not None
         self.config = config
         self.deleted = False
+        self.created_at = timestamp
 
     def delete(self) -> None:
         self._deleted()
@@ -70,6 +87,12 @@ class Agent(Aggregate):
 
     def current(self) -> AgentConfig:
         return AgentConfig.from_json(self.config)
+
+    def stored(self) -> StoredAgent:
+        """The current version with its times. A snapshot taken before the creation time was
+        kept has none: the first creation's time stands in for it."""
+        created: datetime = getattr(self, "created_at", self.created_on)
+        return StoredAgent(self.current(), create_time=created, update_time=self.modified_on)
 
 
 class AgentDirectory(Aggregate):
@@ -111,7 +134,7 @@ class AgentCatalog(UnnotifiedApplication):
         )
 
     @translate_store_errors
-    def create(self, tenant: str, config: AgentConfig) -> AgentConfig:
+    def create(self, tenant: str, config: AgentConfig) -> StoredAgent:
         config.validate()
         for _ in range(_SAVE_ATTEMPTS):
             agent = self._find(tenant, config.agent_id)
@@ -129,11 +152,15 @@ class AgentCatalog(UnnotifiedApplication):
                 self.save(agent, directory)
             except IntegrityError:
                 continue
-            return agent.current()
+            return agent.stored()
         raise Conflict("too many concurrent changes to this tenant's agents; try again")
 
-    @translate_store_errors
     def get(self, tenant: str, agent_id: str, version: int = 0) -> AgentConfig:
+        """The agent's configuration at ``version``, 0 for the latest."""
+        return self.get_stored(tenant, agent_id, version).config
+
+    @translate_store_errors
+    def get_stored(self, tenant: str, agent_id: str, version: int = 0) -> StoredAgent:
         agent_uuid = Agent.create_id(tenant, agent_id)
         try:
             agent: Agent = self.repository.get(
@@ -143,25 +170,25 @@ class AgentCatalog(UnnotifiedApplication):
             raise NotFound("agent", agent_id) from None
         if agent.deleted or (version and agent.version != version):
             raise NotFound("agent", agent_id if not version else f"{agent_id}@{version}")
-        return agent.current()
+        return agent.stored()
 
     @translate_store_errors
     def list_agents(
         self, tenant: str, page_size: int = 0, page_token: str = ""
-    ) -> tuple[list[AgentConfig], str]:
+    ) -> tuple[list[StoredAgent], str]:
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         if page_size < 0:
             raise InvalidArgument("page_size", "must not be negative")
         after = _decode_token(page_token)
         ids = [i for i in self._directory(tenant).agent_ids if i > after]
         page = ids[:size]
-        configs = []
+        agents = []
         for agent_id in page:
             agent = self._find(tenant, agent_id)
             if agent is not None and not agent.deleted:
-                configs.append(agent.current())
+                agents.append(agent.stored())
         next_token = _encode_token(page[-1]) if len(ids) > size else ""
-        return configs, next_token
+        return agents, next_token
 
     @translate_store_errors
     def update(
@@ -170,7 +197,7 @@ class AgentCatalog(UnnotifiedApplication):
         config: AgentConfig,
         fields: Sequence[str] = (),
         expected_version: int = 0,
-    ) -> AgentConfig:
+    ) -> StoredAgent:
         unknown = [f for f in fields if f not in UPDATABLE_FIELDS]
         if unknown:
             raise InvalidArgument(
@@ -199,7 +226,7 @@ class AgentCatalog(UnnotifiedApplication):
                 if expected_version:
                     raise Conflict(f"agent {config.agent_id!r} changed concurrently") from None
                 continue
-            return agent.current()
+            return agent.stored()
         raise Conflict(f"too many concurrent updates of agent {config.agent_id!r}; try again")
 
     @translate_store_errors

@@ -20,6 +20,7 @@ from eventstore.agent_config import (
     ScriptedTurn,
     ToolSettings,
 )
+from eventstore.agents import StoredAgent
 from eventstore.run import Run
 from eventstore.run_list import RunRecord
 from eventstore.run_store import StoredEvent
@@ -155,6 +156,14 @@ def agent_to_proto(config: AgentConfig) -> agent_pb2.Agent:
             name=tool.name, description=tool.description, requires_approval=tool.requires_approval
         )
         added.timeout.FromNanoseconds(int(tool.timeout * 1e9))
+    return agent
+
+
+def stored_agent_to_proto(stored: StoredAgent) -> agent_pb2.Agent:
+    """An agent as the catalog holds it: its configuration with its create and update times."""
+    agent = agent_to_proto(stored.config)
+    agent.create_time.FromDatetime(stored.create_time)
+    agent.update_time.FromDatetime(stored.update_time)
     return agent
 
 

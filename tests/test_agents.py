@@ -50,7 +50,7 @@ def test_create_starts_at_version_one_and_get_reads_it_back(catalog: AgentCatalo
         max_model_calls=4,
     )
 
-    created = catalog.create(TENANT, config)
+    created = catalog.create(TENANT, config).config
 
     assert created == config.with_version(1)
     assert catalog.get(TENANT, "helper") == created
@@ -58,7 +58,7 @@ def test_create_starts_at_version_one_and_get_reads_it_back(catalog: AgentCatalo
 
 
 def test_create_ignores_the_version_given_by_the_caller(catalog: AgentCatalog) -> None:
-    assert catalog.create(TENANT, agent("helper", version=42)).version == 1
+    assert catalog.create(TENANT, agent("helper", version=42)).config.version == 1
 
 
 def test_create_twice_is_already_exists_and_keeps_the_first(catalog: AgentCatalog) -> None:
@@ -103,6 +103,39 @@ def test_get_old_versions_past_the_snapshot_interval(catalog: AgentCatalog) -> N
     assert (latest.version, latest.display_name) == (45, "v45")
     for version in (1, 19, 20, 21, 40, 44):
         assert catalog.get(TENANT, "helper", version=version).display_name == f"v{version}"
+    # Snapshots keep the creation time.
+    first = catalog.get_stored(TENANT, "helper", version=1)
+    assert catalog.get_stored(TENANT, "helper").create_time == first.create_time
+    assert catalog.get_stored(TENANT, "helper", version=41).create_time == first.create_time
+
+
+def test_an_agent_keeps_its_create_time_and_each_version_has_its_update_time(
+    catalog: AgentCatalog,
+) -> None:
+    created = catalog.create(TENANT, agent("helper", display_name="v1"))
+    updated = catalog.update(TENANT, agent("helper", display_name="v2"), ["display_name"])
+
+    assert created.create_time == created.update_time
+    assert updated.create_time == created.create_time
+    assert updated.update_time > created.update_time
+    assert catalog.get_stored(TENANT, "helper") == updated
+    assert catalog.get_stored(TENANT, "helper", version=1) == created
+    assert catalog.list_agents(TENANT)[0] == [updated]
+
+
+def test_an_agent_created_again_after_a_deletion_has_a_new_create_time(
+    catalog: AgentCatalog,
+) -> None:
+    first = catalog.create(TENANT, agent("helper"))
+    catalog.delete(TENANT, "helper")
+
+    again = catalog.create(TENANT, agent("helper"))
+    updated = catalog.update(TENANT, agent("helper", display_name="x"), ["display_name"])
+
+    assert again.create_time == again.update_time
+    assert again.create_time > first.create_time
+    assert updated.create_time == again.create_time
+    assert catalog.get_stored(TENANT, "helper", version=1) == first
 
 
 def test_list_pages_through_agents_in_id_order(catalog: AgentCatalog) -> None:
@@ -114,7 +147,7 @@ def test_list_pages_through_agents_in_id_order(catalog: AgentCatalog) -> None:
     token = ""
     while True:
         configs, token = catalog.list_agents(TENANT, page_size=3, page_token=token)
-        pages.append([c.agent_id for c in configs])
+        pages.append([c.config.agent_id for c in configs])
         if not token:
             break
 
@@ -131,7 +164,7 @@ def test_list_exactly_one_full_page_has_no_next_token(catalog: AgentCatalog) -> 
 
     configs, token = catalog.list_agents(TENANT, page_size=3)
 
-    assert [c.agent_id for c in configs] == ["a", "b", "c"]
+    assert [c.config.agent_id for c in configs] == ["a", "b", "c"]
     assert token == ""
 
 
@@ -146,7 +179,7 @@ def test_list_default_and_maximum_page_sizes(catalog: AgentCatalog) -> None:
     capped, token = catalog.list_agents(TENANT, page_size=10_000)
     assert len(capped) == MAX_PAGE_SIZE
     rest, last_token = catalog.list_agents(TENANT, page_size=10_000, page_token=token)
-    assert [c.agent_id for c in rest] == [f"agent-{MAX_PAGE_SIZE:04d}"]
+    assert [c.config.agent_id for c in rest] == [f"agent-{MAX_PAGE_SIZE:04d}"]
     assert last_token == ""
 
 
@@ -189,7 +222,7 @@ def test_update_changes_only_the_masked_fields(catalog: AgentCatalog) -> None:
         tools=(ToolSettings("calculator"),),
     )
 
-    updated = catalog.update(TENANT, wanted, ["display_name", "max_model_calls"])
+    updated = catalog.update(TENANT, wanted, ["display_name", "max_model_calls"]).config
 
     assert updated.version == 2
     assert (updated.display_name, updated.max_model_calls) == ("New", 9)
@@ -212,7 +245,7 @@ def test_update_without_mask_replaces_every_updatable_field(catalog: AgentCatalo
         max_model_calls=2,
     )
 
-    updated = catalog.update(TENANT, wanted)
+    updated = catalog.update(TENANT, wanted).config
 
     assert updated == wanted.with_version(2)
 
@@ -221,7 +254,9 @@ def test_every_update_raises_the_version_by_one(catalog: AgentCatalog) -> None:
     catalog.create(TENANT, agent("helper"))
 
     versions = [
-        catalog.update(TENANT, agent("helper", instructions=str(i)), ["instructions"]).version
+        catalog.update(
+            TENANT, agent("helper", instructions=str(i)), ["instructions"]
+        ).config.version
         for i in range(4)
     ]
 
@@ -254,7 +289,7 @@ def test_update_with_expected_version(catalog: AgentCatalog) -> None:
 
     updated = catalog.update(
         TENANT, agent("helper", display_name="third"), ["display_name"], expected_version=2
-    )
+    ).config
     assert (updated.version, updated.display_name) == (3, "third")
 
 
@@ -281,7 +316,7 @@ def test_delete_hides_the_agent(catalog: AgentCatalog) -> None:
 
     with pytest.raises(NotFound):
         catalog.get(TENANT, "gone")
-    assert [c.agent_id for c in catalog.list_agents(TENANT)[0]] == ["keep"]
+    assert [c.config.agent_id for c in catalog.list_agents(TENANT)[0]] == ["keep"]
     with pytest.raises(NotFound):
         catalog.delete(TENANT, "gone")
     with pytest.raises(NotFound):
@@ -298,12 +333,12 @@ def test_create_after_delete_keeps_the_version_rising(catalog: AgentCatalog) -> 
     catalog.update(TENANT, agent("helper", display_name="edited"), ["display_name"])  # 2
     catalog.delete(TENANT, "helper")  # 3
 
-    again = catalog.create(TENANT, agent("helper", display_name="again"))
+    again = catalog.create(TENANT, agent("helper", display_name="again")).config
 
     assert (again.version, again.display_name) == (4, "again")
     assert catalog.get(TENANT, "helper") == again
-    assert [c.agent_id for c in catalog.list_agents(TENANT)[0]] == ["helper"]
-    assert catalog.update(TENANT, agent("helper"), ["display_name"]).version == 5
+    assert [c.config.agent_id for c in catalog.list_agents(TENANT)[0]] == ["helper"]
+    assert catalog.update(TENANT, agent("helper"), ["display_name"]).config.version == 5
 
 
 @pytest.mark.parametrize(
@@ -353,8 +388,9 @@ def test_create_refuses_an_invalid_config(
 
 
 def test_create_accepts_the_model_call_bounds(catalog: AgentCatalog) -> None:
-    assert catalog.create(TENANT, agent("one", max_model_calls=1)).max_model_calls == 1
-    assert catalog.create(TENANT, agent("many", max_model_calls=1000)).max_model_calls == 1000
+    assert catalog.create(TENANT, agent("one", max_model_calls=1)).config.max_model_calls == 1
+    many = catalog.create(TENANT, agent("many", max_model_calls=1000))
+    assert many.config.max_model_calls == 1000
 
 
 def test_tenants_have_independent_agents_with_the_same_id(catalog: AgentCatalog) -> None:
@@ -368,7 +404,7 @@ def test_tenants_have_independent_agents_with_the_same_id(catalog: AgentCatalog)
     assert (mine.version, mine.display_name) == (2, "acme's v2")
     with pytest.raises(NotFound):
         catalog.get(OTHER, "helper")
-    assert [c.display_name for c in catalog.list_agents(TENANT)[0]] == ["acme's v2"]
+    assert [c.config.display_name for c in catalog.list_agents(TENANT)[0]] == ["acme's v2"]
     assert catalog.list_agents(OTHER) == ([], "")
 
 

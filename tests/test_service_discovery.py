@@ -1,5 +1,5 @@
-"""Health checking and server reflection on the gateway and the executor, and a generic gRPC
-client (``buf curl``) that knows nothing of agentrun but what reflection tells it."""
+"""Health checking and server reflection (v1 and v1alpha) on the gateway and the executor, and a
+generic gRPC client (``buf curl``) that knows nothing of agentrun but what reflection tells it."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import asyncio
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from tests.client import Client, scripted_agent
@@ -22,6 +23,7 @@ GUARD = 60.0  # seconds; only bounds a hang
 BUF = Path(__file__).resolve().parent.parent / "node_modules" / ".bin" / "buf"
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 RUN_SERVICE = "agentrun.v1.RunService"
 AGENT_SERVICE = "agentrun.v1.AgentService"
 EXECUTOR_SERVICE = "agentrun.internal.v1.ExecutorService"
@@ -40,12 +42,19 @@ async def health_status(address: str, service: str) -> int:
 
 
 async def reflect(
-    address: str, *requests: reflection_pb2.ServerReflectionRequest
+    address: str,
+    *requests: reflection_pb2.ServerReflectionRequest,
+    service: str = REFLECTION,
 ) -> list[reflection_pb2.ServerReflectionResponse]:
-    """Sends the requests on one ServerReflectionInfo stream; returns one response each."""
+    """Sends the requests on one ServerReflectionInfo stream of ``service`` (v1alpha or v1:
+    their messages are the same on the wire); returns one response each."""
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        call = stub.ServerReflectionInfo(timeout=GUARD)
+        info: Any = channel.stream_stream(
+            f"/{service}/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        call = info(timeout=GUARD)
         responses: list[reflection_pb2.ServerReflectionResponse] = []
         for request in requests:
             await call.write(request)
@@ -54,14 +63,20 @@ async def reflect(
         return responses
 
 
-async def listed_services(address: str) -> list[str]:
-    (response,) = await reflect(address, reflection_pb2.ServerReflectionRequest(list_services=""))
+async def listed_services(address: str, service: str = REFLECTION) -> list[str]:
+    (response,) = await reflect(
+        address, reflection_pb2.ServerReflectionRequest(list_services=""), service=service
+    )
     return [s.name for s in response.list_services_response.service]
 
 
-async def file_of_symbol(address: str, symbol: str) -> list[descriptor_pb2.FileDescriptorProto]:
+async def file_of_symbol(
+    address: str, symbol: str, service: str = REFLECTION
+) -> list[descriptor_pb2.FileDescriptorProto]:
     (response,) = await reflect(
-        address, reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+        address,
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol),
+        service=service,
     )
     assert response.WhichOneof("message_response") == "file_descriptor_response", response
     return [
@@ -160,6 +175,34 @@ async def test_reflection_describes_the_executor_service(stack: Stack) -> None:
     assert [m.name for m in service.method] == ["ExecuteRun"]
 
 
+@pytest.mark.parametrize("side", ["gateway", "executor"])
+async def test_reflection_v1_lists_the_same_services_as_v1alpha(stack: Stack, side: str) -> None:
+    address = stack.gateways[0].address if side == "gateway" else stack.executors[0].address
+    v1 = await listed_services(address, service=REFLECTION_V1)
+    assert set(v1) == set(await listed_services(address))
+    assert {REFLECTION_V1, REFLECTION, HEALTH} <= set(v1)
+    assert (RUN_SERVICE if side == "gateway" else EXECUTOR_SERVICE) in v1
+
+
+async def test_reflection_v1_describes_the_run_service(stack: Stack) -> None:
+    files = await file_of_symbol(stack.gateways[0].address, RUN_SERVICE, service=REFLECTION_V1)
+    assert files[0].name == "agentrun/v1/run_service.proto"
+    service = service_in(files, RUN_SERVICE)
+    expected = run_service_pb2.DESCRIPTOR.services_by_name["RunService"]
+    assert [m.name for m in service.method] == [m.name for m in expected.methods]
+
+
+async def test_reflection_v1_describes_itself(stack: Stack) -> None:
+    # A listed service must be describable: generic clients describe every service they list.
+    files = await file_of_symbol(stack.gateways[0].address, REFLECTION_V1, service=REFLECTION_V1)
+    (method,) = service_in(files, REFLECTION_V1).method
+    assert method.name == "ServerReflectionInfo"
+    assert method.input_type == ".grpc.reflection.v1.ServerReflectionRequest"
+    assert method.output_type == ".grpc.reflection.v1.ServerReflectionResponse"
+    assert method.client_streaming
+    assert method.server_streaming
+
+
 async def test_reflection_of_an_unknown_symbol_is_not_found(stack: Stack) -> None:
     (response,) = await reflect(
         stack.gateways[0].address,
@@ -187,6 +230,18 @@ async def test_buf_curl_lists_the_gateways_methods_through_reflection(stack: Sta
     assert f"{RUN_SERVICE}/StreamRun" in methods
     assert f"{RUN_SERVICE}/StartRun" in methods
     assert f"{AGENT_SERVICE}/CreateAgent" in methods
+
+
+@needs_buf
+@pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
+async def test_buf_curl_lists_the_gateways_services_with_either_reflection_protocol(
+    stack: Stack, protocol: str
+) -> None:
+    result = await buf_curl(
+        "--reflect-protocol", protocol, "--list-services", f"http://{stack.gateways[0].address}"
+    )
+    assert result.returncode == 0, result.stderr
+    assert {RUN_SERVICE, AGENT_SERVICE, HEALTH} <= set(result.stdout.split())
 
 
 @needs_buf

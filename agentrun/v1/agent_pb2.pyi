@@ -68,7 +68,13 @@ class Agent(_message.Message):
     starting with a letter (for example "demo-classic").
     """
     version: _builtins.int
-    """Rises by one on every update; a run is pinned to the version it started with."""
+    """Rises by one on every change; a run is pinned to the version it started with. An agent is
+    created at version 1. A deletion is a change too, and an agent deleted and then created
+    again with the same id goes on from there: created (1), deleted (2), created again (3).
+    So a version names one configuration for good: runs pinned to a version of the deleted
+    agent, and GetAgent at that version, still find the configuration they ran with, never the
+    new agent's.
+    """
     display_name: _builtins.str
     """A human readable name."""
     execution_mode: Global___ExecutionMode.ValueType
@@ -94,11 +100,15 @@ class Agent(_message.Message):
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When the agent was created. Output only."""
+        """When the agent was created (for an agent created again after a deletion: when it was
+        created again). The same for every version. Output only.
+        """
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When the agent was last updated. Output only."""
+        """When this version was made: create_time for the version the agent was created at, the
+        update's time for later ones. Output only.
+        """
 
     def __init__(
         self,

@@ -67,14 +67,19 @@ class AgentServiceServicer:
     """
 
     def CreateAgent(self, request, context):
-        """Creates an agent at version 1. ALREADY_EXISTS if the id is taken.
+        """Creates an agent at version 1. ALREADY_EXISTS if the id is taken. An id whose agent was
+        deleted can be used again: the new agent's versions go on after the deletion's (for
+        example 3 after a version 1 deleted as version 2; see Agent.version), so that runs of the
+        deleted agent keep naming their versions unambiguously.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAgent(self, request, context):
-        """Returns an agent, at its latest version or at a given one.
+        """Returns an agent, at its latest version or at a given one. A version of a deleted agent can
+        still be read; NOT_FOUND for the version that records a deletion, and for the latest version
+        (0) of an agent that is deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

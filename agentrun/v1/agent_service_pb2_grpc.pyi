@@ -34,9 +34,16 @@ class AgentServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     CreateAgent: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.CreateAgentRequest, _agent_service_pb2.CreateAgentResponse]
-    """Creates an agent at version 1. ALREADY_EXISTS if the id is taken."""
+    """Creates an agent at version 1. ALREADY_EXISTS if the id is taken. An id whose agent was
+    deleted can be used again: the new agent's versions go on after the deletion's (for
+    example 3 after a version 1 deleted as version 2; see Agent.version), so that runs of the
+    deleted agent keep naming their versions unambiguously.
+    """
     GetAgent: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.GetAgentRequest, _agent_service_pb2.GetAgentResponse]
-    """Returns an agent, at its latest version or at a given one."""
+    """Returns an agent, at its latest version or at a given one. A version of a deleted agent can
+    still be read; NOT_FOUND for the version that records a deletion, and for the latest version
+    (0) of an agent that is deleted.
+    """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]
     """Lists agents, ordered by id."""
     UpdateAgent: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.UpdateAgentRequest, _agent_service_pb2.UpdateAgentResponse]
@@ -50,9 +57,16 @@ class AgentServiceAsyncStub(AgentServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateAgent: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.CreateAgentRequest, _agent_service_pb2.CreateAgentResponse]  # type: ignore[assignment]
-    """Creates an agent at version 1. ALREADY_EXISTS if the id is taken."""
+    """Creates an agent at version 1. ALREADY_EXISTS if the id is taken. An id whose agent was
+    deleted can be used again: the new agent's versions go on after the deletion's (for
+    example 3 after a version 1 deleted as version 2; see Agent.version), so that runs of the
+    deleted agent keep naming their versions unambiguously.
+    """
     GetAgent: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.GetAgentRequest, _agent_service_pb2.GetAgentResponse]  # type: ignore[assignment]
-    """Returns an agent, at its latest version or at a given one."""
+    """Returns an agent, at its latest version or at a given one. A version of a deleted agent can
+    still be read; NOT_FOUND for the version that records a deletion, and for the latest version
+    (0) of an agent that is deleted.
+    """
     ListAgents: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListAgentsRequest, _agent_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Lists agents, ordered by id."""
     UpdateAgent: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.UpdateAgentRequest, _agent_service_pb2.UpdateAgentResponse]  # type: ignore[assignment]
@@ -69,7 +83,11 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.CreateAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.CreateAgentResponse, _abc.Awaitable[_agent_service_pb2.CreateAgentResponse]]:
-        """Creates an agent at version 1. ALREADY_EXISTS if the id is taken."""
+        """Creates an agent at version 1. ALREADY_EXISTS if the id is taken. An id whose agent was
+        deleted can be used again: the new agent's versions go on after the deletion's (for
+        example 3 after a version 1 deleted as version 2; see Agent.version), so that runs of the
+        deleted agent keep naming their versions unambiguously.
+        """
 
     @_abc_1.abstractmethod
     def GetAgent(
@@ -77,7 +95,10 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.GetAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.GetAgentResponse, _abc.Awaitable[_agent_service_pb2.GetAgentResponse]]:
-        """Returns an agent, at its latest version or at a given one."""
+        """Returns an agent, at its latest version or at a given one. A version of a deleted agent can
+        still be read; NOT_FOUND for the version that records a deletion, and for the latest version
+        (0) of an agent that is deleted.
+        """
 
     @_abc_1.abstractmethod
     def ListAgents(

@@ -349,11 +349,13 @@ class RunEvent(_message.Message):
 
     @_builtins.property
     def step_started(self) -> Global___StepStarted:
-        """A step started (or started again after a crash, with a higher attempt)."""
+        """A step started, or (durable runs) started again with a higher attempt: see
+        StepStarted.attempt for what a client does with the text of earlier attempts.
+        """
 
     @_builtins.property
     def text_delta(self) -> Global___TextDelta:
-        """Text the model produced."""
+        """Text the model produced, for one attempt of a model call step."""
 
     @_builtins.property
     def tool_call_requested(self) -> Global___ToolCallRequested:
@@ -441,7 +443,7 @@ Global___RunStarted: _TypeAlias = RunStarted  # noqa: Y015
 
 @_typing.final
 class StepStarted(_message.Message):
-    """A step started."""
+    """A step started: the announcement of one attempt of the step."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -453,8 +455,26 @@ class StepStarted(_message.Message):
     kind: Global___StepKind.ValueType
     """The kind of step."""
     attempt: _builtins.int
-    """1 for the first attempt; higher when the step runs again after an interruption, in which
-    case the text deltas of the earlier attempt of this step are void.
+    """The attempt of the step that starts: 1 for the first. A classic run's steps always have
+    attempt 1. A durable run announces a step again, with a higher attempt, when the executor
+    that ran it stopped (crashed or drained) and another executor took the run up: the step
+    runs again, and a model call step calls the model again, so its text may differ from the
+    earlier attempt's. The executor that takes a run up also announces a higher attempt to send a
+    recorded model call's text again, whole, when its predecessor may not have published all of
+    it (the model is not called again).
+
+    The rule for a client, per step: the text of the step is the text of the highest attempt
+    announced for it. On a StepStarted whose attempt is higher than the one shown for its step,
+    drop the text shown for that step: the new attempt sends its text from its beginning. Show a
+    TextDelta only if its attempt is the highest seen for its step; drop one of a lower attempt.
+
+    In sequence order a TextDelta comes after the StepStarted of its attempt (which an earlier
+    executor may have sent) and before the StepStarted of any higher attempt of its step: text of
+    an earlier attempt may arrive up to the new StepStarted, never after it. Only text is void:
+    a step's other events (tool calls requested, approvals, tool results, StepCompleted) are
+    sent once, after their result is recorded, whatever the attempt. A step's attempts need not
+    start at 1 or rise by one: an executor that stopped before announcing a step leaves its
+    first announcement at attempt 2 or higher.
     """
     def __init__(
         self,
@@ -483,7 +503,9 @@ class TextDelta(_message.Message):
     step_index: _builtins.int
     """The model call step the text belongs to."""
     attempt: _builtins.int
-    """The attempt of that step the text belongs to."""
+    """The attempt of that step the text belongs to. A client shows the text of the highest
+    attempt announced for the step and drops text of lower attempts (see StepStarted.attempt).
+    """
     text: _builtins.str
     """The text."""
     def __init__(

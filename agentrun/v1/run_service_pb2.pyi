@@ -320,7 +320,9 @@ class WatchRunRequest(_message.Message):
     run_id: _builtins.str
     """The run to watch."""
     after_sequence: _builtins.int
-    """Stream the events after this sequence; 0 streams them all."""
+    """Stream the events after this sequence; 0 streams them all. To resume a broken stream, the
+    last sequence received. Beyond a finished run's terminal event: OUT_OF_RANGE.
+    """
     def __init__(
         self,
         *,
@@ -648,7 +650,11 @@ class ForkRunRequest(_message.Message):
     run_id: _builtins.str
     """The run to fork."""
     at_version: _builtins.int
-    """The version of the run's history the fork starts from; 0 means its latest."""
+    """The version of the run's history the fork starts from; 0 means its latest. It must come
+    before the run's terminal event: a version at or after it, such as the last version (or 0)
+    of a finished run, fails with FAILED_PRECONDITION; one beyond the run's last version with
+    OUT_OF_RANGE.
+    """
     request_id: _builtins.str
     """Idempotency key, as in StartRunRequest."""
     def __init__(

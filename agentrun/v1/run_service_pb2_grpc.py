@@ -120,7 +120,10 @@ class RunServiceServicer:
 
     def WatchRun(self, request, context):
         """Streams a run's events after a given sequence: first those already published, then live ones
-        until the run's terminal event. Works for running and finished runs, from any gateway.
+        until the run's terminal event. Works for running and finished runs, from any gateway: a
+        client whose stream broke resumes with after_sequence = the last sequence it received.
+        OUT_OF_RANGE if after_sequence lies beyond a finished run's terminal event, or if the events
+        of a finished run are no longer retained (the server's event retention, 7 days by default).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,14 +159,20 @@ class RunServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRunEvents(self, request, context):
-        """Streams a durable run's stored history, for debugging and recovery.
+        """Streams a durable run's stored history, for debugging and recovery. A classic run stores no
+        history (WatchRun streams its events): FAILED_PRECONDITION, with a message saying so.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ForkRun(self, request, context):
-        """Starts a new durable run whose history is a run's history up to a version.
+        """Starts a new durable run whose history is a durable run's history up to a version; the fork
+        goes on from there (a tool call whose result is recorded by that version does not run
+        again). A version at or after the run's terminal event fails with FAILED_PRECONDITION (the
+        fork would have nothing left to do): so does the last version of a finished run, which is
+        its terminal event. A version beyond the run's history fails with OUT_OF_RANGE. A classic
+        run stores no history: FAILED_PRECONDITION, with a message saying so.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,7 +47,10 @@ class RunServiceStub:
     """Starts a run in the background and returns it at once."""
     WatchRun: _grpc.UnaryStreamMultiCallable[_run_service_pb2.WatchRunRequest, _run_service_pb2.WatchRunResponse]
     """Streams a run's events after a given sequence: first those already published, then live ones
-    until the run's terminal event. Works for running and finished runs, from any gateway.
+    until the run's terminal event. Works for running and finished runs, from any gateway: a
+    client whose stream broke resumes with after_sequence = the last sequence it received.
+    OUT_OF_RANGE if after_sequence lies beyond a finished run's terminal event, or if the events
+    of a finished run are no longer retained (the server's event retention, 7 days by default).
     """
     SubmitToolApproval: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.SubmitToolApprovalRequest, _run_service_pb2.SubmitToolApprovalResponse]
     """Approves or denies a tool call that waits for approval. A repeated decision that agrees with
@@ -60,9 +63,17 @@ class RunServiceStub:
     ListRuns: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ListRunsRequest, _run_service_pb2.ListRunsResponse]
     """Lists runs, newest first."""
     ListRunEvents: _grpc.UnaryStreamMultiCallable[_run_service_pb2.ListRunEventsRequest, _run_service_pb2.ListRunEventsResponse]
-    """Streams a durable run's stored history, for debugging and recovery."""
+    """Streams a durable run's stored history, for debugging and recovery. A classic run stores no
+    history (WatchRun streams its events): FAILED_PRECONDITION, with a message saying so.
+    """
     ForkRun: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ForkRunRequest, _run_service_pb2.ForkRunResponse]
-    """Starts a new durable run whose history is a run's history up to a version."""
+    """Starts a new durable run whose history is a durable run's history up to a version; the fork
+    goes on from there (a tool call whose result is recorded by that version does not run
+    again). A version at or after the run's terminal event fails with FAILED_PRECONDITION (the
+    fork would have nothing left to do): so does the last version of a finished run, which is
+    its terminal event. A version beyond the run's history fails with OUT_OF_RANGE. A classic
+    run stores no history: FAILED_PRECONDITION, with a message saying so.
+    """
 
 @_typing.type_check_only
 class RunServiceAsyncStub(RunServiceStub):
@@ -83,7 +94,10 @@ class RunServiceAsyncStub(RunServiceStub):
     """Starts a run in the background and returns it at once."""
     WatchRun: _aio.UnaryStreamMultiCallable[_run_service_pb2.WatchRunRequest, _run_service_pb2.WatchRunResponse]  # type: ignore[assignment]
     """Streams a run's events after a given sequence: first those already published, then live ones
-    until the run's terminal event. Works for running and finished runs, from any gateway.
+    until the run's terminal event. Works for running and finished runs, from any gateway: a
+    client whose stream broke resumes with after_sequence = the last sequence it received.
+    OUT_OF_RANGE if after_sequence lies beyond a finished run's terminal event, or if the events
+    of a finished run are no longer retained (the server's event retention, 7 days by default).
     """
     SubmitToolApproval: _aio.UnaryUnaryMultiCallable[_run_service_pb2.SubmitToolApprovalRequest, _run_service_pb2.SubmitToolApprovalResponse]  # type: ignore[assignment]
     """Approves or denies a tool call that waits for approval. A repeated decision that agrees with
@@ -96,9 +110,17 @@ class RunServiceAsyncStub(RunServiceStub):
     ListRuns: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ListRunsRequest, _run_service_pb2.ListRunsResponse]  # type: ignore[assignment]
     """Lists runs, newest first."""
     ListRunEvents: _aio.UnaryStreamMultiCallable[_run_service_pb2.ListRunEventsRequest, _run_service_pb2.ListRunEventsResponse]  # type: ignore[assignment]
-    """Streams a durable run's stored history, for debugging and recovery."""
+    """Streams a durable run's stored history, for debugging and recovery. A classic run stores no
+    history (WatchRun streams its events): FAILED_PRECONDITION, with a message saying so.
+    """
     ForkRun: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ForkRunRequest, _run_service_pb2.ForkRunResponse]  # type: ignore[assignment]
-    """Starts a new durable run whose history is a run's history up to a version."""
+    """Starts a new durable run whose history is a durable run's history up to a version; the fork
+    goes on from there (a tool call whose result is recorded by that version does not run
+    again). A version at or after the run's terminal event fails with FAILED_PRECONDITION (the
+    fork would have nothing left to do): so does the last version of a finished run, which is
+    its terminal event. A version beyond the run's history fails with OUT_OF_RANGE. A classic
+    run stores no history: FAILED_PRECONDITION, with a message saying so.
+    """
 
 class RunServiceServicer(metaclass=_abc_1.ABCMeta):
     """Starts, streams, steers and inspects runs. Every run belongs to the caller's tenant and is
@@ -140,7 +162,10 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_run_service_pb2.WatchRunResponse], _abc.AsyncIterator[_run_service_pb2.WatchRunResponse]]:
         """Streams a run's events after a given sequence: first those already published, then live ones
-        until the run's terminal event. Works for running and finished runs, from any gateway.
+        until the run's terminal event. Works for running and finished runs, from any gateway: a
+        client whose stream broke resumes with after_sequence = the last sequence it received.
+        OUT_OF_RANGE if after_sequence lies beyond a finished run's terminal event, or if the events
+        of a finished run are no longer retained (the server's event retention, 7 days by default).
         """
 
     @_abc_1.abstractmethod
@@ -183,7 +208,9 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _run_service_pb2.ListRunEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_run_service_pb2.ListRunEventsResponse], _abc.AsyncIterator[_run_service_pb2.ListRunEventsResponse]]:
-        """Streams a durable run's stored history, for debugging and recovery."""
+        """Streams a durable run's stored history, for debugging and recovery. A classic run stores no
+        history (WatchRun streams its events): FAILED_PRECONDITION, with a message saying so.
+        """
 
     @_abc_1.abstractmethod
     def ForkRun(
@@ -191,6 +218,12 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _run_service_pb2.ForkRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_run_service_pb2.ForkRunResponse, _abc.Awaitable[_run_service_pb2.ForkRunResponse]]:
-        """Starts a new durable run whose history is a run's history up to a version."""
+        """Starts a new durable run whose history is a durable run's history up to a version; the fork
+        goes on from there (a tool call whose result is recorded by that version does not run
+        again). A version at or after the run's terminal event fails with FAILED_PRECONDITION (the
+        fork would have nothing left to do): so does the last version of a finished run, which is
+        its terminal event. A version beyond the run's history fails with OUT_OF_RANGE. A classic
+        run stores no history: FAILED_PRECONDITION, with a message saying so.
+        """
 
 def add_RunServiceServicer_to_server(servicer: RunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -12,7 +12,7 @@ from agentrun.v1 import agent_service_pb2 as agents
 from agentrun.v1 import agent_service_pb2_grpc
 from common.rpc import tenant_metadata, unary_errors
 from executor.context import ExecutorContext
-from executor.translation import agent_from_proto, agent_to_proto
+from executor.translation import agent_from_proto, stored_agent_to_proto
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -28,30 +28,30 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
         tenant = tenant_metadata(context)
         config = agent_from_proto(request.agent)
         created = await asyncio.to_thread(self.ctx.agents.create, tenant, config)
-        await self.ctx.agent_cache.announce_change(tenant, created.agent_id)
-        return agents.CreateAgentResponse(agent=agent_to_proto(created))
+        await self.ctx.agent_cache.announce_change(tenant, created.config.agent_id)
+        return agents.CreateAgentResponse(agent=stored_agent_to_proto(created))
 
     @unary_errors
     async def GetAgent(
         self, request: agents.GetAgentRequest, context: Context
     ) -> agents.GetAgentResponse:
-        config = await asyncio.to_thread(
-            self.ctx.agents.get, tenant_metadata(context), request.agent_id, request.version
+        stored = await asyncio.to_thread(
+            self.ctx.agents.get_stored, tenant_metadata(context), request.agent_id, request.version
         )
-        return agents.GetAgentResponse(agent=agent_to_proto(config))
+        return agents.GetAgentResponse(agent=stored_agent_to_proto(stored))
 
     @unary_errors
     async def ListAgents(
         self, request: agents.ListAgentsRequest, context: Context
     ) -> agents.ListAgentsResponse:
-        configs, token = await asyncio.to_thread(
+        listed, token = await asyncio.to_thread(
             self.ctx.agents.list_agents,
             tenant_metadata(context),
             request.page_size,
             request.page_token,
         )
         return agents.ListAgentsResponse(
-            agents=[agent_to_proto(c) for c in configs], next_page_token=token
+            agents=[stored_agent_to_proto(a) for a in listed], next_page_token=token
         )
 
     @unary_errors
@@ -66,8 +66,8 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
             list(request.update_mask.paths),
             request.expected_version,
         )
-        await self.ctx.agent_cache.announce_change(tenant, updated.agent_id)
-        return agents.UpdateAgentResponse(agent=agent_to_proto(updated))
+        await self.ctx.agent_cache.announce_change(tenant, updated.config.agent_id)
+        return agents.UpdateAgentResponse(agent=stored_agent_to_proto(updated))
 
     @unary_errors
     async def DeleteAgent(
