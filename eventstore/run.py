@@ -7,7 +7,7 @@ the results of the run's steps; eventstore.run_steps decides the next step from 
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, TypedDict
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
@@ -24,9 +24,8 @@ from eventstore.messages import (
     tool_message,
     user_message,
 )
-
-RunStatus = Literal["running", "awaiting_approval", "completed", "failed", "cancelled"]
-TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+from eventstore.run_status import TERMINAL_STATUSES as TERMINAL_STATUSES  # (re-exported)
+from eventstore.run_status import RunStatus
 
 
 class Decision(TypedDict):

@@ -22,8 +22,8 @@ from typing import Any
 
 from agentrun.v1 import run_pb2
 from common.event_streams import append_end, is_terminal, last_published
-from eventstore.run import TERMINAL_STATUSES
 from eventstore.run_list import RunRecord
+from eventstore.run_status import TERMINAL_STATUSES
 from executor.context import ExecutorContext
 from executor.translation import error_of, usage_of
 

@@ -19,8 +19,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from eventstore.run import TERMINAL_STATUSES
 from eventstore.run_list import RunRecord
+from eventstore.run_status import TERMINAL_STATUSES
 from executor import stored_runs
 from executor.context import ExecutorContext
 from executor.dispatch import WorkQueue
