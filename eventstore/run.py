@@ -46,13 +46,77 @@ class RunError(TypedDict):
 
 
 class Run(Aggregate):
-    """One run of an agent. The aggregate id is the run id (a UUID)."""
+    """One run of an agent. The aggregate id is the run id (a UUID).
+
+    Its event classes are declared here, so that code reading recorded events dispatches on the
+    classes themselves (the stored topic stays ``eventstore.run:Run.<name>``)."""
+
+    class Requested(Aggregate.Created):
+        run_id: str
+        tenant: str
+        request_id: str
+        agent: dict[str, Any]
+        input: str
+        conversation_id: str
+        history: list[ChatMessage]
+        execution_mode: str
+        forked_from_run_id: str
+        forked_at_version: int
+
+    class StepResult(Aggregate.Event):
+        """What a step recorded (a model call, a tool call, an approval and its decision): a
+        fork of the run records it again. Executor bookkeeping (Resumed, Released) is not."""
+
+    class ModelCallCompleted(StepResult):
+        step_index: int
+        text: str
+        tool_calls: list[ToolCall]
+        usage: Usage
+
+    class ToolApprovalRequired(StepResult):
+        step_index: int
+        tool_call_id: str
+        expire_at: float
+
+    class ToolApprovalDecided(StepResult):
+        tool_call_id: str
+        approved: bool
+        reason: str
+        timed_out: bool
+
+    class ToolCallCompleted(StepResult):
+        step_index: int
+        tool_call_id: str
+        output: str
+        is_error: bool
+
+    class Resumed(Aggregate.Event):
+        step_index: int
+        executor_id: str
+
+    class Released(Aggregate.Event):
+        step_index: int
+        executor_id: str
+
+    class Ended(Aggregate.Event):
+        """The run reached a terminal status; nothing is recorded after it."""
+
+    class Completed(Ended):
+        output: str
+
+    class Failed(Ended):
+        code: str
+        message: str
+        retryable: bool
+
+    class Cancelled(Ended):
+        reason: str
 
     @staticmethod
     def create_id(run_id: str) -> UUID:
         return UUID(run_id)
 
-    @event("Requested")
+    @event(Requested)
     def __init__(
         self,
         run_id: str,
@@ -183,7 +247,7 @@ class Run(Aggregate):
 
     # -- events ----------------------------------------------------------------------------------
 
-    @event("ModelCallCompleted")
+    @event(ModelCallCompleted)
     def record_model_call(
         self, step_index: int, text: str, tool_calls: list[ToolCall], usage: Usage
     ) -> None:
@@ -192,12 +256,12 @@ class Run(Aggregate):
         self.steps_completed = step_index
         self.usage = add_usage(self.usage, usage)
 
-    @event("ToolApprovalRequired")
+    @event(ToolApprovalRequired)
     def require_approval(self, step_index: int, tool_call_id: str, expire_at: float) -> None:
         self.approvals_required[tool_call_id] = expire_at
         self.status = "awaiting_approval"
 
-    @event("ToolApprovalDecided")
+    @event(ToolApprovalDecided)
     def decide(self, tool_call_id: str, approved: bool, reason: str, timed_out: bool) -> None:
         self.decisions[tool_call_id] = {
             "approved": approved,
@@ -207,7 +271,7 @@ class Run(Aggregate):
         if not self.awaiting_decision():
             self.status = "running"
 
-    @event("ToolCallCompleted")
+    @event(ToolCallCompleted)
     def record_tool_outcome(
         self, step_index: int, tool_call_id: str, output: str, is_error: bool
     ) -> None:
@@ -222,7 +286,7 @@ class Run(Aggregate):
         taker's claim: a stale executor's next commit conflicts with it."""
         self._resumed(step_index=self.steps_completed + 1, executor_id=executor_id)
 
-    @event("Resumed")
+    @event(Resumed)
     def _resumed(self, step_index: int, executor_id: str) -> None:
         self.attempts[str(step_index)] = self.attempt_of(step_index) + 1
         self.holder = executor_id
@@ -233,24 +297,24 @@ class Run(Aggregate):
         towards the step's failed attempts."""
         self._released(step_index=self.steps_completed + 1, executor_id=executor_id)
 
-    @event("Released")
+    @event(Released)
     def _released(self, step_index: int, executor_id: str) -> None:
         releases: dict[str, int] = getattr(self, "releases", {})
         releases[str(step_index)] = releases.get(str(step_index), 0) + 1
         self.releases = releases
         self.holder = ""
 
-    @event("Completed")
+    @event(Completed)
     def complete(self, output: str) -> None:
         self.output = output
         self.status = "completed"
 
-    @event("Failed")
+    @event(Failed)
     def fail(self, code: str, message: str, retryable: bool) -> None:
         self.error = {"code": code, "message": message, "retryable": retryable}
         self.status = "failed"
 
-    @event("Cancelled")
+    @event(Cancelled)
     def cancel(self, reason: str) -> None:
         self.cancel_reason = reason
         self.status = "cancelled"

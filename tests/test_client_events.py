@@ -467,3 +467,13 @@ async def test_fresh_announcements_announce_every_step_once_per_attempt() -> Non
     ]
     assert stream.marks == Marks(step=2, attempt=1)
     await stream.close()
+
+
+async def test_events_clients_do_not_see_only_move_the_version_mark() -> None:
+    run = new_run()
+    record = Recorder(run)
+    recorded = record(lambda r: r.resume("executor-b"))
+    recorded += record(lambda r: r.release("executor-b"))
+    batch, marks = await emitted(run, [*record.events[:1], *recorded])
+    assert batch == []
+    assert marks == Marks(version=3)
