@@ -7,7 +7,7 @@ the results of the run's steps; eventstore.run_steps decides the next step from 
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
@@ -112,9 +112,21 @@ class Run(Aggregate):
     class Cancelled(Ended):
         reason: str
 
+    # The agent parsed from ``agent`` (see agent_config), once per instance. In a slot, not an
+    # attribute: the library snapshots and compares aggregates by their __dict__, where it has
+    # no JSON form and would make two equal runs differ.
+    __slots__ = ("_agent_config",)
+    if TYPE_CHECKING:  # (a class annotation would make the library process Run as a dataclass)
+        _agent_config: AgentConfig
+
     @staticmethod
     def create_id(run_id: str) -> UUID:
         return UUID(run_id)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy of the run gets (the library deep-copies runs from its cache): not the
+        parsed agent, which a copy parses again faster than it would be copied."""
+        return self.__dict__
 
     @event(Requested)
     def __init__(
@@ -159,7 +171,15 @@ class Run(Aggregate):
 
     @property
     def agent_config(self) -> AgentConfig:
-        return AgentConfig.from_json(self.agent)
+        """The agent as of the run's start (pinned in its request), as a typed value.
+
+        Parsed on first use rather than when the request is applied: a run whose agent this
+        version cannot read still loads, so that it can be listed and failed."""
+        try:
+            return self._agent_config
+        except AttributeError:
+            self._agent_config = AgentConfig.from_json(self.agent)
+            return self._agent_config
 
     @property
     def is_finished(self) -> bool:
@@ -197,10 +217,8 @@ class Run(Aggregate):
         return False
 
     def requires_approval(self, call: ToolCall) -> bool:
-        return any(
-            t["name"] == call["name"] and t.get("requires_approval", False)
-            for t in self.agent.get("tools", [])
-        )
+        tool = self.agent_config.tool(call["name"])
+        return tool is not None and tool.requires_approval
 
     def attempt_of(self, step_index: int) -> int:
         """1, or more if the step was interrupted (by a crash or a drain) and taken up again."""

@@ -78,7 +78,7 @@ def next_step(run: Run) -> Step:
         return Finish(last["content"])
     pending = run.pending_tool_calls()
     if not pending:
-        max_calls = int(run.agent.get("max_model_calls", 16))
+        max_calls = run.agent_config.max_model_calls
         if run.model_calls >= max_calls:
             return FailRun(
                 "MAX_MODEL_CALLS",

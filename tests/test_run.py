@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import uuid
 
 import pytest
@@ -123,3 +124,21 @@ def test_ends_and_step_results_are_known_by_their_classes() -> None:
     ]
     assert [type(e).__name__ for e in events if isinstance(e, Run.Ended)] == ["Failed"]
     assert all(issubclass(c, Run.Ended) for c in (Run.Completed, Run.Failed, Run.Cancelled))
+
+
+def test_the_pinned_agent_is_read_as_a_typed_value_parsed_once() -> None:
+    run = new_run()
+    config = run.agent_config
+    assert config == AgentConfig.from_json(run.agent)
+    assert run.agent_config is config
+    assert config.tool("send_email") == ToolSettings("send_email", requires_approval=True)
+    assert run.requires_approval(EMAIL)
+    assert not run.requires_approval(CLOCK)
+    assert not run.requires_approval({"id": "c3", "name": "unknown", "arguments_json": "{}"})
+    # Kept out of the state that the library snapshots, compares and copies: a copy (equal
+    # to the run) parses its own.
+    assert "_agent_config" not in vars(run)
+    copied = copy.deepcopy(run)
+    assert copied == run
+    assert copied.agent_config == config
+    assert copied.agent_config is not config

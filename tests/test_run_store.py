@@ -458,3 +458,24 @@ def test_a_long_run_loads_from_snapshots_as_it_is_in_memory(runs: RunStore) -> N
     for version, expected in states.items():
         assert state(runs.load(run.run_id, version=version)) == expected, version
     assert len(runs.history(run.run_id)) == run.version
+
+
+def test_a_run_whose_agent_was_read_snapshots_and_loads_from_its_snapshot(
+    store: StoreConfig, runs: RunStore
+) -> None:
+    run = awaiting_run(runs)
+    run = runs.load(run.run_id, to_change=False)
+    config = run.agent_config
+    runs.take_snapshot(UUID(run.run_id))
+    assert runs.snapshots is not None
+    (snapshot,) = runs.snapshots.get(UUID(run.run_id))
+    assert isinstance(snapshot, Run.Snapshot)
+    assert "_agent_config" not in snapshot.state
+    fresh = RunStore(store)  # nothing cached: it reads the snapshot
+    try:
+        loaded = fresh.load(run.run_id)
+        assert state(loaded) == state(run)
+        assert loaded.agent_config == config
+        assert loaded.requires_approval(call("c2", "send_email"))
+    finally:
+        fresh.close()
