@@ -12,11 +12,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from common.errors import InvalidArgument
+from eventstore.extensions import MODEL_PROVIDERS, TOOLS
 
 ExecutionMode = Literal["classic", "durable"]
 EXECUTION_MODES: tuple[ExecutionMode, ...] = ("classic", "durable")
-MODEL_PROVIDERS = ("scripted", "openai")
-BUILTIN_TOOL_NAMES = ("clock", "calculator", "send_email")
 
 DEFAULT_APPROVAL_TIMEOUT = 24 * 3600.0
 DEFAULT_TOOL_TIMEOUT = 30.0
@@ -115,12 +114,7 @@ class AgentConfig:
                 "agent.id",
                 "must be 1-63 characters of a-z, 0-9 and '-', starting with a letter",
             )
-        if self.model.provider not in MODEL_PROVIDERS:
-            raise InvalidArgument(
-                "agent.model.provider", f"must be one of {', '.join(MODEL_PROVIDERS)}"
-            )
-        if self.model.provider == "openai" and not self.model.name:
-            raise InvalidArgument("agent.model.name", "is required for the openai provider")
+        MODEL_PROVIDERS.validate(self.model.provider, self.model)
         scripted = self.model.scripted
         for name, delay in (
             ("first_token_delay", scripted.first_token_delay),
@@ -131,11 +125,7 @@ class AgentConfig:
             )
         names = [t.name for t in self.tools]
         for tool in self.tools:
-            if tool.name not in BUILTIN_TOOL_NAMES:
-                raise InvalidArgument(
-                    "agent.tools",
-                    f"unknown tool {tool.name!r}; built-in tools: {', '.join(BUILTIN_TOOL_NAMES)}",
-                )
+            TOOLS.validate(tool.name, tool)
             _check_duration(
                 "agent.tools.timeout", tool.timeout, MAX_TOOL_TIMEOUT, zero_allowed=False
             )

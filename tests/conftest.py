@@ -17,7 +17,12 @@ import pytest
 
 from cli.launcher import Service, start_nats
 from eventstore.persistence import StoreConfig
+from executor.extensions import load_extensions
 from tests.stack import Stack, start_stack
+
+# As an executor does at startup: the agents the tests validate name the shipped providers and
+# tools.
+load_extensions()
 
 POSTGRES_URL = os.environ.get("AGENTRUN_TEST_POSTGRES_URL", "")
 BACKENDS = ["sqlite", "postgres"]

@@ -13,12 +13,26 @@ from typing import Any
 
 import httpx
 
+from common.errors import InvalidArgument
+from eventstore.agent_config import ModelSettings
 from eventstore.messages import ChatMessage, ToolCall, Usage
-from executor.models.base import ModelError, ModelReply, ModelRequest, TextSink
+from executor.models.base import (
+    ModelError,
+    ModelReply,
+    ModelRequest,
+    TextSink,
+    register_provider,
+)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RESERVED_BODY_KEYS = frozenset({"model", "messages", "stream", "stream_options", "tools"})
 ERROR_BODY_LIMIT = 500
+
+
+def check_settings(settings: ModelSettings) -> None:
+    """What an agent of this provider must set."""
+    if not settings.name:
+        raise InvalidArgument("agent.model.name", "is required for the openai provider")
 
 
 def is_retryable_status(status: int) -> bool:
@@ -235,3 +249,6 @@ async def _read_events(response: httpx.Response, stream: _Stream) -> bool:
         stream.feed(event)
     # An event cut off by the end of the stream is dropped, bar a [DONE] lacking its blank line.
     return "\n".join(data).strip() == "[DONE]"
+
+
+register_provider("openai", OpenAIProvider, check_settings)
