@@ -13,6 +13,11 @@ from typing import Any, Literal
 
 from common.errors import InvalidArgument
 from eventstore.extensions import MODEL_PROVIDERS, TOOLS
+from eventstore.retry_policy import (
+    DEFAULT_MODEL_RETRY_POLICY,
+    DEFAULT_TOOL_RETRY_POLICY,
+    RetryPolicy,
+)
 
 ExecutionMode = Literal["classic", "durable"]
 EXECUTION_MODES: tuple[ExecutionMode, ...] = ("classic", "durable")
@@ -100,6 +105,8 @@ class AgentConfig:
     tools: tuple[ToolSettings, ...] = ()
     approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT
     max_model_calls: int = DEFAULT_MAX_MODEL_CALLS
+    model_retry_policy: RetryPolicy = DEFAULT_MODEL_RETRY_POLICY
+    tool_retry_policy: RetryPolicy = DEFAULT_TOOL_RETRY_POLICY
 
     def tool(self, name: str) -> ToolSettings | None:
         return next((t for t in self.tools if t.name == name), None)
@@ -143,6 +150,8 @@ class AgentConfig:
             )
         if len(self.instructions) > 100_000:
             raise InvalidArgument("agent.instructions", "must be at most 100,000 characters")
+        self.model_retry_policy.validate("agent.model_retry_policy")
+        self.tool_retry_policy.validate("agent.tool_retry_policy")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -153,6 +162,8 @@ class AgentConfig:
             "instructions": self.instructions,
             "approval_timeout": self.approval_timeout,
             "max_model_calls": self.max_model_calls,
+            "model_retry_policy": self.model_retry_policy.to_json(),
+            "tool_retry_policy": self.tool_retry_policy.to_json(),
             "model": {
                 "provider": self.model.provider,
                 "name": self.model.name,
@@ -197,6 +208,12 @@ class AgentConfig:
             instructions=data.get("instructions", ""),
             approval_timeout=float(data.get("approval_timeout", DEFAULT_APPROVAL_TIMEOUT)),
             max_model_calls=int(data.get("max_model_calls", DEFAULT_MAX_MODEL_CALLS)),
+            model_retry_policy=RetryPolicy.from_json(
+                data.get("model_retry_policy", {}), DEFAULT_MODEL_RETRY_POLICY
+            ),
+            tool_retry_policy=RetryPolicy.from_json(
+                data.get("tool_retry_policy", {}), DEFAULT_TOOL_RETRY_POLICY
+            ),
             model=ModelSettings(
                 provider=model["provider"],
                 name=model.get("name", ""),
