@@ -24,6 +24,7 @@ from eventstore.messages import (
     tool_message,
     user_message,
 )
+from eventstore.retry_policy import RetryPolicy
 from eventstore.run_status import TERMINAL_STATUSES as TERMINAL_STATUSES  # (re-exported)
 from eventstore.run_status import RunStatus
 
@@ -45,13 +46,41 @@ class RunError(TypedDict):
     retryable: bool
 
 
+# The policies that runs requested before agents had any are read with: the defaults as they
+# were then (a later change of the defaults must not change how those runs go on).
+_V1_MODEL_RETRY_POLICY = RetryPolicy(3, 1.0, 2.0, 30.0)
+_V1_TOOL_RETRY_POLICY = RetryPolicy(1, 1.0, 2.0, 30.0)
+
+
+def _add_v1_retry_policies(agent: dict[str, Any]) -> None:
+    agent.setdefault("model_retry_policy", _V1_MODEL_RETRY_POLICY.to_json())
+    agent.setdefault("tool_retry_policy", _V1_TOOL_RETRY_POLICY.to_json())
+
+
 class Run(Aggregate):
     """One run of an agent. The aggregate id is the run id (a UUID).
 
     Its event classes are declared here, so that code reading recorded events dispatches on the
     classes themselves (the stored topic stays ``eventstore.run:Run.<name>``)."""
 
+    # Version 2 of a run's state: its agent has retry policies, and ``releases`` is always
+    # there. Snapshots of earlier versions are upcast when they are read.
+    class_version = 2
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        _add_v1_retry_policies(state["agent"])
+        state.setdefault("releases", {})
+
     class Requested(Aggregate.Created):
+        """Version 2: the agent has retry policies (earlier requests get the defaults)."""
+
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            _add_v1_retry_policies(state["agent"])
+
         run_id: str
         tenant: str
         request_id: str
@@ -226,8 +255,7 @@ class Run(Aggregate):
 
     def releases_of(self, step_index: int) -> int:
         """How many attempts of the step a draining executor handed back (see ``release``)."""
-        released: dict[str, int] = getattr(self, "releases", {})  # absent in older snapshots
-        return released.get(str(step_index), 0)
+        return self.releases.get(str(step_index), 0)
 
     @property
     def approval_deadline(self) -> float | None:
@@ -317,9 +345,7 @@ class Run(Aggregate):
 
     @event(Released)
     def _released(self, step_index: int, executor_id: str) -> None:
-        releases: dict[str, int] = getattr(self, "releases", {})
-        releases[str(step_index)] = releases.get(str(step_index), 0) + 1
-        self.releases = releases
+        self.releases[str(step_index)] = self.releases_of(step_index) + 1
         self.holder = ""
 
     @event(Completed)
