@@ -7,6 +7,7 @@ the results of the run's steps; eventstore.run_steps decides the next step from 
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, TypedDict
 from uuid import UUID
 
@@ -46,6 +47,17 @@ class RunError(TypedDict):
     retryable: bool
 
 
+class ModelFailure(TypedDict):
+    """A failed attempt of a model call: what the provider said, and when (epoch seconds: a
+    retry's backoff counts from it)."""
+
+    step_index: int
+    code: str
+    message: str
+    retryable: bool
+    failed_at: float
+
+
 # The policies that runs requested before agents had any are read with: the defaults as they
 # were then (a later change of the defaults must not change how those runs go on).
 _V1_MODEL_RETRY_POLICY = RetryPolicy(3, 1.0, 2.0, 30.0)
@@ -64,13 +76,18 @@ class Run(Aggregate):
     classes themselves (the stored topic stays ``eventstore.run:Run.<name>``)."""
 
     # Version 2 of a run's state: its agent has retry policies, and ``releases`` is always
-    # there. Snapshots of earlier versions are upcast when they are read.
-    class_version = 2
+    # there. Version 3: ``model_failures``. Snapshots of earlier versions are upcast when they
+    # are read.
+    class_version = 3
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
         _add_v1_retry_policies(state["agent"])
         state.setdefault("releases", {})
+
+    @staticmethod
+    def upcast_v2_v3(state: dict[str, Any]) -> None:
+        state["model_failures"] = []
 
     class Requested(Aggregate.Created):
         """Version 2: the agent has retry policies (earlier requests get the defaults)."""
@@ -101,6 +118,17 @@ class Run(Aggregate):
         text: str
         tool_calls: list[ToolCall]
         usage: Usage
+
+    class ModelCallFailed(Aggregate.Event):
+        """An attempt of a model call failed; the retry policy decides what follows. A fork
+        does not record it again: its model call starts afresh."""
+
+        step_index: int
+        attempt: int
+        code: str
+        message: str
+        retryable: bool
+        failed_at: float
 
     class ToolApprovalRequired(StepResult):
         step_index: int
@@ -192,6 +220,7 @@ class Run(Aggregate):
         self.cancel_reason = ""
         self.attempts: dict[str, int] = {}  # step index (as text: JSON keys) -> attempt
         self.releases: dict[str, int] = {}  # step index -> attempts handed back by a drain
+        self.model_failures: list[ModelFailure] = []  # of the model call in progress
         self.holder = ""
         self.forked_from_run_id = forked_from_run_id
         self.forked_at_version = forked_at_version
@@ -250,8 +279,14 @@ class Run(Aggregate):
         return tool is not None and tool.requires_approval
 
     def attempt_of(self, step_index: int) -> int:
-        """1, or more if the step was interrupted (by a crash or a drain) and taken up again."""
+        """1, or more if the step was retried (its model call failed) or interrupted (by a
+        crash or a drain) and taken up again."""
         return self.attempts.get(str(step_index), 1)
+
+    def failures_of(self, step_index: int) -> list[ModelFailure]:
+        """The failed attempts of the step's model call, oldest first (none once it
+        completed)."""
+        return [f for f in self.model_failures if f["step_index"] == step_index]
 
     def releases_of(self, step_index: int) -> int:
         """How many attempts of the step a draining executor handed back (see ``release``)."""
@@ -301,6 +336,43 @@ class Run(Aggregate):
         self.model_calls += 1
         self.steps_completed = step_index
         self.usage = add_usage(self.usage, usage)
+        self.model_failures = []
+
+    def record_model_failure(
+        self, step_index: int, code: str, message: str, retryable: bool
+    ) -> None:
+        """The model call of ``step_index`` failed (``code``, ``retryable``: as its provider
+        said); it is then tried again as the step's next attempt, or the run fails
+        (eventstore.run_steps decides, from the agent's retry policy)."""
+        self._model_call_failed(
+            step_index=step_index,
+            attempt=self.attempt_of(step_index),
+            code=code,
+            message=message,
+            retryable=retryable,
+            failed_at=time.time(),
+        )
+
+    @event(ModelCallFailed)
+    def _model_call_failed(
+        self,
+        step_index: int,
+        attempt: int,
+        code: str,
+        message: str,
+        retryable: bool,
+        failed_at: float,
+    ) -> None:
+        self.model_failures.append(
+            {
+                "step_index": step_index,
+                "code": code,
+                "message": message,
+                "retryable": retryable,
+                "failed_at": failed_at,
+            }
+        )
+        self.attempts[str(step_index)] = self.attempt_of(step_index) + 1
 
     @event(ToolApprovalRequired)
     def require_approval(self, step_index: int, tool_call_id: str, expire_at: float) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from agentrun.v1 import run_pb2
 from eventstore.run import Run
@@ -16,8 +16,15 @@ from executor.translation import ERROR_ENUMS
 MODEL_CALL = run_pb2.STEP_KIND_MODEL_CALL
 TOOL_CALLS = run_pb2.STEP_KIND_TOOL_CALLS
 
-Announce = Callable[[int, "run_pb2.StepKind.ValueType"], int]
-"""Emits StepStarted for a step's current attempt unless it was announced; returns the attempt."""
+
+class Announce(Protocol):
+    """Emits StepStarted for a step's current attempt unless it was announced; returns the
+    attempt. ``attempt``: the attempt as the run counts it, if more than its host does (a retry
+    in a mode whose host counts take-overs only)."""
+
+    def __call__(
+        self, step_index: int, kind: run_pb2.StepKind.ValueType, attempt: int = 0
+    ) -> int: ...
 
 
 class Announcements:
@@ -38,8 +45,8 @@ class Announcements:
         self._floor = step
         self._announced: dict[int, int] = {step: attempt} if step else {}
 
-    def __call__(self, step_index: int, kind: run_pb2.StepKind.ValueType) -> int:
-        attempt = self._attempt_of(step_index)
+    def __call__(self, step_index: int, kind: run_pb2.StepKind.ValueType, attempt: int = 0) -> int:
+        attempt = max(attempt, self._attempt_of(step_index))
         if step_index >= self._floor and self._announced.get(step_index, 0) < attempt:
             self._announced[step_index] = attempt
             self._stream.step_started(step_index, kind, attempt)
@@ -79,7 +86,8 @@ class _Emitter:
     @functools.singledispatchmethod
     def emit(self, event: object) -> None:
         """Events clients do not see: the request (RunStarted comes from the run itself), an
-        executor's claim or release of the run."""
+        executor's claim or release of the run, a failed model call (its retry shows as the
+        step's next attempt, whose StepStarted tells clients to drop the failed one's text)."""
 
     @emit.register
     def _model_call_completed(self, event: Run.ModelCallCompleted) -> None:

@@ -51,11 +51,14 @@ class ModelReply:
 
 
 class ModelError(Exception):
-    """The provider failed. ``retryable`` says whether trying the call again could succeed."""
+    """The provider failed. ``retryable`` says whether trying the call again could succeed;
+    ``code`` names the kind of failure, in the provider's terms (an agent's retry policy may
+    list codes it does not retry)."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, code: str, retryable: bool = False) -> None:
         super().__init__(message)
         self.message = message
+        self.code = code
         self.retryable = retryable
 
 
