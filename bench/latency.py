@@ -23,6 +23,7 @@ from bench.workload import bench_agent
 from eventstore.run import Run
 from eventstore.run_steps import AwaitApprovals
 from executor.agent_loop import AgentLoop
+from executor.extensions import load_extensions
 from executor.models import ModelProviders
 from executor.models.scripted import tokens_of
 from executor.run_stream import RunStream
@@ -103,6 +104,7 @@ class _InMemoryHost:
 async def in_process(runs: int, **scripted: float) -> RunTimes:
     """``scripted`` sets the model's pace, as in bench.workload.bench_agent."""
     times = RunTimes([], [])
+    load_extensions()
     models = ModelProviders()
     agent = bench_agent("bench", "classic", **scripted).to_json()
     for _ in range(runs):

@@ -17,6 +17,7 @@ import grpc
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2, run_service_pb2_grpc
 from cli.client import Metadata, add_connection_args, connect, rpc_error_message
 from cli.render import MODE_CHOICES, EventRenderer, approval_prompt
+from common.event_streams import TERMINAL_KINDS
 
 if TYPE_CHECKING:
     from agentrun.v1.run_service_pb2_grpc import RunServiceAsyncStub
@@ -25,8 +26,6 @@ PROMPT = "you> "
 QUIT_COMMAND = "/quit"
 CANCEL_REASON = "cancelled from the chat"
 EXIT_INTERRUPTED = 130
-
-_TERMINAL_KINDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
 
 ConverseCall = grpc.aio.StreamStreamCall[
     run_service_pb2.ConverseRequest, run_service_pb2.ConverseResponse
@@ -270,7 +269,7 @@ class Chat:
                     self._write(renderer.render(event))
                     if kind == "tool_approval_required":
                         await self._decide(turn, event.tool_approval_required)
-                    if kind in _TERMINAL_KINDS:
+                    if kind in TERMINAL_KINDS:
                         ended = True
                         await turn.close_writing()
             if not ended:

@@ -24,6 +24,7 @@ from cli.render import (
     run_summary_line,
     stored_event_line,
 )
+from common.event_streams import TERMINAL_KINDS
 
 if TYPE_CHECKING:
     from agentrun.v1.run_service_pb2_grpc import RunServiceAsyncStub
@@ -34,8 +35,6 @@ DEFAULT_LIST_LIMIT = 20
 MAX_PAGE_SIZE = 500
 EXIT_RPC_ERROR = 1
 EXIT_INTERRUPTED = 130
-
-_TERMINAL_KINDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
 
 
 def add_runs_parser(
@@ -246,7 +245,7 @@ async def _watch(stub: RunServiceAsyncStub, metadata: Metadata, args: argparse.N
                     _print_json(event, one_line=True)
                 else:
                     print(renderer.render(event), end="", flush=True)
-                if event.WhichOneof("kind") in _TERMINAL_KINDS:
+                if event.WhichOneof("kind") in TERMINAL_KINDS:
                     return 0
     finally:
         print(renderer.finish(), end="", flush=True)

@@ -98,3 +98,9 @@ class OutOfRange(AgentrunError):
 
 class Unimplemented(AgentrunError):
     reason = "UNIMPLEMENTED"
+
+
+class Internal(AgentrunError):
+    """A bug: the message names the exception, never its details."""
+
+    reason = "INTERNAL"

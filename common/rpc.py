@@ -44,6 +44,7 @@ STATUS_CODES: dict[type[errors.AgentrunError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    errors.Internal: grpc.StatusCode.INTERNAL,
 }
 
 # Between a gateway and its executors: a frozen executor (a stopped process, a paused VM) is
@@ -111,7 +112,9 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
         trailing = [(k, v) for k, v in metadata_pairs(exc) if k == STATUS_DETAILS_KEY]
         await context.abort(code, message, trailing_metadata=tuple(trailing))
     log.exception("internal error", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+    # With the status details like any status chosen here: a gateway passes it on as it is,
+    # rather than taking it for an executor that went away.
+    await abort_with(context, errors.Internal(f"internal error: {type(exc).__name__}"))
 
 
 def metadata_pairs(exc: grpc.aio.AioRpcError) -> list[tuple[str, Any]]:

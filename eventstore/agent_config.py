@@ -12,11 +12,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from common.errors import InvalidArgument
+from eventstore.extensions import MODEL_PROVIDERS, TOOLS
+from eventstore.retry_policy import (
+    DEFAULT_MODEL_RETRY_POLICY,
+    DEFAULT_TOOL_RETRY_POLICY,
+    RetryPolicy,
+)
 
 ExecutionMode = Literal["classic", "durable"]
 EXECUTION_MODES: tuple[ExecutionMode, ...] = ("classic", "durable")
-MODEL_PROVIDERS = ("scripted", "openai")
-BUILTIN_TOOL_NAMES = ("clock", "calculator", "send_email")
 
 DEFAULT_APPROVAL_TIMEOUT = 24 * 3600.0
 DEFAULT_TOOL_TIMEOUT = 30.0
@@ -101,6 +105,8 @@ class AgentConfig:
     tools: tuple[ToolSettings, ...] = ()
     approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT
     max_model_calls: int = DEFAULT_MAX_MODEL_CALLS
+    model_retry_policy: RetryPolicy = DEFAULT_MODEL_RETRY_POLICY
+    tool_retry_policy: RetryPolicy = DEFAULT_TOOL_RETRY_POLICY
 
     def tool(self, name: str) -> ToolSettings | None:
         return next((t for t in self.tools if t.name == name), None)
@@ -115,12 +121,7 @@ class AgentConfig:
                 "agent.id",
                 "must be 1-63 characters of a-z, 0-9 and '-', starting with a letter",
             )
-        if self.model.provider not in MODEL_PROVIDERS:
-            raise InvalidArgument(
-                "agent.model.provider", f"must be one of {', '.join(MODEL_PROVIDERS)}"
-            )
-        if self.model.provider == "openai" and not self.model.name:
-            raise InvalidArgument("agent.model.name", "is required for the openai provider")
+        MODEL_PROVIDERS.validate(self.model.provider, self.model)
         scripted = self.model.scripted
         for name, delay in (
             ("first_token_delay", scripted.first_token_delay),
@@ -131,11 +132,7 @@ class AgentConfig:
             )
         names = [t.name for t in self.tools]
         for tool in self.tools:
-            if tool.name not in BUILTIN_TOOL_NAMES:
-                raise InvalidArgument(
-                    "agent.tools",
-                    f"unknown tool {tool.name!r}; built-in tools: {', '.join(BUILTIN_TOOL_NAMES)}",
-                )
+            TOOLS.validate(tool.name, tool)
             _check_duration(
                 "agent.tools.timeout", tool.timeout, MAX_TOOL_TIMEOUT, zero_allowed=False
             )
@@ -153,6 +150,8 @@ class AgentConfig:
             )
         if len(self.instructions) > 100_000:
             raise InvalidArgument("agent.instructions", "must be at most 100,000 characters")
+        self.model_retry_policy.validate("agent.model_retry_policy")
+        self.tool_retry_policy.validate("agent.tool_retry_policy")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -163,6 +162,8 @@ class AgentConfig:
             "instructions": self.instructions,
             "approval_timeout": self.approval_timeout,
             "max_model_calls": self.max_model_calls,
+            "model_retry_policy": self.model_retry_policy.to_json(),
+            "tool_retry_policy": self.tool_retry_policy.to_json(),
             "model": {
                 "provider": self.model.provider,
                 "name": self.model.name,
@@ -207,6 +208,12 @@ class AgentConfig:
             instructions=data.get("instructions", ""),
             approval_timeout=float(data.get("approval_timeout", DEFAULT_APPROVAL_TIMEOUT)),
             max_model_calls=int(data.get("max_model_calls", DEFAULT_MAX_MODEL_CALLS)),
+            model_retry_policy=RetryPolicy.from_json(
+                data.get("model_retry_policy", {}), DEFAULT_MODEL_RETRY_POLICY
+            ),
+            tool_retry_policy=RetryPolicy.from_json(
+                data.get("tool_retry_policy", {}), DEFAULT_TOOL_RETRY_POLICY
+            ),
             model=ModelSettings(
                 provider=model["provider"],
                 name=model.get("name", ""),

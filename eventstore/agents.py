@@ -27,6 +27,8 @@ UPDATABLE_FIELDS = (
     "tools",
     "approval_timeout",
     "max_model_calls",
+    "model_retry_policy",
+    "tool_retry_policy",
 )
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50

@@ -78,7 +78,7 @@ import psycopg.errors
 
 from common.errors import Unavailable
 from eventstore.persistence import StoreConfig
-from eventstore.run import TERMINAL_STATUSES
+from eventstore.run_status import TERMINAL_STATUSES
 from eventstore.run_store import RunStore
 
 BATCH_RUNS = 100

@@ -7,7 +7,8 @@ the results of the run's steps; eventstore.run_steps decides the next step from 
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+import time
+from typing import TYPE_CHECKING, Any, TypedDict
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
@@ -24,9 +25,9 @@ from eventstore.messages import (
     tool_message,
     user_message,
 )
-
-RunStatus = Literal["running", "awaiting_approval", "completed", "failed", "cancelled"]
-TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+from eventstore.retry_policy import RetryPolicy
+from eventstore.run_status import TERMINAL_STATUSES as TERMINAL_STATUSES  # (re-exported)
+from eventstore.run_status import RunStatus
 
 
 class Decision(TypedDict):
@@ -46,14 +47,145 @@ class RunError(TypedDict):
     retryable: bool
 
 
+class ModelFailure(TypedDict):
+    """A failed attempt of a model call: what the provider said, and when (epoch seconds: a
+    retry's backoff counts from it)."""
+
+    step_index: int
+    code: str
+    message: str
+    retryable: bool
+    failed_at: float
+
+
+# The policies that runs requested before agents had any are read with: the defaults as they
+# were then (a later change of the defaults must not change how those runs go on).
+_V1_MODEL_RETRY_POLICY = RetryPolicy(3, 1.0, 2.0, 30.0)
+_V1_TOOL_RETRY_POLICY = RetryPolicy(1, 1.0, 2.0, 30.0)
+
+
+def _add_v1_retry_policies(agent: dict[str, Any]) -> None:
+    agent.setdefault("model_retry_policy", _V1_MODEL_RETRY_POLICY.to_json())
+    agent.setdefault("tool_retry_policy", _V1_TOOL_RETRY_POLICY.to_json())
+
+
 class Run(Aggregate):
-    """One run of an agent. The aggregate id is the run id (a UUID)."""
+    """One run of an agent. The aggregate id is the run id (a UUID).
+
+    Its event classes are declared here, so that code reading recorded events dispatches on the
+    classes themselves (the stored topic stays ``eventstore.run:Run.<name>``)."""
+
+    # Version 2 of a run's state: its agent has retry policies, and ``releases`` is always
+    # there. Version 3: ``model_failures``. Snapshots of earlier versions are upcast when they
+    # are read.
+    class_version = 3
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        _add_v1_retry_policies(state["agent"])
+        state.setdefault("releases", {})
+
+    @staticmethod
+    def upcast_v2_v3(state: dict[str, Any]) -> None:
+        state["model_failures"] = []
+
+    class Requested(Aggregate.Created):
+        """Version 2: the agent has retry policies (earlier requests get the defaults)."""
+
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            _add_v1_retry_policies(state["agent"])
+
+        run_id: str
+        tenant: str
+        request_id: str
+        agent: dict[str, Any]
+        input: str
+        conversation_id: str
+        history: list[ChatMessage]
+        execution_mode: str
+        forked_from_run_id: str
+        forked_at_version: int
+
+    class StepResult(Aggregate.Event):
+        """What a step recorded (a model call, a tool call, an approval and its decision): a
+        fork of the run records it again. Executor bookkeeping (Resumed, Released) is not."""
+
+    class ModelCallCompleted(StepResult):
+        step_index: int
+        text: str
+        tool_calls: list[ToolCall]
+        usage: Usage
+
+    class ModelCallFailed(Aggregate.Event):
+        """An attempt of a model call failed; the retry policy decides what follows. A fork
+        does not record it again: its model call starts afresh."""
+
+        step_index: int
+        attempt: int
+        code: str
+        message: str
+        retryable: bool
+        failed_at: float
+
+    class ToolApprovalRequired(StepResult):
+        step_index: int
+        tool_call_id: str
+        expire_at: float
+
+    class ToolApprovalDecided(StepResult):
+        tool_call_id: str
+        approved: bool
+        reason: str
+        timed_out: bool
+
+    class ToolCallCompleted(StepResult):
+        step_index: int
+        tool_call_id: str
+        output: str
+        is_error: bool
+
+    class Resumed(Aggregate.Event):
+        step_index: int
+        executor_id: str
+
+    class Released(Aggregate.Event):
+        step_index: int
+        executor_id: str
+
+    class Ended(Aggregate.Event):
+        """The run reached a terminal status; nothing is recorded after it."""
+
+    class Completed(Ended):
+        output: str
+
+    class Failed(Ended):
+        code: str
+        message: str
+        retryable: bool
+
+    class Cancelled(Ended):
+        reason: str
+
+    # The agent parsed from ``agent`` (see agent_config), once per instance. In a slot, not an
+    # attribute: the library snapshots and compares aggregates by their __dict__, where it has
+    # no JSON form and would make two equal runs differ.
+    __slots__ = ("_agent_config",)
+    if TYPE_CHECKING:  # (a class annotation would make the library process Run as a dataclass)
+        _agent_config: AgentConfig
 
     @staticmethod
     def create_id(run_id: str) -> UUID:
         return UUID(run_id)
 
-    @event("Requested")
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy of the run gets (the library deep-copies runs from its cache): not the
+        parsed agent, which a copy parses again faster than it would be copied."""
+        return self.__dict__
+
+    @event(Requested)
     def __init__(
         self,
         run_id: str,
@@ -88,6 +220,7 @@ class Run(Aggregate):
         self.cancel_reason = ""
         self.attempts: dict[str, int] = {}  # step index (as text: JSON keys) -> attempt
         self.releases: dict[str, int] = {}  # step index -> attempts handed back by a drain
+        self.model_failures: list[ModelFailure] = []  # of the model call in progress
         self.holder = ""
         self.forked_from_run_id = forked_from_run_id
         self.forked_at_version = forked_at_version
@@ -96,7 +229,15 @@ class Run(Aggregate):
 
     @property
     def agent_config(self) -> AgentConfig:
-        return AgentConfig.from_json(self.agent)
+        """The agent as of the run's start (pinned in its request), as a typed value.
+
+        Parsed on first use rather than when the request is applied: a run whose agent this
+        version cannot read still loads, so that it can be listed and failed."""
+        try:
+            return self._agent_config
+        except AttributeError:
+            self._agent_config = AgentConfig.from_json(self.agent)
+            return self._agent_config
 
     @property
     def is_finished(self) -> bool:
@@ -134,19 +275,22 @@ class Run(Aggregate):
         return False
 
     def requires_approval(self, call: ToolCall) -> bool:
-        return any(
-            t["name"] == call["name"] and t.get("requires_approval", False)
-            for t in self.agent.get("tools", [])
-        )
+        tool = self.agent_config.tool(call["name"])
+        return tool is not None and tool.requires_approval
 
     def attempt_of(self, step_index: int) -> int:
-        """1, or more if the step was interrupted (by a crash or a drain) and taken up again."""
+        """1, or more if the step was retried (its model call failed) or interrupted (by a
+        crash or a drain) and taken up again."""
         return self.attempts.get(str(step_index), 1)
+
+    def failures_of(self, step_index: int) -> list[ModelFailure]:
+        """The failed attempts of the step's model call, oldest first (none once it
+        completed)."""
+        return [f for f in self.model_failures if f["step_index"] == step_index]
 
     def releases_of(self, step_index: int) -> int:
         """How many attempts of the step a draining executor handed back (see ``release``)."""
-        released: dict[str, int] = getattr(self, "releases", {})  # absent in older snapshots
-        return released.get(str(step_index), 0)
+        return self.releases.get(str(step_index), 0)
 
     @property
     def approval_deadline(self) -> float | None:
@@ -184,7 +328,7 @@ class Run(Aggregate):
 
     # -- events ----------------------------------------------------------------------------------
 
-    @event("ModelCallCompleted")
+    @event(ModelCallCompleted)
     def record_model_call(
         self, step_index: int, text: str, tool_calls: list[ToolCall], usage: Usage
     ) -> None:
@@ -192,13 +336,50 @@ class Run(Aggregate):
         self.model_calls += 1
         self.steps_completed = step_index
         self.usage = add_usage(self.usage, usage)
+        self.model_failures = []
 
-    @event("ToolApprovalRequired")
+    def record_model_failure(
+        self, step_index: int, code: str, message: str, retryable: bool
+    ) -> None:
+        """The model call of ``step_index`` failed (``code``, ``retryable``: as its provider
+        said); it is then tried again as the step's next attempt, or the run fails
+        (eventstore.run_steps decides, from the agent's retry policy)."""
+        self._model_call_failed(
+            step_index=step_index,
+            attempt=self.attempt_of(step_index),
+            code=code,
+            message=message,
+            retryable=retryable,
+            failed_at=time.time(),
+        )
+
+    @event(ModelCallFailed)
+    def _model_call_failed(
+        self,
+        step_index: int,
+        attempt: int,
+        code: str,
+        message: str,
+        retryable: bool,
+        failed_at: float,
+    ) -> None:
+        self.model_failures.append(
+            {
+                "step_index": step_index,
+                "code": code,
+                "message": message,
+                "retryable": retryable,
+                "failed_at": failed_at,
+            }
+        )
+        self.attempts[str(step_index)] = self.attempt_of(step_index) + 1
+
+    @event(ToolApprovalRequired)
     def require_approval(self, step_index: int, tool_call_id: str, expire_at: float) -> None:
         self.approvals_required[tool_call_id] = expire_at
         self.status = "awaiting_approval"
 
-    @event("ToolApprovalDecided")
+    @event(ToolApprovalDecided)
     def decide(self, tool_call_id: str, approved: bool, reason: str, timed_out: bool) -> None:
         self.decisions[tool_call_id] = {
             "approved": approved,
@@ -208,7 +389,7 @@ class Run(Aggregate):
         if not self.awaiting_decision():
             self.status = "running"
 
-    @event("ToolCallCompleted")
+    @event(ToolCallCompleted)
     def record_tool_outcome(
         self, step_index: int, tool_call_id: str, output: str, is_error: bool
     ) -> None:
@@ -223,7 +404,7 @@ class Run(Aggregate):
         taker's claim: a stale executor's next commit conflicts with it."""
         self._resumed(step_index=self.steps_completed + 1, executor_id=executor_id)
 
-    @event("Resumed")
+    @event(Resumed)
     def _resumed(self, step_index: int, executor_id: str) -> None:
         self.attempts[str(step_index)] = self.attempt_of(step_index) + 1
         self.holder = executor_id
@@ -234,24 +415,22 @@ class Run(Aggregate):
         towards the step's failed attempts."""
         self._released(step_index=self.steps_completed + 1, executor_id=executor_id)
 
-    @event("Released")
+    @event(Released)
     def _released(self, step_index: int, executor_id: str) -> None:
-        releases: dict[str, int] = getattr(self, "releases", {})
-        releases[str(step_index)] = releases.get(str(step_index), 0) + 1
-        self.releases = releases
+        self.releases[str(step_index)] = self.releases_of(step_index) + 1
         self.holder = ""
 
-    @event("Completed")
+    @event(Completed)
     def complete(self, output: str) -> None:
         self.output = output
         self.status = "completed"
 
-    @event("Failed")
+    @event(Failed)
     def fail(self, code: str, message: str, retryable: bool) -> None:
         self.error = {"code": code, "message": message, "retryable": retryable}
         self.status = "failed"
 
-    @event("Cancelled")
+    @event(Cancelled)
     def cancel(self, reason: str) -> None:
         self.cancel_reason = reason
         self.status = "cancelled"

@@ -26,6 +26,7 @@ import psycopg_pool
 from common.errors import InvalidArgument, NotFound, Unavailable
 from eventstore.messages import ToolCall
 from eventstore.persistence import StoreConfig
+from eventstore.run_status import ACTIVE_STATUSES
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -64,6 +65,8 @@ _LIST_INDEX_SQL = (
     "CREATE INDEX IF NOT EXISTS agentrun_runs_by_tenant "
     "ON agentrun_runs (tenant, created_at DESC, run_id DESC)"
 )
+_ACTIVE = tuple(sorted(ACTIVE_STATUSES))
+_IS_ACTIVE_SQL = f"status IN ({', '.join(['%s'] * len(_ACTIVE))})"
 _ACTIVE_INDEX_SQL = (
     "CREATE INDEX IF NOT EXISTS agentrun_runs_active ON agentrun_runs (execution_mode, status)"
 )
@@ -163,7 +166,7 @@ class RunList:
         return _from_row(row)
 
     def update(self, run_id: str, **changes: Any) -> None:
-        self._update(run_id, changes, "")
+        self._update(run_id, changes, active_only=False)
 
     def update_active(self, run_id: str, **changes: Any) -> bool:
         """Updates the run's row unless it records an ended run; True if it was updated.
@@ -173,9 +176,9 @@ class RunList:
         before appending it to the run's stream. Only one of them can move the row from active
         to ended, so a run's stream and its row never tell two different endings.
         """
-        return self._update(run_id, changes, " AND status IN ('running', 'awaiting_approval')")
+        return self._update(run_id, changes, active_only=True)
 
-    def _update(self, run_id: str, changes: dict[str, Any], condition: str) -> bool:
+    def _update(self, run_id: str, changes: dict[str, Any], *, active_only: bool) -> bool:
         unknown = set(changes) - _UPDATABLE
         if unknown:
             raise ValueError(f"not updatable: {sorted(unknown)}")
@@ -183,10 +186,11 @@ class RunList:
         for name in _JSON_FIELDS & changes.keys():
             changes[name] = json.dumps(changes[name])
         assignments = ", ".join(f"{name} = %s" for name in changes)
+        condition, params = (f" AND {_IS_ACTIVE_SQL}", _ACTIVE) if active_only else ("", ())
         with self._db.cursor() as cur:
             cur.execute(
                 f"UPDATE agentrun_runs SET {assignments} WHERE run_id = %s{condition}",
-                (*changes.values(), run_id),
+                (*changes.values(), run_id, *params),
             )
             updated: bool = cur.rowcount == 1
             return updated
@@ -302,7 +306,8 @@ class RunList:
         with self._db.cursor() as cur:
             cur.execute(
                 f"SELECT {', '.join(_FIELD_NAMES)} FROM agentrun_runs "
-                "WHERE execution_mode = 'classic' AND status IN ('running', 'awaiting_approval')"
+                f"WHERE execution_mode = 'classic' AND {_IS_ACTIVE_SQL}",
+                _ACTIVE,
             )
             return [_from_row(r) for r in cur.fetchall()]
 

@@ -10,13 +10,20 @@ from dataclasses import dataclass
 from eventstore.messages import ToolCall
 from eventstore.run import Decision, Run
 
+MODEL_ERROR = "MODEL_ERROR"
+ATTEMPTS_EXHAUSTED = "ATTEMPTS_EXHAUSTED"
+
 
 @dataclass(frozen=True)
 class CallModel:
-    """Call the model with the run's messages. ``call_index`` counts the run's model calls."""
+    """Call the model with the run's messages. ``call_index`` counts the run's model calls;
+    ``attempt`` is the step's attempt. A retry says ``not_before`` (epoch seconds): the end of
+    its backoff."""
 
     step_index: int
     call_index: int
+    attempt: int = 1
+    not_before: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -54,10 +61,11 @@ class Finish:
 
 @dataclass(frozen=True)
 class FailRun:
-    """Fail the run."""
+    """Fail the run; ``retryable``: whether running it again may succeed."""
 
     code: str
     message: str
+    retryable: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,13 +86,13 @@ def next_step(run: Run) -> Step:
         return Finish(last["content"])
     pending = run.pending_tool_calls()
     if not pending:
-        max_calls = int(run.agent.get("max_model_calls", 16))
+        max_calls = run.agent_config.max_model_calls
         if run.model_calls >= max_calls:
             return FailRun(
                 "MAX_MODEL_CALLS",
                 f"the run needed more than the agent's {max_calls} model calls",
             )
-        return CallModel(step_index=step_index, call_index=run.model_calls)
+        return _model_call(run, step_index)
     unrequested = tuple(
         c for c in pending if run.requires_approval(c) and c["id"] not in run.approvals_required
     )
@@ -100,7 +108,26 @@ def next_step(run: Run) -> Step:
     return RunTool(step_index=step_index, call=call, denial=denial)
 
 
-ATTEMPTS_EXHAUSTED = "ATTEMPTS_EXHAUSTED"
+def _model_call(run: Run, step_index: int) -> CallModel | FailRun:
+    """The step's model call, again after a backoff if it failed; or the run fails if the
+    agent's retry policy (as of the run's start) allows no further attempt."""
+    attempt = run.attempt_of(step_index)
+    failures = run.failures_of(step_index)
+    if not failures:
+        return CallModel(step_index=step_index, call_index=run.model_calls, attempt=attempt)
+    last, policy = failures[-1], run.agent_config.model_retry_policy
+    if not policy.retries(last["code"], last["retryable"], len(failures)):
+        message = last["message"]
+        if last["retryable"] and len(failures) >= policy.maximum_attempts:
+            attempts = f"{len(failures)} attempt{'s' if len(failures) > 1 else ''}"
+            message += f" (after {attempts}: the agent's retry policy allows no more)"
+        return FailRun(MODEL_ERROR, message, retryable=last["retryable"])
+    return CallModel(
+        step_index=step_index,
+        call_index=run.model_calls,
+        attempt=attempt,
+        not_before=last["failed_at"] + policy.interval(len(failures)),
+    )
 
 
 def exhausted_attempts(run: Run, max_attempts: int) -> FailRun | None:
@@ -112,8 +139,10 @@ def exhausted_attempts(run: Run, max_attempts: int) -> FailRun | None:
     """
     step_index = run.steps_completed + 1
     # Every attempt so far has ended (the run is being taken up again); those a draining
-    # executor handed back did not fail.
-    attempts = run.attempt_of(step_index) - run.releases_of(step_index)
+    # executor handed back did not crash it, nor did those whose model call failed.
+    attempts = (
+        run.attempt_of(step_index) - run.releases_of(step_index) - len(run.failures_of(step_index))
+    )
     if attempts < max_attempts:
         return None
     step = next_step(run)

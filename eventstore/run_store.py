@@ -27,17 +27,8 @@ SNAPSHOT_INTERVAL = 50
 # query for their newer events instead of reading from the last snapshot.
 AGGREGATE_CACHE_MAXSIZE = 1000
 
-# How each recorded step result is applied again, to build a fork's history.
-_REPLAYABLE: dict[str, tuple[str, tuple[str, ...]]] = {
-    "ModelCallCompleted": ("record_model_call", ("step_index", "text", "tool_calls", "usage")),
-    "ToolApprovalRequired": ("require_approval", ("step_index", "tool_call_id", "expire_at")),
-    "ToolApprovalDecided": ("decide", ("tool_call_id", "approved", "reason", "timed_out")),
-    "ToolCallCompleted": (
-        "record_tool_outcome",
-        ("step_index", "tool_call_id", "output", "is_error"),
-    ),
-}
-_TERMINAL_EVENTS = frozenset({"Completed", "Failed", "Cancelled"})
+# What an event holds besides its fields: its place in its aggregate's history and its time.
+_ENVELOPE = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
 
 
 @dataclass(frozen=True)
@@ -149,42 +140,39 @@ class RunStore(Application[UUID]):
         if not 1 <= version <= source.version:
             raise OutOfRange(f"run {source_id} has versions 1 to {source.version}")
         events = list(self.events.get(UUID(source_id), lte=version))
-        if any(_type_of(e) in _TERMINAL_EVENTS for e in events):
+        if any(isinstance(e, Run.Ended) for e in events):
             raise FailedPrecondition(
                 f"run {source_id} has ended by version {version}; fork it at an earlier version"
             )
-        first = events[0]
         fork = Run(
             run_id=new_run_id,
             tenant=tenant,
             request_id=request_id,
-            agent=first.agent,  # type: ignore[attr-defined]
-            input=first.input,  # type: ignore[attr-defined]
-            conversation_id=first.conversation_id,  # type: ignore[attr-defined]
-            history=first.history,  # type: ignore[attr-defined]
+            agent=source.agent,
+            input=source.input,
+            conversation_id=source.conversation_id,
+            history=source.history,
             execution_mode="durable",
             forked_from_run_id=source_id,
             forked_at_version=version,
         )
-        for event in events[1:]:
-            replay = _REPLAYABLE.get(_type_of(event))
-            if replay is not None:
-                method, fields = replay
-                getattr(fork, method)(**{f: getattr(event, f) for f in fields})
+        for event in events:
+            if isinstance(event, Run.StepResult):
+                # The same event again, as the fork's next one (the library's own way of
+                # recording an event: it is applied to the fork and pending until saved).
+                fork.trigger_event(type(event), **_fields_of(event))
         self.create(fork)
         return fork
 
 
-def _type_of(event: object) -> str:
-    return type(event).__name__
+def _fields_of(event: object) -> dict[str, Any]:
+    return {k: v for k, v in vars(event).items() if k not in _ENVELOPE}
 
 
 def _stored(event: Any) -> StoredEvent:
-    skip = {"originator_id", "originator_version", "timestamp", "originator_topic"}
-    payload = {k: v for k, v in vars(event).items() if k not in skip}
     return StoredEvent(
         version=event.originator_version,
         time=event.timestamp,
-        type=_type_of(event),
-        payload=payload,
+        type=type(event).__name__,
+        payload=_fields_of(event),
     )

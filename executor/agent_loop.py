@@ -106,7 +106,7 @@ class AgentLoop:
             self.run.complete(step.output)
             await self.end()
         elif isinstance(step, FailRun):
-            await self.fail(step.code, step.message, retryable=False)
+            await self.fail(step.code, step.message, retryable=step.retryable)
         return True
 
     async def fail(self, code: str, message: str, *, retryable: bool) -> None:
@@ -143,7 +143,10 @@ class AgentLoop:
 
     async def _call_model(self, step: CallModel) -> None:
         run, stream = self.run, self.stream
-        attempt = self._announce(step.step_index, MODEL_CALL)
+        backoff = step.not_before - time.time()
+        if backoff > 0:
+            await asyncio.sleep(backoff)  # a retry, when the state machine says
+        attempt = self._announce(step.step_index, MODEL_CALL, step.attempt)
         config = self.config
         try:
             provider = self.models.get(config.model.provider)
@@ -165,7 +168,7 @@ class AgentLoop:
         try:
             reply = await provider.complete(request, on_text)
         except ModelError as exc:
-            await self.fail("MODEL_ERROR", exc.message, retryable=exc.retryable)
+            await self._model_call_failed(step, exc)
             return
         tool_calls = _unique_ids(reply.tool_calls, self._tool_call_ids(), step.call_index)
         run.record_model_call(step.step_index, reply.text, tool_calls, reply.usage)
@@ -175,6 +178,17 @@ class AgentLoop:
             await self.end()
             return
         await self._commit()
+
+    async def _model_call_failed(self, step: CallModel, error: ModelError) -> None:
+        """Records the failure; the state machine then decides, from the agent's retry policy,
+        whether the call is tried again (drive comes back here) or the run fails, which is
+        recorded in the same save."""
+        self.run.record_model_failure(step.step_index, error.code, error.message, error.retryable)
+        follow = next_step(self.run)
+        if isinstance(follow, FailRun):
+            await self.fail(follow.code, follow.message, retryable=follow.retryable)
+        else:
+            await self._commit()
 
     async def _request_approvals(self, step: RequestApprovals) -> None:
         self._announce(step.step_index, TOOL_CALLS)

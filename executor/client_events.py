@@ -4,8 +4,9 @@ published (an executor taking a run up, a decision or cancellation made while no
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from agentrun.v1 import run_pb2
 from eventstore.run import Run
@@ -15,8 +16,15 @@ from executor.translation import ERROR_ENUMS
 MODEL_CALL = run_pb2.STEP_KIND_MODEL_CALL
 TOOL_CALLS = run_pb2.STEP_KIND_TOOL_CALLS
 
-Announce = Callable[[int, "run_pb2.StepKind.ValueType"], int]
-"""Emits StepStarted for a step's current attempt unless it was announced; returns the attempt."""
+
+class Announce(Protocol):
+    """Emits StepStarted for a step's current attempt unless it was announced; returns the
+    attempt. ``attempt``: the attempt as the run counts it, if more than its host does (a retry
+    in a mode whose host counts take-overs only)."""
+
+    def __call__(
+        self, step_index: int, kind: run_pb2.StepKind.ValueType, attempt: int = 0
+    ) -> int: ...
 
 
 class Announcements:
@@ -37,8 +45,8 @@ class Announcements:
         self._floor = step
         self._announced: dict[int, int] = {step: attempt} if step else {}
 
-    def __call__(self, step_index: int, kind: run_pb2.StepKind.ValueType) -> int:
-        attempt = self._attempt_of(step_index)
+    def __call__(self, step_index: int, kind: run_pb2.StepKind.ValueType, attempt: int = 0) -> int:
+        attempt = max(attempt, self._attempt_of(step_index))
         if step_index >= self._floor and self._announced.get(step_index, 0) < attempt:
             self._announced[step_index] = attempt
             self._stream.step_started(step_index, kind, attempt)
@@ -60,36 +68,68 @@ def emit_recorded(
     publishing all of a model call's text. Its text is then sent again, whole, as a new attempt
     of the step (a client drops the earlier attempt's partial text); the model is not called.
     """
+    emitter = _Emitter(run, stream, announce, catching_up)
     for event in events:
-        kind = type(event).__name__
-        if kind == "ModelCallCompleted":
-            announce(event.step_index, MODEL_CALL)
-            if catching_up and event.text:
-                attempt = run.attempt_of(event.step_index) + 1
-                stream.step_started(event.step_index, MODEL_CALL, attempt)
-                stream.text(event.step_index, attempt, event.text)
-            for call in event.tool_calls:
-                stream.tool_call_requested(event.step_index, call, run.requires_approval(call))
-            stream.step_completed(event.step_index, MODEL_CALL, event.usage)
-        elif kind == "ToolApprovalRequired":
-            announce(event.step_index, TOOL_CALLS)
-            call = run.tool_call(event.tool_call_id)
-            stream.approval_required(event.step_index, call, event.expire_at)
-        elif kind == "ToolApprovalDecided":
-            stream.approval_resolved(
-                event.tool_call_id, event.approved, event.reason, event.timed_out
-            )
-        elif kind == "ToolCallCompleted":
-            announce(event.step_index, TOOL_CALLS)
-            call = run.tool_call(event.tool_call_id)
-            stream.tool_result(event.step_index, call, event.output, event.is_error)
-            if run.completes_step(event.tool_call_id):
-                stream.step_completed(event.step_index, TOOL_CALLS)
-        elif kind == "Completed":
-            stream.run_completed(event.output, run.usage)
-        elif kind == "Cancelled":
-            stream.run_cancelled(event.reason)
-        elif kind == "Failed":
-            code = ERROR_ENUMS.get(event.code, run_pb2.RUN_ERROR_CODE_INTERNAL)
-            stream.run_failed(code, event.message, event.retryable)
+        emitter.emit(event)
         stream.mark_version(event.originator_version)
+
+
+class _Emitter:
+    """The client events of one recorded run event, chosen by the event's class."""
+
+    def __init__(self, run: Run, stream: RunStream, announce: Announce, catching_up: bool) -> None:
+        self.run = run
+        self.stream = stream
+        self.announce = announce
+        self.catching_up = catching_up
+
+    @functools.singledispatchmethod
+    def emit(self, event: object) -> None:
+        """Events clients do not see: the request (RunStarted comes from the run itself), an
+        executor's claim or release of the run, a failed model call (its retry shows as the
+        step's next attempt, whose StepStarted tells clients to drop the failed one's text)."""
+
+    @emit.register
+    def _model_call_completed(self, event: Run.ModelCallCompleted) -> None:
+        run, stream, step = self.run, self.stream, event.step_index
+        self.announce(step, MODEL_CALL)
+        if self.catching_up and event.text:
+            attempt = run.attempt_of(step) + 1
+            stream.step_started(step, MODEL_CALL, attempt)
+            stream.text(step, attempt, event.text)
+        for call in event.tool_calls:
+            stream.tool_call_requested(step, call, run.requires_approval(call))
+        stream.step_completed(step, MODEL_CALL, event.usage)
+
+    @emit.register
+    def _approval_required(self, event: Run.ToolApprovalRequired) -> None:
+        self.announce(event.step_index, TOOL_CALLS)
+        call = self.run.tool_call(event.tool_call_id)
+        self.stream.approval_required(event.step_index, call, event.expire_at)
+
+    @emit.register
+    def _approval_decided(self, event: Run.ToolApprovalDecided) -> None:
+        self.stream.approval_resolved(
+            event.tool_call_id, event.approved, event.reason, event.timed_out
+        )
+
+    @emit.register
+    def _tool_call_completed(self, event: Run.ToolCallCompleted) -> None:
+        self.announce(event.step_index, TOOL_CALLS)
+        call = self.run.tool_call(event.tool_call_id)
+        self.stream.tool_result(event.step_index, call, event.output, event.is_error)
+        if self.run.completes_step(event.tool_call_id):
+            self.stream.step_completed(event.step_index, TOOL_CALLS)
+
+    @emit.register
+    def _completed(self, event: Run.Completed) -> None:
+        self.stream.run_completed(event.output, self.run.usage)
+
+    @emit.register
+    def _cancelled(self, event: Run.Cancelled) -> None:
+        self.stream.run_cancelled(event.reason)
+
+    @emit.register
+    def _failed(self, event: Run.Failed) -> None:
+        code = ERROR_ENUMS.get(event.code, run_pb2.RUN_ERROR_CODE_INTERNAL)
+        self.stream.run_failed(code, event.message, event.retryable)

@@ -13,6 +13,7 @@ from eventstore.persistence import StoreConfig
 from eventstore.run_list import RunList
 from eventstore.run_store import RunStore
 from executor.agent_cache import AgentCache
+from executor.extensions import load_extensions
 from executor.models import ModelProviders
 
 
@@ -34,6 +35,7 @@ class ExecutorContext:
 
     @staticmethod
     async def open(settings: Settings, *, nats_wait: float = 2.0) -> ExecutorContext:
+        load_extensions()  # before anything validates an agent or creates the providers
         store = StoreConfig.from_url(settings.database_url, settings.data_dir)
 
         def open_store() -> tuple[RunList, AgentCatalog, ConversationLog, RunStore]:

@@ -23,8 +23,8 @@ from typing import Any
 
 from agentrun.v1 import run_pb2
 from common.event_streams import append_end, is_terminal, last_published
-from eventstore.run import TERMINAL_STATUSES
 from eventstore.run_list import RunRecord
+from eventstore.run_status import TERMINAL_STATUSES
 from executor.context import ExecutorContext
 from executor.translation import error_of, usage_of
 
@@ -47,9 +47,15 @@ EXECUTOR_LOST_MESSAGE = "the executor running this classic run went away; the ru
 class LostRuns:
     """Settles classic runs whose executor may be gone (see module docstring)."""
 
-    def __init__(self, ctx: ExecutorContext, held_here: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        ctx: ExecutorContext,
+        held_here: Callable[[str], bool],
+        movable: Callable[[str], bool],
+    ) -> None:
         self.ctx = ctx
         self.held_here = held_here
+        self.movable = movable  # whether runs of an execution mode can move (see executor.modes)
 
     async def settle(
         self,
@@ -69,7 +75,7 @@ class LostRuns:
         """
         run_list = self.ctx.run_list
         record = await asyncio.to_thread(run_list.get, tenant, run_id)
-        if record.execution_mode != "classic" or self.held_here(run_id):
+        if self.movable(record.execution_mode) or self.held_here(run_id):
             return record
         if not await self._holder_gone(run_id):
             return record

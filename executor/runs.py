@@ -220,7 +220,7 @@ class Runs:
             request_id=request_id,
             agent_version=source.agent_version,
             conversation_id=source.conversation_id,
-            execution_mode="durable",
+            execution_mode=self.modes.durable.name,
             input=source.input,
             executor_id=self.ctx.executor_id,
             forked_from_run_id=source.run_id,

@@ -65,8 +65,8 @@ class Executor:
         settings = ctx.settings
         queue = WorkQueue(ctx.link, settings.dispatch_ack_wait)
         sessions = Sessions()
-        lost = LostRuns(ctx, sessions.holds)
         modes = Modes(Classic(ctx, sessions), Durable(ctx, queue))
+        lost = LostRuns(ctx, sessions.holds, lambda mode: modes[mode].movable)
         projection = RunListProjection(ctx)
         runs = Runs(ctx, modes, lost, projection)
         steering = Steering(ctx, sessions, queue, lost, runs.get)

@@ -22,9 +22,10 @@ from typing import Any
 import nats.errors
 
 from common.errors import AgentrunError, Conflict, FailedPrecondition, NotFound, Unavailable
-from eventstore.run import TERMINAL_STATUSES, Run
+from eventstore.run import Run
 from eventstore.run_commands import Command, Decide
 from eventstore.run_list import RunRecord
+from eventstore.run_status import TERMINAL_STATUSES
 from executor import control
 from executor.context import ExecutorContext
 from executor.durable.dispatch import WorkQueue

@@ -21,6 +21,11 @@ from eventstore.agent_config import (
     ToolSettings,
 )
 from eventstore.agents import StoredAgent
+from eventstore.retry_policy import (
+    DEFAULT_MODEL_RETRY_POLICY,
+    DEFAULT_TOOL_RETRY_POLICY,
+    RetryPolicy,
+)
 from eventstore.run import Run
 from eventstore.run_list import RunRecord
 from eventstore.run_store import StoredEvent
@@ -82,6 +87,16 @@ def agent_from_proto(agent: agent_pb2.Agent) -> AgentConfig:
             else DEFAULT_APPROVAL_TIMEOUT
         ),
         max_model_calls=agent.max_model_calls or DEFAULT_MAX_MODEL_CALLS,
+        model_retry_policy=(
+            _retry_policy_of(agent.model_retry_policy, DEFAULT_MODEL_RETRY_POLICY)
+            if agent.HasField("model_retry_policy")
+            else DEFAULT_MODEL_RETRY_POLICY
+        ),
+        tool_retry_policy=(
+            _retry_policy_of(agent.tool_retry_policy, DEFAULT_TOOL_RETRY_POLICY)
+            if agent.HasField("tool_retry_policy")
+            else DEFAULT_TOOL_RETRY_POLICY
+        ),
         model=ModelSettings(
             provider=model.provider,
             name=model.name,
@@ -113,6 +128,26 @@ def agent_from_proto(agent: agent_pb2.Agent) -> AgentConfig:
             )
             for tool in agent.tools
         ),
+    )
+
+
+def _retry_policy_of(policy: agent_pb2.RetryPolicy, default: RetryPolicy) -> RetryPolicy:
+    """A policy's fields, each unset one taking ``default``'s (see the proto's comments)."""
+    initial = (
+        seconds_of(policy.initial_interval)
+        if policy.HasField("initial_interval")
+        else default.initial_interval
+    )
+    return RetryPolicy(
+        maximum_attempts=policy.maximum_attempts or default.maximum_attempts,
+        initial_interval=initial,
+        backoff_coefficient=policy.backoff_coefficient or default.backoff_coefficient,
+        maximum_interval=(
+            seconds_of(policy.maximum_interval)
+            if policy.HasField("maximum_interval")
+            else max(default.maximum_interval, initial)
+        ),
+        non_retryable_error_codes=tuple(policy.non_retryable_error_codes),
     )
 
 
@@ -156,6 +191,15 @@ def agent_to_proto(config: AgentConfig) -> agent_pb2.Agent:
             name=tool.name, description=tool.description, requires_approval=tool.requires_approval
         )
         added.timeout.FromNanoseconds(int(tool.timeout * 1e9))
+    for policy, message in (
+        (config.model_retry_policy, agent.model_retry_policy),
+        (config.tool_retry_policy, agent.tool_retry_policy),
+    ):
+        message.maximum_attempts = policy.maximum_attempts
+        message.initial_interval.FromNanoseconds(int(policy.initial_interval * 1e9))
+        message.backoff_coefficient = policy.backoff_coefficient
+        message.maximum_interval.FromNanoseconds(int(policy.maximum_interval * 1e9))
+        message.non_retryable_error_codes.extend(policy.non_retryable_error_codes)
     return agent
 
 
@@ -204,7 +248,8 @@ def error_of(record: RunRecord) -> run_pb2.RunError:
 
 
 def record_of(run: Run, executor_id: str = "") -> RunRecord:
-    """The run-list row of a run aggregate, as it is now."""
+    """The run-list row of a run aggregate, as it is now. (It reads the pinned agent's JSON,
+    not its parsed form: a run whose agent this version cannot parse must still be listed.)"""
     error = run.error
     pending = run.awaiting_decision()
     return RunRecord(

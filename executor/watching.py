@@ -25,8 +25,8 @@ from agentrun.v1 import run_pb2
 from common.errors import Conflict, OutOfRange
 from common.event_streams import Reassembly, is_terminal, last_published
 from common.nats_link import NatsLink
-from eventstore.run import TERMINAL_STATUSES
 from eventstore.run_list import RunRecord
+from eventstore.run_status import TERMINAL_STATUSES
 from executor.lost_runs import LostRuns
 
 if TYPE_CHECKING:

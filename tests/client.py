@@ -16,6 +16,7 @@ from agentrun.v1 import (
     run_service_pb2,
     run_service_pb2_grpc,
 )
+from common.event_streams import TERMINAL_KINDS
 
 Metadata = tuple[tuple[str, str], ...]
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
@@ -152,9 +153,6 @@ async def rest(call: Any) -> list[run_pb2.RunEvent]:
     while (batch := await _next_events(call)) is not None:
         events.extend(batch)
     return events
-
-
-TERMINAL_KINDS = {"run_completed", "run_failed", "run_cancelled"}
 
 
 async def assert_history_agrees(

@@ -18,8 +18,13 @@ import pytest
 
 from cli.launcher import Service, start_nats
 from eventstore.persistence import StoreConfig
+from executor.extensions import load_extensions
 from tests.postgres_server import Throwaway
 from tests.stack import Stack, start_stack
+
+# As an executor does at startup: the agents the tests validate name the shipped providers and
+# tools.
+load_extensions()
 
 BACKENDS = ["sqlite", "postgres"]
 THROWAWAY_POSTGRES = Throwaway()

@@ -25,6 +25,11 @@ from eventstore.agent_config import (
     ScriptedTurn,
     ToolSettings,
 )
+from eventstore.retry_policy import (
+    DEFAULT_MODEL_RETRY_POLICY,
+    DEFAULT_TOOL_RETRY_POLICY,
+    RetryPolicy,
+)
 
 SCRIPTED = ModelSettings(provider="scripted")
 
@@ -43,6 +48,8 @@ def full_config() -> AgentConfig:
         instructions="Be brief.\nUse tools when useful.",
         approval_timeout=90.5,
         max_model_calls=3,
+        model_retry_policy=RetryPolicy(5, 0.25, 1.5, 4.0, ("http_429", "transport")),
+        tool_retry_policy=RetryPolicy(2, 10.0, 1.0, 10.0),
         model=ModelSettings(
             provider="scripted",
             name="scripted-v1",
@@ -97,6 +104,13 @@ def test_json_form_names_every_field() -> None:
         },
         {"text": "Done: 42.", "tool_calls": []},
     ]
+    assert data["model_retry_policy"] == {
+        "maximum_attempts": 5,
+        "initial_interval": 0.25,
+        "backoff_coefficient": 1.5,
+        "maximum_interval": 4.0,
+        "non_retryable_error_codes": ["http_429", "transport"],
+    }
     assert data["tools"][1] == {
         "name": "send_email",
         "description": "",
@@ -117,6 +131,9 @@ def test_defaults_of_a_new_config() -> None:
     assert config.max_model_calls == DEFAULT_MAX_MODEL_CALLS == 16
     assert config.model.scripted == ScriptedSettings(0.0, 0.0, ())
     assert ToolSettings(name="clock").timeout == DEFAULT_TOOL_TIMEOUT == 30.0
+    # A model call is tried 3 times (waiting 1 s, then 2 s); a tool call once.
+    assert config.model_retry_policy == DEFAULT_MODEL_RETRY_POLICY == RetryPolicy(3, 1.0, 2.0, 30.0)
+    assert config.tool_retry_policy == DEFAULT_TOOL_RETRY_POLICY == RetryPolicy(1, 1.0, 2.0, 30.0)
     config.validate()
 
 
@@ -223,6 +240,16 @@ def test_valid_agent_ids(agent_id: str) -> None:
         ),
         pytest.param(
             minimal(instructions="x" * 100_001), "agent.instructions", id="instructions-too-long"
+        ),
+        pytest.param(
+            minimal(model_retry_policy=RetryPolicy(maximum_attempts=0)),
+            "agent.model_retry_policy.maximum_attempts",
+            id="no-model-call-attempts",
+        ),
+        pytest.param(
+            minimal(tool_retry_policy=RetryPolicy(initial_interval=0)),
+            "agent.tool_retry_policy.initial_interval",
+            id="zero-tool-retry-interval",
         ),
     ],
 )

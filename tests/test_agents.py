@@ -19,6 +19,7 @@ from eventstore.agent_config import (
 )
 from eventstore.agents import MAX_PAGE_SIZE, Agent, AgentCatalog
 from eventstore.persistence import StoreConfig
+from eventstore.retry_policy import DEFAULT_TOOL_RETRY_POLICY, RetryPolicy
 from eventstore.run_list import RunList
 
 TENANT = "acme"
@@ -243,11 +244,25 @@ def test_update_without_mask_replaces_every_updatable_field(catalog: AgentCatalo
         tools=(ToolSettings("clock", timeout=3.0),),
         approval_timeout=60.0,
         max_model_calls=2,
+        model_retry_policy=RetryPolicy(maximum_attempts=1),
+        tool_retry_policy=RetryPolicy(maximum_attempts=2, initial_interval=0.5),
     )
 
     updated = catalog.update(TENANT, wanted).config
 
     assert updated == wanted.with_version(2)
+
+
+def test_a_retry_policy_is_updated_on_its_own(catalog: AgentCatalog) -> None:
+    catalog.create(TENANT, agent("helper", max_model_calls=5))
+    policy = RetryPolicy(maximum_attempts=6, non_retryable_error_codes=("http_400",))
+    wanted = agent("helper", model_retry_policy=policy, max_model_calls=9)
+
+    updated = catalog.update(TENANT, wanted, ["model_retry_policy"]).config
+
+    assert updated.model_retry_policy == policy
+    assert updated.max_model_calls == 5
+    assert updated.tool_retry_policy == DEFAULT_TOOL_RETRY_POLICY
 
 
 def test_every_update_raises_the_version_by_one(catalog: AgentCatalog) -> None:

@@ -467,3 +467,42 @@ async def test_fresh_announcements_announce_every_step_once_per_attempt() -> Non
     ]
     assert stream.marks == Marks(step=2, attempt=1)
     await stream.close()
+
+
+async def test_events_clients_do_not_see_only_move_the_version_mark() -> None:
+    run = new_run()
+    record = Recorder(run)
+    recorded = record(lambda r: r.resume("executor-b"))
+    recorded += record(lambda r: r.release("executor-b"))
+    batch, marks = await emitted(run, [*record.events[:1], *recorded])
+    assert batch == []
+    assert marks == Marks(version=3)
+
+
+async def test_a_retried_model_call_is_announced_as_the_steps_next_attempt() -> None:
+    """A failed attempt is recorded (ModelCallFailed), which clients do not see; the retry's
+    StepStarted(attempt 2) tells them to drop the failed attempt's text. A host that counts
+    take-overs only (classic's is always 1) is given the run's count."""
+    run = new_run()
+    record = Recorder(run)
+    stream = RunStream(run.run_id)
+    assert stream.attach()
+    announce = Announcements(stream, lambda step: 1)
+    assert announce(1, MODEL_CALL, run.attempt_of(1)) == 1
+    stream.text(1, 1, "Once upon")
+    failed = record(lambda r: r.record_model_failure(1, "stream_incomplete", "cut", True))
+    emit_recorded(run, stream, failed, announce)
+    assert announce(1, MODEL_CALL, run.attempt_of(1)) == 2
+    stream.text(1, 2, "Once upon a time.")
+    emit_recorded(
+        run, stream, record(lambda r: r.record_model_call(1, "Once", [], USAGE)), announce
+    )
+    assert content(stream.take_now()) == [
+        started(1, MODEL_CALL, attempt=1),
+        text(1, 1, "Once upon"),
+        started(1, MODEL_CALL, attempt=2),
+        text(1, 2, "Once upon a time."),
+        completed(1, MODEL_CALL, usage()),
+    ]
+    assert stream.marks == Marks(version=3, step=1, attempt=2)
+    await stream.close()

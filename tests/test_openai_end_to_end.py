@@ -16,11 +16,17 @@ from typing import Any
 import grpc
 import pytest
 
-from agentrun.v1 import agent_pb2, run_pb2
+from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from cli.launcher import Service
-from tests.client import Client, kinds, text_of
+from tests.client import Client, assert_history_agrees, kinds, text_of
 from tests.conftest import database_url_for
-from tests.openai_wire_server import Completion, HttpError, OpenAIWireServer, WireToolCall
+from tests.openai_wire_server import (
+    Completion,
+    HttpError,
+    OpenAIWireServer,
+    Truncated,
+    WireToolCall,
+)
 from tests.stack import Stack
 
 KEY_ENV = "E2E_OPENAI_API_KEY"
@@ -55,10 +61,17 @@ async def server() -> AsyncIterator[OpenAIWireServer]:
         yield wire_server
 
 
-def openai_agent(base_url: str, api_key_env: str = KEY_ENV) -> agent_pb2.Agent:
+def openai_agent(
+    base_url: str,
+    api_key_env: str = KEY_ENV,
+    mode: agent_pb2.ExecutionMode.ValueType = agent_pb2.EXECUTION_MODE_CLASSIC,
+    attempts: int = 0,
+) -> agent_pb2.Agent:
+    """``attempts``: the model calls' retry policy's, with quick retries (0: the default
+    policy)."""
     agent = agent_pb2.Agent(
         id=f"openai-{uuid.uuid4().hex[:12]}",
-        execution_mode=agent_pb2.EXECUTION_MODE_CLASSIC,
+        execution_mode=mode,
         instructions=INSTRUCTIONS,
         model=agent_pb2.ModelConfig(
             provider="openai", name=MODEL, base_url=base_url, api_key_env=api_key_env
@@ -66,7 +79,18 @@ def openai_agent(base_url: str, api_key_env: str = KEY_ENV) -> agent_pb2.Agent:
         tools=[agent_pb2.Tool(name="calculator")],
     )
     agent.model.parameters.update({"temperature": 0.25, "max_tokens": 64})
+    if attempts:
+        agent.model_retry_policy.maximum_attempts = attempts
+        agent.model_retry_policy.initial_interval.FromMilliseconds(20)
     return agent
+
+
+def attempts_of_step(events: list[run_pb2.RunEvent], step: int) -> list[int]:
+    return [
+        e.step_started.attempt
+        for e in events
+        if e.HasField("step_started") and e.step_started.step_index == step
+    ]
 
 
 def one(events: list[run_pb2.RunEvent], kind: str) -> Any:
@@ -165,22 +189,23 @@ async def test_the_next_run_of_a_conversation_sends_the_earlier_turns(
     ]
 
 
-async def test_an_http_500_fails_the_run_with_a_retryable_model_error(
+async def test_an_http_500_on_every_attempt_fails_the_run_with_a_retryable_model_error(
     client: Client, server: OpenAIWireServer
 ) -> None:
-    server.enqueue(
-        HttpError(500, "The server had an error while processing your request.", "server_error")
-    )
-    agent = await client.create_agent(openai_agent(server.base_url))
+    error_500 = HttpError(500, "The server had an error while processing your request.")
+    server.enqueue(error_500, error_500)
+    agent = await client.create_agent(openai_agent(server.base_url, attempts=2))
     events = await client.run(agent.id, "What is 6 times 7?")
     assert kinds(events)[-1] == "run_failed", kinds(events)
+    assert attempts_of_step(events, 1) == [1, 2]
     error = events[-1].run_failed.error
     assert error.code == run_pb2.RUN_ERROR_CODE_MODEL_ERROR
     assert error.retryable
     assert "HTTP 500" in error.message
     assert "The server had an error while processing your request." in error.message
+    assert "after 2 attempts" in error.message
     assert API_KEY not in error.message
-    assert server.requests
+    assert len(server.requests) == 2
     run = await client.get_run(events[0].run_id)
     assert run.status == run_pb2.RUN_STATUS_FAILED
     assert run.error.code == run_pb2.RUN_ERROR_CODE_MODEL_ERROR
@@ -212,3 +237,52 @@ async def test_an_api_key_variable_the_executor_lacks_fails_without_calling_the_
     assert not error.retryable
     assert UNSET_KEY_ENV in error.message
     assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [agent_pb2.EXECUTION_MODE_CLASSIC, agent_pb2.EXECUTION_MODE_DURABLE],
+    ids=["classic", "durable"],
+)
+async def test_a_model_call_that_fails_retryably_is_tried_again_and_the_run_completes(
+    client: Client, server: OpenAIWireServer, mode: agent_pb2.ExecutionMode.ValueType
+) -> None:
+    """A 503, then a stream cut off mid-answer, then the answer: the client sees three
+    attempts of the step and keeps the text of the last one only."""
+    server.enqueue(
+        HttpError(503, "The engine is currently overloaded."),
+        Truncated(tokens=["The", " ans"]),
+        Completion(tokens=["The", " answer", " is", " 42", "."]),
+    )
+    agent = await client.create_agent(openai_agent(server.base_url, mode=mode, attempts=3))
+    events = await client.run(agent.id, "What is 6 times 7?")
+
+    assert kinds(events)[-1] == "run_completed", kinds(events)
+    assert attempts_of_step(events, 1) == [1, 2, 3]
+    texts = {
+        attempt: "".join(
+            e.text_delta.text
+            for e in events
+            if e.HasField("text_delta") and e.text_delta.attempt == attempt
+        )
+        for attempt in (1, 2, 3)
+    }
+    assert texts == {1: "", 2: "The ans", 3: "The answer is 42."}
+    assert events[-1].run_completed.output == "The answer is 42."
+    assert len(server.requests) == 3
+    run_id = events[0].run_id
+    run = await client.get_run(run_id)
+    assert run.status == run_pb2.RUN_STATUS_COMPLETED
+    assert run.output == "The answer is 42."
+    await assert_history_agrees(client, run_id, events)
+    if mode == agent_pb2.EXECUTION_MODE_DURABLE:
+        call = client.runs.ListRunEvents(
+            run_service_pb2.ListRunEventsRequest(run_id=run_id), metadata=client.metadata
+        )
+        stored = [event async for response in call for event in response.events]
+        failures = [json.loads(e.payload_json) for e in stored if e.type == "ModelCallFailed"]
+        assert [(f["attempt"], f["code"], f["retryable"]) for f in failures] == [
+            (1, "http_503", True),
+            (2, "stream_incomplete", True),
+        ]
+        assert [e.type for e in stored][-2:] == ["ModelCallCompleted", "Completed"]

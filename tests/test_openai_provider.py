@@ -285,6 +285,7 @@ async def test_unset_api_key_variable_fails_without_calling(
     )
 
     assert not error.retryable
+    assert error.code == "missing_api_key"
     assert "TEST_OPENAI_KEY" in error.message
     assert server.requests == []
 
@@ -330,6 +331,7 @@ async def test_http_status_retryability(
     _, error = await failing_call(provider, make_request(server.base_url))
 
     assert error.retryable is retryable
+    assert error.code == f"http_{status}"
     assert f"status {status}" in error.message
 
 
@@ -365,6 +367,7 @@ async def test_malformed_chunk_is_a_non_retryable_error(
 
     assert pieces == ["fine"]
     assert not error.retryable
+    assert error.code == "malformed"
     assert complaint in error.message
     assert bad in error.message
 
@@ -378,6 +381,7 @@ async def test_error_event_in_the_stream(
     _, error = await failing_call(provider, make_request(server.base_url))
 
     assert error.retryable
+    assert error.code == "stream_error"
     assert "The server had an error." in error.message
 
 
@@ -391,6 +395,8 @@ async def test_truncated_stream_is_a_retryable_error(
 
     assert pieces == ["Once ", "upon"]
     assert error.retryable
+    # A body that ends early; a connection that drops mid-body.
+    assert error.code == ("transport" if abort else "stream_incomplete")
 
 
 async def test_connection_refused_is_retryable(provider: OpenAIProvider) -> None:
@@ -401,6 +407,7 @@ async def test_connection_refused_is_retryable(provider: OpenAIProvider) -> None
     _, error = await failing_call(provider, make_request(f"http://127.0.0.1:{port}/v1"))
 
     assert error.retryable
+    assert error.code == "transport"
 
 
 async def test_cancelling_mid_stream_closes_the_connection(server: OpenAIWireServer) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import uuid
 
 import pytest
+from eventsourcing.utils import get_topic
 
 from common.errors import FailedPrecondition
 from eventstore.agent_config import AgentConfig, ModelSettings, ToolSettings
@@ -85,3 +87,58 @@ def test_a_timed_out_decision_says_so_and_an_ended_run_takes_no_new_decision() -
     other.cancel("stop")
     with pytest.raises(FailedPrecondition, match="already ended"):
         other.check_decision("c1", True)
+
+
+def test_the_event_classes_keep_the_topics_runs_are_stored_under() -> None:
+    names = [
+        "Requested",
+        "ModelCallCompleted",
+        "ToolApprovalRequired",
+        "ToolApprovalDecided",
+        "ToolCallCompleted",
+        "Resumed",
+        "Released",
+        "Completed",
+        "Failed",
+        "Cancelled",
+    ]
+    for name in names:
+        assert get_topic(getattr(Run, name)) == f"eventstore.run:Run.{name}"
+
+
+def test_ends_and_step_results_are_known_by_their_classes() -> None:
+    run = new_run()
+    run.record_model_call(1, "", [EMAIL], USAGE)
+    run.require_approval(2, "c1", 10.0)
+    run.decide("c1", True, "", False)
+    run.record_tool_outcome(2, "c1", "sent", False)
+    run.resume("executor-a")
+    run.release("executor-a")
+    run.fail("MODEL_ERROR", "broke", True)
+    events = run.collect_events()
+    assert [type(e).__name__ for e in events if isinstance(e, Run.StepResult)] == [
+        "ModelCallCompleted",
+        "ToolApprovalRequired",
+        "ToolApprovalDecided",
+        "ToolCallCompleted",
+    ]
+    assert [type(e).__name__ for e in events if isinstance(e, Run.Ended)] == ["Failed"]
+    assert all(issubclass(c, Run.Ended) for c in (Run.Completed, Run.Failed, Run.Cancelled))
+
+
+def test_the_pinned_agent_is_read_as_a_typed_value_parsed_once() -> None:
+    run = new_run()
+    config = run.agent_config
+    assert config == AgentConfig.from_json(run.agent)
+    assert run.agent_config is config
+    assert config.tool("send_email") == ToolSettings("send_email", requires_approval=True)
+    assert run.requires_approval(EMAIL)
+    assert not run.requires_approval(CLOCK)
+    assert not run.requires_approval({"id": "c3", "name": "unknown", "arguments_json": "{}"})
+    # Kept out of the state that the library snapshots, compares and copies: a copy (equal
+    # to the run) parses its own.
+    assert "_agent_config" not in vars(run)
+    copied = copy.deepcopy(run)
+    assert copied == run
+    assert copied.agent_config == config
+    assert copied.agent_config is not config

@@ -15,6 +15,7 @@ from eventsourcing.application import Application
 
 from eventstore.agent_config import AgentConfig, ModelSettings, ToolSettings
 from eventstore.messages import ToolCall, Usage
+from eventstore.retry_policy import DEFAULT_MODEL_RETRY_POLICY, RetryPolicy
 from eventstore.run import Decision, Run
 from eventstore.run_steps import (
     AwaitApprovals,
@@ -24,19 +25,21 @@ from eventstore.run_steps import (
     Finished,
     RequestApprovals,
     RunTool,
+    exhausted_attempts,
     next_step,
 )
 
 USAGE: Usage = {"input_tokens": 1, "output_tokens": 1}
 
 
-def new_run(max_model_calls: int = 4) -> Run:
+def new_run(max_model_calls: int = 4, retry: RetryPolicy = DEFAULT_MODEL_RETRY_POLICY) -> Run:
     agent = AgentConfig(
         agent_id="a",
         version=3,
         model=ModelSettings(provider="scripted"),
         tools=(ToolSettings("clock"), ToolSettings("send_email", requires_approval=True)),
         max_model_calls=max_model_calls,
+        model_retry_policy=retry,
     )
     return Run(
         run_id=str(uuid.uuid4()),
@@ -184,3 +187,74 @@ def test_every_prefix_of_a_history_decides_the_same_before_and_after_replay() ->
         "Finish",
         "Finished",
     ]
+
+
+RETRY = RetryPolicy(maximum_attempts=3, initial_interval=2.0, backoff_coefficient=3.0)
+
+
+def test_a_failed_model_call_is_tried_again_after_the_policys_backoff() -> None:
+    run = new_run(retry=RETRY)
+    run.record_model_failure(1, "http_503", "overloaded", True)
+    (first,) = run.failures_of(1)
+    assert (first["code"], run.attempt_of(1)) == ("http_503", 2)
+    expected = CallModel(step_index=1, call_index=0, attempt=2, not_before=first["failed_at"] + 2.0)
+    assert next_step(run) == expected
+    assert next_step(replayed(run)) == expected
+    run.record_model_failure(1, "transport", "connection reset", True)
+    second = run.failures_of(1)[-1]
+    assert (second["code"], run.attempt_of(1)) == ("transport", 3)
+    assert next_step(replayed(run)) == CallModel(
+        step_index=1, call_index=0, attempt=3, not_before=second["failed_at"] + 6.0
+    )
+
+
+def test_the_run_fails_when_the_policy_allows_no_more_attempts() -> None:
+    run = new_run(retry=RETRY)
+    for _ in range(3):
+        run.record_model_failure(1, "http_503", "overloaded", True)
+    step = next_step(replayed(run))
+    assert step == FailRun(
+        "MODEL_ERROR",
+        "overloaded (after 3 attempts: the agent's retry policy allows no more)",
+        retryable=True,
+    )
+    once = new_run(retry=RetryPolicy(maximum_attempts=1))
+    once.record_model_failure(1, "http_503", "overloaded", True)
+    assert next_step(once) == FailRun(
+        "MODEL_ERROR",
+        "overloaded (after 1 attempt: the agent's retry policy allows no more)",
+        retryable=True,
+    )
+
+
+def test_a_failure_that_a_retry_cannot_cure_fails_the_run_at_once() -> None:
+    run = new_run(retry=RETRY)
+    run.record_model_failure(1, "http_401", "bad key", False)
+    assert next_step(replayed(run)) == FailRun("MODEL_ERROR", "bad key", retryable=False)
+    listed = new_run(retry=RetryPolicy(non_retryable_error_codes=("http_429",)))
+    listed.record_model_failure(1, "http_429", "rate limited", True)
+    assert next_step(listed) == FailRun("MODEL_ERROR", "rate limited", retryable=True)
+
+
+def test_a_completed_model_call_leaves_its_failures_behind() -> None:
+    run = new_run(retry=RETRY)
+    run.record_model_failure(1, "http_503", "overloaded", True)
+    run.record_model_call(1, "", [call("c1", "clock")], USAGE)
+    run.record_tool_outcome(2, "c1", "{}", False)
+    assert run.failures_of(1) == []
+    assert run.attempt_of(1) == 2
+    assert next_step(replayed(run)) == CallModel(step_index=3, call_index=1, attempt=1)
+
+
+def test_failed_model_calls_are_not_counted_as_attempts_that_crashed_their_executor() -> None:
+    run = new_run(retry=RetryPolicy(maximum_attempts=5))
+    run.record_model_failure(1, "http_503", "overloaded", True)
+    run.record_model_failure(1, "http_503", "overloaded", True)
+    # The executor of the third attempt died; another one takes the run up.
+    assert exhausted_attempts(run, max_attempts=2) is None
+    run.resume("executor-b")
+    assert run.attempt_of(1) == 4
+    # It died too, during the fourth.
+    crashed = exhausted_attempts(replayed(run), max_attempts=2)
+    assert crashed is not None
+    assert "attempted 2 times" in crashed.message

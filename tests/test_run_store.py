@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -17,6 +18,7 @@ from common.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound,
 from eventstore.agent_config import AgentConfig, ModelSettings, ToolSettings
 from eventstore.messages import ChatMessage, ToolCall, Usage
 from eventstore.persistence import StoreConfig
+from eventstore.retry_policy import DEFAULT_MODEL_RETRY_POLICY, DEFAULT_TOOL_RETRY_POLICY
 from eventstore.run import Run
 from eventstore.run_store import SNAPSHOT_INTERVAL, RunStore, StoredEvent
 
@@ -458,3 +460,92 @@ def test_a_long_run_loads_from_snapshots_as_it_is_in_memory(runs: RunStore) -> N
     for version, expected in states.items():
         assert state(runs.load(run.run_id, version=version)) == expected, version
     assert len(runs.history(run.run_id)) == run.version
+
+
+def test_a_run_whose_agent_was_read_snapshots_and_loads_from_its_snapshot(
+    store: StoreConfig, runs: RunStore
+) -> None:
+    run = awaiting_run(runs)
+    run = runs.load(run.run_id, to_change=False)
+    config = run.agent_config
+    runs.take_snapshot(UUID(run.run_id))
+    assert runs.snapshots is not None
+    (snapshot,) = runs.snapshots.get(UUID(run.run_id))
+    assert isinstance(snapshot, Run.Snapshot)
+    assert "_agent_config" not in snapshot.state
+    fresh = RunStore(store)  # nothing cached: it reads the snapshot
+    try:
+        loaded = fresh.load(run.run_id)
+        assert state(loaded) == state(run)
+        assert loaded.agent_config == config
+        assert loaded.requires_approval(call("c2", "send_email"))
+    finally:
+        fresh.close()
+
+
+def as_stored_by_version_1(runs: RunStore, event: Any, change: Callable[[Any], None]) -> Any:
+    """``event`` (a run event or snapshot) stored as versions before retry policies stored it:
+    without a class version, and changed by ``change``."""
+    stored = runs.mapper.to_stored_event(event)
+    data = runs.mapper.transcoder.decode(stored.state)
+    change(data)
+    return dataclasses.replace(stored, state=runs.mapper.transcoder.encode(data))
+
+
+def without_policies(agent: dict[str, Any]) -> None:
+    del agent["model_retry_policy"], agent["tool_retry_policy"]
+
+
+def test_a_run_requested_by_an_earlier_version_gets_the_default_retry_policies(
+    runs: RunStore,
+) -> None:
+    run = new_run()
+    (requested,) = run.collect_events()
+
+    def to_version_1(data: dict[str, Any]) -> None:
+        assert data.pop("class_version") == 2
+        without_policies(data["agent"])
+
+    runs.recorder.insert_events([as_stored_by_version_1(runs, requested, to_version_1)])
+
+    loaded = runs.load(run.run_id)
+    assert loaded.agent_config.model_retry_policy == DEFAULT_MODEL_RETRY_POLICY
+    assert loaded.agent_config.tool_retry_policy == DEFAULT_TOOL_RETRY_POLICY
+    assert loaded.agent == run.agent  # the policies are in the pinned agent, as now
+    assert state(loaded) == state(run)
+
+
+def test_a_snapshot_taken_by_an_earlier_version_is_upcast(
+    store: StoreConfig, runs: RunStore
+) -> None:
+    run = awaiting_run(runs)
+    snapshot = Run.Snapshot.take(runs.load(run.run_id))
+
+    def to_version_1(data: dict[str, Any]) -> None:
+        assert data["state"].pop("class_version") == Run.class_version
+        without_policies(data["state"]["agent"])
+        del data["state"]["releases"]  # (versions before drains had none)
+        del data["state"]["model_failures"]  # (nor before retries)
+
+    assert runs.snapshots is not None
+    runs.snapshots.recorder.insert_events([as_stored_by_version_1(runs, snapshot, to_version_1)])
+    fresh = RunStore(store)  # nothing cached: it reads the snapshot
+    try:
+        loaded = fresh.load(run.run_id)
+        assert state(loaded) == state(run)
+        assert loaded.agent_config.model_retry_policy == DEFAULT_MODEL_RETRY_POLICY
+        assert loaded.releases_of(2) == 0
+    finally:
+        fresh.close()
+
+
+def test_a_fork_starts_a_failed_model_call_afresh(runs: RunStore) -> None:
+    source = new_run()
+    runs.create(source)
+    source.record_model_failure(1, "http_503", "overloaded", True)
+    runs.commit(source)
+    assert types_of(runs.history(source.run_id)) == ["Requested", "ModelCallFailed"]
+    fork = runs.fork(TENANT, source.run_id, 2, str(uuid.uuid4()), "again")
+    assert types_of(runs.history(fork.run_id)) == ["Requested"]
+    assert (fork.failures_of(1), fork.attempt_of(1)) == ([], 1)
+    assert (source.failures_of(1)[0]["code"], source.attempt_of(1)) == ("http_503", 2)

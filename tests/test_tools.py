@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from executor.tools import BUILTIN_TOOLS, get_tool
-from executor.tools.base import Tool, ToolContext, ToolError
+from executor.tools import get_tool
+from executor.tools.base import TOOLS, Tool, ToolContext, ToolError
 from executor.tools.calculator import MAX_EXPRESSION_LENGTH, CalculatorTool
 from executor.tools.clock import ClockTool
 from executor.tools.send_email import MAX_BODY_LENGTH, SendEmailTool, message_id, read_outbox
@@ -36,8 +36,8 @@ async def call(tool: Tool, arguments: dict[str, Any], data_dir: Path) -> Any:
 
 
 def test_registry_has_exactly_the_three_tools() -> None:
-    assert set(BUILTIN_TOOLS) == {"clock", "calculator", "send_email"}
-    for name, tool in BUILTIN_TOOLS.items():
+    assert set(TOOLS) == {"clock", "calculator", "send_email"}
+    for name, tool in TOOLS.items():
         assert tool.name == name
         assert get_tool(name) is tool
     assert get_tool("nope") is None
@@ -46,7 +46,7 @@ def test_registry_has_exactly_the_three_tools() -> None:
 
 @pytest.mark.parametrize("name", ["clock", "calculator", "send_email"])
 def test_schema_and_description_are_well_formed(name: str) -> None:
-    tool = BUILTIN_TOOLS[name]
+    tool = TOOLS[name]
     assert tool.description.strip()
     schema = tool.parameters
     json.dumps(schema)  # serialisable as sent to a model
@@ -65,9 +65,9 @@ def test_schema_and_description_are_well_formed(name: str) -> None:
 
 
 def test_required_arguments() -> None:
-    assert BUILTIN_TOOLS["clock"].parameters["required"] == []
-    assert BUILTIN_TOOLS["calculator"].parameters["required"] == ["expression"]
-    assert set(BUILTIN_TOOLS["send_email"].parameters["required"]) == {"to", "subject", "body"}
+    assert TOOLS["clock"].parameters["required"] == []
+    assert TOOLS["calculator"].parameters["required"] == ["expression"]
+    assert set(TOOLS["send_email"].parameters["required"]) == {"to", "subject", "body"}
 
 
 # --- clock ------------------------------------------------------------------------------------

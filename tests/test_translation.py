@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -9,8 +10,13 @@ from google.protobuf import duration_pb2
 
 from agentrun.v1 import agent_pb2
 from common.errors import InvalidArgument
+from eventstore.retry_policy import (
+    DEFAULT_MODEL_RETRY_POLICY,
+    DEFAULT_TOOL_RETRY_POLICY,
+    RetryPolicy,
+)
 from eventstore.run_store import StoredEvent
-from executor.translation import agent_from_proto, history_batches
+from executor.translation import agent_from_proto, agent_to_proto, history_batches
 
 
 def stored(version: int, text: str) -> StoredEvent:
@@ -62,3 +68,28 @@ def test_durations_keep_their_nanoseconds() -> None:
     config = agent_from_proto(agent)
     assert config.approval_timeout == 90.5
     assert config.model.scripted.token_delay == 0.01
+
+
+def test_retry_policies_round_trip_and_unset_ones_are_the_defaults() -> None:
+    unset = agent_from_proto(agent_pb2.Agent(id="a", model=agent_pb2.ModelConfig(provider="x")))
+    assert unset.model_retry_policy == DEFAULT_MODEL_RETRY_POLICY
+    assert unset.tool_retry_policy == DEFAULT_TOOL_RETRY_POLICY
+    config = replace(
+        unset,
+        model_retry_policy=RetryPolicy(5, 0.25, 1.5, 4.5, ("http_429",)),
+        tool_retry_policy=RetryPolicy(2, 10.0, 1.0, 10.0),
+    )
+    assert agent_from_proto(agent_to_proto(config)) == config
+
+
+def test_a_policy_takes_a_default_for_each_field_it_leaves_unset() -> None:
+    agent = agent_pb2.Agent(id="a", model=agent_pb2.ModelConfig(provider="scripted"))
+    agent.model_retry_policy.non_retryable_error_codes.append("http_429")
+    agent.tool_retry_policy.initial_interval.FromSeconds(45)
+    config = agent_from_proto(agent)
+    assert config.model_retry_policy == replace(
+        DEFAULT_MODEL_RETRY_POLICY, non_retryable_error_codes=("http_429",)
+    )
+    # The longest wait is at least the first one.
+    assert config.tool_retry_policy == RetryPolicy(1, 45.0, 2.0, 45.0)
+    config.validate()

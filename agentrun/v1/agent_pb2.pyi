@@ -63,6 +63,8 @@ class Agent(_message.Message):
     MAX_MODEL_CALLS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    MODEL_RETRY_POLICY_FIELD_NUMBER: _builtins.int
+    TOOL_RETRY_POLICY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The agent's id, unique within its tenant: 1 to 63 characters of a-z, 0-9 and '-',
     starting with a letter (for example "demo-classic").
@@ -110,6 +112,22 @@ class Agent(_message.Message):
         update's time for later ones. Output only.
         """
 
+    @_builtins.property
+    def model_retry_policy(self) -> Global___RetryPolicy:
+        """How a run retries a model call that fails. A failure is retried only if the provider says a
+        retry may cure it (rate limits, server errors, dropped connections); a client sees the retry
+        as a new attempt of the step (StepStarted.attempt), whose text replaces the failed one's.
+        When no attempt is left, the run fails with MODEL_ERROR. Unset means at most 3 attempts,
+        waiting 1 second, then 2.
+        """
+
+    @_builtins.property
+    def tool_retry_policy(self) -> Global___RetryPolicy:
+        """How a run retries a tool call that fails. Kept with the agent and its runs for tools that
+        call other services; the built-in tools report their failures to the model instead, and are
+        not retried. Unset means one attempt.
+        """
+
     def __init__(
         self,
         *,
@@ -124,14 +142,69 @@ class Agent(_message.Message):
         max_model_calls: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        model_retry_policy: Global___RetryPolicy | None = ...,
+        tool_retry_policy: Global___RetryPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_timeout", b"approval_timeout", "create_time", b"create_time", "model", b"model", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_timeout", b"approval_timeout", "create_time", b"create_time", "model", b"model", "model_retry_policy", b"model_retry_policy", "tool_retry_policy", b"tool_retry_policy", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_timeout", b"approval_timeout", "create_time", b"create_time", "display_name", b"display_name", "execution_mode", b"execution_mode", "id", b"id", "instructions", b"instructions", "max_model_calls", b"max_model_calls", "model", b"model", "tools", b"tools", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_timeout", b"approval_timeout", "create_time", b"create_time", "display_name", b"display_name", "execution_mode", b"execution_mode", "id", b"id", "instructions", b"instructions", "max_model_calls", b"max_model_calls", "model", b"model", "model_retry_policy", b"model_retry_policy", "tool_retry_policy", b"tool_retry_policy", "tools", b"tools", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Agent: _TypeAlias = Agent  # noqa: Y015
+
+@_typing.final
+class RetryPolicy(_message.Message):
+    """When a failed call is tried again. A run keeps the policy its agent had when it started.
+    A field left unset takes its default.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAXIMUM_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    INITIAL_INTERVAL_FIELD_NUMBER: _builtins.int
+    BACKOFF_COEFFICIENT_FIELD_NUMBER: _builtins.int
+    MAXIMUM_INTERVAL_FIELD_NUMBER: _builtins.int
+    NON_RETRYABLE_ERROR_CODES_FIELD_NUMBER: _builtins.int
+    maximum_attempts: _builtins.int
+    """Attempts in all, the first included: 1 means never retried. Unset means 3 for model calls
+    and 1 for tool calls; at most 100.
+    """
+    backoff_coefficient: _builtins.float
+    """Each wait is this many times as long as the one before. Unset means 2; from 1 to 10."""
+    @_builtins.property
+    def initial_interval(self) -> _duration_pb2.Duration:
+        """The wait before the first retry. Unset means 1 second; positive, at most 10 minutes."""
+
+    @_builtins.property
+    def maximum_interval(self) -> _duration_pb2.Duration:
+        """No wait is longer than this. Unset means 30 seconds, or initial_interval if that is longer;
+        at least initial_interval, at most 10 minutes.
+        """
+
+    @_builtins.property
+    def non_retryable_error_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Failures with these codes are not retried, whatever the provider says. The codes are the
+        provider's: for "openai", "http_<status>" (for example "http_429"), "transport",
+        "stream_incomplete", "stream_error", "malformed".
+        """
+
+    def __init__(
+        self,
+        *,
+        maximum_attempts: _builtins.int = ...,
+        initial_interval: _duration_pb2.Duration | None = ...,
+        backoff_coefficient: _builtins.float = ...,
+        maximum_interval: _duration_pb2.Duration | None = ...,
+        non_retryable_error_codes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_interval", b"initial_interval", "maximum_interval", b"maximum_interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_coefficient", b"backoff_coefficient", "initial_interval", b"initial_interval", "maximum_attempts", b"maximum_attempts", "maximum_interval", b"maximum_interval", "non_retryable_error_codes", b"non_retryable_error_codes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015
 
 @_typing.final
 class ModelConfig(_message.Message):

@@ -1,22 +1,24 @@
-"""Model providers, chosen by an agent's ``model.provider``."""
+"""Model providers, chosen by an agent's ``model.provider``.
+
+Each provider registers itself in its module (base.register_provider); executor.extensions
+loads the shipped ones.
+"""
 
 from __future__ import annotations
 
 from common.errors import InvalidArgument
-from executor.models.base import ModelProvider
-from executor.models.openai import OpenAIProvider
-from executor.models.scripted import ScriptedProvider
+from executor.models.base import FACTORIES, ModelProvider
 
 
 class ModelProviders:
-    """One instance of each provider, shared by all runs of an executor."""
+    """One instance of each registered provider, shared by all runs of an executor."""
 
     def __init__(self) -> None:
-        self._openai = OpenAIProvider()
-        self._providers: dict[str, ModelProvider] = {
-            "scripted": ScriptedProvider(),
-            "openai": self._openai,
-        }
+        self._providers = {name: create() for name, create in FACTORIES.items()}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self._providers))
 
     def get(self, name: str) -> ModelProvider:
         provider = self._providers.get(name)
@@ -25,4 +27,5 @@ class ModelProviders:
         return provider
 
     async def aclose(self) -> None:
-        await self._openai.aclose()
+        for provider in self._providers.values():
+            await provider.aclose()

@@ -1,12 +1,14 @@
-"""The one small interface every model provider implements."""
+"""The one small interface every model provider implements, and how a provider registers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from eventstore.agent_config import ModelSettings
+from eventstore.extensions import MODEL_PROVIDERS
 from eventstore.messages import ChatMessage, ToolCall, Usage, no_usage
 
 TextSink = Callable[[str], None]
@@ -49,11 +51,14 @@ class ModelReply:
 
 
 class ModelError(Exception):
-    """The provider failed. ``retryable`` says whether trying the call again could succeed."""
+    """The provider failed. ``retryable`` says whether trying the call again could succeed;
+    ``code`` names the kind of failure, in the provider's terms (an agent's retry policy may
+    list codes it does not retry)."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, code: str, retryable: bool = False) -> None:
         super().__init__(message)
         self.message = message
+        self.code = code
         self.retryable = retryable
 
 
@@ -66,3 +71,25 @@ class ModelProvider(Protocol):
     """
 
     async def complete(self, request: ModelRequest, on_text: TextSink) -> ModelReply: ...
+
+    async def aclose(self) -> None:
+        """Releases what the provider holds (connections); called once, when the executor
+        stops."""
+        ...
+
+
+_FACTORIES: dict[str, Callable[[], ModelProvider]] = {}
+FACTORIES: Mapping[str, Callable[[], ModelProvider]] = MappingProxyType(_FACTORIES)
+"""The registered providers by name: how to make the one instance an executor shares."""
+
+
+def register_provider(
+    name: str,
+    factory: Callable[[], ModelProvider],
+    check: Callable[[ModelSettings], None] | None = None,
+) -> None:
+    """Makes a provider available to agents as ``model.provider = name``: the domain then
+    accepts agents naming it (after ``check`` accepts their model settings) and executors
+    create it with ``factory``. Called by the provider's module, where it is defined."""
+    MODEL_PROVIDERS.register(name, check)
+    _FACTORIES[name] = factory

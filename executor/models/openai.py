@@ -13,12 +13,26 @@ from typing import Any
 
 import httpx
 
+from common.errors import InvalidArgument
+from eventstore.agent_config import ModelSettings
 from eventstore.messages import ChatMessage, ToolCall, Usage
-from executor.models.base import ModelError, ModelReply, ModelRequest, TextSink
+from executor.models.base import (
+    ModelError,
+    ModelReply,
+    ModelRequest,
+    TextSink,
+    register_provider,
+)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RESERVED_BODY_KEYS = frozenset({"model", "messages", "stream", "stream_options", "tools"})
 ERROR_BODY_LIMIT = 500
+
+
+def check_settings(settings: ModelSettings) -> None:
+    """What an agent of this provider must set."""
+    if not settings.name:
+        raise InvalidArgument("agent.model.name", "is required for the openai provider")
 
 
 def is_retryable_status(status: int) -> bool:
@@ -91,7 +105,11 @@ def http_error(status: int, body: bytes) -> ModelError:
         detail = error["message"][:ERROR_BODY_LIMIT]
     elif isinstance(error, str):
         detail = error[:ERROR_BODY_LIMIT]
-    return ModelError(f"openai: HTTP {status}: {detail}", retryable=is_retryable_status(status))
+    return ModelError(
+        f"openai: HTTP {status}: {detail}",
+        code=f"http_{status}",
+        retryable=is_retryable_status(status),
+    )
 
 
 @dataclass
@@ -116,12 +134,14 @@ class _Stream:
             chunk = json.loads(data)
         except ValueError as exc:
             raise ModelError(
-                f"openai: malformed JSON in stream chunk ({exc}): {data[:200]!r}"
+                f"openai: malformed JSON in stream chunk ({exc}): {data[:200]!r}", code="malformed"
             ) from None
         try:
             content = self._apply(chunk)
         except (AttributeError, LookupError, TypeError, ValueError):
-            raise ModelError(f"openai: malformed stream chunk: {data[:200]!r}") from None
+            raise ModelError(
+                f"openai: malformed stream chunk: {data[:200]!r}", code="malformed"
+            ) from None
         if content:
             self.text.append(content)
             self.on_text(content)
@@ -135,7 +155,9 @@ class _Stream:
                 isinstance(code, int) and is_retryable_status(code)
             )
             raise ModelError(
-                f"openai: error in stream: {error.get('message')}", retryable=retryable
+                f"openai: error in stream: {error.get('message')}",
+                code="stream_error",
+                retryable=retryable,
             )
         if usage := chunk.get("usage"):
             self.usage = {
@@ -193,7 +215,8 @@ class OpenAIProvider:
             key = os.environ.get(settings.api_key_env)
             if not key:
                 raise ModelError(
-                    f"openai: environment variable {settings.api_key_env} (the API key) is not set"
+                    f"openai: environment variable {settings.api_key_env} (the API key) is not set",
+                    code="missing_api_key",
                 )
             headers["Authorization"] = f"Bearer {key}"
         stream = _Stream(on_text)
@@ -206,15 +229,25 @@ class OpenAIProvider:
                     raise http_error(response.status_code, await response.aread())
                 done = await _read_events(response, stream)
         except httpx.UnsupportedProtocol as exc:
-            raise ModelError(f"openai: bad base_url {settings.base_url!r}: {exc}") from None
+            raise ModelError(
+                f"openai: bad base_url {settings.base_url!r}: {exc}", code="bad_base_url"
+            ) from None
         except httpx.TransportError as exc:
             raise ModelError(
-                f"openai: {type(exc).__name__} talking to {url}: {exc}", retryable=True
+                f"openai: {type(exc).__name__} talking to {url}: {exc}",
+                code="transport",
+                retryable=True,
             ) from None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise ModelError(f"openai: {type(exc).__name__} talking to {url}: {exc}") from None
+            raise ModelError(
+                f"openai: {type(exc).__name__} talking to {url}: {exc}", code="http"
+            ) from None
         if not done and not stream.finished:
-            raise ModelError("openai: the stream ended before the completion did", retryable=True)
+            raise ModelError(
+                "openai: the stream ended before the completion did",
+                code="stream_incomplete",
+                retryable=True,
+            )
         return stream.reply(request.call_index)
 
 
@@ -235,3 +268,6 @@ async def _read_events(response: httpx.Response, stream: _Stream) -> bool:
         stream.feed(event)
     # An event cut off by the end of the stream is dropped, bar a [DONE] lacking its blank line.
     return "\n".join(data).strip() == "[DONE]"
+
+
+register_provider("openai", OpenAIProvider, check_settings)

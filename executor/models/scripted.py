@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 from eventstore.agent_config import ScriptedTurn
 from eventstore.messages import ChatMessage, ToolCall
-from executor.models.base import ModelReply, ModelRequest, TextSink
+from executor.models.base import ModelReply, ModelRequest, TextSink, register_provider
 
 _TOKEN = re.compile(r"\S+\s*|\s+")
 _COUNT = re.compile(r"count to (\d+)", re.IGNORECASE)
@@ -83,6 +83,9 @@ class ScriptedProvider:
             tool_calls=tool_calls,
             usage={"input_tokens": input_tokens, "output_tokens": len(tokens)},
         )
+
+    async def aclose(self) -> None:
+        return None
 
 
 def _scripted_turn(turn: ScriptedTurn, call_index: int) -> tuple[list[str], list[ToolCall]]:
@@ -164,3 +167,6 @@ def _after_tools(turn_messages: Sequence[ChatMessage]) -> str:
         else:
             sentences.append(f"The {name} tool returned {output}.")
     return " ".join(sentences)
+
+
+register_provider("scripted", ScriptedProvider)

@@ -1,10 +1,15 @@
-"""The interface of built-in tools."""
+"""The interface of tools, and how a tool registers."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
+
+from eventstore.agent_config import ToolSettings
+from eventstore.extensions import TOOLS as TOOL_NAMES
 
 
 @dataclass(frozen=True)
@@ -49,3 +54,16 @@ class Tool(Protocol):
         ...
 
     async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> str: ...
+
+
+_TOOLS: dict[str, Tool] = {}
+TOOLS: Mapping[str, Tool] = MappingProxyType(_TOOLS)
+"""The registered tools by name."""
+
+
+def register_tool(tool: Tool, check: Callable[[ToolSettings], None] | None = None) -> None:
+    """Makes ``tool`` available to agents under its name: the domain then accepts agents
+    listing it (after ``check`` accepts their settings of it) and the loop offers and calls it.
+    Called by the tool's module, where it is defined."""
+    TOOL_NAMES.register(tool.name, check)
+    _TOOLS[tool.name] = tool

@@ -15,7 +15,7 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-from executor.tools.base import ToolContext, ToolError
+from executor.tools.base import ToolContext, ToolError, register_tool
 
 MAX_EXPRESSION_LENGTH = 500
 MAX_NODES = 300
@@ -295,3 +295,6 @@ def _bounded(value: object) -> Number:
 def _short(value: Number) -> str:
     text = repr(value)
     return text if len(text) <= 30 else text[:27] + "..."
+
+
+register_tool(CalculatorTool())

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from executor.tools.base import ToolContext, ToolError
+from executor.tools.base import ToolContext, ToolError, register_tool
 
 _MAX_ZONE_LENGTH = 64
 
@@ -74,3 +74,6 @@ def _zone(name: str) -> ZoneInfo:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
         raise error from exc
+
+
+register_tool(ClockTool())

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from executor.tools.base import ToolContext, ToolError
+from executor.tools.base import ToolContext, ToolError, register_tool
 
 OUTBOX_NAME = "outbox.jsonl"
 ATTEMPTS_NAME = "attempts.jsonl"
@@ -203,3 +203,6 @@ def _records(file: IO[bytes]) -> Iterator[dict[str, Any]]:
             continue
         if isinstance(value, dict):
             yield value
+
+
+register_tool(SendEmailTool())
