@@ -103,14 +103,16 @@ class Watching:
         relayed: Sequence[run_pb2.RunEvent] = (),
         probe_first: bool = False,
         subscribing: asyncio.Task[Subscription] | None = None,
+        record: RunRecord | None = None,
     ) -> AsyncIterator[list[run_pb2.RunEvent]]:
         """The run's events after ``after_sequence`` until its terminal event, in batches
         (through ``subscribing``, a ``subscribe`` begun earlier, if given). ``relayed``: events
         a client got from an executor that went away (see LostRuns.settle); ``probe_first``:
-        check the holder at once (the client's stream from it broke)."""
+        check the holder at once (the client's stream from it broke); ``record``: the run's
+        row as the caller has it (a run it started a moment ago), instead of reading it."""
         sub = None
         try:
-            record = await self.record_of(tenant, run_id)
+            record = record or await self.record_of(tenant, run_id)
             if not await self._may_follow(record, after_sequence):
                 return
             sub = await (subscribing or self.subscribe(run_id))

@@ -58,7 +58,9 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
                 async for batch in live:
                     yield pb.ExecuteRunResponse(events=batch)
                 return
-            events = self.watching.watch(tenant, run_id, 0, subscribing=started.subscribing)
+            events = self.watching.watch(
+                tenant, run_id, 0, subscribing=started.subscribing, record=started.record
+            )
         elif first is not None and first.HasField("resume"):
             resume = first.resume
             tenant = _tenant(resume.tenant)
