@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,17 +89,26 @@ def start_stack(
     return stack
 
 
-async def holder_of(stack: Stack, run_id: str) -> str | None:
-    """The id of the executor that answers for the run on NATS (None: nobody does)."""
+@contextlib.asynccontextmanager
+async def nats_of(stack: Stack) -> AsyncIterator[NatsLink]:
+    """A NATS connection in the stack's namespace, for looking at what the services left there."""
     link = NatsLink(
         [f"nats://{stack.nats.address}"],
-        name="probe",
+        name="test-probe",
         event_retention=60,
         names=NatsNames(stack.namespace),
     )
     await link.start()
     try:
         await link.wait_connected()
+        yield link
+    finally:
+        await link.close()
+
+
+async def holder_of(stack: Stack, run_id: str) -> str | None:
+    """The id of the executor that answers for the run on NATS (None: nobody does)."""
+    async with nats_of(stack) as link:
         subject = link.names.control_subject(run_id)
         try:
             reply = await link.nc.request(subject, b'{"op": "ping"}', timeout=5.0)
@@ -105,21 +116,11 @@ async def holder_of(stack: Stack, run_id: str) -> str | None:
             return None
         executor: str = json.loads(reply.data)["executor"]
         return executor
-    finally:
-        await link.close()
 
 
 async def published_events(stack: Stack, run_id: str) -> list[run_pb2.RunEvent]:
     """Every event on the run's JetStream subject, as stored (parts put back together)."""
-    link = NatsLink(
-        [f"nats://{stack.nats.address}"],
-        name="reader",
-        event_retention=60,
-        names=NatsNames(stack.namespace),
-    )
-    await link.start()
-    try:
-        await link.wait_connected()
+    async with nats_of(stack) as link:
         names = link.names
         sub = await link.js.subscribe(
             names.events_subject(run_id),
@@ -136,5 +137,3 @@ async def published_events(stack: Stack, run_id: str) -> list[run_pb2.RunEvent]:
             if msg.metadata.sequence.stream >= last:
                 await sub.unsubscribe()
                 return events
-    finally:
-        await link.close()

@@ -11,10 +11,9 @@ import grpc
 import pytest
 
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
-from common.nats_link import NatsLink, NatsNames
 from executor.tools.send_email import read_outbox
 from tests.client import Client, kinds, rest, scripted_agent, text_of, until
-from tests.stack import Stack
+from tests.stack import Stack, holder_of
 
 EMAIL_ARGS = json.dumps({"to": "ada@example.com", "subject": "Hi", "body": "Hello Ada"})
 EMAIL_AGENT_TURNS = [
@@ -240,18 +239,7 @@ async def test_a_repeat_of_a_live_run_takes_nothing_from_it(
     seen_by_repeat = await until(repeat, "tool_approval_required")
     assert seen_by_repeat == before
     # The live run still answers for itself on NATS.
-    link = NatsLink(
-        [f"nats://{stack.nats.address}"],
-        name="probe",
-        event_retention=60,
-        names=NatsNames(stack.namespace),
-    )
-    await link.start()
-    try:
-        await link.wait_connected()
-        assert await link.holder_answers(before[0].run_id) is True
-    finally:
-        await link.close()
+    assert await holder_of(stack, before[0].run_id) is not None
     required = before[-1].tool_approval_required
     after = await approve_to_the_end(live, required.tool_call.id)
     assert_gap_free(before + after)

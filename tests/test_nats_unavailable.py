@@ -19,23 +19,24 @@ from tests.stack import Stack
 OUTAGE_AFTER_THE_RUNS = 30.0
 
 
-@pytest.fixture
-async def own_nats_stack(tmp_path: Path) -> AsyncIterator[Stack]:
+@pytest.fixture(params=["sqlite", "postgres"])
+async def outage_stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
+    url = database_url_for(request.param, tmp_path / "data")
     nats = start_nats(tmp_path / "nats", tmp_path / "logs", name="own-nats")
-    stack = Stack(database_url=f"sqlite:///{tmp_path / 'data'}", nats=nats, tmp=tmp_path)
+    stack = Stack(database_url=url, nats=nats, tmp=tmp_path)
     try:
         stack.start_executor()
+        stack.start_gateway()
         stack.start_gateway()
         yield stack
     finally:
         stack.stop()
         stack.nats.stop()
+        drop_schema(url)
 
 
-async def test_classic_runs_stream_while_nats_is_down(
-    own_nats_stack: Stack, tmp_path: Path
-) -> None:
-    stack = own_nats_stack
+async def test_classic_runs_stream_while_nats_is_down(outage_stack: Stack, tmp_path: Path) -> None:
+    stack = outage_stack
     channel = grpc.aio.insecure_channel(stack.gateways[0].address)
     client = Client(channel)
     agent = await client.create_agent(scripted_agent(turns=[("streaming without NATS", [])]))
@@ -61,22 +62,6 @@ async def test_classic_runs_stream_while_nats_is_down(
     assert await client.watch_all(during[0].run_id) == during
     assert await client.watch_all(before_outage[0].run_id) == before_outage
     await channel.close(grace=None)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def outage_stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
-    url = database_url_for(request.param, tmp_path / "data")
-    nats = start_nats(tmp_path / "nats", tmp_path / "logs", name="own-nats")
-    stack = Stack(database_url=url, nats=nats, tmp=tmp_path)
-    try:
-        stack.start_executor()
-        stack.start_gateway()
-        stack.start_gateway()
-        yield stack
-    finally:
-        stack.stop()
-        stack.nats.stop()
-        drop_schema(url)
 
 
 @pytest.mark.timeout(240)
