@@ -12,8 +12,10 @@ import pytest
 
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from executor.tools.send_email import read_outbox
-from tests.client import Client, kinds, rest, scripted_agent, text_of, until
+from tests.client import Client, assert_history_agrees, kinds, rest, scripted_agent, text_of, until
 from tests.stack import Stack, holder_of
+
+CLASSIC, DURABLE = agent_pb2.EXECUTION_MODE_CLASSIC, agent_pb2.EXECUTION_MODE_DURABLE
 
 EMAIL_ARGS = json.dumps({"to": "ada@example.com", "subject": "Hi", "body": "Hello Ada"})
 EMAIL_AGENT_TURNS = [
@@ -302,14 +304,18 @@ async def test_a_disconnected_client_does_not_cancel_its_run(
     assert_gap_free(events)
 
 
-async def test_cancel_on_disconnect_cancels_the_run(channels: list[grpc.aio.Channel]) -> None:
+@pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
+async def test_cancel_on_disconnect_cancels_the_run(
+    channels: list[grpc.aio.Channel], mode: agent_pb2.ExecutionMode.ValueType
+) -> None:
     client = Client(channels[0])
-    agent = await client.create_agent(scripted_agent(turns=EMAIL_AGENT_TURNS))
+    agent = await client.create_agent(scripted_agent(turns=EMAIL_AGENT_TURNS, mode=mode))
     call = client.stream(agent.id, "email Ada", cancel_on_disconnect=True)
     before = await until(call, "tool_approval_required")
     call.cancel()
     events = await Client(channels[1]).watch_all(before[0].run_id)
     assert kinds(events)[-1] == "run_cancelled"
+    await assert_history_agrees(Client(channels[1]), before[0].run_id, events)
 
 
 async def test_start_run_runs_in_the_background(channels: list[grpc.aio.Channel]) -> None:

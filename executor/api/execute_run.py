@@ -22,7 +22,8 @@ import grpc
 from agentrun.internal.v1 import executor_service_pb2 as pb
 from agentrun.internal.v1 import executor_service_pb2_grpc
 from agentrun.v1 import run_pb2
-from common.errors import InvalidArgument, Unauthenticated
+from common.errors import AgentrunError, InvalidArgument, Unauthenticated
+from common.event_streams import is_terminal
 from common.rpc import stream_errors
 from common.side_by_side import ReportError, side_by_side
 from eventstore.run_commands import Cancel, Command, Decide
@@ -42,12 +43,14 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
         self.runs = runs
         self.steering = steering
         self.watching = watching
+        self._cancelling: set[asyncio.Task[None]] = set()
 
     @stream_errors
     async def ExecuteRun(
         self, request_iterator: Requests, context: Context
     ) -> AsyncIterator[pb.ExecuteRunResponse]:
         first = await anext(aiter(request_iterator), None)
+        cancel_on_disconnect = False
         if first is not None and first.HasField("start"):
             tenant = _tenant(first.start.tenant)
             spec = spec_of(tenant, first.start.request)
@@ -61,6 +64,7 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
             events = self.watching.watch(
                 tenant, run_id, 0, subscribing=started.subscribing, record=started.record
             )
+            cancel_on_disconnect = spec.cancel_on_disconnect
         elif first is not None and first.HasField("resume"):
             resume = first.resume
             tenant = _tenant(resume.tenant)
@@ -77,8 +81,14 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
         else:
             raise InvalidArgument("message", "the first message must start or resume a run")
         steering = functools.partial(self._steer, request_iterator, tenant, run_id)
-        async for batch in side_by_side(events, steering):
-            yield pb.ExecuteRunResponse(events=batch)
+        ended = False
+        try:
+            async for batch in side_by_side(events, steering):
+                ended = is_terminal(batch[-1])
+                yield pb.ExecuteRunResponse(events=batch)
+        finally:
+            if cancel_on_disconnect and not ended:
+                self._cancel_later(tenant, run_id)
 
     async def _live(
         self, session: RunSession, requests: Requests, cancel_on_disconnect: bool
@@ -100,6 +110,18 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
             if cancel_on_disconnect and not stream.ended:
                 with contextlib.suppress(Exception):
                     session.cancel("the client disconnected")
+
+    def _cancel_later(self, tenant: str, run_id: str) -> None:
+        """Cancels a run whose stream ended before it (its start asked for that), off the
+        ending call."""
+
+        async def cancel() -> None:
+            with contextlib.suppress(AgentrunError):  # it ended meanwhile
+                await self.steering.steer(tenant, run_id, Cancel("the client disconnected"))
+
+        task = asyncio.create_task(cancel())
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
 
     async def _steer(
         self,
