@@ -190,7 +190,8 @@ class UpdateAgentRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """The fields to change (display_name, execution_mode, model, instructions, tools,
-        approval_timeout, max_model_calls); empty means all of them.
+        approval_timeout, max_model_calls, model_retry_policy, tool_retry_policy); empty means all
+        of them.
         """
 
     def __init__(

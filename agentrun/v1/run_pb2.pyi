@@ -349,8 +349,9 @@ class RunEvent(_message.Message):
 
     @_builtins.property
     def step_started(self) -> Global___StepStarted:
-        """A step started, or (durable runs) started again with a higher attempt: see
-        StepStarted.attempt for what a client does with the text of earlier attempts.
+        """A step started, or started again with a higher attempt (a retried model call, or a durable
+        run taken up by another executor): see StepStarted.attempt for what a client does with
+        the text of earlier attempts.
         """
 
     @_builtins.property
@@ -455,11 +456,11 @@ class StepStarted(_message.Message):
     kind: Global___StepKind.ValueType
     """The kind of step."""
     attempt: _builtins.int
-    """The attempt of the step that starts: 1 for the first. A classic run's steps always have
-    attempt 1. A durable run announces a step again, with a higher attempt, when the executor
-    that ran it stopped (crashed or drained) and another executor took the run up: the step
-    runs again, and a model call step calls the model again, so its text may differ from the
-    earlier attempt's. The executor that takes a run up also announces a higher attempt to send a
+    """The attempt of the step that starts: 1 for the first. A step is announced again, with a
+    higher attempt, when its model call failed and the agent's retry policy calls the model
+    again (both modes), and, in a durable run, when the executor that ran it stopped (crashed
+    or drained) and another executor took the run up: the step runs again, and a model call
+    step calls the model again, so its text may differ from the earlier attempt's. The executor that takes a run up also announces a higher attempt to send a
     recorded model call's text again, whole, when its predecessor may not have published all of
     it (the model is not called again).
 
