@@ -286,8 +286,9 @@ def test_settings_point_at_services_of_the_file(cli_parser: argparse.ArgumentPar
         role = parse(cli_parser, command(service)).command
         settings = service_settings(service)
         (executors if role == "executor" else gateways)[name] = settings
-        nats_hosts = {urlsplit(url).hostname for url in settings.nats_urls}
-        assert nats_hosts == nats_members, f"{name}: NATS at {settings.nats_urls}"
+        if role == "executor":  # gateways reach only the executors
+            nats_hosts = {urlsplit(url).hostname for url in settings.nats_urls}
+            assert nats_hosts == nats_members, f"{name}: NATS at {settings.nats_urls}"
         listen = settings.executor_listen if role == "executor" else settings.gateway_listen
         assert listen_host(listen) in ("0.0.0.0", "::"), f"{name}: {listen} is unreachable"
 

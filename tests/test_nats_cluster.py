@@ -1,5 +1,5 @@
 """A three-node NATS JetStream cluster (three nats-server processes on loopback ports): the
-executor and the gateway are given all three URLs and keep their streams in three replicas
+executor is given all three URLs and keeps its streams in three replicas
 (AGENTRUN_NATS_REPLICAS=3). The NATS node the executor is connected to is killed with SIGKILL
 while durable and classic runs stream: every run completes with its exact output, every
 client's stream is gap-free, and no recorded tool call runs again.
@@ -73,7 +73,7 @@ async def test_runs_complete_when_the_executors_nats_node_dies(
     stack = Stack(database_url=url, nats=nats_cluster[0], tmp=tmp_path)
     try:
         executor = stack.start_executor(**env)
-        gateway = stack.start_gateway(executor.address, **env)
+        gateway = stack.start_gateway(executor.address)
         # The executor says which server it is on once its streams exist (in three replicas).
         await asyncio.to_thread(executor.wait_for_output, "connected to NATS at", timeout=GUARD)
         found = re.search(r"connected to NATS at [\w.-]+:(\d+)", executor.log())
