@@ -48,12 +48,12 @@ from common.nats_link import (
     NatsLink,
     message_id,
 )
-from eventstore.run_status import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
 
-# A run's stream ends with the event of its terminal status: RunEvent's ``run_<status>``.
-TERMINAL_KINDS = frozenset(f"run_{status}" for status in TERMINAL_STATUSES)
+# A run's stream ends with the event of its terminal status, RunEvent's ``run_<status>`` (the
+# domain's terminal statuses: tests/test_run_status.py holds the two together).
+TERMINAL_KINDS = frozenset({"run_completed", "run_failed", "run_cancelled"})
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 WRONG_LAST_SEQUENCE = 10071
 MAX_MESSAGE_BYTES = 512 * 1024  # the largest payload of one message

@@ -22,7 +22,7 @@ def test_every_status_is_either_active_or_terminal() -> None:
 def test_the_stream_ends_with_the_event_of_a_terminal_status() -> None:
     kinds = {f.name for f in run_pb2.RunEvent.DESCRIPTOR.oneofs_by_name["kind"].fields}
     assert kinds >= TERMINAL_KINDS
-    assert {"run_completed", "run_failed", "run_cancelled"} == TERMINAL_KINDS
+    assert {f"run_{status}" for status in TERMINAL_STATUSES} == TERMINAL_KINDS
     assert is_terminal(run_pb2.RunEvent(run_cancelled=run_pb2.RunCancelled()))
     assert not is_terminal(run_pb2.RunEvent(text_delta=run_pb2.TextDelta()))
 
