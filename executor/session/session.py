@@ -219,6 +219,10 @@ class RunSession:
             command.tool_call_id, command.approved
         )
 
+    async def state_changed(self) -> None:
+        """The run started or stopped waiting for decisions."""
+        await self.recording.state_changed(self.run)
+
     async def apply(self, command: Command) -> bool:
         """Applies a command's events to the run here and emits them; False if it changed
         nothing."""

@@ -13,12 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from eventstore.run_commands import TimeOutApprovals
+from eventstore.run import Run
+from eventstore.run_commands import Command, TimeOutApprovals
 
-if TYPE_CHECKING:
-    from executor.session.session import RunSession
+
+class Waiter(Protocol):
+    """What waiting needs of the session that waits (executor.session.session.RunSession)."""
+
+    run: Run
+    decided: asyncio.Event  # set whenever a decision is applied
+
+    async def apply(self, command: Command) -> bool: ...
+
+    async def state_changed(self) -> None: ...
 
 
 class Waiting(Protocol):
@@ -29,7 +38,7 @@ class Waiting(Protocol):
         """Whether decisions are taken by the session holding the run (else by the store)."""
         ...
 
-    async def for_decisions(self, session: RunSession) -> bool:
+    async def for_decisions(self, session: Waiter) -> bool:
         """Waits until the run's awaited calls are decided. False: the run suspends (its
         session stops driving it)."""
         ...
@@ -40,7 +49,7 @@ class InMemory:
 
     takes_decisions = True
 
-    async def for_decisions(self, session: RunSession) -> bool:
+    async def for_decisions(self, session: Waiter) -> bool:
         run = session.run
         while undecided := run.awaiting_decision():
             now = time.time()
@@ -51,7 +60,7 @@ class InMemory:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(deadline - now, 0.0)):
                     await session.decided.wait()
-        await session.recording.state_changed(run)
+        await session.state_changed()
         return True
 
 
@@ -60,5 +69,5 @@ class Suspending:
 
     takes_decisions = False
 
-    async def for_decisions(self, session: RunSession) -> bool:
+    async def for_decisions(self, session: Waiter) -> bool:
         return False
