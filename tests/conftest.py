@@ -113,3 +113,13 @@ async def channels(stack: Stack) -> AsyncIterator[list[grpc.aio.Channel]]:
     yield opened
     for channel in opened:
         await channel.close(grace=None)
+
+
+@pytest.fixture(autouse=True)
+async def _histories_agree(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """After each test on the shared stack: the runs it ended have histories that agree with
+    the run list (other stacks check theirs when they stop)."""
+    yield
+    if "stack" in request.fixturenames:
+        shared: Stack = request.getfixturevalue("stack")
+        await shared.verify_histories()

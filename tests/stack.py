@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 from nats.js.api import DeliverPolicy
 
 from agentrun.v1 import run_pb2
 from cli.launcher import Service, start_agentrun
-from common.event_streams import Reassembly, published
+from common.event_streams import Reassembly, is_terminal, published
 from common.nats_link import NatsLink, NatsNames
+from tests import histories
 
 
 @dataclass
@@ -27,6 +32,8 @@ class Stack:
     gateways: list[Service] = field(default_factory=list)
     # Stacks of one test session share a nats-server: each keeps to a namespace of its own.
     namespace: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:12]}")
+    # Runs created from then on have not had their histories checked (see verify_histories).
+    verified_until: float = field(default_factory=time.time)
     _count: int = 0
 
     @property
@@ -69,9 +76,36 @@ class Stack:
         self.gateways.append(service)
         return service
 
+    async def verify_histories(self) -> None:
+        """Every run that ended since the last check has a published history that agrees with
+        the run list (tests.histories)."""
+        since, self.verified_until = self.verified_until, time.time()
+        await histories.verify(self, since - 1.0)
+
     def stop(self) -> None:
-        for service in [*self.gateways, *self.executors]:
-            service.stop()
+        """Stops the services, once the histories of the runs they ended are checked."""
+        try:
+            _in_a_thread(self.verify_histories())
+        finally:
+            for service in [*self.gateways, *self.executors]:
+                service.stop()
+
+
+def _in_a_thread(work: Coroutine[Any, Any, None]) -> None:
+    """Runs ``work`` to its end on an event loop of its own (the caller may be on one)."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(work)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def start_stack(
@@ -118,22 +152,34 @@ async def holder_of(stack: Stack, run_id: str) -> str | None:
         return executor
 
 
-async def published_events(stack: Stack, run_id: str) -> list[run_pb2.RunEvent]:
-    """Every event on the run's JetStream subject, as stored (parts put back together)."""
+async def published_events(
+    stack: Stack, run_id: str, *, wait_for_end: float = 0.0
+) -> list[run_pb2.RunEvent]:
+    """Every event on the run's JetStream subject, as stored (parts put back together).
+    ``wait_for_end``: if the stream has not ended, wait up to that many seconds for its end
+    (an executor publishes a run's end a moment after recording it)."""
     async with nats_of(stack) as link:
         names = link.names
+        last = (await published(link, run_id)).stream_sequence
+        if not last:
+            return []
         sub = await link.js.subscribe(
             names.events_subject(run_id),
             stream=names.events_stream,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,
         )
-        last = (await published(link, run_id)).stream_sequence
         reassembly = Reassembly()
         events: list[run_pb2.RunEvent] = []
-        while True:
-            msg = await sub.next_msg(timeout=10.0)
-            events.extend(reassembly.add(msg.data, msg.headers))
-            if msg.metadata.sequence.stream >= last:
-                await sub.unsubscribe()
-                return events
+        try:
+            async with asyncio.timeout(10.0 + wait_for_end):
+                while True:
+                    msg = await sub.next_msg(timeout=10.0 + wait_for_end)
+                    events.extend(reassembly.add(msg.data, msg.headers))
+                    ended = bool(events) and is_terminal(events[-1])
+                    if msg.metadata.sequence.stream >= last and (ended or not wait_for_end):
+                        return events
+        except (TimeoutError, nats.errors.TimeoutError):
+            return events
+        finally:
+            await sub.unsubscribe()
