@@ -231,3 +231,33 @@ async def test_garbage_bytes_do_not_hurt_the_servers(
     client = Client(channels[0])
     agent = await client.create_agent(scripted_agent(turns=[("still fine", [])]))
     assert (await client.run(agent.id, "hi"))[-1].run_completed.output == "still fine"
+
+
+async def test_a_run_id_in_any_uuid_spelling_names_the_same_run(
+    channels: list[grpc.aio.Channel],
+) -> None:
+    """Upper case, no hyphens, braces or urn:uuid: all name the run; every call finds it."""
+    client = Client(channels[0])
+    agent = await client.create_agent(
+        scripted_agent(turns=[("", [("send_email", EMAIL)]), ("sent", [])])
+    )
+    live = client.stream(agent.id, "email")
+    before = await until(live, "tool_approval_required")
+    run_id = before[0].run_id
+    spellings = [
+        run_id.upper(),
+        run_id.replace("-", ""),
+        f"{{{run_id}}}",
+        f"urn:uuid:{run_id}",
+    ]
+    for spelling in spellings:
+        assert (await client.get_run(spelling)).id == run_id
+        assert (await client.watch(spelling, after=len(before) - 1).read()).events[0] == before[-1]
+    call_id = before[-1].tool_approval_required.tool_call.id
+    await client.approve(spellings[0], call_id)
+    await client.approve(spellings[1], call_id)  # the same decision again: fine
+    after = await rest(live)
+    assert after[-1].run_completed.output == "sent"
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await client.runs.CancelRun(run_service_pb2.CancelRunRequest(run_id=spellings[3]))
+    assert ended.value.code() == grpc.StatusCode.FAILED_PRECONDITION
