@@ -20,6 +20,7 @@ from agentrun.v1 import run_pb2
 from cli.launcher import Service, start_agentrun
 from common.event_streams import Reassembly, is_terminal, published
 from common.nats_link import NatsLink, NatsNames
+from common.settings import Settings
 from tests import histories
 
 
@@ -129,7 +130,9 @@ async def nats_of(stack: Stack) -> AsyncIterator[NatsLink]:
     link = NatsLink(
         [f"nats://{stack.nats.address}"],
         name="test-probe",
-        event_retention=60,
+        # The services' own retention: a link (re)configures the streams it starts on, and a
+        # shorter one would age out the histories the tests read.
+        event_retention=Settings().event_retention,
         names=NatsNames(stack.namespace),
     )
     await link.start()
