@@ -144,6 +144,7 @@ class NatsLink:
         self._urls = urls
         self._name = name
         self._event_retention = event_retention
+        self._closing = False
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._connected = asyncio.Event()
@@ -161,6 +162,7 @@ class NatsLink:
             await asyncio.wait_for(self._connected.wait(), wait)
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -334,7 +336,8 @@ class NatsLink:
         log.debug("NATS error: %s", exc)
 
     async def _on_disconnected(self) -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        if not self._closing:  # a drain on close disconnects too: nothing to warn about
+            log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
         self._connected_at = time.monotonic()

@@ -823,7 +823,7 @@ async def test_holder_answers_tells_whether_a_process_answers_for_the_run(
     link: NatsLink, nats_server: Service
 ) -> None:
     run_id = str(uuid.uuid4())
-    assert await link.holder_answers(run_id) is False
+    assert await link.holder_answers(run_id, wait=WAIT) is False
 
     holder = await started(new_link(nats_server, link.names, name="holder"))
     requests: list[bytes] = []
@@ -835,13 +835,13 @@ async def test_holder_answers_tells_whether_a_process_answers_for_the_run(
     try:
         await holder.subscribe_control(run_id, answer)
         await holder.nc.flush()
-        assert await link.holder_answers(run_id) is True
+        assert await link.holder_answers(run_id, wait=WAIT) is True
         assert requests == [b'{"op": "ping"}']
-        assert await link.holder_answers(str(uuid.uuid4())) is False  # another run
+        assert await link.holder_answers(str(uuid.uuid4()), wait=WAIT) is False  # another run
 
         await holder.unsubscribe_control(run_id)
         await holder.nc.flush()
-        assert await link.holder_answers(run_id) is False
+        assert await link.holder_answers(run_id, wait=WAIT) is False
     finally:
         await holder.close()
 
