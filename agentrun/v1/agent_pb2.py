@@ -27,15 +27,19 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61gentrun/v1/agent.proto\x12\x0b\x61gentrun.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xea\x03\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x32\n\x0e\x65xecution_mode\x18\x04 \x01(\x0e\x32\x1a.agentrun.v1.ExecutionMode\x12\'\n\x05model\x18\x05 \x01(\x0b\x32\x18.agentrun.v1.ModelConfig\x12\x14\n\x0cinstructions\x18\x06 \x01(\t\x12 \n\x05tools\x18\x07 \x03(\x0b\x32\x11.agentrun.v1.Tool\x12\x33\n\x10\x61pproval_timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_model_calls\x18\t \x01(\x05\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x12model_retry_policy\x18\x0c \x01(\x0b\x32\x18.agentrun.v1.RetryPolicy\x12\x33\n\x11tool_retry_policy\x18\r \x01(\x0b\x32\x18.agentrun.v1.RetryPolicy\"\xd1\x01\n\x0bRetryPolicy\x12\x18\n\x10maximum_attempts\x18\x01 \x01(\x05\x12\x33\n\x10initial_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13\x62\x61\x63koff_coefficient\x18\x03 \x01(\x01\x12\x33\n\x10maximum_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12!\n\x19non_retryable_error_codes\x18\x05 \x03(\t\"\xaf\x01\n\x0bModelConfig\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08\x62\x61se_url\x18\x04 \x01(\t\x12\x13\n\x0b\x61pi_key_env\x18\x05 \x01(\t\x12,\n\x08scripted\x18\x06 \x01(\x0b\x32\x1a.agentrun.v1.ScriptedModel\"\x9f\x01\n\rScriptedModel\x12\x34\n\x11\x66irst_token_delay\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0btoken_delay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05turns\x18\x03 \x03(\x0b\x32\x19.agentrun.v1.ScriptedTurn\"O\n\x0cScriptedTurn\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x31\n\ntool_calls\x18\x02 \x03(\x0b\x32\x1d.agentrun.v1.ScriptedToolCall\"8\n\x10ScriptedToolCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\t\"p\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x19\n\x11requires_approval\x18\x03 \x01(\x08\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration*g\n\rExecutionMode\x12\x1e\n\x1a\x45XECUTION_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45XECUTION_MODE_CLASSIC\x10\x01\x12\x1a\n\x16\x45XECUTION_MODE_DURABLE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61gentrun/v1/agent.proto\x12\x0b\x61gentrun.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xea\x03\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x32\n\x0e\x65xecution_mode\x18\x04 \x01(\x0e\x32\x1a.agentrun.v1.ExecutionMode\x12\'\n\x05model\x18\x05 \x01(\x0b\x32\x18.agentrun.v1.ModelConfig\x12\x14\n\x0cinstructions\x18\x06 \x01(\t\x12 \n\x05tools\x18\x07 \x03(\x0b\x32\x11.agentrun.v1.Tool\x12\x33\n\x10\x61pproval_timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_model_calls\x18\t \x01(\x05\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x12model_retry_policy\x18\x0c \x01(\x0b\x32\x18.agentrun.v1.RetryPolicy\x12\x33\n\x11tool_retry_policy\x18\r \x01(\x0b\x32\x18.agentrun.v1.RetryPolicy\"\xd1\x01\n\x0bRetryPolicy\x12\x18\n\x10maximum_attempts\x18\x01 \x01(\x05\x12\x33\n\x10initial_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13\x62\x61\x63koff_coefficient\x18\x03 \x01(\x01\x12\x33\n\x10maximum_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12!\n\x19non_retryable_error_codes\x18\x05 \x03(\t\"\xaf\x01\n\x0bModelConfig\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08\x62\x61se_url\x18\x04 \x01(\t\x12\x13\n\x0b\x61pi_key_env\x18\x05 \x01(\t\x12,\n\x08scripted\x18\x06 \x01(\x0b\x32\x1a.agentrun.v1.ScriptedModel\"\x9f\x01\n\rScriptedModel\x12\x34\n\x11\x66irst_token_delay\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0btoken_delay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05turns\x18\x03 \x03(\x0b\x32\x19.agentrun.v1.ScriptedTurn\"O\n\x0cScriptedTurn\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x31\n\ntool_calls\x18\x02 \x03(\x0b\x32\x1d.agentrun.v1.ScriptedToolCall\"8\n\x10ScriptedToolCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\t\"\xd2\x02\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x19\n\x11requires_approval\x18\x03 \x01(\x08\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x07\x62uiltin\x18\x05 \x01(\x0b\x32\x18.agentrun.v1.BuiltinToolH\x00\x12%\n\x04http\x18\x06 \x01(\x0b\x32\x15.agentrun.v1.HttpToolH\x00\x12)\n\x03mcp\x18\x07 \x01(\x0b\x32\x1a.agentrun.v1.McpServerToolH\x00\x12)\n\x06\x63lient\x18\x08 \x01(\x0b\x32\x17.agentrun.v1.ClientToolH\x00\x12.\n\x0cretry_policy\x18\t \x01(\x0b\x32\x18.agentrun.v1.RetryPolicyB\x06\n\x04kind\"\x1b\n\x0b\x42uiltinTool\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xe3\x01\n\x08HttpTool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x43\n\x10headers_from_env\x18\x05 \x03(\x0b\x32).agentrun.v1.HttpTool.HeadersFromEnvEntry\x1a\x35\n\x13HeadersFromEnvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc6\x01\n\rMcpServerTool\x12\x0b\n\x03url\x18\x01 \x01(\t\x12H\n\x10headers_from_env\x18\x02 \x03(\x0b\x32..agentrun.v1.McpServerTool.HeadersFromEnvEntry\x12\x12\n\ntool_names\x18\x03 \x03(\t\x12\x13\n\x0bname_prefix\x18\x04 \x01(\t\x1a\x35\n\x13HeadersFromEnvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\nClientTool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct*g\n\rExecutionMode\x12\x1e\n\x1a\x45XECUTION_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45XECUTION_MODE_CLASSIC\x10\x01\x12\x1a\n\x16\x45XECUTION_MODE_DURABLE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentrun.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXECUTIONMODE']._serialized_start=1433
-  _globals['_EXECUTIONMODE']._serialized_end=1536
+  _globals['_HTTPTOOL_HEADERSFROMENVENTRY']._loaded_options = None
+  _globals['_HTTPTOOL_HEADERSFROMENVENTRY']._serialized_options = b'8\001'
+  _globals['_MCPSERVERTOOL_HEADERSFROMENVENTRY']._loaded_options = None
+  _globals['_MCPSERVERTOOL_HEADERSFROMENVENTRY']._serialized_options = b'8\001'
+  _globals['_EXECUTIONMODE']._serialized_start=2214
+  _globals['_EXECUTIONMODE']._serialized_end=2317
   _globals['_AGENT']._serialized_start=136
   _globals['_AGENT']._serialized_end=626
   _globals['_RETRYPOLICY']._serialized_start=629
@@ -48,6 +52,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCRIPTEDTURN']._serialized_end=1259
   _globals['_SCRIPTEDTOOLCALL']._serialized_start=1261
   _globals['_SCRIPTEDTOOLCALL']._serialized_end=1317
-  _globals['_TOOL']._serialized_start=1319
-  _globals['_TOOL']._serialized_end=1431
+  _globals['_TOOL']._serialized_start=1320
+  _globals['_TOOL']._serialized_end=1658
+  _globals['_BUILTINTOOL']._serialized_start=1660
+  _globals['_BUILTINTOOL']._serialized_end=1687
+  _globals['_HTTPTOOL']._serialized_start=1690
+  _globals['_HTTPTOOL']._serialized_end=1917
+  _globals['_HTTPTOOL_HEADERSFROMENVENTRY']._serialized_start=1864
+  _globals['_HTTPTOOL_HEADERSFROMENVENTRY']._serialized_end=1917
+  _globals['_MCPSERVERTOOL']._serialized_start=1920
+  _globals['_MCPSERVERTOOL']._serialized_end=2118
+  _globals['_MCPSERVERTOOL_HEADERSFROMENVENTRY']._serialized_start=1864
+  _globals['_MCPSERVERTOOL_HEADERSFROMENVENTRY']._serialized_end=1917
+  _globals['_CLIENTTOOL']._serialized_start=2120
+  _globals['_CLIENTTOOL']._serialized_end=2212
 # @@protoc_insertion_point(module_scope)

@@ -123,9 +123,8 @@ class Agent(_message.Message):
 
     @_builtins.property
     def tool_retry_policy(self) -> Global___RetryPolicy:
-        """How a run retries a tool call that fails. Kept with the agent and its runs for tools that
-        call other services; the built-in tools report their failures to the model instead, and are
-        not retried. Unset means one attempt.
+        """How a run retries a tool call that fails, for every tool without a retry_policy of its own
+        (see Tool.retry_policy: what fails in a way a retry may cure). Unset means one attempt.
         """
 
     def __init__(
@@ -351,7 +350,12 @@ Global___ScriptedToolCall: _TypeAlias = ScriptedToolCall  # noqa: Y015
 
 @_typing.final
 class Tool(_message.Message):
-    """A tool the model may call. Tools are built into the executor and chosen by name."""
+    """A tool the model may call: a tool built into the executor, or one of the agent's own kinds.
+    A Tool with only `name` set (no kind) is the built-in tool of that name, as before the kinds.
+
+    The name the model calls a tool by (the built-in's, or the kind's `name`) is unique within
+    the agent and matches ^[a-zA-Z0-9_-]{1,64}$ (the tool-name rule of the model APIs).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -359,16 +363,55 @@ class Tool(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     REQUIRES_APPROVAL_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    BUILTIN_FIELD_NUMBER: _builtins.int
+    HTTP_FIELD_NUMBER: _builtins.int
+    MCP_FIELD_NUMBER: _builtins.int
+    CLIENT_FIELD_NUMBER: _builtins.int
+    RETRY_POLICY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The built-in tool: "clock", "calculator" or "send_email"."""
+    """The built-in tool: "clock", "calculator" or "send_email". With a kind set, leave it empty
+    (or, for `builtin`, equal to builtin.name).
+    """
     description: _builtins.str
-    """Overrides the description given to the model; empty means the tool's own."""
+    """Overrides the description given to the model; empty means the tool's own (for an HTTP
+    tool: http.description).
+    """
     requires_approval: _builtins.bool
     """Whether a human must approve each call before it runs."""
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """How long one call may take before it fails with a timeout error. Unset means 30 seconds;
-        at most 1 hour (a longer one, or one that is not positive, is refused with INVALID_ARGUMENT).
+        """How long one attempt of a call may take before it fails with a timeout error. Unset means
+        30 seconds; at most 1 hour (a longer one, or one that is not positive, is refused with
+        INVALID_ARGUMENT).
+        """
+
+    @_builtins.property
+    def builtin(self) -> Global___BuiltinTool:
+        """A tool built into the executor."""
+
+    @_builtins.property
+    def http(self) -> Global___HttpTool:
+        """One HTTP endpoint."""
+
+    @_builtins.property
+    def mcp(self) -> Global___McpServerTool:
+        """The tools of an MCP server. Not supported yet: refused with INVALID_ARGUMENT."""
+
+    @_builtins.property
+    def client(self) -> Global___ClientTool:
+        """A tool that the calling program executes. Not supported yet: refused with
+        INVALID_ARGUMENT.
+        """
+
+    @_builtins.property
+    def retry_policy(self) -> Global___RetryPolicy:
+        """How a call of this tool is retried when an attempt fails in a way a retry may cure: a
+        connection error, a timeout, HTTP 429 or 5xx (waiting at least the response's Retry-After,
+        but never longer than maximum_interval). HTTP 4xx and the errors a tool reports go to the
+        model as tool errors at once. Each failed attempt is recorded in the run; a client sees a
+        retry as a new attempt of the step (StepStarted.attempt). The error codes that
+        non_retryable_error_codes may name are "timeout", "transport" and "http_<status>" (for
+        example "http_503"). Unset means the agent's tool_retry_policy.
         """
 
     def __init__(
@@ -378,11 +421,220 @@ class Tool(_message.Message):
         description: _builtins.str = ...,
         requires_approval: _builtins.bool = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        builtin: Global___BuiltinTool | None = ...,
+        http: Global___HttpTool | None = ...,
+        mcp: Global___McpServerTool | None = ...,
+        client: Global___ClientTool | None = ...,
+        retry_policy: Global___RetryPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "client", b"client", "http", b"http", "kind", b"kind", "mcp", b"mcp", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "requires_approval", b"requires_approval", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "client", b"client", "description", b"description", "http", b"http", "kind", b"kind", "mcp", b"mcp", "name", b"name", "requires_approval", b"requires_approval", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["builtin", "http", "mcp", "client"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___Tool: _TypeAlias = Tool  # noqa: Y015
+
+@_typing.final
+class BuiltinTool(_message.Message):
+    """A tool built into the executor, chosen by name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The built-in tool: "clock", "calculator" or "send_email"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Tool: _TypeAlias = Tool  # noqa: Y015
+Global___BuiltinTool: _TypeAlias = BuiltinTool  # noqa: Y015
+
+@_typing.final
+class HttpTool(_message.Message):
+    """One HTTP endpoint as a tool. A call is a POST of the call's arguments (a JSON object) as the
+    request body, with the header Idempotency-Key: <run id>:<tool call id>, the same for every
+    attempt of one call (so that the endpoint can deduplicate a call that an executor made again
+    after a crash). The response body is the result the model sees (cut at the executor's
+    AGENTRUN_MAX_TOOL_OUTPUT_BYTES, with a marker the model sees). Redirects are not followed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersFromEnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    HEADERS_FROM_ENV_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name the model calls the tool by: ^[a-zA-Z0-9_-]{1,64}$."""
+    description: _builtins.str
+    """What the tool does, as the model reads it. Required."""
+    url: _builtins.str
+    """The endpoint: an http or https URL. When the executors set AGENTRUN_TOOL_URL_ALLOW, its host
+    must be one they allow (checked at CreateAgent/UpdateAgent and again at every call).
+    """
+    @_builtins.property
+    def parameters(self) -> _struct_pb2.Struct:
+        """The JSON Schema (Draft 2020-12) of the call's arguments, an object schema such as
+        {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}.
+        Unset means an object with any properties. A Struct rather than JSON text: the schema is
+        JSON, and every client's JSON mapping writes it as the object it is (as for
+        ModelConfig.parameters), so it is never escaped twice.
+        """
+
+    @_builtins.property
+    def headers_from_env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Request headers whose values are executor environment variables: header name ->
+        environment variable name (for example "Authorization" -> "WEATHER_API_AUTH"). Secrets are
+        never stored in an agent; every executor must have the variables set (a call on an
+        executor without one fails with a tool error). Idempotency-Key, Content-Type,
+        Content-Length, Host and Transfer-Encoding are set by the executor and cannot be named.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        url: _builtins.str = ...,
+        parameters: _struct_pb2.Struct | None = ...,
+        headers_from_env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "headers_from_env", b"headers_from_env", "name", b"name", "parameters", b"parameters", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpTool: _TypeAlias = HttpTool  # noqa: Y015
+
+@_typing.final
+class McpServerTool(_message.Message):
+    """The tools of an MCP server reached over Streamable HTTP. Not supported yet: an agent with one
+    is refused with INVALID_ARGUMENT ("not supported yet").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersFromEnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    URL_FIELD_NUMBER: _builtins.int
+    HEADERS_FROM_ENV_FIELD_NUMBER: _builtins.int
+    TOOL_NAMES_FIELD_NUMBER: _builtins.int
+    NAME_PREFIX_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """The server's Streamable HTTP endpoint: an http or https URL (allowed by
+    AGENTRUN_TOOL_URL_ALLOW when the executors set it).
+    """
+    name_prefix: _builtins.str
+    """Put before every tool name of the server (for example "crm_"), so that the tools of two
+    servers cannot clash. The prefixed names follow the tool-name rule of Tool.
+    """
+    @_builtins.property
+    def headers_from_env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Request headers whose values are executor environment variables: header name ->
+        environment variable name, as for HttpTool.headers_from_env.
+        """
+
+    @_builtins.property
+    def tool_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Which of the server's tools to offer the model, by the server's names. Empty means all."""
+
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        headers_from_env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tool_names: _abc.Iterable[_builtins.str] | None = ...,
+        name_prefix: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers_from_env", b"headers_from_env", "name_prefix", b"name_prefix", "tool_names", b"tool_names", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___McpServerTool: _TypeAlias = McpServerTool  # noqa: Y015
+
+@_typing.final
+class ClientTool(_message.Message):
+    """A tool that the calling program executes: the run emits the call and waits for its result
+    from the client. Not supported yet: an agent with one is refused with INVALID_ARGUMENT ("not
+    supported yet").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name the model calls the tool by: ^[a-zA-Z0-9_-]{1,64}$."""
+    description: _builtins.str
+    """What the tool does, as the model reads it. Required."""
+    @_builtins.property
+    def parameters(self) -> _struct_pb2.Struct:
+        """The JSON Schema (Draft 2020-12) of the call's arguments, as for HttpTool.parameters."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        parameters: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters", b"parameters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClientTool: _TypeAlias = ClientTool  # noqa: Y015
