@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.nats_link import NatsNames
+from common.url_allow import UrlAllowList
 
 LOCAL_TENANT = "local"
 
@@ -119,6 +120,8 @@ class Settings:
     max_durable_runs: int = 256
     max_step_attempts: int = 5
     max_dispatch_failures: int = 5
+    tool_url_allow: UrlAllowList = field(default_factory=UrlAllowList)
+    max_tool_output_bytes: int = 64 * 1024
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -156,5 +159,9 @@ class Settings:
             max_step_attempts=int(get("MAX_STEP_ATTEMPTS", str(defaults.max_step_attempts))),
             max_dispatch_failures=int(
                 get("MAX_DISPATCH_FAILURES", str(defaults.max_dispatch_failures))
+            ),
+            tool_url_allow=UrlAllowList.parse(get("TOOL_URL_ALLOW", "")),
+            max_tool_output_bytes=int(
+                get("MAX_TOOL_OUTPUT_BYTES", str(defaults.max_tool_output_bytes))
             ),
         )

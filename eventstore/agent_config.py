@@ -18,6 +18,7 @@ from eventstore.retry_policy import (
     DEFAULT_TOOL_RETRY_POLICY,
     RetryPolicy,
 )
+from eventstore.tool_validation import validate_tools
 
 ExecutionMode = Literal["classic", "durable"]
 EXECUTION_MODES: tuple[ExecutionMode, ...] = ("classic", "durable")
@@ -84,12 +85,84 @@ class ModelSettings:
     scripted: ScriptedSettings = ScriptedSettings()
 
 
+ToolKind = Literal["builtin", "http"]
+
+
+@dataclass(frozen=True)
+class HttpToolSettings:
+    """One HTTP endpoint as a tool: a call POSTs its arguments to ``url``. ``parameters``: the
+    JSON Schema of the arguments; ``headers_from_env``: header name -> executor environment
+    variable that holds its value (secrets are never stored in an agent)."""
+
+    url: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    headers_from_env: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "description": self.description,
+            "parameters": self.parameters,
+            "headers_from_env": self.headers_from_env,
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> HttpToolSettings:
+        return HttpToolSettings(
+            url=data["url"],
+            description=data.get("description", ""),
+            parameters=dict(data.get("parameters") or {}),
+            headers_from_env=dict(data.get("headers_from_env") or {}),
+        )
+
+
 @dataclass(frozen=True)
 class ToolSettings:
+    """A tool of an agent. ``name`` is what the model calls it by (a built-in tool's name, or
+    the name its kind gives it); ``retry_policy`` None means the agent's tool_retry_policy."""
+
     name: str
     description: str = ""
     requires_approval: bool = False
     timeout: float = DEFAULT_TOOL_TIMEOUT
+    kind: ToolKind = "builtin"
+    http: HttpToolSettings | None = None
+    retry_policy: RetryPolicy | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "requires_approval": self.requires_approval,
+            "timeout": self.timeout,
+        }
+        if self.kind != "builtin":  # (a builtin's form is as it was before the kinds)
+            data["kind"] = self.kind
+        if self.http is not None:
+            data["http"] = self.http.to_json()
+        if self.retry_policy is not None:
+            data["retry_policy"] = self.retry_policy.to_json()
+        return data
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> ToolSettings:
+        """Also the tools of agents stored before tools had kinds: built-in tools."""
+        http = data.get("http")
+        policy = data.get("retry_policy")
+        return ToolSettings(
+            name=data["name"],
+            description=data.get("description", ""),
+            requires_approval=bool(data.get("requires_approval", False)),
+            timeout=float(data.get("timeout", DEFAULT_TOOL_TIMEOUT)),
+            kind=data.get("kind", "builtin"),
+            http=HttpToolSettings.from_json(http) if http is not None else None,
+            retry_policy=(
+                RetryPolicy.from_json(policy, DEFAULT_TOOL_RETRY_POLICY)
+                if policy is not None
+                else None
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -111,6 +184,12 @@ class AgentConfig:
     def tool(self, name: str) -> ToolSettings | None:
         return next((t for t in self.tools if t.name == name), None)
 
+    def tool_retry_policy_of(self, tool: ToolSettings | None) -> RetryPolicy:
+        """The policy a call of ``tool`` is retried by: its own, or the agent's."""
+        if tool is not None and tool.retry_policy is not None:
+            return tool.retry_policy
+        return self.tool_retry_policy
+
     def with_version(self, version: int) -> AgentConfig:
         return replace(self, version=version)
 
@@ -130,9 +209,11 @@ class AgentConfig:
             _check_duration(
                 f"agent.model.scripted.{name}", delay, MAX_SCRIPTED_DELAY, zero_allowed=True
             )
+        validate_tools(self.tools)
         names = [t.name for t in self.tools]
         for tool in self.tools:
-            TOOLS.validate(tool.name, tool)
+            if tool.kind == "builtin":
+                TOOLS.validate(tool.name, tool)
             _check_duration(
                 "agent.tools.timeout", tool.timeout, MAX_TOOL_TIMEOUT, zero_allowed=False
             )
@@ -185,15 +266,7 @@ class AgentConfig:
                     ],
                 },
             },
-            "tools": [
-                {
-                    "name": t.name,
-                    "description": t.description,
-                    "requires_approval": t.requires_approval,
-                    "timeout": t.timeout,
-                }
-                for t in self.tools
-            ],
+            "tools": [t.to_json() for t in self.tools],
         }
 
     @staticmethod
@@ -235,13 +308,5 @@ class AgentConfig:
                     ),
                 ),
             ),
-            tools=tuple(
-                ToolSettings(
-                    name=t["name"],
-                    description=t.get("description", ""),
-                    requires_approval=bool(t.get("requires_approval", False)),
-                    timeout=float(t.get("timeout", DEFAULT_TOOL_TIMEOUT)),
-                )
-                for t in data.get("tools", [])
-            ),
+            tools=tuple(ToolSettings.from_json(t) for t in data.get("tools", [])),
         )

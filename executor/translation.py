@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from typing import Any
 
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
@@ -14,6 +16,7 @@ from eventstore.agent_config import (
     DEFAULT_TOOL_TIMEOUT,
     AgentConfig,
     ExecutionMode,
+    HttpToolSettings,
     ModelSettings,
     ScriptedSettings,
     ScriptedToolCall,
@@ -117,18 +120,68 @@ def agent_from_proto(agent: agent_pb2.Agent) -> AgentConfig:
                 ),
             ),
         ),
-        tools=tuple(
-            ToolSettings(
-                name=tool.name,
-                description=tool.description,
-                requires_approval=tool.requires_approval,
-                timeout=(
-                    seconds_of(tool.timeout) if tool.HasField("timeout") else DEFAULT_TOOL_TIMEOUT
-                ),
-            )
-            for tool in agent.tools
+        tools=tuple(_tool_of(index, tool) for index, tool in enumerate(agent.tools)),
+    )
+
+
+def _tool_of(index: int, tool: agent_pb2.Tool) -> ToolSettings:
+    """A tool's settings; the kinds not supported yet are refused here, naming their field."""
+    field = f"agent.tools[{index}]"
+    kind = tool.WhichOneof("kind")
+    if kind in ("mcp", "client"):
+        what = "MCP server tools" if kind == "mcp" else "tools the client executes"
+        raise InvalidArgument(f"{field}.{kind}", f"{what} are not supported yet")
+    timeout = seconds_of(tool.timeout) if tool.HasField("timeout") else DEFAULT_TOOL_TIMEOUT
+    policy = (
+        _retry_policy_of(tool.retry_policy, DEFAULT_TOOL_RETRY_POLICY)
+        if tool.HasField("retry_policy")
+        else None
+    )
+    name = tool.name
+    if kind == "builtin":
+        if name and name != tool.builtin.name:
+            raise InvalidArgument(f"{field}.name", "must be empty or equal to builtin.name")
+        name = tool.builtin.name
+    settings = ToolSettings(
+        name=name,
+        description=tool.description,
+        requires_approval=tool.requires_approval,
+        timeout=timeout,
+        retry_policy=policy,
+    )
+    if kind != "http":
+        return settings
+    if tool.name:
+        raise InvalidArgument(f"{field}.name", "must be empty for an HTTP tool (use http.name)")
+    http = tool.http
+    return replace(
+        settings,
+        name=http.name,
+        kind="http",
+        http=HttpToolSettings(
+            url=http.url,
+            description=http.description,
+            parameters=_json_of(http.parameters),
+            headers_from_env=dict(http.headers_from_env),
         ),
     )
+
+
+def _json_of(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as JSON, with its whole numbers as integers again (a Struct holds every number
+    as a double; a JSON Schema's "maxLength": 5 must not come back as 5.0)."""
+
+    def whole(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
+        if isinstance(value, dict):
+            return {k: whole(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [whole(v) for v in value]
+        return value
+
+    result: dict[str, Any] = whole(json_format.MessageToDict(struct))
+    return result
 
 
 def _retry_policy_of(policy: agent_pb2.RetryPolicy, default: RetryPolicy) -> RetryPolicy:
@@ -188,19 +241,30 @@ def agent_to_proto(config: AgentConfig) -> agent_pb2.Agent:
         )
     for tool in config.tools:
         added = agent.tools.add(
-            name=tool.name, description=tool.description, requires_approval=tool.requires_approval
+            description=tool.description, requires_approval=tool.requires_approval
         )
+        if tool.http is not None:
+            added.http.name = tool.name
+            added.http.url = tool.http.url
+            added.http.description = tool.http.description
+            added.http.parameters.update(tool.http.parameters)
+            added.http.headers_from_env.update(tool.http.headers_from_env)
+        else:
+            added.name = tool.name  # (not builtin: what clients before the kinds read)
         added.timeout.FromNanoseconds(int(tool.timeout * 1e9))
-    for policy, message in (
-        (config.model_retry_policy, agent.model_retry_policy),
-        (config.tool_retry_policy, agent.tool_retry_policy),
-    ):
-        message.maximum_attempts = policy.maximum_attempts
-        message.initial_interval.FromNanoseconds(int(policy.initial_interval * 1e9))
-        message.backoff_coefficient = policy.backoff_coefficient
-        message.maximum_interval.FromNanoseconds(int(policy.maximum_interval * 1e9))
-        message.non_retryable_error_codes.extend(policy.non_retryable_error_codes)
+        if tool.retry_policy is not None:
+            _set_retry_policy(added.retry_policy, tool.retry_policy)
+    _set_retry_policy(agent.model_retry_policy, config.model_retry_policy)
+    _set_retry_policy(agent.tool_retry_policy, config.tool_retry_policy)
     return agent
+
+
+def _set_retry_policy(message: agent_pb2.RetryPolicy, policy: RetryPolicy) -> None:
+    message.maximum_attempts = policy.maximum_attempts
+    message.initial_interval.FromNanoseconds(int(policy.initial_interval * 1e9))
+    message.backoff_coefficient = policy.backoff_coefficient
+    message.maximum_interval.FromNanoseconds(int(policy.maximum_interval * 1e9))
+    message.non_retryable_error_codes.extend(policy.non_retryable_error_codes)
 
 
 def stored_agent_to_proto(stored: StoredAgent) -> agent_pb2.Agent:

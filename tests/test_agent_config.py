@@ -211,7 +211,7 @@ def test_valid_agent_ids(agent_id: str) -> None:
         pytest.param(minimal(tools=(ToolSettings("shell"),)), "agent.tools", id="unknown-tool"),
         pytest.param(
             minimal(tools=(ToolSettings("clock"), ToolSettings("clock", timeout=2))),
-            "agent.tools",
+            "agent.tools[1].name",
             id="duplicate-tool",
         ),
         pytest.param(

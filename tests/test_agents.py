@@ -373,7 +373,7 @@ def test_create_after_delete_keeps_the_version_rising(catalog: AgentCatalog) -> 
         ),
         pytest.param(
             agent("helper", tools=(ToolSettings("clock"), ToolSettings("clock"))),
-            "agent.tools",
+            "agent.tools[1].name",
             id="duplicate-tool",
         ),
         pytest.param(
