@@ -27,6 +27,7 @@ from executor.extensions import load_extensions
 from executor.models import ModelProviders
 from executor.models.scripted import tokens_of
 from executor.run_stream import RunStream
+from executor.tools import Tools
 
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
@@ -106,6 +107,7 @@ async def in_process(runs: int, **scripted: float) -> RunTimes:
     times = RunTimes([], [])
     load_extensions()
     models = ModelProviders()
+    tools = Tools(Path("."))
     agent = bench_agent("bench", "classic", **scripted).to_json()
     for _ in range(runs):
         started = time.perf_counter()
@@ -121,7 +123,7 @@ async def in_process(runs: int, **scripted: float) -> RunTimes:
         )
         stream = RunStream(run.run_id)
         stream.attach()
-        loop = AgentLoop(run, stream, _InMemoryHost(), models, Path("."))
+        loop = AgentLoop(run, stream, _InMemoryHost(), models, tools)
         task = asyncio.create_task(loop.drive())
         first = None
         while batch := await stream.next_batch():
@@ -132,4 +134,5 @@ async def in_process(runs: int, **scripted: float) -> RunTimes:
         times.first_token.append(first if first is not None else float("nan"))
         times.whole_run.append(time.perf_counter() - started)
     await models.aclose()
+    await tools.aclose()
     return times

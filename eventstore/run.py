@@ -58,6 +58,19 @@ class ModelFailure(TypedDict):
     failed_at: float
 
 
+class ToolFailure(TypedDict):
+    """A failed attempt of a tool call that a retry may cure (a connection error, a timeout,
+    HTTP 429 or 5xx): what failed, and when (epoch seconds: a retry's backoff counts from it).
+    ``retry_after``: the seconds the tool asked to wait (HTTP Retry-After), 0 if it did not."""
+
+    step_index: int
+    tool_call_id: str
+    code: str
+    message: str
+    retry_after: float
+    failed_at: float
+
+
 # The policies that runs requested before agents had any are read with: the defaults as they
 # were then (a later change of the defaults must not change how those runs go on).
 _V1_MODEL_RETRY_POLICY = RetryPolicy(3, 1.0, 2.0, 30.0)
@@ -76,9 +89,9 @@ class Run(Aggregate):
     classes themselves (the stored topic stays ``eventstore.run:Run.<name>``)."""
 
     # Version 2 of a run's state: its agent has retry policies, and ``releases`` is always
-    # there. Version 3: ``model_failures``. Snapshots of earlier versions are upcast when they
-    # are read.
-    class_version = 3
+    # there. Version 3: ``model_failures``. Version 4: ``tool_failures``. Snapshots of earlier
+    # versions are upcast when they are read.
+    class_version = 4
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -88,6 +101,10 @@ class Run(Aggregate):
     @staticmethod
     def upcast_v2_v3(state: dict[str, Any]) -> None:
         state["model_failures"] = []
+
+    @staticmethod
+    def upcast_v3_v4(state: dict[str, Any]) -> None:
+        state["tool_failures"] = []
 
     class Requested(Aggregate.Created):
         """Version 2: the agent has retry policies (earlier requests get the defaults)."""
@@ -128,6 +145,19 @@ class Run(Aggregate):
         code: str
         message: str
         retryable: bool
+        failed_at: float
+
+    class ToolCallFailed(Aggregate.Event):
+        """An attempt of a tool call failed in a way a retry may cure; the tool's retry policy
+        decides what follows (another attempt, or the failure goes to the model). A fork does
+        not record it again: its tool call starts afresh."""
+
+        step_index: int
+        tool_call_id: str
+        attempt: int
+        code: str
+        message: str
+        retry_after: float
         failed_at: float
 
     class ToolApprovalRequired(StepResult):
@@ -221,6 +251,7 @@ class Run(Aggregate):
         self.attempts: dict[str, int] = {}  # step index (as text: JSON keys) -> attempt
         self.releases: dict[str, int] = {}  # step index -> attempts handed back by a drain
         self.model_failures: list[ModelFailure] = []  # of the model call in progress
+        self.tool_failures: list[ToolFailure] = []  # of the run's tool calls
         self.holder = ""
         self.forked_from_run_id = forked_from_run_id
         self.forked_at_version = forked_at_version
@@ -287,6 +318,16 @@ class Run(Aggregate):
         """The failed attempts of the step's model call, oldest first (none once it
         completed)."""
         return [f for f in self.model_failures if f["step_index"] == step_index]
+
+    def tool_failures_of(self, tool_call_id: str) -> list[ToolFailure]:
+        """The failed attempts of a tool call, oldest first."""
+        return [f for f in self.tool_failures if f["tool_call_id"] == tool_call_id]
+
+    def failed_attempts_of(self, step_index: int) -> int:
+        """How many attempts of the step failed (its model call's, or its tool calls'), as
+        opposed to being ended by their executor stopping."""
+        tool_failures = sum(1 for f in self.tool_failures if f["step_index"] == step_index)
+        return len(self.failures_of(step_index)) + tool_failures
 
     def releases_of(self, step_index: int) -> int:
         """How many attempts of the step a draining executor handed back (see ``release``)."""
@@ -369,6 +410,45 @@ class Run(Aggregate):
                 "code": code,
                 "message": message,
                 "retryable": retryable,
+                "failed_at": failed_at,
+            }
+        )
+        self.attempts[str(step_index)] = self.attempt_of(step_index) + 1
+
+    def record_tool_failure(
+        self, step_index: int, tool_call_id: str, code: str, message: str, retry_after: float
+    ) -> None:
+        """An attempt of the tool call failed in a way a retry may cure; it is then tried again
+        as the step's next attempt, or its failure goes to the model (eventstore.run_steps
+        decides, from the tool's retry policy as of the run's start)."""
+        self._tool_call_failed(
+            step_index=step_index,
+            tool_call_id=tool_call_id,
+            attempt=self.attempt_of(step_index),
+            code=code,
+            message=message,
+            retry_after=retry_after,
+            failed_at=time.time(),
+        )
+
+    @event(ToolCallFailed)
+    def _tool_call_failed(
+        self,
+        step_index: int,
+        tool_call_id: str,
+        attempt: int,
+        code: str,
+        message: str,
+        retry_after: float,
+        failed_at: float,
+    ) -> None:
+        self.tool_failures.append(
+            {
+                "step_index": step_index,
+                "tool_call_id": tool_call_id,
+                "code": code,
+                "message": message,
+                "retry_after": retry_after,
                 "failed_at": failed_at,
             }
         )

@@ -45,11 +45,16 @@ class AwaitApprovals:
 
 @dataclass(frozen=True)
 class RunTool:
-    """Execute one tool call; if ``denial`` is set, record the denial instead of executing."""
+    """Execute one tool call; if ``denial`` is set, record the denial instead of executing. A
+    retry says ``not_before`` (epoch seconds): the end of its backoff. ``exhausted``: the call
+    failed and its retry policy allows no more attempts: record this error for the model
+    instead of executing."""
 
     step_index: int
     call: ToolCall
     denial: Decision | None
+    not_before: float = 0.0
+    exhausted: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,31 @@ def next_step(run: Run) -> Step:
         return AwaitApprovals(step_index=step_index, calls=undecided, expire_at=expire_at)
     call = pending[0]
     decision = run.decisions.get(call["id"])
-    denial = decision if decision is not None and not decision["approved"] else None
-    return RunTool(step_index=step_index, call=call, denial=denial)
+    if decision is not None and not decision["approved"]:
+        return RunTool(step_index=step_index, call=call, denial=decision)
+    return _tool_call(run, step_index, call)
+
+
+def _tool_call(run: Run, step_index: int, call: ToolCall) -> RunTool:
+    """The tool call, again after a backoff if an attempt failed; or, if the tool's retry
+    policy (as of the run's start) allows no further attempt, its failure for the model."""
+    failures = run.tool_failures_of(call["id"])
+    if not failures:
+        return RunTool(step_index=step_index, call=call, denial=None)
+    config = run.agent_config
+    last, policy = failures[-1], config.tool_retry_policy_of(config.tool(call["name"]))
+    if not policy.retries(last["code"], True, len(failures)):
+        message = last["message"]
+        if len(failures) >= policy.maximum_attempts:
+            attempts = f"{len(failures)} attempt{'s' if len(failures) > 1 else ''}"
+            message += f" (after {attempts}: the tool's retry policy allows no more)"
+        return RunTool(step_index=step_index, call=call, denial=None, exhausted=message)
+    wait = policy.interval(len(failures))
+    if last["retry_after"] > 0:  # what the tool asked for, within the policy's longest wait
+        wait = min(max(wait, last["retry_after"]), policy.maximum_interval)
+    return RunTool(
+        step_index=step_index, call=call, denial=None, not_before=last["failed_at"] + wait
+    )
 
 
 def _model_call(run: Run, step_index: int) -> CallModel | FailRun:
@@ -139,9 +167,11 @@ def exhausted_attempts(run: Run, max_attempts: int) -> FailRun | None:
     """
     step_index = run.steps_completed + 1
     # Every attempt so far has ended (the run is being taken up again); those a draining
-    # executor handed back did not crash it, nor did those whose model call failed.
+    # executor handed back did not crash it, nor did those whose model or tool call failed.
     attempts = (
-        run.attempt_of(step_index) - run.releases_of(step_index) - len(run.failures_of(step_index))
+        run.attempt_of(step_index)
+        - run.releases_of(step_index)
+        - run.failed_attempts_of(step_index)
     )
     if attempts < max_attempts:
         return None

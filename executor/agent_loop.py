@@ -33,10 +33,13 @@ from executor.client_events import MODEL_CALL, TOOL_CALLS, Announcements, emit_r
 from executor.models import ModelProviders
 from executor.models.base import ModelError, ModelRequest, ToolSpec
 from executor.run_stream import RunStream
-from executor.tools import get_tool
-from executor.tools.base import ToolContext, ToolError
+from executor.tools import Tools
+from executor.tools.base import RetryableToolError, ToolContext, ToolError
 
 log = logging.getLogger(__name__)
+
+# What the model sees after a tool result that was cut (AGENTRUN_MAX_TOOL_OUTPUT_BYTES).
+CUT_MARKER = "\n[agentrun: the tool's result was cut here: it is longer than {limit} bytes]"
 
 
 class RunHost(Protocol):
@@ -72,7 +75,7 @@ class AgentLoop:
         stream: RunStream,
         host: RunHost,
         models: ModelProviders,
-        data_dir: Any,
+        tools: Tools,
         config: AgentConfig | None = None,
     ) -> None:
         self.run = run
@@ -81,7 +84,7 @@ class AgentLoop:
         self.stream = stream
         self.host = host
         self.models = models
-        self.data_dir = data_dir
+        self.tools = tools
         self._announce = Announcements(stream, host.attempt)
         self._seen_ids: set[str] | None = None
 
@@ -199,6 +202,9 @@ class AgentLoop:
         await self.host.status_changed(self.run)
 
     async def _run_tool(self, step: RunTool) -> None:
+        backoff = step.not_before - time.time()
+        if backoff > 0:
+            await asyncio.sleep(backoff)  # a retry, when the state machine says
         self._announce(step.step_index, TOOL_CALLS)
         call = step.call
         if step.denial is not None:
@@ -206,15 +212,37 @@ class AgentLoop:
             why = "the approval timed out" if step.denial["timed_out"] else "a human denied it"
             output = json.dumps({"error": f"not run: {why}", "reason": reason})
             is_error = True
+        elif step.exhausted:
+            output, is_error = _error(step.exhausted), True
         else:
-            output, is_error = await self._invoke(call)
+            try:
+                output, is_error = await self._invoke(call)
+            except RetryableToolError as exc:
+                await self._tool_call_failed(step, exc)
+                return
         self.run.record_tool_outcome(step.step_index, call["id"], output, is_error)
         await self._commit()
 
+    async def _tool_call_failed(self, step: RunTool, error: RetryableToolError) -> None:
+        """Records the failed attempt; the state machine then decides, from the tool's retry
+        policy, whether the call is tried again (drive comes back here) or the model gets the
+        error, which is recorded in the same save."""
+        call = step.call
+        self.run.record_tool_failure(
+            step.step_index, call["id"], error.code, str(error), error.retry_after
+        )
+        follow = next_step(self.run)
+        if isinstance(follow, RunTool) and follow.call["id"] == call["id"] and follow.exhausted:
+            self.run.record_tool_outcome(
+                step.step_index, call["id"], _error(follow.exhausted), True
+            )
+        await self._commit()
+
     async def _invoke(self, call: ToolCall) -> tuple[str, bool]:
-        """Runs a tool call; every failure becomes an error result for the model."""
+        """Runs an attempt of a tool call; a failure becomes an error result for the model,
+        except one that a retry may cure (RetryableToolError, which a timeout is too)."""
         settings = self.config.tool(call["name"])
-        tool = get_tool(call["name"])
+        tool = self.tools.resolve(settings) if settings is not None else None
         if settings is None or tool is None:
             return _error(f"unknown tool {call['name']!r}"), True
         try:
@@ -227,17 +255,22 @@ class AgentLoop:
             tenant=self.run.tenant,
             run_id=self.run.run_id,
             tool_call_id=call["id"],
-            data_dir=self.data_dir,
+            data_dir=self.tools.data_dir,
         )
         try:
-            return await asyncio.wait_for(tool.invoke(arguments, context), settings.timeout), False
+            output = await asyncio.wait_for(tool.invoke(arguments, context), settings.timeout)
+        except RetryableToolError:
+            raise
         except ToolError as exc:
             return _error(str(exc)), True
         except TimeoutError:
-            return _error(f"the tool timed out after {settings.timeout:g} s"), True
+            raise RetryableToolError(
+                "timeout", f"the tool timed out after {settings.timeout:g} s"
+            ) from None
         except Exception as exc:
             log.exception("tool %s failed", call["name"])
             return _error(f"the tool failed: {type(exc).__name__}"), True
+        return _cut(output, self.tools.runtime.max_output_bytes), False
 
     def _tool_call_ids(self) -> set[str]:
         """The ids of the run's tool calls so far (read from its messages once per loop; the
@@ -249,11 +282,11 @@ class AgentLoop:
     def _tool_specs(self) -> list[ToolSpec]:
         specs = []
         for settings in self.config.tools:
-            tool = get_tool(settings.name)
+            tool = self.tools.resolve(settings)
             if tool is not None:
                 specs.append(
                     ToolSpec(
-                        name=tool.name,
+                        name=settings.name,
                         description=settings.description or tool.description,
                         parameters=tool.parameters,
                     )
@@ -263,6 +296,18 @@ class AgentLoop:
 
 def _error(message: str) -> str:
     return json.dumps({"error": message})
+
+
+def _cut(output: str, limit: int) -> str:
+    """A result of at most ``limit`` bytes of UTF-8, and a marker the model sees if it was cut
+    (a tool that reads from elsewhere cuts its result itself, before it holds all of it)."""
+    if len(output) * 4 <= limit:  # (short enough in any encoding: no need to encode it)
+        return output
+    encoded = output.encode()
+    if len(encoded) <= limit:
+        return output
+    kept = encoded[:limit].decode("utf-8", errors="ignore")
+    return kept + CUT_MARKER.format(limit=limit)
 
 
 def _unique_ids(calls: list[ToolCall], seen: set[str], call_index: int) -> list[ToolCall]:

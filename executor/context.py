@@ -15,6 +15,7 @@ from eventstore.run_store import RunStore
 from executor.agent_cache import AgentCache
 from executor.extensions import load_extensions
 from executor.models import ModelProviders
+from executor.tools import Tools
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ExecutorContext:
     link: NatsLink
     models: ModelProviders
     agent_cache: AgentCache
+    tools: Tools
 
     @property
     def executor_id(self) -> str:
@@ -68,11 +70,17 @@ class ExecutorContext:
             link=link,
             models=ModelProviders(),
             agent_cache=agent_cache,
+            tools=Tools(
+                settings.data_dir,
+                url_allow=settings.tool_url_allow,
+                max_output_bytes=settings.max_tool_output_bytes,
+            ),
         )
 
     async def close(self) -> None:
         await self.link.close()
         await self.models.aclose()
+        await self.tools.aclose()
 
         def close_store() -> None:
             self.agents.close()

@@ -16,6 +16,7 @@ SHIPPED = (
     "executor.tools.clock",
     "executor.tools.calculator",
     "executor.tools.send_email",
+    "executor.tools.http",
 )
 
 

@@ -5,21 +5,28 @@ The executors allow tool URLs on 127.0.0.1 only (AGENTRUN_TOOL_URL_ALLOW)."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
-from agentrun.v1 import agent_pb2, agent_service_pb2
+from agentrun.v1 import agent_pb2, agent_service_pb2, run_pb2, run_service_pb2
 from cli.launcher import Service
-from tests.client import Client
+from common.settings import LOCAL_TENANT
+from eventstore.agents import Agent, AgentCatalog
+from eventstore.persistence import StoreConfig
+from executor.translation import agent_from_proto
+from tests.client import Client, kinds
 from tests.conftest import database_url_for, drop_schema
 from tests.stack import Stack
 from tests.test_bad_input import status_of
-from tests.tool_server import ToolServer
+from tests.tool_server import Reply, ToolServer
 
 CLASSIC = agent_pb2.EXECUTION_MODE_CLASSIC
 DURABLE = agent_pb2.EXECUTION_MODE_DURABLE
@@ -136,3 +143,197 @@ async def test_bad_tools_are_refused_naming_their_field(
     code, message = await status_of(update)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert message.startswith("agent.tools[0].http.url: "), message
+
+
+# --- calls ------------------------------------------------------------------------------------
+
+PARIS = json.dumps({"city": "Paris"})
+TURNS = (("Checking.", (("weather", PARIS),)), ("Done.", ()))
+FAST_RETRIES = agent_pb2.RetryPolicy(maximum_attempts=3, backoff_coefficient=2.0)
+FAST_RETRIES.initial_interval.FromMilliseconds(200)
+FAST_RETRIES.maximum_interval.FromSeconds(5)
+
+
+def scripted(
+    *tools: agent_pb2.Tool,
+    mode: agent_pb2.ExecutionMode.ValueType = CLASSIC,
+    turns: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = TURNS,
+) -> agent_pb2.Agent:
+    agent = agent_with(*tools, mode=mode)
+    for text, calls in turns:
+        agent.model.scripted.turns.add(
+            text=text,
+            tool_calls=[agent_pb2.ScriptedToolCall(name=n, arguments_json=a) for n, a in calls],
+        )
+    return agent
+
+
+def results(events: list[run_pb2.RunEvent]) -> list[run_pb2.ToolResult]:
+    return [e.tool_result for e in events if e.HasField("tool_result")]
+
+
+def tool_attempts(events: list[run_pb2.RunEvent]) -> list[int]:
+    """The attempts the stream announced of the step that runs the tool calls."""
+    return [
+        e.step_started.attempt
+        for e in events
+        if e.HasField("step_started") and e.step_started.kind == run_pb2.STEP_KIND_TOOL_CALLS
+    ]
+
+
+async def stored_types(client: Client, run_id: str) -> list[str]:
+    call = client.runs.ListRunEvents(run_service_pb2.ListRunEventsRequest(run_id=run_id))
+    return [event.type async for response in call for event in response.events]
+
+
+async def stored_payloads(client: Client, run_id: str, kind: str) -> list[dict[str, Any]]:
+    call = client.runs.ListRunEvents(run_service_pb2.ListRunEventsRequest(run_id=run_id))
+    return [
+        json.loads(event.payload_json)
+        async for response in call
+        for event in response.events
+        if event.type == kind
+    ]
+
+
+@pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
+async def test_a_run_calls_an_http_tool(
+    client: Client, server: ToolServer, mode: agent_pb2.ExecutionMode.ValueType
+) -> None:
+    url = server.script("/weather", Reply(200, b'{"temp": 21}'))
+    agent = await client.create_agent(scripted(http_tool("weather", url), mode=mode))
+    events = await client.run(agent.id, "weather in Paris?")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    (result,) = results(events)
+    assert (result.tool_name, result.output, result.is_error) == ("weather", '{"temp": 21}', False)
+    (received,) = server.received["/weather"]
+    assert received.body == {"city": "Paris"}
+    assert received.headers["Idempotency-Key"] == f"{events[0].run_id}:{result.tool_call_id}"
+    assert received.headers["X-Secret"] == "s3cret"
+    assert received.headers["Content-Type"] == "application/json"
+    assert tool_attempts(events) == [1]
+
+
+@pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
+async def test_503_twice_then_200_is_three_recorded_attempts_with_growing_waits(
+    client: Client, server: ToolServer, mode: agent_pb2.ExecutionMode.ValueType
+) -> None:
+    url = server.script(
+        "/weather",
+        Reply(503, b"overloaded"),
+        Reply(503, b"still overloaded", (("Retry-After", "0"),)),
+        Reply(200, b'{"temp": 22}'),
+    )
+    agent = await client.create_agent(
+        scripted(http_tool("weather", url, retry_policy=FAST_RETRIES), mode=mode)
+    )
+    events = await client.run(agent.id, "weather in Paris?")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    (result,) = results(events)
+    assert (result.output, result.is_error) == ('{"temp": 22}', False)
+    assert tool_attempts(events) == [1, 2, 3]
+    received = server.received["/weather"]
+    assert len(received) == 3
+    assert len({r.headers["Idempotency-Key"] for r in received}) == 1
+    # Each retry waited at least its backoff: 0.2 s, then 0.4 s.
+    first_wait, second_wait = (b.at - a.at for a, b in itertools.pairwise(received))
+    assert first_wait >= 0.2
+    assert second_wait >= 0.4
+    if mode == DURABLE:
+        run_id = events[0].run_id
+        failed = await stored_payloads(client, run_id, "ToolCallFailed")
+        assert [(f["attempt"], f["code"]) for f in failed] == [(1, "http_503"), (2, "http_503")]
+        assert "still overloaded" in failed[1]["message"]
+        assert (await stored_types(client, run_id)).count("ToolCallCompleted") == 1
+
+
+@pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
+async def test_400_is_a_tool_error_at_once(
+    client: Client, server: ToolServer, mode: agent_pb2.ExecutionMode.ValueType
+) -> None:
+    url = server.script("/weather", Reply(400, b'{"error": "no such city"}'))
+    agent = await client.create_agent(
+        scripted(http_tool("weather", url, retry_policy=FAST_RETRIES), mode=mode)
+    )
+    events = await client.run(agent.id, "weather in Atlantis?")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    (result,) = results(events)
+    assert result.is_error
+    assert "HTTP 400" in result.output
+    assert "no such city" in result.output
+    assert len(server.received["/weather"]) == 1
+    assert tool_attempts(events) == [1]
+    if mode == DURABLE:
+        assert "ToolCallFailed" not in await stored_types(client, events[0].run_id)
+
+
+async def test_a_retry_policy_that_allows_no_more_gives_the_model_the_last_error(
+    client: Client, server: ToolServer
+) -> None:
+    url = server.script("/weather", Reply(502, b"bad gateway"))
+    two = agent_pb2.RetryPolicy(maximum_attempts=2)
+    two.initial_interval.FromMilliseconds(10)
+    agent = await client.create_agent(
+        scripted(http_tool("weather", url, retry_policy=two), mode=DURABLE)
+    )
+    events = await client.run(agent.id, "weather?")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    (result,) = results(events)
+    assert result.is_error
+    assert "HTTP 502: bad gateway (after 2 attempts" in result.output
+    assert len(server.received["/weather"]) == 2
+    types = await stored_types(client, events[0].run_id)
+    assert types.count("ToolCallFailed") == 2
+
+
+@pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
+async def test_a_10_mb_result_is_cut_with_a_marker(
+    client: Client, server: ToolServer, mode: agent_pb2.ExecutionMode.ValueType
+) -> None:
+    huge = ("é" * (5 * 1024 * 1024)).encode()  # 10 MiB of two-byte characters
+    url = server.script("/weather", Reply(200, huge))
+    agent = await client.create_agent(scripted(http_tool("weather", url), mode=mode))
+    events = await client.run(agent.id, "weather?")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    (result,) = results(events)
+    assert not result.is_error
+    kept, marker = result.output.split("\n[agentrun: ")
+    assert kept == "é" * (65536 // 2)
+    assert marker == "the tool's result was cut here: it is longer than 65536 bytes]"
+    # The executor still serves.
+    again = await client.run(agent.id, "weather?")
+    assert again[-1].HasField("run_completed")
+
+
+async def test_a_url_the_executor_does_not_allow_is_refused_at_call_time(
+    tool_stack: Stack, client: Client, server: ToolServer
+) -> None:
+    """An agent accepted where another allow list held (written straight into the store)."""
+    server.script("/weather", Reply(200, b"{}"))
+    elsewhere = server.url("/weather").replace("127.0.0.1", "localhost")
+    config = agent_from_proto(scripted(http_tool("weather", elsewhere))).with_version(1)
+    catalog = AgentCatalog(StoreConfig.from_url(tool_stack.database_url, tool_stack.data_dir))
+    try:
+        catalog.save(Agent(tenant=LOCAL_TENANT, agent_id=config.agent_id, config=config.to_json()))
+    finally:
+        catalog.close()
+    events = await client.run(config.agent_id, "weather?")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    (result,) = results(events)
+    assert result.is_error
+    assert "does not allow calls to" in result.output
+    assert server.received["/weather"] == []
+
+
+async def test_a_header_whose_variable_the_executor_lacks_is_a_tool_error(
+    client: Client, server: ToolServer
+) -> None:
+    url = server.script("/weather", Reply(200, b"{}"))
+    tool = http_tool("weather", url)
+    tool.http.headers_from_env["X-Other"] = "AGENTRUN_TEST_NO_SUCH_VARIABLE"
+    agent = await client.create_agent(scripted(tool))
+    events = await client.run(agent.id, "weather?")
+    (result,) = results(events)
+    assert result.is_error
+    assert "AGENTRUN_TEST_NO_SUCH_VARIABLE" in result.output
+    assert server.received["/weather"] == []

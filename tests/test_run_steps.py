@@ -13,7 +13,7 @@ from typing import Any
 
 from eventsourcing.application import Application
 
-from eventstore.agent_config import AgentConfig, ModelSettings, ToolSettings
+from eventstore.agent_config import AgentConfig, HttpToolSettings, ModelSettings, ToolSettings
 from eventstore.messages import ToolCall, Usage
 from eventstore.retry_policy import DEFAULT_MODEL_RETRY_POLICY, RetryPolicy
 from eventstore.run import Decision, Run
@@ -254,6 +254,87 @@ def test_failed_model_calls_are_not_counted_as_attempts_that_crashed_their_execu
     assert exhausted_attempts(run, max_attempts=2) is None
     run.resume("executor-b")
     assert run.attempt_of(1) == 4
+    # It died too, during the fourth.
+    crashed = exhausted_attempts(replayed(run), max_attempts=2)
+    assert crashed is not None
+    assert "attempted 2 times" in crashed.message
+
+
+def tool_run(agent_policy: RetryPolicy, tool_policy: RetryPolicy | None = None) -> Run:
+    """A run whose model called the HTTP tool "weather" (call "w1") at step 1."""
+    agent = AgentConfig(
+        agent_id="a",
+        model=ModelSettings(provider="scripted"),
+        tools=(
+            ToolSettings(
+                "weather",
+                kind="http",
+                http=HttpToolSettings(url="http://127.0.0.1/w", description="w"),
+                retry_policy=tool_policy,
+            ),
+        ),
+        tool_retry_policy=agent_policy,
+    )
+    run = Run(
+        run_id=str(uuid.uuid4()),
+        tenant="t",
+        request_id="",
+        agent=agent.to_json(),
+        input="hello",
+        conversation_id="c",
+        history=[],
+        execution_mode="durable",
+    )
+    run.record_model_call(1, "", [call("w1", "weather")], USAGE)
+    return run
+
+
+def test_a_failed_tool_call_is_tried_again_after_its_own_policys_backoff() -> None:
+    run = tool_run(RetryPolicy(maximum_attempts=1), RETRY)
+    w1 = call("w1", "weather")
+    assert next_step(run) == RunTool(step_index=2, call=w1, denial=None)
+    run.record_tool_failure(2, "w1", "http_503", "HTTP 503", 0.0)
+    (first,) = run.tool_failures_of("w1")
+    assert run.attempt_of(2) == 2
+    expected = RunTool(2, w1, None, not_before=first["failed_at"] + 2.0)
+    assert next_step(run) == expected
+    assert next_step(replayed(run)) == expected
+    # Retry-After lengthens the wait (the policy's is 6 s now), never beyond the longest (30 s).
+    run.record_tool_failure(2, "w1", "http_429", "HTTP 429", 9.0)
+    second = run.tool_failures_of("w1")[-1]
+    assert next_step(replayed(run)).not_before == second["failed_at"] + 9.0  # type: ignore[union-attr]
+    capped = tool_run(RetryPolicy(maximum_attempts=1), RETRY)
+    capped.record_tool_failure(2, "w1", "http_429", "HTTP 429", 3600.0)
+    assert next_step(capped).not_before == capped.tool_failures[-1]["failed_at"] + 30.0  # type: ignore[union-attr]
+    run.record_tool_failure(2, "w1", "http_429", "HTTP 429", 3600.0)
+    assert next_step(replayed(run)) == RunTool(
+        2,
+        w1,
+        None,
+        exhausted="HTTP 429 (after 3 attempts: the tool's retry policy allows no more)",
+    )
+
+
+def test_a_tool_without_a_policy_of_its_own_takes_the_agents() -> None:
+    run = tool_run(RetryPolicy(maximum_attempts=2, initial_interval=0.5, maximum_interval=0.5))
+    run.record_tool_failure(2, "w1", "timeout", "slow", 30.0)
+    last = run.tool_failures_of("w1")[-1]
+    assert next_step(replayed(run)).not_before == last["failed_at"] + 0.5  # type: ignore[union-attr]
+    run.record_tool_failure(2, "w1", "timeout", "slow", 0.0)
+    assert next_step(replayed(run)).exhausted.startswith("slow (after 2 attempts")  # type: ignore[union-attr]
+    listed = tool_run(RetryPolicy(maximum_attempts=5, non_retryable_error_codes=("http_503",)))
+    listed.record_tool_failure(2, "w1", "http_503", "HTTP 503", 0.0)
+    assert next_step(listed).exhausted == "HTTP 503"  # type: ignore[union-attr]
+
+
+def test_failed_tool_calls_are_not_counted_as_attempts_that_crashed_their_executor() -> None:
+    run = tool_run(RetryPolicy(maximum_attempts=5))
+    run.record_tool_failure(2, "w1", "transport", "refused", 0.0)
+    run.record_tool_failure(2, "w1", "transport", "refused", 0.0)
+    # The executor of the third attempt died; another one takes the run up.
+    assert exhausted_attempts(run, max_attempts=2) is None
+    run.resume("executor-b")
+    assert run.attempt_of(2) == 4
     # It died too, during the fourth.
     crashed = exhausted_attempts(replayed(run), max_attempts=2)
     assert crashed is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +31,7 @@ class Received:
     headers: dict[str, str]
     body: Any
     number: int  # 1 for the first request to its path
+    at: float  # when it arrived (epoch seconds)
 
 
 @dataclass
@@ -80,9 +82,8 @@ class ToolServer:
                     body = raw.decode(errors="replace")
                 with tool_server._arrived:
                     seen = tool_server.received[self.path]
-                    seen.append(
-                        Received(self.path, dict(self.headers.items()), body, len(seen) + 1)
-                    )
+                    headers = dict(self.headers.items())
+                    seen.append(Received(self.path, headers, body, len(seen) + 1, time.time()))
                     number = len(seen)
                     tool_server._arrived.notify_all()
                 script = tool_server.replies.get(self.path) or [Reply(404, b"no such tool")]

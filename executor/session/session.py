@@ -84,9 +84,7 @@ class RunSession:
             on_taken=self.publisher.enqueue,
             pace=self.publisher.pace,
         )
-        self.loop = AgentLoop(
-            run, self.stream, self, ctx.models, ctx.settings.data_dir, config=config
-        )
+        self.loop = AgentLoop(run, self.stream, self, ctx.models, ctx.tools, config=config)
         self.loop.announced_before(state.step, state.attempt)
         self.decided = asyncio.Event()
         self.task: asyncio.Task[Any] | None = None

@@ -8,6 +8,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
+import httpx
+
+from common.url_allow import UrlAllowList
 from eventstore.agent_config import ToolSettings
 from eventstore.extensions import TOOLS as TOOL_NAMES
 
@@ -33,6 +36,19 @@ class ToolContext:
 
 class ToolError(Exception):
     """The call failed in a way the model should hear about (bad arguments, a failed action)."""
+
+
+class RetryableToolError(ToolError):
+    """The attempt failed in a way a retry may cure (a connection error, a timeout, HTTP 429 or
+    5xx). ``code`` is what a retry policy's non_retryable_error_codes name ("transport",
+    "timeout", "http_<status>"); ``retry_after``: the seconds the tool asked to wait, 0 if it
+    did not. The tool's retry policy decides whether the call is tried again; if not, the model
+    gets the error."""
+
+    def __init__(self, code: str, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after = retry_after
 
 
 class Tool(Protocol):
@@ -67,3 +83,29 @@ def register_tool(tool: Tool, check: Callable[[ToolSettings], None] | None = Non
     Called by the tool's module, where it is defined."""
     TOOL_NAMES.register(tool.name, check)
     _TOOLS[tool.name] = tool
+
+
+@dataclass(frozen=True)
+class ToolRuntime:
+    """What an executor shares between the calls of every run's tools: its HTTP client (one
+    connection pool), the tool URLs it allows, its directory for local state, and the longest
+    result a tool may return."""
+
+    http: httpx.AsyncClient
+    url_allow: UrlAllowList
+    data_dir: Path
+    max_output_bytes: int
+
+
+ToolKind = Callable[[ToolSettings, ToolRuntime], Tool]
+"""Makes the tool of an agent's settings of one kind (an HTTP tool from its URL, say)."""
+
+_KINDS: dict[str, ToolKind] = {}
+KINDS: Mapping[str, ToolKind] = MappingProxyType(_KINDS)
+
+
+def register_kind(kind: str, make: ToolKind) -> None:
+    """Makes the agents' tools of ``kind`` callable. Called by the kind's module."""
+    if _KINDS.get(kind, make) is not make:
+        raise ValueError(f"another tool kind is registered as {kind!r}")
+    _KINDS[kind] = make
