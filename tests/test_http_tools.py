@@ -5,10 +5,12 @@ The executors allow tool URLs on 127.0.0.1 only (AGENTRUN_TOOL_URL_ALLOW)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from agentrun.v1 import agent_pb2, agent_service_pb2, run_pb2, run_service_pb2
-from cli.launcher import Service
+from cli.launcher import Service, free_port
 from common.settings import LOCAL_TENANT
 from eventstore.agents import Agent, AgentCatalog
 from eventstore.persistence import StoreConfig
@@ -26,7 +28,8 @@ from tests.client import Client, kinds
 from tests.conftest import database_url_for, drop_schema
 from tests.stack import Stack
 from tests.test_bad_input import status_of
-from tests.tool_server import Reply, ToolServer
+from tests.test_durable_crashes import Reader
+from tests.tool_server import GUARD, Reply, ToolServer
 
 CLASSIC = agent_pb2.EXECUTION_MODE_CLASSIC
 DURABLE = agent_pb2.EXECUTION_MODE_DURABLE
@@ -337,3 +340,112 @@ async def test_a_header_whose_variable_the_executor_lacks_is_a_tool_error(
     assert result.is_error
     assert "AGENTRUN_TEST_NO_SUCH_VARIABLE" in result.output
     assert server.received["/weather"] == []
+
+
+# --- executors killed around a call -------------------------------------------------------------
+
+
+@dataclass
+class CrashStack:
+    """A gateway in front of one executor port, where a killed executor's successor listens."""
+
+    stack: Stack
+    port: int
+    client: Client
+
+    def start_executor(self) -> Service:
+        return self.stack.start_executor(
+            AGENTRUN_EXECUTOR_LISTEN=f"127.0.0.1:{self.port}", **EXECUTOR_ENV
+        )
+
+
+@pytest.fixture
+async def crash_stack(nats_server: Service, tmp_path: Path) -> AsyncIterator[CrashStack]:
+    url = database_url_for("postgres", tmp_path / "data")
+    stack = Stack(database_url=url, nats=nats_server, tmp=tmp_path)
+    try:
+        crash = CrashStack(stack, free_port(), None)  # type: ignore[arg-type]
+        crash.start_executor()
+        stack.start_gateway(f"127.0.0.1:{crash.port}", **EXECUTOR_ENV)
+        channel = grpc.aio.insecure_channel(stack.gateways[0].address)
+        crash.client = Client(channel)
+        yield crash
+        await channel.close(grace=None)
+    finally:
+        stack.stop()
+        drop_schema(url)
+
+
+async def test_an_executor_killed_during_a_call_is_followed_by_a_second_attempt_with_the_same_key(
+    crash_stack: CrashStack, server: ToolServer
+) -> None:
+    url = server.script(
+        "/weather", Reply(200, b'{"temp": 1}', hold=True), Reply(200, b'{"temp": 23}')
+    )
+    client = crash_stack.client
+    agent = await client.create_agent(scripted(http_tool("weather", url), mode=DURABLE))
+    reader = Reader(client, agent.id, kill_after=1_000_000)
+    (first,) = await server.wait_for("/weather", 1)  # the call is in flight, held there
+    crash_stack.stack.executors[-1].kill()
+    await asyncio.to_thread(crash_stack.start_executor)  # takes the run up
+    received = await server.wait_for("/weather", 2)
+    server.release()  # (the first call's executor is gone: nobody reads its answer)
+    events = await reader.result()
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    second = received[1]
+    assert len(received) == 2
+    assert second.headers["Idempotency-Key"] == first.headers["Idempotency-Key"]
+    assert first.headers["Idempotency-Key"].startswith(f"{events[0].run_id}:")
+    assert second.body == first.body == {"city": "Paris"}
+    assert tool_attempts(events) == [1, 2]
+    (result,) = results(events)
+    assert (result.output, result.is_error) == ('{"temp": 23}', False)
+    types = await stored_types(client, events[0].run_id)
+    assert types.count("Resumed") == 1
+    assert types.count("ToolCallCompleted") == 1
+
+
+async def test_an_executor_killed_between_two_attempts_is_followed_by_the_second(
+    crash_stack: CrashStack, server: ToolServer
+) -> None:
+    """The first attempt fails (503); its executor dies while it waits out the backoff. The
+    next executor makes the second attempt, after the backoff that is left, and, as the policy
+    allows two attempts, a second 503 goes to the model: a third request would mean that it
+    had counted from the first again."""
+    url = server.script("/weather", Reply(503, b"overloaded"), Reply(503, b"overloaded again"))
+    two = agent_pb2.RetryPolicy(maximum_attempts=2)
+    two.initial_interval.FromSeconds(3)
+    client = crash_stack.client
+    agent = await client.create_agent(
+        scripted(http_tool("weather", url, retry_policy=two), mode=DURABLE)
+    )
+    reader = Reader(client, agent.id, kill_after=1)
+    await server.wait_for("/weather", 1)
+    await asyncio.wait_for(reader.reached.wait(), GUARD)
+    run_id = reader.events[0].run_id
+    (failed,) = await stored_until(client, run_id, "ToolCallFailed")
+    crash_stack.stack.executors[-1].kill()
+    await asyncio.to_thread(crash_stack.start_executor)
+    events = await reader.result()
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    received = server.received["/weather"]
+    assert len(received) == 2
+    assert received[1].headers["Idempotency-Key"] == received[0].headers["Idempotency-Key"]
+    assert received[1].at >= failed["failed_at"] + 3.0  # the backoff that was left
+    (result,) = results(events)
+    assert result.is_error
+    assert "overloaded again (after 2 attempts" in result.output
+    types = await stored_types(client, run_id)
+    assert types.count("ToolCallFailed") == 2
+    assert types.count("Resumed") == 1
+
+
+async def stored_until(client: Client, run_id: str, kind: str) -> list[dict[str, Any]]:
+    """The stored events of ``kind``, once there is one (polled: a failed attempt is recorded
+    but not streamed)."""
+    deadline = asyncio.get_running_loop().time() + GUARD
+    while not (found := await stored_payloads(client, run_id, kind)):
+        assert asyncio.get_running_loop().time() < deadline, f"no {kind} in {run_id}"
+        await asyncio.sleep(0.02)
+    return found
