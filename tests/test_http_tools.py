@@ -250,6 +250,46 @@ async def test_503_twice_then_200_is_three_recorded_attempts_with_growing_waits(
         assert (await stored_types(client, run_id)).count("ToolCallCompleted") == 1
 
 
+async def test_retry_after_lengthens_the_wait(client: Client, server: ToolServer) -> None:
+    url = server.script(
+        "/weather", Reply(429, b"slow down", (("Retry-After", "1"),)), Reply(200, b"{}")
+    )
+    agent = await client.create_agent(
+        scripted(http_tool("weather", url, retry_policy=FAST_RETRIES), mode=DURABLE)
+    )
+    events = await client.run(agent.id, "weather?")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    (failed,) = await stored_payloads(client, events[0].run_id, "ToolCallFailed")
+    assert (failed["code"], failed["retry_after"]) == ("http_429", 1.0)
+    _, second = server.received["/weather"]
+    assert second.at >= failed["failed_at"] + 1.0  # not the policy's 0.2 s
+
+
+async def test_connection_errors_and_timeouts_are_retried(
+    client: Client, server: ToolServer
+) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}/weather"  # nothing listens there
+    slow = server.script("/slow", Reply(200, b"late", hold=True), Reply(200, b'{"ok": 1}'))
+    short = agent_pb2.Tool()
+    short.timeout.FromMilliseconds(300)
+    agent = scripted(
+        http_tool("weather", nobody, retry_policy=FAST_RETRIES),
+        http_tool("slow", slow, retry_policy=FAST_RETRIES, timeout=short.timeout),
+        mode=DURABLE,
+        turns=(("Checking.", (("weather", PARIS), ("slow", PARIS))), ("Done.", ())),
+    )
+    created = await client.create_agent(agent)
+    events = await client.run(created.id, "weather?")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    unreachable, late = results(events)
+    assert unreachable.is_error
+    assert "could not be reached: ConnectError (after 3 attempts" in unreachable.output
+    assert (late.output, late.is_error) == ('{"ok": 1}', False)
+    failed = await stored_payloads(client, events[0].run_id, "ToolCallFailed")
+    assert [f["code"] for f in failed] == ["transport"] * 3 + ["timeout"]
+    assert len(server.received["/slow"]) == 2
+
+
 @pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
 async def test_400_is_a_tool_error_at_once(
     client: Client, server: ToolServer, mode: agent_pb2.ExecutionMode.ValueType
