@@ -329,14 +329,28 @@ async def test_a_retry_policy_that_allows_no_more_gives_the_model_the_last_error
     assert types.count("ToolCallFailed") == 2
 
 
+def peak_memory(service: Service) -> int:
+    """The most memory the service's process has held at once (VmHWM), in bytes."""
+    for line in Path(f"/proc/{service.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
 @pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
 async def test_a_10_mb_result_is_cut_with_a_marker(
-    client: Client, server: ToolServer, mode: agent_pb2.ExecutionMode.ValueType
+    tool_stack: Stack, client: Client, server: ToolServer, mode: agent_pb2.ExecutionMode.ValueType
 ) -> None:
     huge = ("é" * (5 * 1024 * 1024)).encode()  # 10 MiB of two-byte characters
     url = server.script("/weather", Reply(200, huge))
     agent = await client.create_agent(scripted(http_tool("weather", url), mode=mode))
+    small = server.script("/small", Reply(200, b"{}"))
+    warm_up = await client.create_agent(scripted(http_tool("weather", small), mode=mode))
+    await client.run(warm_up.id, "weather?")  # whatever a first run of the mode allocates
+    peak = peak_memory(tool_stack.executors[0])
     events = await client.run(agent.id, "weather?")
+    # The executor never held the response: reading it whole would have taken 10 MiB at least.
+    assert peak_memory(tool_stack.executors[0]) - peak < 4 * 1024 * 1024
     assert events[-1].run_completed.output == "Done.", kinds(events)
     (result,) = results(events)
     assert not result.is_error
