@@ -2,9 +2,9 @@
 
 Modelled on Temporal's RetryPolicy. An agent has one for model calls and one for tool calls; a
 run keeps its agent's (pinned in its request), and its state machine reads it
-(eventstore.run_steps): the loop only does what the machine decides. Only model calls are
-retried so far; the tool-call policy is kept for tools that call other services (built-in tools
-report their failures to the model instead).
+(eventstore.run_steps): the loop only does what the machine decides. A tool may have a policy of
+its own; the agent's tool-call policy is the default. A tool's failure is retried only if a retry
+may cure it (a connection error, a timeout, HTTP 429 or 5xx); other failures go to the model.
 """
 
 from __future__ import annotations
