@@ -185,7 +185,8 @@ class RetryPolicy(_message.Message):
     def non_retryable_error_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Failures with these codes are not retried, whatever the provider says. The codes are the
         provider's: for "openai", "http_<status>" (for example "http_429"), "transport",
-        "stream_incomplete", "stream_error", "malformed".
+        "stream_incomplete", "stream_error", "malformed". For tools: "transport", "timeout" and
+        "http_<status>" (see Tool.retry_policy).
         """
 
     def __init__(
