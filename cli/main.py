@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+from cli.certs import add_certs_parser
 from cli.chat import add_chat_parser
 from cli.health import add_health_parser
 from cli.launcher import Service, start_agentrun, start_nats
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     add_chat_parser(commands)
     add_runs_parser(commands)
     add_health_parser(commands)
+    add_certs_parser(commands)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result
