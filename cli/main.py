@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -62,6 +63,9 @@ def _up(args: argparse.Namespace) -> int:
             "AGENTRUN_DATA_DIR": str(data_dir),
             "AGENTRUN_NATS_URL": f"nats://{nats.address}",
             "AGENTRUN_EXECUTOR_LISTEN": "127.0.0.1:0",
+            # Loopback only, yet other users of this machine should not reach the executor.
+            "AGENTRUN_INTERNAL_TOKEN": os.environ.get("AGENTRUN_INTERNAL_TOKEN")
+            or secrets.token_urlsafe(32),
         }
         executor = start_agentrun("executor", env, logs)
         services.append(executor)

@@ -30,6 +30,14 @@
 | AGENTRUN_MAX_DISPATCH_FAILURES | 5 | deliveries of a durable run's dispatch message after which |
 |   |   | a take-up that keeps failing (raising, not crashing) fails the run with |
 |   |   | DISPATCH_FAILED and dead-letters it |
+| AGENTRUN_TLS_CERT, AGENTRUN_TLS_KEY | (none) | the gateway serves TLS with these PEM files |
+|   |   | (reread when they change) |
+| AGENTRUN_TLS_CLIENT_CA | (none) | with TLS: the gateway requires client certificates of this CA |
+| AGENTRUN_INTERNAL_TLS_CA, _CERT, _KEY | (none) | mTLS between gateways and executors: the |
+|   |   | CA both trust, and this service's certificate and key |
+| AGENTRUN_INTERNAL_TOKEN | (none) | a secret shared by gateways and executors (checked by |
+|   |   | executors) |
+| AGENTRUN_REFLECTION | on | on or off: whether the service answers gRPC server reflection |
 
 With no API keys configured, every caller is the tenant "local" (the embedded default).
 """
@@ -47,6 +55,20 @@ from pathlib import Path
 from common.nats_link import NatsNames
 
 LOCAL_TENANT = "local"
+
+
+class ConfigurationError(ValueError):
+    """Settings that a service cannot (or must not) start with; the message says why."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of one side of a TLS connection: a certificate and its key, and the CA that
+    the other side's certificate must come from (None: the other side needs none)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +141,12 @@ class Settings:
     max_durable_runs: int = 256
     max_step_attempts: int = 5
     max_dispatch_failures: int = 5
+    # The gateway's public TLS (its ``ca``: the clients' CA, for mTLS), or plaintext.
+    tls: TlsFiles | None = None
+    # mTLS between gateways and executors (its ``ca``: the CA of both), or none.
+    internal_tls: TlsFiles | None = None
+    internal_token: str = ""
+    reflection: bool = True
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -157,4 +185,42 @@ class Settings:
             max_dispatch_failures=int(
                 get("MAX_DISPATCH_FAILURES", str(defaults.max_dispatch_failures))
             ),
+            tls=_public_tls(get("TLS_CERT", ""), get("TLS_KEY", ""), get("TLS_CLIENT_CA", "")),
+            internal_tls=_internal_tls(
+                get("INTERNAL_TLS_CA", ""),
+                get("INTERNAL_TLS_CERT", ""),
+                get("INTERNAL_TLS_KEY", ""),
+            ),
+            internal_token=get("INTERNAL_TOKEN", ""),
+            reflection=_on_off("REFLECTION", get("REFLECTION", "on")),
         )
+
+
+def _public_tls(cert: str, key: str, client_ca: str) -> TlsFiles | None:
+    if not cert and not key:
+        if client_ca:
+            raise ConfigurationError("AGENTRUN_TLS_CLIENT_CA needs AGENTRUN_TLS_CERT and _KEY")
+        return None
+    if not cert or not key:
+        raise ConfigurationError("AGENTRUN_TLS_CERT and AGENTRUN_TLS_KEY go together")
+    return TlsFiles(Path(cert), Path(key), Path(client_ca) if client_ca else None)
+
+
+def _internal_tls(ca: str, cert: str, key: str) -> TlsFiles | None:
+    given = [bool(ca), bool(cert), bool(key)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ConfigurationError(
+            "internal mTLS needs all of AGENTRUN_INTERNAL_TLS_CA, _CERT and _KEY"
+        )
+    return TlsFiles(Path(cert), Path(key), Path(ca))
+
+
+def _on_off(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("on", "true", "1", "yes"):
+        return True
+    if lowered in ("off", "false", "0", "no"):
+        return False
+    raise ConfigurationError(f"AGENTRUN_{name} is on or off, not {value!r}")
