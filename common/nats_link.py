@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -133,8 +134,10 @@ class NatsLink:
         names: NatsNames | None = None,
         replicas: int = 1,
         settle_after: float = SETTLE_AFTER_CONNECT,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.names = names or NatsNames()
+        self._tls = tls  # None: nats-py's default context for servers that want TLS
         self._settle_after = settle_after
         # Copies of each stream in a JetStream cluster (3 survives the loss of one server; 1 on a
         # single server).
@@ -274,6 +277,7 @@ class NatsLink:
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
+                    tls=self._tls,
                 )
                 break
             except (TimeoutError, OSError, nats.errors.Error) as exc:

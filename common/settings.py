@@ -37,6 +37,10 @@
 |   |   | CA both trust, and this service's certificate and key |
 | AGENTRUN_INTERNAL_TOKEN | (none) | a secret shared by gateways and executors (checked by |
 |   |   | executors) |
+| AGENTRUN_NATS_TLS_CA | (none) | the CA of NATS servers reached over TLS (tls:// URLs, or a |
+|   |   | server that requires TLS); default: the system's CAs |
+| AGENTRUN_NATS_TLS_CERT, _KEY | (none) | a client certificate, for NATS servers that verify |
+|   |   | clients |
 | AGENTRUN_REFLECTION | on | on or off: whether the service answers gRPC server reflection |
 
 With no API keys configured, every caller is the tenant "local" (the embedded default).
@@ -147,6 +151,9 @@ class Settings:
     internal_tls: TlsFiles | None = None
     internal_token: str = ""
     reflection: bool = True
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -193,7 +200,24 @@ class Settings:
             ),
             internal_token=get("INTERNAL_TOKEN", ""),
             reflection=_on_off("REFLECTION", get("REFLECTION", "on")),
+            **_nats_tls(get("NATS_TLS_CA", ""), get("NATS_TLS_CERT", ""), get("NATS_TLS_KEY", "")),
         )
+
+    @property
+    def nats_tls(self) -> bool:
+        """Whether NATS connections need TLS settings of their own (else: nats-py's defaults,
+        the system's CAs, for tls:// URLs)."""
+        return any((self.nats_tls_ca, self.nats_tls_cert, self.nats_tls_key))
+
+
+def _nats_tls(ca: str, cert: str, key: str) -> dict[str, Path | None]:
+    if bool(cert) != bool(key):
+        raise ConfigurationError("AGENTRUN_NATS_TLS_CERT and AGENTRUN_NATS_TLS_KEY go together")
+    return {
+        "nats_tls_ca": Path(ca) if ca else None,
+        "nats_tls_cert": Path(cert) if cert else None,
+        "nats_tls_key": Path(key) if key else None,
+    }
 
 
 def _public_tls(cert: str, key: str, client_ca: str) -> TlsFiles | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from pathlib import Path
 
 import grpc
@@ -94,3 +95,17 @@ def channel_credentials(
         )
     except OSError as exc:
         raise ConfigurationError(f"cannot read a TLS file: {exc}") from exc
+
+
+def ssl_context(
+    ca: Path | None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    """A client's ssl context (for NATS) trusting ``ca`` (None: the system's roots), presenting
+    ``cert`` if given."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca) if ca else None)
+        if cert is not None:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"cannot use the TLS files: {exc}") from exc
+    return context
