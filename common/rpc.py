@@ -333,7 +333,8 @@ def _stop_on_signals(stop: asyncio.Event, signals: Iterable[signal.Signals]) -> 
 
 
 # The metadata key that carries the caller's tenant from a gateway to an executor. A gateway sets
-# it after authenticating the caller; an executor believes it (only gateways reach executors).
+# it after authenticating the caller; an executor believes it (only gateways reach executors:
+# common.internal_access).
 TENANT_METADATA = "agentrun-tenant"
 
 
