@@ -6,6 +6,7 @@ names a tenant, as a gateway does, but lacks the token or the internal certifica
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,3 +179,41 @@ def test_an_executor_open_to_the_network_does_not_start(sqlite_stack: Stack) -> 
         AGENTRUN_EXECUTOR_LISTEN="0.0.0.0:0", AGENTRUN_INTERNAL_TOKEN=TOKEN
     )
     assert executor.process.poll() is None
+
+
+async def test_an_executor_rereads_its_internal_certificate(
+    sqlite_stack: Stack, tmp_path: Path
+) -> None:
+    """Its certificate and key replaced while it runs (by one of another CA): new connections
+    get the new one, without a restart."""
+    internal_ca, successor = Authority.new("internal"), Authority.new("successor")
+    folder = tmp_path / "rotating"
+    folder.mkdir()
+    (folder / "ca.pem").write_bytes(internal_ca.cert_pem)
+    (folder / "next-ca.pem").write_bytes(successor.cert_pem)
+    internal_ca.issue("executor", ["127.0.0.1"]).write(folder, "executor")
+    internal_ca.issue("gateway", ["127.0.0.1"]).write(folder, "gateway")
+    executor = sqlite_stack.start_executor(
+        AGENTRUN_INTERNAL_TLS_CA=str(folder / "ca.pem"),
+        AGENTRUN_INTERNAL_TLS_CERT=str(folder / "executor.pem"),
+        AGENTRUN_INTERNAL_TLS_KEY=str(folder / "executor-key.pem"),
+    )
+
+    async def status_trusting(ca: str) -> grpc.StatusCode:
+        credentials = channel_credentials(
+            folder / ca, folder / "gateway.pem", folder / "gateway-key.pem"
+        )
+        async with grpc.aio.secure_channel(executor.address, credentials) as channel:
+            try:
+                await list_runs(channel)
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+            return grpc.StatusCode.OK
+
+    assert await status_trusting("ca.pem") == grpc.StatusCode.OK
+    assert await status_trusting("next-ca.pem") == grpc.StatusCode.UNAVAILABLE
+    successor.issue("executor", ["127.0.0.1"]).write(folder, "next")
+    os.replace(folder / "next-key.pem", folder / "executor-key.pem")
+    os.replace(folder / "next.pem", folder / "executor.pem")
+    assert await status_trusting("next-ca.pem") == grpc.StatusCode.OK
+    assert await status_trusting("ca.pem") == grpc.StatusCode.UNAVAILABLE

@@ -208,6 +208,14 @@ async def test_up_serves_the_demo_agents_and_stops_with_its_children_on_sigterm(
         run = events[0].run_started.run
         assert run.execution_mode == agent_pb2.EXECUTION_MODE_CLASSIC
 
+    # The executor, on loopback, still admits only its gateway (a token of up's making).
+    async with grpc.aio.insecure_channel(executor) as stranger:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await run_service_pb2_grpc.RunServiceStub(stranger).ListRuns(
+                run_service_pb2.ListRunsRequest(), metadata=(("agentrun-tenant", "local"),)
+            )
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, caught.value
+
     code, err = await up.stop()
     assert code == 0, err
     for address in (gateway, executor, nats):
