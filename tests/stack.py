@@ -124,6 +124,10 @@ def start_stack(
     return stack
 
 
+# A probe that cannot reach the stack's nats-server fails the test instead of hanging it.
+PROBE_CONNECT_TIMEOUT = 30.0
+
+
 @contextlib.asynccontextmanager
 async def nats_of(stack: Stack) -> AsyncIterator[NatsLink]:
     """A NATS connection in the stack's namespace, for looking at what the services left there."""
@@ -137,7 +141,8 @@ async def nats_of(stack: Stack) -> AsyncIterator[NatsLink]:
     )
     await link.start()
     try:
-        await link.wait_connected()
+        async with asyncio.timeout(PROBE_CONNECT_TIMEOUT):
+            await link.wait_connected()
         yield link
     finally:
         await link.close()
