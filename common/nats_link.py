@@ -133,8 +133,12 @@ class NatsLink:
         names: NatsNames | None = None,
         replicas: int = 1,
         settle_after: float = SETTLE_AFTER_CONNECT,
+        manage_streams: bool = True,
     ) -> None:
         self.names = names or NatsNames()
+        # An executor creates the streams and keeps them to its settings; a link that only
+        # looks (a probe, a tool) must not reconfigure them.
+        self._manage_streams = manage_streams
         self._settle_after = settle_after
         # Copies of each stream in a JetStream cluster (3 survives the loss of one server; 1 on a
         # single server).
@@ -285,7 +289,7 @@ class NatsLink:
         self._nc = nc
         self._connected_at = time.monotonic()
         self._js = nc.jetstream(timeout=5)
-        while True:
+        while self._manage_streams:
             try:
                 await self.ensure_streams()
                 break
@@ -345,7 +349,8 @@ class NatsLink:
         for callback in self._reconnected_callbacks:
             callback()
         # A NATS that lost its state gets its streams back (outside the client's callback).
-        self._restore = asyncio.create_task(self._ensure_streams_quietly())
+        if self._manage_streams:
+            self._restore = asyncio.create_task(self._ensure_streams_quietly())
 
     async def _ensure_streams_quietly(self) -> None:
         try:

@@ -134,10 +134,9 @@ async def nats_of(stack: Stack) -> AsyncIterator[NatsLink]:
     link = NatsLink(
         [f"nats://{stack.nats.address}"],
         name="test-probe",
-        # The services' own retention: a link (re)configures the streams it starts on, and a
-        # shorter one would age out the histories the tests read.
         event_retention=Settings().event_retention,
         names=NatsNames(stack.namespace),
+        manage_streams=False,  # the services' streams, as they configured them
     )
     await link.start()
     try:
