@@ -24,6 +24,7 @@ from cli.client import (
     rpc_error_message,
 )
 from cli.render import MODE_CHOICES, EventRenderer, approval_prompt
+from common.background import Background
 from common.event_streams import TERMINAL_KINDS
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ class _Turn:
         self._out = out
         self._err = err
         self._lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Background()
 
     async def send(self, request: run_service_pb2.ConverseRequest) -> None:
         async with self._lock:
@@ -190,9 +191,7 @@ class _Turn:
                 file=self._err,
                 flush=True,
             )
-            task = asyncio.get_running_loop().create_task(self._send_cancel())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.start(self._send_cancel())
         else:
             self.abandoned = True
             self.call.cancel()

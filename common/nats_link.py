@@ -134,9 +134,13 @@ class NatsLink:
         names: NatsNames | None = None,
         replicas: int = 1,
         settle_after: float = SETTLE_AFTER_CONNECT,
+        manage_streams: bool = True,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.names = names or NatsNames()
+        # An executor creates the streams and keeps them to its settings; a link that only
+        # looks (a probe, a tool) must not reconfigure them.
+        self._manage_streams = manage_streams
         self._tls = tls  # None: nats-py's default context for servers that want TLS
         self._settle_after = settle_after
         # Copies of each stream in a JetStream cluster (3 survives the loss of one server; 1 on a
@@ -147,6 +151,7 @@ class NatsLink:
         self._urls = urls
         self._name = name
         self._event_retention = event_retention
+        self._closing = False
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._connected = asyncio.Event()
@@ -164,6 +169,7 @@ class NatsLink:
             await asyncio.wait_for(self._connected.wait(), wait)
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -287,7 +293,7 @@ class NatsLink:
         self._nc = nc
         self._connected_at = time.monotonic()
         self._js = nc.jetstream(timeout=5)
-        while True:
+        while self._manage_streams:
             try:
                 await self.ensure_streams()
                 break
@@ -338,7 +344,8 @@ class NatsLink:
         log.debug("NATS error: %s", exc)
 
     async def _on_disconnected(self) -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        if not self._closing:  # a drain on close disconnects too: nothing to warn about
+            log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
         self._connected_at = time.monotonic()
@@ -346,7 +353,8 @@ class NatsLink:
         for callback in self._reconnected_callbacks:
             callback()
         # A NATS that lost its state gets its streams back (outside the client's callback).
-        self._restore = asyncio.create_task(self._ensure_streams_quietly())
+        if self._manage_streams:
+            self._restore = asyncio.create_task(self._ensure_streams_quietly())
 
     async def _ensure_streams_quietly(self) -> None:
         try:

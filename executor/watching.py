@@ -22,6 +22,7 @@ import nats.errors
 from nats.js.api import DeliverPolicy
 
 from agentrun.v1 import run_pb2
+from common.background import Background
 from common.errors import Conflict, OutOfRange
 from common.event_streams import Reassembly, is_terminal, last_published
 from common.nats_link import NatsLink
@@ -68,7 +69,7 @@ class Watching:
         self.movable = movable
         self.liveness_interval = liveness_interval
         self.event_retention = event_retention
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background()
 
     def subscribe(self, run_id: str) -> asyncio.Task[Subscription]:
         """Starts subscribing to the run's events, all of them (``watch`` takes the
@@ -90,9 +91,7 @@ class Watching:
             with contextlib.suppress(Exception):
                 await (await subscribing).unsubscribe()
 
-        task = asyncio.create_task(unsubscribe())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.start(unsubscribe())
 
     async def watch(
         self,

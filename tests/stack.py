@@ -20,6 +20,7 @@ from agentrun.v1 import run_pb2
 from cli.launcher import Service, start_agentrun
 from common.event_streams import Reassembly, is_terminal, published
 from common.nats_link import NatsLink, NatsNames
+from common.settings import Settings
 from tests import histories
 
 
@@ -123,18 +124,24 @@ def start_stack(
     return stack
 
 
+# A probe that cannot reach the stack's nats-server fails the test instead of hanging it.
+PROBE_CONNECT_TIMEOUT = 30.0
+
+
 @contextlib.asynccontextmanager
 async def nats_of(stack: Stack) -> AsyncIterator[NatsLink]:
     """A NATS connection in the stack's namespace, for looking at what the services left there."""
     link = NatsLink(
         [f"nats://{stack.nats.address}"],
         name="test-probe",
-        event_retention=60,
+        event_retention=Settings().event_retention,
         names=NatsNames(stack.namespace),
+        manage_streams=False,  # the services' streams, as they configured them
     )
     await link.start()
     try:
-        await link.wait_connected()
+        async with asyncio.timeout(PROBE_CONNECT_TIMEOUT):
+            await link.wait_connected()
         yield link
     finally:
         await link.close()

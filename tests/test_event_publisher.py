@@ -527,6 +527,24 @@ async def test_events_wait_while_the_stream_is_missing_and_go_once_it_is_back(
     assert [m.events for m in await stored(link, run_id)] == [batch]
 
 
+async def test_a_link_that_does_not_manage_streams_leaves_their_settings(
+    link: NatsLink, nats_server: Service
+) -> None:
+    observer = NatsLink(
+        [f"nats://{nats_server.address}"],
+        name="observer",
+        event_retention=60,
+        names=link.names,
+        manage_streams=False,
+    )
+    await started(observer)
+    try:
+        info = await observer.js.stream_info(link.names.events_stream)
+        assert info.config.max_age == RETENTION
+    finally:
+        await observer.close()
+
+
 async def test_close_reports_what_it_could_not_publish_in_time(link: NatsLink) -> None:
     run_id = str(uuid.uuid4())
     await link.js.delete_stream(link.names.events_stream)
@@ -823,7 +841,7 @@ async def test_holder_answers_tells_whether_a_process_answers_for_the_run(
     link: NatsLink, nats_server: Service
 ) -> None:
     run_id = str(uuid.uuid4())
-    assert await link.holder_answers(run_id) is False
+    assert await link.holder_answers(run_id, wait=WAIT) is False
 
     holder = await started(new_link(nats_server, link.names, name="holder"))
     requests: list[bytes] = []
@@ -835,13 +853,13 @@ async def test_holder_answers_tells_whether_a_process_answers_for_the_run(
     try:
         await holder.subscribe_control(run_id, answer)
         await holder.nc.flush()
-        assert await link.holder_answers(run_id) is True
+        assert await link.holder_answers(run_id, wait=WAIT) is True
         assert requests == [b'{"op": "ping"}']
-        assert await link.holder_answers(str(uuid.uuid4())) is False  # another run
+        assert await link.holder_answers(str(uuid.uuid4()), wait=WAIT) is False  # another run
 
         await holder.unsubscribe_control(run_id)
         await holder.nc.flush()
-        assert await link.holder_answers(run_id) is False
+        assert await link.holder_answers(run_id, wait=WAIT) is False
     finally:
         await holder.close()
 

@@ -22,6 +22,7 @@ import grpc
 from agentrun.internal.v1 import executor_service_pb2 as pb
 from agentrun.internal.v1 import executor_service_pb2_grpc
 from agentrun.v1 import run_pb2
+from common.background import Background
 from common.errors import AgentrunError, InvalidArgument, Unauthenticated
 from common.event_streams import is_terminal
 from common.rpc import stream_errors
@@ -43,7 +44,7 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
         self.runs = runs
         self.steering = steering
         self.watching = watching
-        self._cancelling: set[asyncio.Task[None]] = set()
+        self._cancelling = Background()
 
     @stream_errors
     async def ExecuteRun(
@@ -119,9 +120,7 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
             with contextlib.suppress(AgentrunError):  # it ended meanwhile
                 await self.steering.steer(tenant, run_id, Cancel("the client disconnected"))
 
-        task = asyncio.create_task(cancel())
-        self._cancelling.add(task)
-        task.add_done_callback(self._cancelling.discard)
+        self._cancelling.start(cancel())
 
     async def _steer(
         self,

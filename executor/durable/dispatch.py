@@ -31,6 +31,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from common.background import Background
 from common.errors import Unavailable
 from common.nats_link import NatsLink
 
@@ -92,7 +93,7 @@ class WorkQueue:
         """Takes messages while this executor has free slots; each runs ``handle`` in a task.
         Cancelling it stops the taking: the pull subscription goes, so that the server hands
         nothing more to this executor."""
-        tasks: set[asyncio.Task[None]] = set()
+        tasks = Background()
         while True:
             await self._link.wait_connected()
             try:
@@ -112,7 +113,7 @@ class WorkQueue:
         subscription: nats.js.JetStreamContext.PullSubscription,
         handle: Callable[[Dispatch], Awaitable[None]],
         slots: asyncio.Semaphore,
-        tasks: set[asyncio.Task[None]],
+        tasks: Background,
     ) -> None:
         """Takes messages until the subscription fails (then returns: subscribe again)."""
         while True:
@@ -136,9 +137,7 @@ class WorkQueue:
                 with contextlib.suppress(nats.errors.Error):
                     await msgs[0].term()
                 continue
-            task = asyncio.create_task(_run_then_release(handle, dispatch, slots))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            tasks.start(_run_then_release(handle, dispatch, slots))
 
     async def _subscribe(self) -> nats.js.JetStreamContext.PullSubscription:
         names = self._link.names
