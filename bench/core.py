@@ -1,10 +1,13 @@
 """The core figures, fast: the loop to run while working on speed (about a minute).
 
     python -m bench.core [--mode classic|durable|both] [--runs N] [--database-url URL]
+                         [--tls off|public|internal|both]
 
 One nats-server, one executor, one gateway, as separate processes (as ``make bench``). For each
 mode: the first token at 1 client (p50/p99), then runs per second at 16 clients with the CPU
 each part of the stack spent per run (as bench.scale measures it). Prints one line per figure.
+``--tls``: the client reaches the gateway over TLS (public), the gateway reaches the executor
+over mTLS (internal), or both; each client keeps one channel, so a handshake is not per run.
 """
 
 from __future__ import annotations
@@ -27,26 +30,30 @@ from bench.throughput import under_load
 from bench.workload import bench_agent
 
 
-async def measure(url: str, tmp: Path, modes: list[str], runs: int) -> None:
-    stack = Stack(url, tmp)
+async def measure(url: str, tmp: Path, modes: list[str], runs: int, tls: str) -> None:
+    stack = Stack(
+        url, tmp, public_tls=tls in ("public", "both"), internal_tls=tls in ("internal", "both")
+    )
+    credentials = stack.credentials
+    print(f"TLS: {tls}")
     try:
         _, executor = stack.executor()
         gateway = stack.gateway([executor])
         target = gateway.address
         for mode in modes:
             agent_id = f"core-{mode}-{uuid.uuid4().hex[:6]}"
-            await create_agent(target, bench_agent(agent_id, mode))  # type: ignore[arg-type]
-            await through_stack(target, agent_id, 30)
-            alone, _ = await through_stack(target, agent_id, runs)
+            await create_agent(target, bench_agent(agent_id, mode), credentials)  # type: ignore[arg-type]
+            await through_stack(target, agent_id, 30, credentials=credentials)
+            alone, _ = await through_stack(target, agent_id, runs, credentials=credentials)
             first = Summary.of(alone.first_token)
             print(f"{mode} c1 first token: p50 {first.p50_ms:.2f} ms, p99 {first.p99_ms:.2f} ms")
-            await under_load(target, agent_id, 64, 16)
+            await under_load(target, agent_id, 64, 16, credentials)
             meter = CpuMeter(
                 url, {"executor": [executor], "gateway": [gateway], "nats": [stack.nats]}
             )
             meter.start()
             before = resource.getrusage(resource.RUSAGE_SELF)
-            load = await under_load(target, agent_id, runs, 16)
+            load = await under_load(target, agent_id, runs, 16, credentials)
             after = resource.getrusage(resource.RUSAGE_SELF)
             spent = meter.stop()
             spent["client"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
@@ -67,10 +74,11 @@ def main() -> None:
     parser.add_argument("--mode", choices=("classic", "durable", "both"), default="both")
     parser.add_argument("--runs", type=int, default=400)
     parser.add_argument("--database-url", default=os.environ.get("AGENTRUN_BENCH_DATABASE_URL", ""))
+    parser.add_argument("--tls", choices=("off", "public", "internal", "both"), default="off")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="agentrun-core-"))
     modes = ["classic", "durable"] if args.mode == "both" else [args.mode]
-    asyncio.run(measure(choose_store(args.database_url, tmp), tmp, modes, args.runs))
+    asyncio.run(measure(choose_store(args.database_url, tmp), tmp, modes, args.runs, args.tls))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from agentrun.v1 import (
     run_service_pb2,
     run_service_pb2_grpc,
 )
-from bench.latency import EOF
+from bench.latency import EOF, open_channel
 from bench.workload import long_agent
 from cli.launcher import Service
 from common.nats_link import NatsNames
@@ -28,8 +28,10 @@ from eventstore.agent_config import AgentConfig
 from executor.translation import agent_to_proto
 
 
-async def create_agent(target: str, config: AgentConfig) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def create_agent(
+    target: str, config: AgentConfig, credentials: grpc.ChannelCredentials | None = None
+) -> None:
+    async with open_channel(target, credentials) as channel:
         stub: Any = agent_service_pb2_grpc.AgentServiceStub(channel)
         await stub.CreateAgent(agent_service_pb2.CreateAgentRequest(agent=agent_to_proto(config)))
 

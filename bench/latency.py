@@ -32,6 +32,15 @@ from executor.tools import Tools
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
+def open_channel(
+    target: str, credentials: grpc.ChannelCredentials | None = None
+) -> grpc.aio.Channel:
+    """A channel to a gateway: TLS with ``credentials``, else plaintext."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(target)
+    return grpc.aio.secure_channel(target, credentials)
+
+
 @dataclass
 class RunTimes:
     first_token: list[float]
@@ -40,11 +49,16 @@ class RunTimes:
 
 
 async def through_stack(
-    target: str, agent_id: str, runs: int, concurrency: int = 1
+    target: str,
+    agent_id: str,
+    runs: int,
+    concurrency: int = 1,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> tuple[RunTimes, float]:
-    """Runs ``runs`` runs, ``concurrency`` at a time; returns their times and the wall time."""
+    """Runs ``runs`` runs, ``concurrency`` at a time, on one channel (TLS with
+    ``credentials``); returns their times and the wall time."""
     times = RunTimes([], [])
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with open_channel(target, credentials) as channel:
         stub: Any = run_service_pb2_grpc.RunServiceStub(channel)
         queue: asyncio.Queue[int] = asyncio.Queue()
         for i in range(runs):

@@ -6,9 +6,12 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import grpc
 import psycopg
 
 from cli.launcher import Service, start_agentrun, start_nats
+from common.certs import write_dev_certificates
+from common.tls import channel_credentials
 from eventstore.persistence import StoreConfig
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -30,9 +33,33 @@ def choose_store(url: str, tmp: Path) -> str:
 class Stack:
     """nats-server, executors and a gateway for the benchmarks, as separate processes."""
 
-    def __init__(self, url: str, tmp: Path) -> None:
+    def __init__(
+        self, url: str, tmp: Path, *, public_tls: bool = False, internal_tls: bool = False
+    ) -> None:
+        """``public_tls``: the gateway serves TLS (clients use ``self.credentials``);
+        ``internal_tls``: gateways and executors talk over mTLS. Certificates from common.certs."""
         self.url = url
         self.tmp = tmp
+        self.credentials: grpc.ChannelCredentials | None = None
+        self.executor_env: dict[str, str] = {}
+        self.gateway_env: dict[str, str] = {}
+        if public_tls or internal_tls:
+            certs = tmp / "certs"
+            write_dev_certificates(certs)
+            internal, public = certs / "internal", certs / "public"
+            if public_tls:
+                self.credentials = channel_credentials(public / "ca.pem")
+                self.gateway_env |= {
+                    "AGENTRUN_TLS_CERT": str(public / "server.pem"),
+                    "AGENTRUN_TLS_KEY": str(public / "server-key.pem"),
+                }
+            if internal_tls:
+                for role, env in (("executor", self.executor_env), ("gateway", self.gateway_env)):
+                    env |= {
+                        "AGENTRUN_INTERNAL_TLS_CA": str(internal / "ca.pem"),
+                        "AGENTRUN_INTERNAL_TLS_CERT": str(internal / f"{role}.pem"),
+                        "AGENTRUN_INTERNAL_TLS_KEY": str(internal / f"{role}-key.pem"),
+                    }
         self.nats = start_nats(tmp / "nats", tmp / "logs")
         self.env = {
             "AGENTRUN_DATABASE_URL": url,
@@ -51,6 +78,7 @@ class Stack:
         name = f"bench-executor-{self._count}"
         env = {
             **self.env,
+            **self.executor_env,
             "AGENTRUN_EXECUTOR_ID": name,
             "AGENTRUN_EXECUTOR_LISTEN": f"127.0.0.1:{port}",
         }
@@ -63,7 +91,7 @@ class Stack:
         target = ",".join(e.address for e in executors)
         service = start_agentrun(
             "gateway",
-            {**self.env, "AGENTRUN_EXECUTOR_TARGET": target},
+            {**self.env, **self.gateway_env, "AGENTRUN_EXECUTOR_TARGET": target},
             self.tmp / "logs",
             f"bench-gateway-{self._count}",
         )

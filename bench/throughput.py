@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import grpc
+
 from bench.latency import RunTimes, through_stack
 
 
@@ -27,7 +29,15 @@ class Load:
         return self.times.tokens / self.wall
 
 
-async def under_load(target: str, agent_id: str, runs: int, concurrency: int) -> Load:
+async def under_load(
+    target: str,
+    agent_id: str,
+    runs: int,
+    concurrency: int,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> Load:
     """``runs`` runs of ``agent_id`` by ``concurrency`` clients at once."""
-    times, wall = await through_stack(target, agent_id, runs, concurrency=concurrency)
+    times, wall = await through_stack(
+        target, agent_id, runs, concurrency=concurrency, credentials=credentials
+    )
     return Load(times, wall, runs)

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, TextIO
 import grpc
 
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2, run_service_pb2_grpc
-from cli.client import Metadata, add_connection_args, connect, rpc_error_message
+from cli.client import (
+    ClientTls,
+    Metadata,
+    add_connection_args,
+    client_tls,
+    connect,
+    rpc_error_message,
+)
 from cli.render import MODE_CHOICES, EventRenderer, approval_prompt
 from common.background import Background
 from common.event_streams import TERMINAL_KINDS
@@ -64,7 +71,14 @@ def run_chat(args: argparse.Namespace) -> int:
     mode = MODE_CHOICES[args.mode] if args.mode else agent_pb2.EXECUTION_MODE_UNSPECIFIED
     try:
         return asyncio.run(
-            _chat(args.target, args.api_key, args.agent, args.conversation or "", mode)
+            _chat(
+                args.target,
+                args.api_key,
+                args.agent,
+                args.conversation or "",
+                mode,
+                client_tls(args),
+            )
         )
     except KeyboardInterrupt:
         # Only reachable where SIGINT cannot be handled by the event loop (not the main thread).
@@ -336,8 +350,9 @@ async def _chat(
     agent_id: str,
     conversation_id: str,
     mode: agent_pb2.ExecutionMode.ValueType,
+    tls: ClientTls | None = None,
 ) -> int:
-    channel, metadata = connect(target, api_key)
+    channel, metadata = connect(target, api_key, tls)
     async with channel:
         chat = Chat(
             run_service_pb2_grpc.RunServiceStub(channel),

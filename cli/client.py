@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+
+from common.settings import ConfigurationError
+from common.tls import channel_credentials
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "AGENTRUN_TARGET"
@@ -33,13 +39,66 @@ def call_metadata(api_key: str | None) -> Metadata:
     return (("authorization", f"Bearer {api_key}"),)
 
 
-def connect(target: str, api_key: str | None) -> tuple[grpc.aio.Channel, Metadata]:
-    """An insecure channel to the gateway at ``target`` and the metadata to send with each call.
+@dataclass(frozen=True)
+class ClientTls:
+    """TLS to a server: the CA to trust (None: the system's), and a client certificate for a
+    server that requires one."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return channel_credentials(self.ca, self.cert, self.key)
+
+
+def client_tls(args: argparse.Namespace) -> ClientTls | None:
+    """The TLS that --tls, --ca, --cert and --key ask for (any of them means TLS), or None."""
+    if (args.cert is None) != (args.key is None):
+        raise SystemExit("error: --cert and --key go together")
+    if not (args.tls or args.ca or args.cert):
+        return None
+    return ClientTls(
+        Path(args.ca) if args.ca else None,
+        Path(args.cert) if args.cert else None,
+        Path(args.key) if args.key else None,
+    )
+
+
+def connect(
+    target: str, api_key: str | None, tls: ClientTls | None = None
+) -> tuple[grpc.aio.Channel, Metadata]:
+    """A channel to the gateway at ``target`` (TLS if ``tls``) and the metadata to send with
+    each call.
 
     Must be called with an event loop running (grpc.aio binds the channel to it).
     """
-    channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    if tls is None:
+        channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    else:
+        try:
+            credentials = tls.credentials()
+        except ConfigurationError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from exc
+        channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
     return channel, call_metadata(api_key)
+
+
+def add_tls_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Adds --tls, --ca, --cert and --key."""
+    parser.add_argument(
+        "--tls", action="store_true", help="connect over TLS (implied by --ca and --cert)"
+    )
+    parser.add_argument(
+        "--ca",
+        metavar="PEM",
+        help="the CA that signed the server's certificate (default: the system's CAs)",
+    )
+    parser.add_argument(
+        "--cert", metavar="PEM", help="a client certificate, for a server that requires one"
+    )
+    parser.add_argument("--key", metavar="PEM", help="the client certificate's private key")
 
 
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +116,7 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY",
         help=f"the API key to authenticate with (default: ${API_KEY_ENV}; none if unset)",
     )
+    add_tls_args(group)
 
 
 def rpc_error_message(error: grpc.aio.AioRpcError | grpc.Call) -> str:

@@ -15,7 +15,15 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cli.client import DEFAULT_TARGET, TARGET_ENV, rpc_error_message
+from cli.client import (
+    DEFAULT_TARGET,
+    TARGET_ENV,
+    ClientTls,
+    add_tls_args,
+    client_tls,
+    rpc_error_message,
+)
+from common.settings import ConfigurationError
 
 DEFAULT_TIMEOUT = 3.0
 EXIT_SERVING = 0
@@ -53,12 +61,13 @@ def add_health_parser(
         metavar="SECONDS",
         help=f"how long to wait for the answer (default: {DEFAULT_TIMEOUT:g})",
     )
+    add_tls_args(parser)
     parser.set_defaults(func=run_health)
     return parser
 
 
 def run_health(args: argparse.Namespace) -> int:
-    serving, status = check_health(args.target, args.service, args.timeout)
+    serving, status = check_health(args.target, args.service, args.timeout, client_tls(args))
     what = f"{args.target} {args.service}".rstrip()
     if serving:
         print(f"{what}: {status}")
@@ -67,10 +76,20 @@ def run_health(args: argparse.Namespace) -> int:
     return EXIT_NOT_SERVING
 
 
-def check_health(target: str, service: str, timeout: float) -> tuple[bool, str]:
+def check_health(
+    target: str, service: str, timeout: float, tls: ClientTls | None = None
+) -> tuple[bool, str]:
     """Whether ``service`` ("" for the whole server) at ``target`` is SERVING, and what was
     answered: the status's name, or the error of a call that failed."""
-    with grpc.insecure_channel(target) as channel:
+    try:
+        channel = (
+            grpc.secure_channel(target, tls.credentials())
+            if tls is not None
+            else grpc.insecure_channel(target)
+        )
+    except ConfigurationError as exc:
+        return False, f"error: {exc}"
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

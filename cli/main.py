@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import sys
 import threading
 from pathlib import Path
 
+import grpc
+
+from cli.certs import add_certs_parser
 from cli.chat import add_chat_parser
+from cli.client import API_KEY_ENV, call_metadata
 from cli.health import add_health_parser
 from cli.launcher import Service, start_agentrun, start_nats
 from cli.runs import add_runs_parser
@@ -35,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     add_chat_parser(commands)
     add_runs_parser(commands)
     add_health_parser(commands)
+    add_certs_parser(commands)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result
@@ -44,10 +50,25 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args.service, args.listen)
 
 
-def _up(args: argparse.Namespace) -> int:
-    """nats-server, an executor and a gateway as child processes; demo agents; until Ctrl-C."""
+def _seed_demo_agents(gateway: str) -> str:
+    """Creates the demo agents with the CLI's key ($AGENTRUN_API_KEY: a gateway with API keys
+    refuses a call without one); says what became of them."""
     from cli.demo import seed_demo_agents
 
+    try:
+        created = asyncio.run(seed_demo_agents(gateway, call_metadata(os.environ.get(API_KEY_ENV))))
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+            raise
+        return (
+            f"not created: the gateway has API keys; set {API_KEY_ENV} to one of them "
+            "and start again"
+        )
+    return f"demo-classic, demo-durable{' (created)' if created else ''}"
+
+
+def _up(args: argparse.Namespace) -> int:
+    """nats-server, an executor and a gateway as child processes; demo agents; until Ctrl-C."""
     data_dir = Path(args.data_dir).resolve()
     logs = data_dir / "logs"
     services: list[Service] = []
@@ -60,6 +81,9 @@ def _up(args: argparse.Namespace) -> int:
             "AGENTRUN_DATA_DIR": str(data_dir),
             "AGENTRUN_NATS_URL": f"nats://{nats.address}",
             "AGENTRUN_EXECUTOR_LISTEN": "127.0.0.1:0",
+            # Loopback only, yet other users of this machine should not reach the executor.
+            "AGENTRUN_INTERNAL_TOKEN": os.environ.get("AGENTRUN_INTERNAL_TOKEN")
+            or secrets.token_urlsafe(32),
         }
         executor = start_agentrun("executor", env, logs)
         services.append(executor)
@@ -69,12 +93,11 @@ def _up(args: argparse.Namespace) -> int:
         }
         gateway = start_agentrun("gateway", env, logs)
         services.append(gateway)
-        created = asyncio.run(seed_demo_agents(gateway.address))
+        demo = _seed_demo_agents(gateway.address)
         print(
             f"agentrun is up: gateway {gateway.address}, executor {executor.address}, "
             f"NATS {nats.address}, data in {data_dir} (logs in {logs})\n"
-            f"demo agents: demo-classic, demo-durable"
-            f"{' (created)' if created else ''}\n"
+            f"demo agents: {demo}\n"
             f"try:  agentrun chat --agent demo-classic --target {gateway.address}\n"
             "Ctrl-C stops everything.",
             flush=True,

@@ -14,7 +14,7 @@ from google.protobuf.json_format import MessageToJson
 from google.protobuf.message import Message
 
 from agentrun.v1 import agent_pb2, run_service_pb2, run_service_pb2_grpc
-from cli.client import Metadata, add_connection_args, connect, rpc_error_message
+from cli.client import Metadata, add_connection_args, client_tls, connect, rpc_error_message
 from cli.render import (
     MODE_CHOICES,
     STATUS_CHOICES,
@@ -174,7 +174,7 @@ def _command(body: Body) -> Callable[[argparse.Namespace], int]:
 
 
 async def _call(body: Body, args: argparse.Namespace) -> int:
-    channel, metadata = connect(args.target, args.api_key)
+    channel, metadata = connect(args.target, args.api_key, client_tls(args))
     async with channel:
         try:
             return await body(run_service_pb2_grpc.RunServiceStub(channel), metadata, args)

@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 
 from cli.launcher import READY_PREFIX
-from common.settings import Settings
+from common.settings import ConfigurationError, Settings
 
 
 def serve(service: str, listen: str | None = None) -> int:
@@ -27,6 +27,14 @@ def serve(service: str, listen: str | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    try:
+        return _serve(service, listen)
+    except ConfigurationError as exc:
+        print(f"agentrun {service}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(service: str, listen: str | None) -> int:
     settings = Settings.from_env()
     if listen and service == "gateway":
         settings = replace(settings, gateway_listen=listen)

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -133,8 +134,14 @@ class NatsLink:
         names: NatsNames | None = None,
         replicas: int = 1,
         settle_after: float = SETTLE_AFTER_CONNECT,
+        manage_streams: bool = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.names = names or NatsNames()
+        # An executor creates the streams and keeps them to its settings; a link that only
+        # looks (a probe, a tool) must not reconfigure them.
+        self._manage_streams = manage_streams
+        self._tls = tls  # None: nats-py's default context for servers that want TLS
         self._settle_after = settle_after
         # Copies of each stream in a JetStream cluster (3 survives the loss of one server; 1 on a
         # single server).
@@ -276,6 +283,7 @@ class NatsLink:
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
+                    tls=self._tls,
                 )
                 break
             except (TimeoutError, OSError, nats.errors.Error) as exc:
@@ -285,7 +293,7 @@ class NatsLink:
         self._nc = nc
         self._connected_at = time.monotonic()
         self._js = nc.jetstream(timeout=5)
-        while True:
+        while self._manage_streams:
             try:
                 await self.ensure_streams()
                 break
@@ -345,7 +353,8 @@ class NatsLink:
         for callback in self._reconnected_callbacks:
             callback()
         # A NATS that lost its state gets its streams back (outside the client's callback).
-        self._restore = asyncio.create_task(self._ensure_streams_quietly())
+        if self._manage_streams:
+            self._restore = asyncio.create_task(self._ensure_streams_quietly())
 
     async def _ensure_streams_quietly(self) -> None:
         try:

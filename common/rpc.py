@@ -275,24 +275,35 @@ async def serve(
     on_stopping: Callable[[], Awaitable[None]] | None = None,
     end_streams_with: str | None = None,
     options: Sequence[tuple[str, Any]] = SERVER_OPTIONS,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[ServerInterceptor] = (),
+    reflection: bool = True,
 ) -> None:
     """Runs a grpc.aio server on ``listen`` until SIGTERM/SIGINT or ``stop`` is set.
 
     ``register`` adds the servicers and returns their full service names (for reflection and
-    health). ``ready`` receives the bound port. On stop: health turns NOT_SERVING, open
+    health). ``ready`` receives the bound port. ``credentials``: TLS (None: plaintext);
+    ``interceptors`` see every call first; ``reflection``: whether to answer server reflection.
+    On stop: health turns NOT_SERVING, open
     streams end with UNAVAILABLE and ``end_streams_with`` if it is given (new ones are
     refused so), ``on_stopping`` runs while in-flight calls still flow, then they get
     ``grace`` seconds.
     """
     drain = StreamDrain(end_streams_with) if end_streams_with is not None else None
-    server = grpc.aio.server(options=list(options), interceptors=[drain] if drain else None)
+    chain = [*interceptors, *([drain] if drain else [])]
+    server = grpc.aio.server(options=list(options), interceptors=chain or None)
     service_names = list(register(server))
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_server_reflection(
-        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server
+    if reflection:
+        enable_server_reflection(
+            [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server
+        )
+    port = (
+        server.add_secure_port(listen, credentials)
+        if credentials is not None
+        else server.add_insecure_port(listen)
     )
-    port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
@@ -322,7 +333,8 @@ def _stop_on_signals(stop: asyncio.Event, signals: Iterable[signal.Signals]) -> 
 
 
 # The metadata key that carries the caller's tenant from a gateway to an executor. A gateway sets
-# it after authenticating the caller; an executor believes it (only gateways reach executors).
+# it after authenticating the caller; an executor believes it (only gateways reach executors:
+# common.internal_access).
 TENANT_METADATA = "agentrun-tenant"
 
 

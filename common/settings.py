@@ -30,6 +30,21 @@
 | AGENTRUN_MAX_DISPATCH_FAILURES | 5 | deliveries of a durable run's dispatch message after which |
 |   |   | a take-up that keeps failing (raising, not crashing) fails the run with |
 |   |   | DISPATCH_FAILED and dead-letters it |
+| AGENTRUN_TLS_CERT, AGENTRUN_TLS_KEY | (none) | the gateway serves TLS with these PEM files |
+|   |   | (reread when they change) |
+| AGENTRUN_TLS_CLIENT_CA | (none) | with TLS: the gateway requires client certificates of this CA |
+| AGENTRUN_INTERNAL_TLS_CA, _CERT, _KEY | (none) | mTLS between gateways and executors: the |
+|   |   | CA both trust, and this service's certificate and key |
+| AGENTRUN_INTERNAL_TOKEN | (none) | a secret shared by gateways and executors (checked by |
+|   |   | executors) |
+| AGENTRUN_NATS_TLS_CA | (none) | the CA of NATS servers reached over TLS (tls:// URLs, or a |
+|   |   | server that requires TLS); default: the system's CAs |
+| AGENTRUN_NATS_TLS_CERT, _KEY | (none) | a client certificate, for NATS servers that verify |
+|   |   | clients |
+| AGENTRUN_REFLECTION | on | on or off: whether the service answers gRPC server reflection |
+| AGENTRUN_TOOL_URL_ALLOW | (none: any) | hosts, host:port or CIDRs (comma separated) that agents' |
+|   |   | tools may call; any other tool URL is refused at CreateAgent and at call time |
+| AGENTRUN_MAX_TOOL_OUTPUT_BYTES | 65536 | a tool result longer than this is cut, with a marker |
 
 With no API keys configured, every caller is the tenant "local" (the embedded default).
 """
@@ -48,6 +63,20 @@ from common.nats_link import NatsNames
 from common.url_allow import UrlAllowList
 
 LOCAL_TENANT = "local"
+
+
+class ConfigurationError(ValueError):
+    """Settings that a service cannot (or must not) start with; the message says why."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of one side of a TLS connection: a certificate and its key, and the CA that
+    the other side's certificate must come from (None: the other side needs none)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +151,15 @@ class Settings:
     max_dispatch_failures: int = 5
     tool_url_allow: UrlAllowList = field(default_factory=UrlAllowList)
     max_tool_output_bytes: int = 64 * 1024
+    # The gateway's public TLS (its ``ca``: the clients' CA, for mTLS), or plaintext.
+    tls: TlsFiles | None = None
+    # mTLS between gateways and executors (its ``ca``: the CA of both), or none.
+    internal_tls: TlsFiles | None = None
+    internal_token: str = ""
+    reflection: bool = True
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -160,8 +198,70 @@ class Settings:
             max_dispatch_failures=int(
                 get("MAX_DISPATCH_FAILURES", str(defaults.max_dispatch_failures))
             ),
-            tool_url_allow=UrlAllowList.parse(get("TOOL_URL_ALLOW", "")),
+            tool_url_allow=_tool_url_allow(get("TOOL_URL_ALLOW", "")),
             max_tool_output_bytes=int(
                 get("MAX_TOOL_OUTPUT_BYTES", str(defaults.max_tool_output_bytes))
             ),
+            tls=_public_tls(get("TLS_CERT", ""), get("TLS_KEY", ""), get("TLS_CLIENT_CA", "")),
+            internal_tls=_internal_tls(
+                get("INTERNAL_TLS_CA", ""),
+                get("INTERNAL_TLS_CERT", ""),
+                get("INTERNAL_TLS_KEY", ""),
+            ),
+            internal_token=get("INTERNAL_TOKEN", ""),
+            reflection=_on_off("REFLECTION", get("REFLECTION", "on")),
+            **_nats_tls(get("NATS_TLS_CA", ""), get("NATS_TLS_CERT", ""), get("NATS_TLS_KEY", "")),
         )
+
+    @property
+    def nats_tls(self) -> bool:
+        """Whether NATS connections need TLS settings of their own (else: nats-py's defaults,
+        the system's CAs, for tls:// URLs)."""
+        return any((self.nats_tls_ca, self.nats_tls_cert, self.nats_tls_key))
+
+
+def _nats_tls(ca: str, cert: str, key: str) -> dict[str, Path | None]:
+    if bool(cert) != bool(key):
+        raise ConfigurationError("AGENTRUN_NATS_TLS_CERT and AGENTRUN_NATS_TLS_KEY go together")
+    return {
+        "nats_tls_ca": Path(ca) if ca else None,
+        "nats_tls_cert": Path(cert) if cert else None,
+        "nats_tls_key": Path(key) if key else None,
+    }
+
+
+def _public_tls(cert: str, key: str, client_ca: str) -> TlsFiles | None:
+    if not cert and not key:
+        if client_ca:
+            raise ConfigurationError("AGENTRUN_TLS_CLIENT_CA needs AGENTRUN_TLS_CERT and _KEY")
+        return None
+    if not cert or not key:
+        raise ConfigurationError("AGENTRUN_TLS_CERT and AGENTRUN_TLS_KEY go together")
+    return TlsFiles(Path(cert), Path(key), Path(client_ca) if client_ca else None)
+
+
+def _internal_tls(ca: str, cert: str, key: str) -> TlsFiles | None:
+    given = [bool(ca), bool(cert), bool(key)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ConfigurationError(
+            "internal mTLS needs all of AGENTRUN_INTERNAL_TLS_CA, _CERT and _KEY"
+        )
+    return TlsFiles(Path(cert), Path(key), Path(ca))
+
+
+def _tool_url_allow(text: str) -> UrlAllowList:
+    try:
+        return UrlAllowList.parse(text)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def _on_off(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("on", "true", "1", "yes"):
+        return True
+    if lowered in ("off", "false", "0", "no"):
+        return False
+    raise ConfigurationError(f"AGENTRUN_{name} is on or off, not {value!r}")

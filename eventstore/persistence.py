@@ -6,6 +6,8 @@
   ``pool_size=N`` (default 4) and ``max_overflow=M`` (default 8) size each application's
   connection pool: a process holds about three such pools, so many executors against one
   server need them smaller (or a bigger ``max_connections``, or a pooler in between).
+  TLS: libpq's ``sslmode``, ``sslrootcert``, ``sslcert``, ``sslkey`` and ``sslcrl`` parameters
+  reach every connection (the eventsourcing pools, the run list, pruning).
 - ``sqlite:///path/to/dir`` or no URL: SQLite files under that directory (default ./.agentrun).
   Each application gets its own file: eventsourcing always names its SQLite table
   ``stored_events``, so two applications must not share a file.
@@ -29,6 +31,9 @@ from eventsourcing.persistence import ApplicationRecorder
 from common.errors import InvalidArgument
 
 DEFAULT_DATA_DIR = Path(".agentrun")
+# libpq's TLS parameters, taken from the URL's query as they are.
+SSL_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class PostgresParams:
     schema: str = ""
     pool_size: int = 4
     max_overflow: int = 8
+    ssl: tuple[tuple[str, str], ...] = ()  # (libpq parameter, value): SSL_PARAMETERS
 
     def conninfo(self) -> str:
         """A libpq connection string for psycopg (values quoted, password included)."""
@@ -56,6 +62,7 @@ class PostgresParams:
         }
         if self.password:
             parts["password"] = self.password
+        parts.update(self.ssl)
         return " ".join(f"{k}={quote(v)}" for k, v in parts.items())
 
 
@@ -90,6 +97,10 @@ class StoreConfig:
                     if not value.isdigit() or (name == "pool_size" and int(value) < 1):
                         raise InvalidArgument("database url", f"{name} must be a count")
                     pool[name] = int(value)
+            ssl = tuple((name, query[name][0]) for name in SSL_PARAMETERS if name in query)
+            mode = dict(ssl).get("sslmode")
+            if mode is not None and mode not in SSL_MODES:
+                raise InvalidArgument("database url", f"sslmode must be one of {SSL_MODES}")
             return StoreConfig(
                 postgres=PostgresParams(
                     host=parsed.hostname or "127.0.0.1",
@@ -98,6 +109,7 @@ class StoreConfig:
                     password=unquote(parsed.password or ""),
                     dbname=(parsed.path or "/postgres").lstrip("/") or "postgres",
                     schema=schema,
+                    ssl=ssl,
                     **pool,
                 )
             )
@@ -166,6 +178,8 @@ class StoreConfig:
         }
         if pg.schema:
             env["POSTGRES_SCHEMA"] = pg.schema
+        for name, value in pg.ssl:
+            env[f"POSTGRES_{name.upper()}"] = value
         return env
 
 

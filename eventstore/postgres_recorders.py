@@ -26,8 +26,10 @@ from eventsourcing.postgres import (
     PostgresDatastore,
 )
 from eventsourcing.postgres import PostgresFactory as EventsourcingPostgresFactory
-from eventsourcing.utils import retry
+from eventsourcing.utils import Environment, retry
 from psycopg.sql import SQL, Composable, Identifier
+
+from eventstore.persistence import SSL_PARAMETERS
 
 _STATEMENTS = ("insert_events_statement", "select_events_statement")
 
@@ -114,3 +116,15 @@ class PostgresFactory(EventsourcingPostgresFactory):
 
     aggregate_recorder_class = ComposedOnceAggregateRecorder
     application_recorder_class = OrderedInsertRecorder
+
+    def __init__(self, env: Environment) -> None:
+        super().__init__(env)
+        # eventsourcing passes libpq only host, port, user, password and dbname: the TLS
+        # parameters of the URL (StoreConfig.application_env) join them before the pool opens.
+        ssl = {
+            name: value for name in SSL_PARAMETERS if (value := env.get(f"POSTGRES_{name.upper()}"))
+        }
+        if ssl:
+            kwargs = self.datastore.pool.kwargs
+            assert isinstance(kwargs, dict), kwargs
+            kwargs.update(ssl)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from common.nats_link import NatsLink
 from common.settings import Settings
+from common.tls import ssl_context
 from eventstore.agents import AgentCatalog
 from eventstore.conversations import ConversationLog
 from eventstore.persistence import StoreConfig
@@ -56,6 +57,11 @@ class ExecutorContext:
             event_retention=settings.event_retention,
             names=settings.nats_names,
             replicas=settings.nats_replicas,
+            tls=(
+                ssl_context(settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key)
+                if settings.nats_tls
+                else None
+            ),
         )
         agent_cache = AgentCache(link)
         await agent_cache.start()

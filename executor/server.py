@@ -19,6 +19,7 @@ from agentrun.v1 import (
     run_service_pb2,
     run_service_pb2_grpc,
 )
+from common.internal_access import executor_server_security
 from common.rpc import INTERNAL_SERVER_OPTIONS, serve
 from common.settings import Settings
 from executor.api.agent_service import AgentService
@@ -128,6 +129,8 @@ async def run_executor(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serves until SIGTERM/SIGINT (or ``stop``); then drains (see Executor.drain)."""
+    # Before anything opens: an executor whose port is open to strangers does not start.
+    credentials, interceptors = executor_server_security(settings)
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
     )
@@ -157,6 +160,9 @@ async def run_executor(
             grace=SHUTDOWN_GRACE,
             on_stopping=executor.drain,
             options=INTERNAL_SERVER_OPTIONS,
+            credentials=credentials,
+            interceptors=interceptors,
+            reflection=settings.reflection,
         )
     finally:
         await ctx.close()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 
 from agentrun.internal.v1 import executor_service_pb2, executor_service_pb2_grpc
+from common.internal_access import Metadata, internal_channel, internal_metadata
 from common.rpc import INTERNAL_CHANNEL_OPTIONS
+from common.settings import Settings
 
 if TYPE_CHECKING:
     from agentrun.internal.v1.executor_service_pb2_grpc import ExecutorServiceAsyncStub
@@ -61,10 +64,21 @@ SERVICE_CONFIG = json.dumps(
 )
 
 
-def open_executors(target: str) -> tuple[grpc.aio.Channel, ExecutorServiceAsyncStub]:
-    """The channel to the executors, and their internal service on it."""
-    channel = grpc.aio.insecure_channel(
-        channel_target(target),
+@dataclass(frozen=True)
+class Executors:
+    """The channel to the executors, their internal service on it, and the metadata that every
+    call to them carries (the internal token, if any)."""
+
+    channel: grpc.aio.Channel
+    service: ExecutorServiceAsyncStub
+    metadata: Metadata
+
+
+def open_executors(settings: Settings) -> Executors:
+    """The channel to the executors of ``settings.executor_target`` (mTLS if configured)."""
+    channel = internal_channel(
+        settings,
+        channel_target(settings.executor_target),
         options=[
             *INTERNAL_CHANNEL_OPTIONS,
             ("grpc.lb_policy_name", "round_robin"),
@@ -74,7 +88,9 @@ def open_executors(target: str) -> tuple[grpc.aio.Channel, ExecutorServiceAsyncS
             ("grpc.service_config", SERVICE_CONFIG),
         ],
     )
-    return channel, executor_service_pb2_grpc.ExecutorServiceStub(channel)
+    return Executors(
+        channel, executor_service_pb2_grpc.ExecutorServiceStub(channel), internal_metadata(settings)
+    )
 
 
 ExecuteRunCall = grpc.aio.StreamStreamCall[
@@ -87,8 +103,9 @@ class WarmCalls:
     that is already open (opening a call costs about as much as a round trip). The pool refills
     off the first-token path; a call whose executor went away is passed over."""
 
-    def __init__(self, executors: ExecutorServiceAsyncStub, size: int = 4) -> None:
-        self._executors = executors
+    def __init__(self, executors: Executors, size: int = 4) -> None:
+        self._executors = executors.service
+        self._metadata = executors.metadata
         self._size = size
         self._ready: deque[ExecuteRunCall] = deque()
         self._refilling: asyncio.Task[None] | None = None
@@ -106,7 +123,7 @@ class WarmCalls:
         failing at once)."""
         # No request iterator: the requests are written to the call as they come.
         call: ExecuteRunCall = self._executors.ExecuteRun(  # type: ignore[call-arg]
-            wait_for_ready=wait_for_ready
+            metadata=self._metadata, wait_for_ready=wait_for_ready
         )
         return call
 

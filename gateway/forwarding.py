@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
+from common.internal_access import Metadata
 from common.rpc import TENANT_METADATA, stream_errors, unary_errors
 from gateway.auth import Authenticate
 
@@ -29,9 +30,12 @@ UNARY_TIMEOUT = 30.0
 class Forwarding:
     """Forwards methods of public services to the executors (see module docstring)."""
 
-    def __init__(self, channel: grpc.aio.Channel, authenticate: Authenticate) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, authenticate: Authenticate, metadata: Metadata = ()
+    ) -> None:
         self.channel = channel
         self.authenticate = authenticate
+        self.metadata = metadata  # sent with every call besides the tenant
 
     def handlers(
         self, service: ServiceDescriptor, carried: Iterable[str] = ()
@@ -56,7 +60,7 @@ class Forwarding:
 
         @unary_errors
         async def forward(request: bytes, context: Context) -> bytes:
-            metadata = ((TENANT_METADATA, self.authenticate(context)),)
+            metadata = ((TENANT_METADATA, self.authenticate(context)), *self.metadata)
             response: bytes = await call(request, metadata=metadata, timeout=_timeout(context))
             return response
 
@@ -67,7 +71,7 @@ class Forwarding:
 
         @stream_errors
         async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
-            metadata = ((TENANT_METADATA, self.authenticate(context)),)
+            metadata = ((TENANT_METADATA, self.authenticate(context)), *self.metadata)
             async for response in call(request, metadata=metadata):
                 yield response
 

@@ -15,9 +15,10 @@ from agentrun.v1 import agent_service_pb2, run_service_pb2
 from agentrun.v1 import run_service_pb2 as runs
 from common.rpc import serve
 from common.settings import Settings
+from common.tls import server_credentials
 from gateway.auth import authenticator
 from gateway.conversations import Conversations
-from gateway.executors import WarmCalls, open_executors
+from gateway.executors import Executors, WarmCalls, open_executors
 from gateway.forwarding import Forwarding
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,11 @@ CARRIED = ("StreamRun", "Converse", "WatchRun")
 
 
 def register(
-    server: grpc.aio.Server, channel: grpc.aio.Channel, calls: WarmCalls, settings: Settings
+    server: grpc.aio.Server, executors: Executors, calls: WarmCalls, settings: Settings
 ) -> list[str]:
     """Adds the public services to ``server``; returns their names."""
     authenticate = authenticator(settings.api_keys)
-    forwarding = Forwarding(channel, authenticate)
+    forwarding = Forwarding(executors.channel, authenticate, executors.metadata)
     conversations = Conversations(calls, authenticate)
     run_handlers = forwarding.handlers(RUN_SERVICE, carried=CARRIED)
     run_handlers["StreamRun"] = grpc.unary_stream_rpc_method_handler(
@@ -74,23 +75,32 @@ async def run_gateway(
 ) -> None:
     """Serves until SIGTERM/SIGINT (or ``stop``); then ends open streams with UNAVAILABLE, telling
     clients to resume elsewhere (runs go on: disconnecting is not cancelling)."""
-    channel, executors = open_executors(settings.executor_target)
+    credentials = server_credentials(settings.tls) if settings.tls is not None else None
+    executors = open_executors(settings)
     calls = WarmCalls(executors)
 
     def on_ready(port: int) -> None:
-        log.info("gateway listening on port %d (executors at %s)", port, settings.executor_target)
+        log.info(
+            "gateway listening on port %d%s (executors at %s%s)",
+            port,
+            " with TLS" if credentials is not None else "",
+            settings.executor_target,
+            " over mTLS" if settings.internal_tls is not None else "",
+        )
         if ready is not None:
             ready(port)
 
     try:
         await serve(
             settings.gateway_listen,
-            lambda server: register(server, channel, calls, settings),
+            lambda server: register(server, executors, calls, settings),
             ready=on_ready,
             stop=stop,
             grace=SHUTDOWN_GRACE,
             end_streams_with=SHUTTING_DOWN,
+            credentials=credentials,
+            reflection=settings.reflection,
         )
     finally:
         await calls.close()
-        await channel.close(grace=None)
+        await executors.channel.close(grace=None)

@@ -124,20 +124,24 @@ def start_stack(
     return stack
 
 
+# A probe that cannot reach the stack's nats-server fails the test instead of hanging it.
+PROBE_CONNECT_TIMEOUT = 30.0
+
+
 @contextlib.asynccontextmanager
 async def nats_of(stack: Stack) -> AsyncIterator[NatsLink]:
     """A NATS connection in the stack's namespace, for looking at what the services left there."""
     link = NatsLink(
         [f"nats://{stack.nats.address}"],
         name="test-probe",
-        # The services' own retention: a link (re)configures the streams it starts on, and a
-        # shorter one would age out the histories the tests read.
         event_retention=Settings().event_retention,
         names=NatsNames(stack.namespace),
+        manage_streams=False,  # the services' streams, as they configured them
     )
     await link.start()
     try:
-        await link.wait_connected()
+        async with asyncio.timeout(PROBE_CONNECT_TIMEOUT):
+            await link.wait_connected()
         yield link
     finally:
         await link.close()

@@ -11,19 +11,17 @@ from common.background import Background
 async def test_a_task_nobody_else_holds_runs_to_its_end() -> None:
     background = Background()
     release = asyncio.Event()
-    done: list[str] = []
+    finished = asyncio.Event()
 
     async def work() -> None:
         await release.wait()
-        done.append("done")
+        finished.set()
 
     background.start(work())
     gc.collect()
     assert len(background) == 1
     release.set()
-    while len(background):
-        await asyncio.sleep(0)
-    assert done == ["done"]
+    await asyncio.wait_for(finished.wait(), 10.0)
 
 
 async def test_start_returns_the_task() -> None:

@@ -42,6 +42,7 @@ import nats
 import nats.js.errors
 import pytest
 import yaml
+from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nats.js import JetStreamContext
 from nats.js.api import StreamInfo
@@ -51,6 +52,7 @@ from cli.launcher import NATS_READY, Service, _start, free_port, nats_server_pat
 from common.settings import Settings
 from eventstore.persistence import StoreConfig
 from gateway.executors import channel_target
+from tests.client import Client, scripted_agent
 from tests.stack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,6 +122,14 @@ def our_services() -> dict[str, dict[str, Any]]:
     ours = {name: s for name, s in services().items() if runs_our_image(s)}
     assert ours, "no service of docker-compose.yml is built from the Dockerfile"
     return ours
+
+
+JOBS = ("certs",)  # subcommands that run once and exit, rather than serve
+
+
+def our_servers() -> dict[str, dict[str, Any]]:
+    """Our services that serve (executors and gateways), not one-shot jobs."""
+    return {n: s for n, s in our_services().items() if command(s)[0] not in JOBS}
 
 
 def environment(service: Mapping[str, Any]) -> dict[str, str]:
@@ -251,7 +261,7 @@ def test_our_services_run_subcommands_of_the_cli(cli_parser: argparse.ArgumentPa
 def test_health_checks_of_our_services_ask_their_own_port(
     cli_parser: argparse.ArgumentParser,
 ) -> None:
-    for name, service in our_services().items():
+    for name, service in our_servers().items():
         argv = healthcheck_argv(service)
         assert argv[0] == "agentrun", f"{name}: the health check runs {argv[0]!r}"
         args = parse(cli_parser, argv[1:])
@@ -282,7 +292,7 @@ def test_settings_point_at_services_of_the_file(cli_parser: argparse.ArgumentPar
     assert len(nats_members) >= 3, f"a JetStream cluster needs three members: {nats_members}"
     executors: dict[str, Settings] = {}
     gateways: dict[str, Settings] = {}
-    for name, service in our_services().items():
+    for name, service in our_servers().items():
         role = parse(cli_parser, command(service)).command
         settings = service_settings(service)
         (executors if role == "executor" else gateways)[name] = settings
@@ -639,3 +649,105 @@ def test_health_rejects_a_timeout_that_is_not_positive() -> None:
     done = agentrun_health("--timeout", "0")
     assert done.returncode == 2
     assert "must be more than 0" in done.stderr
+
+
+# --- internal mTLS in docker-compose.yml --------------------------------------------------
+
+
+def certs_job(cli_parser: argparse.ArgumentParser) -> tuple[str, argparse.Namespace]:
+    jobs = [
+        (name, parse(cli_parser, command(s)))
+        for name, s in our_services().items()
+        if command(s)[0] == "certs"
+    ]
+    assert len(jobs) == 1, f"one service writes the certificates: {jobs}"
+    return jobs[0]
+
+
+def moved(value: str, folder: str, local: Path) -> str:
+    """``value``, a path under ``folder`` (in the containers), moved to ``local``."""
+    return str(local) + value.removeprefix(folder) if value.startswith(f"{folder}/") else value
+
+
+def internal_tls_of(env: Mapping[str, str], folder: str, local: Path) -> dict[str, str]:
+    return {k: moved(v, folder, local) for k, v in env.items() if "INTERNAL_TLS" in k}
+
+
+def test_executors_and_gateways_use_internal_mtls_from_the_certs_job(
+    cli_parser: argparse.ArgumentParser,
+) -> None:
+    all_services = services()
+    job, args = certs_job(cli_parser)
+    folder = args.out
+    job_volumes = {str(v).partition(":")[0] for v in all_services[job].get("volumes", [])}
+    for name, service in our_servers().items():
+        settings = service_settings(service)
+        tls = settings.internal_tls
+        assert tls is not None, f"{name}: no internal mTLS"
+        assert tls.ca is not None
+        for path in (tls.ca, tls.cert, tls.key):
+            assert str(path).startswith(f"{folder}/"), f"{name}: {path} is not from the job"
+        mounts = {
+            str(v).partition(":")[0]: str(v).split(":")[1] for v in service.get("volumes", [])
+        }
+        assert any(
+            source in job_volumes and target == folder for source, target in mounts.items()
+        ), f"{name}: the certs job's volume is not mounted at {folder}: {mounts}"
+        condition = (service.get("depends_on") or {}).get(job, {}).get("condition")
+        assert condition == "service_completed_successfully", f"{name}: starts before {job}"
+
+
+def compose_certificates(
+    cli_parser: argparse.ArgumentParser, local: Path
+) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """Runs the certs job's command with its output moved to ``local``; checks that it wrote
+    what the executors' and gateways' settings name, for the name the gateways dial. Returns
+    their internal TLS settings and the executor's health check, moved to ``local``."""
+    job, args = certs_job(cli_parser)
+    argv = _replace_option(command(services()[job]), ("--out",), str(local))
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", *argv], capture_output=True, text=True, timeout=GUARD
+    )
+    assert done.returncode == 0, done.stderr
+    roles = {parse(cli_parser, command(s)).command: s for s in our_servers().values()}
+    executor_env = internal_tls_of(environment(roles["executor"]), args.out, local)
+    gateway_env = internal_tls_of(environment(roles["gateway"]), args.out, local)
+    for env in (executor_env, gateway_env):
+        assert len(env) == 3, env
+        for path in env.values():
+            assert Path(path).exists(), f"the certs job wrote no {path}"
+    # The gateways check the executors' certificate against the name they dial.
+    target = service_settings(roles["gateway"]).executor_target
+    host = re.sub(r"^dns:///", "", target).rpartition(":")[0]
+    cert = x509.load_pem_x509_certificate(
+        Path(executor_env["AGENTRUN_INTERNAL_TLS_CERT"]).read_bytes()
+    )
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert host in names.get_values_for_type(x509.DNSName), (host, names)
+    check = [moved(part, args.out, local) for part in healthcheck_argv(roles["executor"])]
+    assert check[:2] == ["agentrun", "health"], check
+    return executor_env, gateway_env, check[2:]
+
+
+async def test_the_compose_certificates_carry_a_real_run(
+    cli_parser: argparse.ArgumentParser, nats_server: Service, tmp_path: Path
+) -> None:
+    """The certs job's command, run here, writes what the services' settings name; an executor
+    and a gateway with the compose environment (paths and ports moved) run a run over mTLS;
+    the executor's compose health check passes, and fails without the certificate."""
+    executor_env, gateway_env, health_args = compose_certificates(cli_parser, tmp_path / "certs")
+    stack = Stack(database_url=f"sqlite:///{tmp_path / 'data'}", nats=nats_server, tmp=tmp_path)
+    try:
+        executor = stack.start_executor(**executor_env, AGENTRUN_EXECUTOR_LISTEN="0.0.0.0:0")
+        gateway = stack.start_gateway(**gateway_env)
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            client = Client(channel)
+            agent = await client.create_agent(scripted_agent(turns=[("over mTLS", [])]))
+            events = await client.run(agent.id, "hi")
+            assert events[-1].run_completed.output == "over mTLS"
+        done = agentrun_health(*_replace_option(health_args, ("--target",), executor.address))
+        assert done.returncode == 0, done.stderr
+        done = agentrun_health("--target", executor.address, "--timeout", "2")
+        assert done.returncode == 1, done.stdout
+    finally:
+        stack.stop()

@@ -527,6 +527,24 @@ async def test_events_wait_while_the_stream_is_missing_and_go_once_it_is_back(
     assert [m.events for m in await stored(link, run_id)] == [batch]
 
 
+async def test_a_link_that_does_not_manage_streams_leaves_their_settings(
+    link: NatsLink, nats_server: Service
+) -> None:
+    observer = NatsLink(
+        [f"nats://{nats_server.address}"],
+        name="observer",
+        event_retention=60,
+        names=link.names,
+        manage_streams=False,
+    )
+    await started(observer)
+    try:
+        info = await observer.js.stream_info(link.names.events_stream)
+        assert info.config.max_age == RETENTION
+    finally:
+        await observer.close()
+
+
 async def test_close_reports_what_it_could_not_publish_in_time(link: NatsLink) -> None:
     run_id = str(uuid.uuid4())
     await link.js.delete_stream(link.names.events_stream)

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
+from common.settings import ConfigurationError, Settings
 from tests.client import Client, scripted_agent
 from tests.stack import Stack
 
@@ -274,3 +275,49 @@ async def test_buf_curl_reports_an_error_status(stack: Stack) -> None:
     )
     assert result.returncode != 0
     assert "not_found" in result.stderr.lower(), result.stderr
+
+
+async def reflection_status(address: str, service: str) -> grpc.StatusCode:
+    """How a call of ``service`` ends. It sends no request: a server that does not serve the
+    method ends the call at once, and a request still on its way then fails on the client's
+    side (INTERNAL) instead."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        info: Any = channel.stream_stream(
+            f"/{service}/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        call = info(iter(()), timeout=GUARD)
+        code: grpc.StatusCode = await call.code()
+        return code
+
+
+async def test_reflection_can_be_turned_off_and_health_still_answers(stack: Stack) -> None:
+    """AGENTRUN_REFLECTION=off on a gateway and an executor of the shared stack's store: neither
+    answers reflection, under either name; both answer health checks. The default is on."""
+    assert RUN_SERVICE in await listed_services(stack.gateways[0].address)
+    executor = stack.start_executor(AGENTRUN_REFLECTION="off")
+    gateway = stack.start_gateway(executor_target=executor.address, AGENTRUN_REFLECTION="off")
+    try:
+        for address in (gateway.address, executor.address):
+            for service in (REFLECTION, REFLECTION_V1):
+                assert await reflection_status(address, service) == grpc.StatusCode.UNIMPLEMENTED
+            assert await health_status(address, "") == health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            client = Client(channel)
+            agent = await client.create_agent(scripted_agent(turns=[("no reflection", [])]))
+            events = await client.run(agent.id, "hi")
+            assert events[-1].run_completed.output == "no reflection"
+    finally:
+        gateway.stop()
+        stack.gateways.remove(gateway)
+        executor.stop()
+        stack.executors.remove(executor)
+
+
+def test_reflection_setting_is_on_or_off() -> None:
+    assert Settings.from_env({}).reflection
+    assert not Settings.from_env({"AGENTRUN_REFLECTION": "off"}).reflection
+    assert Settings.from_env({"AGENTRUN_REFLECTION": "on"}).reflection
+    with pytest.raises(ConfigurationError, match="on or off"):
+        Settings.from_env({"AGENTRUN_REFLECTION": "maybe"})

@@ -10,7 +10,7 @@ import psycopg.conninfo
 import pytest
 
 from common.errors import InvalidArgument
-from common.settings import ApiKeys, Settings
+from common.settings import ApiKeys, ConfigurationError, Settings, TlsFiles
 from eventstore.persistence import PostgresParams, StoreConfig
 
 
@@ -349,3 +349,35 @@ def test_postgres_url_sets_pool_sizes() -> None:
 def test_postgres_pool_sizes_must_be_counts(query: str) -> None:
     with pytest.raises(InvalidArgument):
         StoreConfig.from_url(f"postgresql://db/agents?{query}")
+
+
+# TLS and internal access
+
+
+def test_tls_settings_come_whole_or_not_at_all(tmp_path: Path) -> None:
+    pem = str(tmp_path / "x.pem")
+    settings = Settings.from_env(
+        {
+            "AGENTRUN_TLS_CERT": pem,
+            "AGENTRUN_TLS_KEY": pem,
+            "AGENTRUN_INTERNAL_TLS_CA": pem,
+            "AGENTRUN_INTERNAL_TLS_CERT": pem,
+            "AGENTRUN_INTERNAL_TLS_KEY": pem,
+            "AGENTRUN_INTERNAL_TOKEN": "t",
+        }
+    )
+    assert settings.tls == TlsFiles(Path(pem), Path(pem), None)
+    assert settings.internal_tls == TlsFiles(Path(pem), Path(pem), Path(pem))
+    assert settings.internal_token == "t"
+    assert Settings.from_env({}).tls is None
+    assert Settings.from_env({}).internal_tls is None
+    assert not Settings.from_env({}).nats_tls
+    for partial in (
+        {"AGENTRUN_TLS_KEY": pem},
+        {"AGENTRUN_TLS_CLIENT_CA": pem},
+        {"AGENTRUN_INTERNAL_TLS_CA": pem, "AGENTRUN_INTERNAL_TLS_CERT": pem},
+        {"AGENTRUN_NATS_TLS_CERT": pem},
+    ):
+        with pytest.raises(ConfigurationError):
+            Settings.from_env(partial)
+    assert Settings.from_env({"AGENTRUN_NATS_TLS_CA": pem}).nats_tls

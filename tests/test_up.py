@@ -115,8 +115,9 @@ async def ups() -> AsyncIterator[list[Up]]:
                     os.kill(pid, signal.SIGKILL)
 
 
-async def start_up(ups: list[Up], data_dir: Path) -> Up:
-    """Starts `agentrun up` and reads its stdout up to the end of its banner."""
+async def start_up(ups: list[Up], data_dir: Path, **env: str) -> Up:
+    """Starts `agentrun up` (``env``: settings besides its flags) and reads its stdout up to
+    the end of its banner."""
     gateway = f"127.0.0.1:{free_port()}"
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -130,7 +131,7 @@ async def start_up(ups: list[Up], data_dir: Path) -> Up:
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=up_env(),
+        env={**up_env(), **env},
     )
     up = Up(process, gateway)
     ups.append(up)
@@ -208,6 +209,14 @@ async def test_up_serves_the_demo_agents_and_stops_with_its_children_on_sigterm(
         run = events[0].run_started.run
         assert run.execution_mode == agent_pb2.EXECUTION_MODE_CLASSIC
 
+    # The executor, on loopback, still admits only its gateway (a token of up's making).
+    async with grpc.aio.insecure_channel(executor) as stranger:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await run_service_pb2_grpc.RunServiceStub(stranger).ListRuns(
+                run_service_pb2.ListRunsRequest(), metadata=(("agentrun-tenant", "local"),)
+            )
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, caught.value
+
     code, err = await up.stop()
     assert code == 0, err
     for address in (gateway, executor, nats):
@@ -215,6 +224,34 @@ async def test_up_serves_the_demo_agents_and_stops_with_its_children_on_sigterm(
     assert not [pid for pid in up.children if alive(pid)], [command_line(p) for p in up.children]
     logs = tmp_path / "data" / "logs"
     assert {p.name for p in logs.iterdir()} >= {"nats.log", "executor.log", "gateway.log"}
+
+
+async def test_up_with_api_keys_seeds_the_demo_agents_with_the_clis_key(
+    ups: list[Up], tmp_path: Path
+) -> None:
+    up = await start_up(
+        ups, tmp_path / "data", AGENTRUN_API_KEYS="team:k-team", AGENTRUN_API_KEY="k-team"
+    )
+    assert "demo agents: demo-classic, demo-durable (created)" in up.text
+    async with grpc.aio.insecure_channel(up.gateway) as channel:
+        stub = agent_service_pb2_grpc.AgentServiceStub(channel)
+        got = await stub.GetAgent(
+            agent_service_pb2.GetAgentRequest(agent_id="demo-classic"),
+            metadata=(("authorization", "Bearer k-team"),),
+        )
+        assert got.agent.id == "demo-classic"
+    code, err = await up.stop()
+    assert code == 0, err
+
+
+async def test_up_with_api_keys_and_no_key_for_itself_says_why_it_seeds_nothing(
+    ups: list[Up], tmp_path: Path
+) -> None:
+    up = await start_up(ups, tmp_path / "data", AGENTRUN_API_KEYS="team:k-team")
+    assert "demo agents: not created" in up.text, up.text
+    assert "AGENTRUN_API_KEY" in up.text, up.text
+    code, err = await up.stop()
+    assert code == 0, err
 
 
 async def test_a_second_up_on_the_same_data_dir_finds_the_agents_and_the_runs(
