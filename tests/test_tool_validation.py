@@ -11,6 +11,7 @@ from google.protobuf import json_format
 
 from agentrun.v1 import agent_pb2
 from common.errors import InvalidArgument
+from common.settings import ConfigurationError, Settings
 from common.url_allow import UrlAllowList
 from eventstore.agent_config import AgentConfig, HttpToolSettings, ModelSettings, ToolSettings
 from eventstore.retry_policy import RetryPolicy
@@ -175,3 +176,20 @@ def test_the_url_allow_list(allow: str, url: str, allowed: bool) -> None:
 def test_a_malformed_allow_list_is_refused(entry: str) -> None:
     with pytest.raises(ValueError, match="AGENTRUN_TOOL_URL_ALLOW"):
         UrlAllowList.parse(entry)
+
+
+def test_the_settings_read_the_tool_settings() -> None:
+    settings = Settings.from_env(
+        {
+            "AGENTRUN_TOOL_URL_ALLOW": "example.com, 10.0.0.0/8",
+            "AGENTRUN_MAX_TOOL_OUTPUT_BYTES": "9",
+        }
+    )
+    assert settings.tool_url_allow.allows("http://10.1.1.1/x")
+    assert not settings.tool_url_allow.allows("http://192.168.1.1/x")
+    assert settings.max_tool_output_bytes == 9
+    defaults = Settings.from_env({})
+    assert not defaults.tool_url_allow.restricts
+    assert defaults.max_tool_output_bytes == 65536
+    with pytest.raises(ConfigurationError, match="AGENTRUN_TOOL_URL_ALLOW"):
+        Settings.from_env({"AGENTRUN_TOOL_URL_ALLOW": "10.0.0.0/33"})
