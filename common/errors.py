@@ -104,3 +104,27 @@ class Internal(AgentrunError):
     """A bug: the message names the exception, never its details."""
 
     reason = "INTERNAL"
+
+
+# Exceptions of dependencies' libraries that mean the dependency cannot be reached right now:
+# the module that uses a library registers them, and common.rpc answers them as that
+# dependency's Unavailable wherever they are raised (no call site has to translate them).
+_UNAVAILABLE_WHEN: dict[type[BaseException], str] = {}
+
+
+def register_unavailable(dependency: str, *types: type[BaseException]) -> None:
+    """Declares that ``types`` raised anywhere mean ``dependency`` is unavailable."""
+    for cls in types:
+        _UNAVAILABLE_WHEN[cls] = dependency
+
+
+def as_agentrun_error(exc: BaseException) -> AgentrunError | None:
+    """``exc`` as a domain error: itself, the Unavailable of a registered dependency failure,
+    or None (a bug)."""
+    if isinstance(exc, AgentrunError):
+        return exc
+    for cls in type(exc).__mro__:
+        dependency = _UNAVAILABLE_WHEN.get(cls)
+        if dependency is not None:
+            return Unavailable(dependency, f"the {dependency} is unavailable: {exc}")
+    return None

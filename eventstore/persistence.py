@@ -6,6 +6,8 @@
   ``pool_size=N`` (default 4) and ``max_overflow=M`` (default 8) size each application's
   connection pool: a process holds about three such pools, so many executors against one
   server need them smaller (or a bigger ``max_connections``, or a pooler in between).
+  ``connect_timeout=S`` (default 3) bounds both connecting and waiting for a pooled connection:
+  while the server is down, calls fail (UNAVAILABLE) after that long instead of hanging.
 - ``sqlite:///path/to/dir`` or no URL: SQLite files under that directory (default ./.agentrun).
   Each application gets its own file: eventsourcing always names its SQLite table
   ``stored_events``, so two applications must not share a file.
@@ -29,6 +31,11 @@ from eventsourcing.persistence import ApplicationRecorder
 from common.errors import InvalidArgument
 
 DEFAULT_DATA_DIR = Path(".agentrun")
+# How long a connection pool keeps trying to replace a connection it lost, with a growing
+# backoff (psycopg_pool's default is 5 minutes, by when the backoff has grown to minutes): after
+# that it gives up, and the next call that needs a connection starts over at once, so that a
+# database that is back is used within seconds.
+RECONNECT_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class PostgresParams:
     schema: str = ""
     pool_size: int = 4
     max_overflow: int = 8
+    connect_timeout: int = 3
 
     def conninfo(self) -> str:
         """A libpq connection string for psycopg (values quoted, password included)."""
@@ -53,6 +61,7 @@ class PostgresParams:
             "port": str(self.port),
             "user": self.user,
             "dbname": self.dbname,
+            "connect_timeout": str(self.connect_timeout),
         }
         if self.password:
             parts["password"] = self.password
@@ -84,10 +93,10 @@ class StoreConfig:
             except ValueError:
                 raise InvalidArgument("database url", "the port must be a number") from None
             pool = {}
-            for name in ("pool_size", "max_overflow"):
+            for name in ("pool_size", "max_overflow", "connect_timeout"):
                 if name in query:
                     value = query[name][0]
-                    if not value.isdigit() or (name == "pool_size" and int(value) < 1):
+                    if not value.isdigit() or (name != "max_overflow" and int(value) < 1):
                         raise InvalidArgument("database url", f"{name} must be a count")
                     pool[name] = int(value)
             return StoreConfig(
@@ -162,7 +171,7 @@ class StoreConfig:
             "POSTGRES_PASSWORD": pg.password,
             "POSTGRES_POOL_SIZE": str(pg.pool_size),
             "POSTGRES_MAX_OVERFLOW": str(pg.max_overflow),
-            "POSTGRES_CONNECT_TIMEOUT": "5",
+            "POSTGRES_CONNECT_TIMEOUT": str(pg.connect_timeout),
         }
         if pg.schema:
             env["POSTGRES_SCHEMA"] = pg.schema

@@ -25,7 +25,7 @@ import psycopg_pool
 
 from common.errors import InvalidArgument, NotFound, Unavailable
 from eventstore.messages import ToolCall
-from eventstore.persistence import StoreConfig
+from eventstore.persistence import RECONNECT_TIMEOUT, StoreConfig
 from eventstore.run_status import ACTIVE_STATUSES
 
 DEFAULT_PAGE_SIZE = 50
@@ -127,7 +127,8 @@ class RunList:
             self._db = _SqliteDatabase(str(store.sqlite_dir / "runindex.sqlite"))
         else:
             store.ensure_schema()
-            self._db = _PostgresDatabase(store.postgres.conninfo(), store.postgres.schema)
+            pg = store.postgres
+            self._db = _PostgresDatabase(pg.conninfo(), pg.schema, pg.connect_timeout)
         with self._db.cursor() as cur:
             cur.execute(f"CREATE TABLE IF NOT EXISTS agentrun_runs ({_COLUMNS_SQL})")
             cur.execute(_LIST_INDEX_SQL)
@@ -403,7 +404,7 @@ class _SqliteDatabase(_Database):
 
 
 class _PostgresDatabase(_Database):
-    def __init__(self, conninfo: str, schema: str) -> None:
+    def __init__(self, conninfo: str, schema: str, timeout: float) -> None:
         if schema:
             conninfo += f" options='-c search_path={schema}'"
 
@@ -419,7 +420,8 @@ class _PostgresDatabase(_Database):
             kwargs={"autocommit": True},
             configure=configure,
             open=True,
-            timeout=5.0,
+            timeout=timeout,  # the wait for a connection: a database that is down fails fast
+            reconnect_timeout=RECONNECT_TIMEOUT,
         )
 
     @contextmanager
