@@ -11,6 +11,7 @@ class AgentrunError(Exception):
     """Base of the expected failures. ``reason`` is a stable UPPER_SNAKE_CASE identifier."""
 
     reason = "AGENTRUN_ERROR"
+    retry_delay: float | None = None  # seconds after which the client may try again
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -94,6 +95,20 @@ class OutOfRange(AgentrunError):
     """A position (sequence, version) lies outside what exists or is still retained."""
 
     reason = "OUT_OF_RANGE"
+
+
+class ResourceExhausted(AgentrunError):
+    """A limit was reached (a tenant's quota); the call may succeed after ``retry_delay``
+    seconds (sent to clients as google.rpc.RetryInfo)."""
+
+    def __init__(self, reason: str, message: str, retry_delay: float, limit: int) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_delay = retry_delay
+        self.limit = limit
+
+    def metadata(self) -> dict[str, str]:
+        return {"limit": str(self.limit)}
 
 
 class Unimplemented(AgentrunError):

@@ -45,6 +45,7 @@ STATUS_CODES: dict[type[errors.AgentrunError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
     errors.Internal: grpc.StatusCode.INTERNAL,
 }
@@ -87,13 +88,19 @@ def status_code_of(error: errors.AgentrunError) -> grpc.StatusCode:
 
 
 def status_details(code: grpc.StatusCode, error: errors.AgentrunError) -> bytes:
-    """A google.rpc.Status with an ErrorInfo (reason, domain, structured fields)."""
+    """A google.rpc.Status with an ErrorInfo (reason, domain, structured fields), and a
+    RetryInfo when the error says when to try again."""
     info = error_details_pb2.ErrorInfo(
         reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata()
     )
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
+    details = [any_pb2.Any()]
+    details[0].Pack(info)
+    if error.retry_delay is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(max(0, round(error.retry_delay * 1e9)))
+        details.append(any_pb2.Any())
+        details[-1].Pack(retry)
+    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
     serialized: bytes = status.SerializeToString()
     return serialized
 

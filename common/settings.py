@@ -30,6 +30,10 @@
 | AGENTRUN_MAX_DISPATCH_FAILURES | 5 | deliveries of a durable run's dispatch message after which |
 |   |   | a take-up that keeps failing (raising, not crashing) fails the run with |
 |   |   | DISPATCH_FAILED and dead-letters it |
+| AGENTRUN_TENANT_MAX_CONCURRENT_RUNS | 0 (no limit) | runs of one tenant that may be running or |
+|   |   | awaiting approval at once; a start beyond it is answered RESOURCE_EXHAUSTED |
+| AGENTRUN_TENANT_RUNS_PER_MINUTE | 0 (no limit) | runs one tenant may start in any 60 s; a start |
+|   |   | beyond it is answered RESOURCE_EXHAUSTED with the delay until it would be admitted |
 
 With no API keys configured, every caller is the tenant "local" (the embedded default).
 """
@@ -45,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.nats_link import NatsNames
+from common.quotas import TenantQuotas
 
 LOCAL_TENANT = "local"
 
@@ -119,6 +124,7 @@ class Settings:
     max_durable_runs: int = 256
     max_step_attempts: int = 5
     max_dispatch_failures: int = 5
+    tenant_quotas: TenantQuotas = field(default_factory=TenantQuotas)
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -157,4 +163,15 @@ class Settings:
             max_dispatch_failures=int(
                 get("MAX_DISPATCH_FAILURES", str(defaults.max_dispatch_failures))
             ),
+            tenant_quotas=TenantQuotas(
+                max_concurrent_runs=_count(get("TENANT_MAX_CONCURRENT_RUNS", "0")),
+                runs_per_minute=_count(get("TENANT_RUNS_PER_MINUTE", "0")),
+            ),
         )
+
+
+def _count(value: str) -> int:
+    count = int(value)
+    if count < 0:
+        raise ValueError(f"a limit is a count (0: no limit), not {value}")
+    return count

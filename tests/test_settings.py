@@ -360,3 +360,13 @@ def test_postgres_url_sets_the_connect_timeout() -> None:
 def test_postgres_pool_sizes_must_be_counts(query: str) -> None:
     with pytest.raises(InvalidArgument):
         StoreConfig.from_url(f"postgresql://db/agents?{query}")
+
+
+def test_tenant_quotas_default_to_no_limit_and_are_read() -> None:
+    assert not Settings.from_env({}).tenant_quotas.enabled
+    quotas = Settings.from_env(
+        {"AGENTRUN_TENANT_MAX_CONCURRENT_RUNS": "5", "AGENTRUN_TENANT_RUNS_PER_MINUTE": "60"}
+    ).tenant_quotas
+    assert (quotas.max_concurrent_runs, quotas.runs_per_minute) == (5, 60)
+    with pytest.raises(ValueError, match="a limit is a count"):
+        Settings.from_env({"AGENTRUN_TENANT_RUNS_PER_MINUTE": "-1"})
