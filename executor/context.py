@@ -54,6 +54,7 @@ class ExecutorContext:
             event_retention=settings.event_retention,
             names=settings.nats_names,
             replicas=settings.nats_replicas,
+            limits=settings.stream_limits,
         )
         agent_cache = AgentCache(link)
         await agent_cache.start()

@@ -120,6 +120,9 @@ class Watching:
             if sub is None and subscribing is not None:
                 self.drop(subscribing)
         check_holder = not self.movable(record.execution_mode)
+        # An ended run whose stream has nothing: published late, or discarded (asked again
+        # while nothing comes, since a holder's silence means something only after a while).
+        ended_unpublished = record.status in TERMINAL_STATUSES
         seen = after_sequence
         reassembly = Reassembly()  # the subscription reads every message, from the first
         check_at = time.monotonic() + (0.0 if probe_first else self.liveness_interval)
@@ -128,10 +131,15 @@ class Watching:
                 try:
                     msg = await sub.next_msg(timeout=max(check_at - time.monotonic(), 0.001))
                 except nats.errors.TimeoutError:
+                    if ended_unpublished and await self._discarded(record):
+                        raise OutOfRange(
+                            f"the events of run {record.run_id} are no longer retained"
+                        ) from None
                     if check_holder:
                         await self.lost.settle(tenant, run_id, relayed=relayed)
                     check_at = time.monotonic() + self.liveness_interval
                     continue
+                ended_unpublished = False
                 events = reassembly.add(msg.data, msg.headers)
                 _check_not_diverged(run_id, events, seen)
                 batch = [e for e in events if e.sequence > seen]
@@ -165,6 +173,14 @@ class Watching:
                 f"after {after_sequence}"
             )
         return last is None or not is_terminal(last) or last.sequence > after_sequence
+
+    async def _discarded(self, record: RunRecord) -> bool:
+        """Whether an ended run with nothing published had its events discarded (older than
+        the retention, or pushed out by the stream's size limit), rather than not published
+        yet: a run whose stream is still to be published is held by its executor until it is."""
+        if time.time() - record.updated_at > self.event_retention:
+            return True
+        return await self.link.holder_answers(record.run_id) is False
 
 
 def _check_not_diverged(run_id: str, events: Sequence[run_pb2.RunEvent], seen: int) -> None:
