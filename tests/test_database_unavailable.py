@@ -1,5 +1,5 @@
-"""PostgreSQL down: the calls that need the store answer UNAVAILABLE within a few seconds,
-and work again once the database is back."""
+"""PostgreSQL down: the calls that need the store (durable starts, GetRun, ListRuns, classic
+starts) answer UNAVAILABLE within a few seconds, and work again once the database is back."""
 
 from __future__ import annotations
 
@@ -65,9 +65,11 @@ async def test_durable_calls_answer_unavailable_while_postgres_is_down(
     durable = agent_pb2.EXECUTION_MODE_DURABLE
     agent = await client.create_agent(scripted_agent(turns=[("stored", [])], mode=durable))
 
-    def start(request_id: str) -> Awaitable[run_service_pb2.StartRunResponse]:
+    def start(
+        request_id: str, mode: agent_pb2.ExecutionMode.ValueType = durable
+    ) -> Awaitable[run_service_pb2.StartRunResponse]:
         request = run_service_pb2.StartRunRequest(
-            agent_id=agent.id, input="hi", request_id=request_id, execution_mode=durable
+            agent_id=agent.id, input="hi", request_id=request_id, execution_mode=mode
         )
         return client.runs.StartRun(request, timeout=CALL_DEADLINE)  # type: ignore[no-any-return]
 
@@ -82,6 +84,7 @@ async def test_durable_calls_answer_unavailable_while_postgres_is_down(
         "ListRuns": lambda: client.runs.ListRuns(
             run_service_pb2.ListRunsRequest(), timeout=CALL_DEADLINE
         ),
+        "classic StartRun": lambda: start("classic", agent_pb2.EXECUTION_MODE_CLASSIC),
     }
     # Twice: first on pooled connections that the outage broke, then on pools that must connect.
     for name, call in [*calls.items(), *calls.items()]:
