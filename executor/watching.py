@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
+import nats.js.errors
 from nats.js.api import DeliverPolicy
 
 from agentrun.v1 import run_pb2
@@ -120,9 +121,6 @@ class Watching:
             if sub is None and subscribing is not None:
                 self.drop(subscribing)
         check_holder = not self.movable(record.execution_mode)
-        # An ended run whose stream has nothing: published late, or discarded (asked again
-        # while nothing comes, since a holder's silence means something only after a while).
-        ended_unpublished = record.status in TERMINAL_STATUSES
         seen = after_sequence
         reassembly = Reassembly()  # the subscription reads every message, from the first
         check_at = time.monotonic() + (0.0 if probe_first else self.liveness_interval)
@@ -131,15 +129,10 @@ class Watching:
                 try:
                     msg = await sub.next_msg(timeout=max(check_at - time.monotonic(), 0.001))
                 except nats.errors.TimeoutError:
-                    if ended_unpublished and await self._discarded(record):
-                        raise OutOfRange(
-                            f"the events of run {record.run_id} are no longer retained"
-                        ) from None
                     if check_holder:
                         await self.lost.settle(tenant, run_id, relayed=relayed)
                     check_at = time.monotonic() + self.liveness_interval
                     continue
-                ended_unpublished = False
                 events = reassembly.add(msg.data, msg.headers)
                 _check_not_diverged(run_id, events, seen)
                 batch = [e for e in events if e.sequence > seen]
@@ -165,7 +158,7 @@ class Watching:
         if not after_sequence and not ended:
             return True
         _, last = await last_published(self.link, record.run_id)
-        if last is None and ended and time.time() - record.updated_at > self.event_retention:
+        if last is None and ended and await self._discarded(record):
             raise OutOfRange(f"the events of run {record.run_id} are no longer retained")
         if last is not None and is_terminal(last) and last.sequence < after_sequence:
             raise OutOfRange(
@@ -175,12 +168,24 @@ class Watching:
         return last is None or not is_terminal(last) or last.sequence > after_sequence
 
     async def _discarded(self, record: RunRecord) -> bool:
-        """Whether an ended run with nothing published had its events discarded (older than
-        the retention, or pushed out by the stream's size limit), rather than not published
-        yet: a run whose stream is still to be published is held by its executor until it is."""
+        """Whether an ended run that has nothing on its subject had its events removed: it
+        ended before the retention, or before the oldest message the stream keeps (the stream
+        discards its oldest messages at its size limit). Otherwise its events were never
+        published (its executor died first), and its stream gets the end the run list
+        recorded (executor.lost_runs)."""
         if time.time() - record.updated_at > self.event_retention:
             return True
-        return await self.link.holder_answers(record.run_id) is False
+        stream = self.link.names.events_stream
+        state = (await self.link.js.stream_info(stream)).state
+        if state.first_seq <= 1:
+            return False  # the stream has removed nothing
+        if not state.messages:
+            return True
+        try:
+            oldest = await self.link.js.get_msg(stream, seq=state.first_seq)
+        except nats.js.errors.NotFoundError:
+            return True  # removed meanwhile: the stream is discarding
+        return oldest.time is not None and oldest.time.timestamp() > record.updated_at
 
 
 def _check_not_diverged(run_id: str, events: Sequence[run_pb2.RunEvent], seen: int) -> None:
