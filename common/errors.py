@@ -11,6 +11,7 @@ class AgentrunError(Exception):
     """Base of the expected failures. ``reason`` is a stable UPPER_SNAKE_CASE identifier."""
 
     reason = "AGENTRUN_ERROR"
+    retry_delay: float | None = None  # seconds after which the client may try again
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -96,6 +97,20 @@ class OutOfRange(AgentrunError):
     reason = "OUT_OF_RANGE"
 
 
+class ResourceExhausted(AgentrunError):
+    """A limit was reached (a tenant's quota); the call may succeed after ``retry_delay``
+    seconds (sent to clients as google.rpc.RetryInfo)."""
+
+    def __init__(self, reason: str, message: str, retry_delay: float, limit: int) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_delay = retry_delay
+        self.limit = limit
+
+    def metadata(self) -> dict[str, str]:
+        return {"limit": str(self.limit)}
+
+
 class Unimplemented(AgentrunError):
     reason = "UNIMPLEMENTED"
 
@@ -104,3 +119,27 @@ class Internal(AgentrunError):
     """A bug: the message names the exception, never its details."""
 
     reason = "INTERNAL"
+
+
+# Exceptions of dependencies' libraries that mean the dependency cannot be reached right now:
+# the module that uses a library registers them, and common.rpc answers them as that
+# dependency's Unavailable wherever they are raised (no call site has to translate them).
+_UNAVAILABLE_WHEN: dict[type[BaseException], str] = {}
+
+
+def register_unavailable(dependency: str, *types: type[BaseException]) -> None:
+    """Declares that ``types`` raised anywhere mean ``dependency`` is unavailable."""
+    for cls in types:
+        _UNAVAILABLE_WHEN[cls] = dependency
+
+
+def as_agentrun_error(exc: BaseException) -> AgentrunError | None:
+    """``exc`` as a domain error: itself, the Unavailable of a registered dependency failure,
+    or None (a bug)."""
+    if isinstance(exc, AgentrunError):
+        return exc
+    for cls in type(exc).__mro__:
+        dependency = _UNAVAILABLE_WHEN.get(cls)
+        if dependency is not None:
+            return Unavailable(dependency, f"the {dependency} is unavailable: {exc}")
+    return None

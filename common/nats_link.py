@@ -19,6 +19,10 @@ Names below are for the default namespace ``agentrun`` (see NatsNames).
   one message per durable run that needs an executor, shared by all executors.
 - Dead letters: JetStream stream ``AGENTRUN_DEADLETTER`` (subject ``agentrun.deadletter``), one
   JSON record per durable run given up on (a step that kept crashing its executor), for operators.
+
+The run-events and dead-letter streams are bounded (``StreamLimits``): at their limits JetStream
+discards their oldest messages, so that new runs always publish; a message larger than the
+events stream's per-message limit cannot be stored, and publishers split events to fit it.
 - Control: core NATS request/reply on ``agentrun.control.<run_id>``, answered by the executor
   holding the run (approvals and cancellation from any gateway, and liveness probes: "no
   responders" means no process holds the run).
@@ -42,7 +46,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from common.errors import Unavailable
 
@@ -115,6 +119,43 @@ class NatsNames:
         return f"{self.namespace}.deadletter"
 
 
+@dataclass(frozen=True)
+class StreamLimits:
+    """Bounds of the streams that grow (the dispatch work queue holds only runs waiting for an
+    executor). Sizes in bytes, ages in seconds; 0 means no limit. JetStream reserves a stream's
+    ``max_bytes`` of the server's storage when the stream is created (or updated)."""
+
+    events_max_bytes: int = 1024**3
+    events_max_message_bytes: int = 1024 * 1024
+    deadletter_max_age: float = 30 * 24 * 3600.0
+    deadletter_max_bytes: int = 64 * 1024**2
+
+    def __post_init__(self) -> None:
+        if 0 < self.events_max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ValueError(
+                f"the events stream's message limit must be at least {MIN_MESSAGE_BYTES} bytes"
+            )
+        for name in ("events_max_bytes", "deadletter_max_bytes", "deadletter_max_age"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} is a size or an age (0: no limit)")
+
+
+# No limits: what a process that only looks at the streams (a test probe) asks for.
+UNLIMITED = StreamLimits(0, 0, 0.0, 0)
+# The smallest per-message limit of the events stream: room for headers and a useful slice.
+MIN_MESSAGE_BYTES = 64 * 1024
+
+
+def _limit(value: float) -> int:
+    """A limit as JetStream takes it: -1 for none."""
+    return int(value) if value > 0 else -1
+
+
+def _window(window: float, max_age: float) -> float:
+    """A deduplication window JetStream takes: no longer than the stream's max age."""
+    return min(window, max_age) if max_age > 0 else window
+
+
 def message_id(run_id: str, first_sequence: int) -> str:
     return f"{run_id}:{first_sequence}"
 
@@ -136,12 +177,14 @@ class NatsLink:
         settle_after: float = SETTLE_AFTER_CONNECT,
         manage_streams: bool = True,
         tls: ssl.SSLContext | None = None,
+        limits: StreamLimits = UNLIMITED,
     ) -> None:
         self.names = names or NatsNames()
         # An executor creates the streams and keeps them to its settings; a link that only
         # looks (a probe, a tool) must not reconfigure them.
         self._manage_streams = manage_streams
         self._tls = tls  # None: nats-py's default context for servers that want TLS
+        self.limits = limits
         self._settle_after = settle_after
         # Copies of each stream in a JetStream cluster (3 survives the loss of one server; 1 on a
         # single server).
@@ -185,10 +228,13 @@ class NatsLink:
 
     @property
     def max_payload(self) -> int:
-        """The largest message the connected server takes (NATS's default when unknown)."""
+        """The largest message (headers included) that the connected server and the events
+        stream take (NATS's default when the server is unknown)."""
+        server = 1024 * 1024
         if self._nc is not None and self._nc.is_connected:
-            return int(self._nc.max_payload)
-        return 1024 * 1024
+            server = int(self._nc.max_payload)
+        stream = self.limits.events_max_message_bytes
+        return min(server, stream) if stream > 0 else server
 
     @property
     def nc(self) -> Client:
@@ -318,6 +364,9 @@ class NatsLink:
                 # JetStream refuses a deduplication window longer than the retention.
                 duplicate_window=min(DEDUPLICATION_WINDOW, self._event_retention),
                 num_replicas=self._replicas,
+                max_bytes=_limit(self.limits.events_max_bytes),
+                max_msg_size=_limit(self.limits.events_max_message_bytes),
+                discard=DiscardPolicy.OLD,
             ),
             StreamConfig(
                 name=self.names.dispatch_stream,
@@ -331,8 +380,11 @@ class NatsLink:
                 name=self.names.deadletter_stream,
                 subjects=[self.names.deadletter_subject],
                 storage=StorageType.FILE,
-                duplicate_window=DEDUPLICATION_WINDOW,
+                max_age=max(0.0, self.limits.deadletter_max_age),
+                duplicate_window=_window(DEDUPLICATION_WINDOW, self.limits.deadletter_max_age),
                 num_replicas=self._replicas,
+                max_bytes=_limit(self.limits.deadletter_max_bytes),
+                discard=DiscardPolicy.OLD,
             ),
         ):
             try:

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 ERROR_DOMAIN = "agentrun"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# gRPC's retry pushback: a negative value tells the client's retry policy not to retry.
+NO_RETRY = ("grpc-retry-pushback-ms", "-1")
 
 STATUS_CODES: dict[type[errors.AgentrunError], grpc.StatusCode] = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -43,6 +45,7 @@ STATUS_CODES: dict[type[errors.AgentrunError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
     errors.Internal: grpc.StatusCode.INTERNAL,
 }
@@ -85,24 +88,36 @@ def status_code_of(error: errors.AgentrunError) -> grpc.StatusCode:
 
 
 def status_details(code: grpc.StatusCode, error: errors.AgentrunError) -> bytes:
-    """A google.rpc.Status with an ErrorInfo (reason, domain, structured fields)."""
+    """A google.rpc.Status with an ErrorInfo (reason, domain, structured fields), and a
+    RetryInfo when the error says when to try again."""
     info = error_details_pb2.ErrorInfo(
         reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata()
     )
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
+    details = [any_pb2.Any()]
+    details[0].Pack(info)
+    if error.retry_delay is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(max(0, round(error.retry_delay * 1e9)))
+        details.append(any_pb2.Any())
+        details[-1].Pack(retry)
+    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
     serialized: bytes = status.SerializeToString()
     return serialized
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
     """Ends the call with the status that ``exc`` maps to."""
-    if isinstance(exc, errors.AgentrunError):
-        code = status_code_of(exc)
-        await context.abort(
-            code, exc.message, trailing_metadata=((STATUS_DETAILS_KEY, status_details(code, exc)),)
-        )
+    error = errors.as_agentrun_error(exc)
+    if error is not None:
+        code = status_code_of(error)
+        trailing: list[tuple[str, str | bytes]] = [
+            (STATUS_DETAILS_KEY, status_details(code, error))
+        ]
+        if code == grpc.StatusCode.UNAVAILABLE:
+            # A dependency's outage, answered on purpose: a gateway's transport retries (meant
+            # for an executor that cannot be reached) must not ask again and again.
+            trailing.append(NO_RETRY)
+        await context.abort(code, error.message, trailing_metadata=tuple(trailing))
     if isinstance(exc, grpc.aio.AioRpcError):
         # An error from a downstream call (gateway -> executor) passes through unchanged,
         # except that an unreachable executor is reported as such.

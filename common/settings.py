@@ -15,6 +15,13 @@
 | AGENTRUN_API_KEYS | (none) | tenant:key pairs, comma separated |
 | AGENTRUN_API_KEYS_FILE | (none) | JSON file: {"tenant": ["key", "sha256:<hex>", ...], ...} |
 | AGENTRUN_EVENT_RETENTION | 604800 (7 days) | seconds a run's event stream stays in JetStream |
+| AGENTRUN_EVENT_STREAM_MAX_BYTES | 1073741824 (1 GiB) | bytes the run-events stream keeps; |
+|   |   | beyond, its oldest messages are discarded (0: no limit) |
+| AGENTRUN_EVENT_MAX_MESSAGE_BYTES | 1048576 (1 MiB) | the largest message of the run-events |
+|   |   | stream (at least 65536); larger events are published in parts that fit |
+| AGENTRUN_DEADLETTER_MAX_AGE | 2592000 (30 days) | seconds a dead letter is kept (0: forever) |
+| AGENTRUN_DEADLETTER_MAX_BYTES | 67108864 (64 MiB) | bytes the dead-letter stream keeps; beyond, |
+|   |   | its oldest records are discarded (0: no limit) |
 | AGENTRUN_RUN_RETENTION | 2592000 (30 days) | seconds a finished run's events, snapshots and |
 |   |   | run-list row stay in the store (then an executor prunes them); 0 keeps them |
 | AGENTRUN_RETENTION_INTERVAL | 300 | seconds between an executor's prunes of finished runs |
@@ -45,6 +52,10 @@
 | AGENTRUN_TOOL_URL_ALLOW | (none: any) | hosts, host:port or CIDRs (comma separated) that agents' |
 |   |   | tools may call; any other tool URL is refused at CreateAgent and at call time |
 | AGENTRUN_MAX_TOOL_OUTPUT_BYTES | 65536 | a tool result longer than this is cut, with a marker |
+| AGENTRUN_TENANT_MAX_CONCURRENT_RUNS | 0 (no limit) | runs of one tenant that may be running or |
+|   |   | awaiting approval at once; a start beyond it is answered RESOURCE_EXHAUSTED |
+| AGENTRUN_TENANT_RUNS_PER_MINUTE | 0 (no limit) | runs one tenant may start in any 60 s; a start |
+|   |   | beyond it is answered RESOURCE_EXHAUSTED with the delay until it would be admitted |
 
 With no API keys configured, every caller is the tenant "local" (the embedded default).
 """
@@ -59,7 +70,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.nats_link import NatsNames
+from common.nats_link import NatsNames, StreamLimits
+from common.quotas import TenantQuotas
 from common.url_allow import UrlAllowList
 
 LOCAL_TENANT = "local"
@@ -139,6 +151,7 @@ class Settings:
     executor_listen: str = "127.0.0.1:50052"
     api_keys: ApiKeys = ApiKeys()
     event_retention: float = 7 * 24 * 3600.0
+    stream_limits: StreamLimits = field(default_factory=StreamLimits)
     run_retention: float = 30 * 24 * 3600.0
     retention_interval: float = 300.0
     max_input_bytes: int = 64 * 1024
@@ -160,11 +173,13 @@ class Settings:
     nats_tls_ca: Path | None = None
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
+    tenant_quotas: TenantQuotas = field(default_factory=TenantQuotas)
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         defaults = Settings()
+        limits = defaults.stream_limits
 
         def get(name: str, default: str) -> str:
             return env.get(f"AGENTRUN_{name}", "") or default
@@ -186,6 +201,16 @@ class Settings:
             executor_listen=get("EXECUTOR_LISTEN", defaults.executor_listen),
             api_keys=ApiKeys.parse(get("API_KEYS", ""), get("API_KEYS_FILE", "") or None),
             event_retention=float(get("EVENT_RETENTION", str(defaults.event_retention))),
+            stream_limits=StreamLimits(
+                events_max_bytes=int(get("EVENT_STREAM_MAX_BYTES", str(limits.events_max_bytes))),
+                events_max_message_bytes=int(
+                    get("EVENT_MAX_MESSAGE_BYTES", str(limits.events_max_message_bytes))
+                ),
+                deadletter_max_age=float(get("DEADLETTER_MAX_AGE", str(limits.deadletter_max_age))),
+                deadletter_max_bytes=int(
+                    get("DEADLETTER_MAX_BYTES", str(limits.deadletter_max_bytes))
+                ),
+            ),
             run_retention=float(get("RUN_RETENTION", str(defaults.run_retention))),
             retention_interval=float(get("RETENTION_INTERVAL", str(defaults.retention_interval))),
             max_input_bytes=int(get("MAX_INPUT_BYTES", str(defaults.max_input_bytes))),
@@ -211,6 +236,10 @@ class Settings:
             internal_token=get("INTERNAL_TOKEN", ""),
             reflection=_on_off("REFLECTION", get("REFLECTION", "on")),
             **_nats_tls(get("NATS_TLS_CA", ""), get("NATS_TLS_CERT", ""), get("NATS_TLS_KEY", "")),
+            tenant_quotas=TenantQuotas(
+                max_concurrent_runs=_count(get("TENANT_MAX_CONCURRENT_RUNS", "0")),
+                runs_per_minute=_count(get("TENANT_RUNS_PER_MINUTE", "0")),
+            ),
         )
 
     @property
@@ -265,3 +294,10 @@ def _on_off(name: str, value: str) -> bool:
     if lowered in ("off", "false", "0", "no"):
         return False
     raise ConfigurationError(f"AGENTRUN_{name} is on or off, not {value!r}")
+
+
+def _count(value: str) -> int:
+    count = int(value)
+    if count < 0:
+        raise ValueError(f"a limit is a count (0: no limit), not {value}")
+    return count

@@ -8,6 +8,8 @@
   server need them smaller (or a bigger ``max_connections``, or a pooler in between).
   TLS: libpq's ``sslmode``, ``sslrootcert``, ``sslcert``, ``sslkey`` and ``sslcrl`` parameters
   reach every connection (the eventsourcing pools, the run list, pruning).
+  ``connect_timeout=S`` (default 3) bounds both connecting and waiting for a pooled connection:
+  while the server is down, calls fail (UNAVAILABLE) after that long instead of hanging.
 - ``sqlite:///path/to/dir`` or no URL: SQLite files under that directory (default ./.agentrun).
   Each application gets its own file: eventsourcing always names its SQLite table
   ``stored_events``, so two applications must not share a file.
@@ -34,6 +36,11 @@ DEFAULT_DATA_DIR = Path(".agentrun")
 # libpq's TLS parameters, taken from the URL's query as they are.
 SSL_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# How long a connection pool keeps trying to replace a connection it lost, with a growing
+# backoff (psycopg_pool's default is 5 minutes, by when the backoff has grown to minutes): after
+# that it gives up, and the next call that needs a connection starts over at once, so that a
+# database that is back is used within seconds.
+RECONNECT_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class PostgresParams:
     pool_size: int = 4
     max_overflow: int = 8
     ssl: tuple[tuple[str, str], ...] = ()  # (libpq parameter, value): SSL_PARAMETERS
+    connect_timeout: int = 3
 
     def conninfo(self) -> str:
         """A libpq connection string for psycopg (values quoted, password included)."""
@@ -59,6 +67,7 @@ class PostgresParams:
             "port": str(self.port),
             "user": self.user,
             "dbname": self.dbname,
+            "connect_timeout": str(self.connect_timeout),
         }
         if self.password:
             parts["password"] = self.password
@@ -91,10 +100,10 @@ class StoreConfig:
             except ValueError:
                 raise InvalidArgument("database url", "the port must be a number") from None
             pool = {}
-            for name in ("pool_size", "max_overflow"):
+            for name in ("pool_size", "max_overflow", "connect_timeout"):
                 if name in query:
                     value = query[name][0]
-                    if not value.isdigit() or (name == "pool_size" and int(value) < 1):
+                    if not value.isdigit() or (name != "max_overflow" and int(value) < 1):
                         raise InvalidArgument("database url", f"{name} must be a count")
                     pool[name] = int(value)
             ssl = tuple((name, query[name][0]) for name in SSL_PARAMETERS if name in query)
@@ -174,7 +183,7 @@ class StoreConfig:
             "POSTGRES_PASSWORD": pg.password,
             "POSTGRES_POOL_SIZE": str(pg.pool_size),
             "POSTGRES_MAX_OVERFLOW": str(pg.max_overflow),
-            "POSTGRES_CONNECT_TIMEOUT": "5",
+            "POSTGRES_CONNECT_TIMEOUT": str(pg.connect_timeout),
         }
         if pg.schema:
             env["POSTGRES_SCHEMA"] = pg.schema

@@ -12,13 +12,19 @@ events under concurrent writers). This one calls a function of its own that take
 ``EXCLUSIVE`` table lock before inserting: one round trip, and notification ids still commit in
 order (the statement's transaction holds the lock from before its first id is drawn until it
 commits).
+
+A database that is down fails a call after the connect timeout (``PostgresFactory``):
+eventsourcing retries a recorder's statement ten times when it cannot get a connection, each
+attempt waiting that long for one, so a caller waited about a minute.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import psycopg_pool
 from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import (
     PostgresAggregateRecorder,
@@ -27,9 +33,12 @@ from eventsourcing.postgres import (
 )
 from eventsourcing.postgres import PostgresFactory as EventsourcingPostgresFactory
 from eventsourcing.utils import Environment, retry
+from psycopg import Connection
+from psycopg.rows import DictRow
 from psycopg.sql import SQL, Composable, Identifier
 
-from eventstore.persistence import SSL_PARAMETERS
+from common.errors import Unavailable
+from eventstore.persistence import RECONNECT_TIMEOUT, SSL_PARAMETERS
 
 _STATEMENTS = ("insert_events_statement", "select_events_statement")
 
@@ -111,20 +120,44 @@ class OrderedInsertRecorder(PostgresApplicationRecorder):
             return [row[name] for row in curs.fetchall()]
 
 
+class FailFastDatastore(PostgresDatastore):
+    """eventsourcing's datastore, whose failure to get a connection in time is final: the
+    recorders' retries (for a connection that broke mid-statement) do not wait again."""
+
+    @contextmanager
+    def get_connection(self) -> Iterator[Connection[DictRow]]:
+        try:
+            with super().get_connection() as conn:
+                yield conn
+        except OperationalError as exc:
+            if isinstance(exc.__cause__, psycopg_pool.PoolTimeout):
+                raise Unavailable("database", f"the database is unavailable: {exc}") from exc
+            raise
+
+
 class PostgresFactory(EventsourcingPostgresFactory):
-    """eventsourcing's PostgreSQL persistence with the recorders above."""
+    """eventsourcing's PostgreSQL persistence with the recorders and datastore above."""
 
     aggregate_recorder_class = ComposedOnceAggregateRecorder
     application_recorder_class = OrderedInsertRecorder
 
     def __init__(self, env: Environment) -> None:
         super().__init__(env)
+        # eventsourcing builds its datastore itself; this one differs only in get_connection.
+        self.datastore.__class__ = FailFastDatastore
+        pool = self.datastore.pool
+        kwargs = pool.kwargs
+        assert isinstance(kwargs, dict), kwargs
         # eventsourcing passes libpq only host, port, user, password and dbname: the TLS
         # parameters of the URL (StoreConfig.application_env) join them before the pool opens.
-        ssl = {
-            name: value for name in SSL_PARAMETERS if (value := env.get(f"POSTGRES_{name.upper()}"))
-        }
-        if ssl:
-            kwargs = self.datastore.pool.kwargs
-            assert isinstance(kwargs, dict), kwargs
-            kwargs.update(ssl)
+        kwargs.update(
+            {
+                name: value
+                for name in SSL_PARAMETERS
+                if (value := env.get(f"POSTGRES_{name.upper()}"))
+            }
+        )
+        # Its pool waits POSTGRES_CONNECT_TIMEOUT for a connection, but its connections have
+        # no connect timeout of their own (an unreachable host would hold a pool worker).
+        kwargs["connect_timeout"] = max(2, int(pool.timeout))
+        pool.reconnect_timeout = RECONNECT_TIMEOUT

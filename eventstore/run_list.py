@@ -1,6 +1,8 @@
 """The run list: one row per run, for GetRun and ListRuns, on SQLite or PostgreSQL.
 
 Classic runs write their row directly (claimed at start, updated as the run changes state).
+Starts are admitted against the tenant's quotas here too (``admit``), so that every executor
+counts the same runs.
 Writes use PostgreSQL's asynchronous commit: a row lost to a database crash belongs to a classic
 run, which such a crash loses anyway, so the first-token path does not wait for an fsync.
 
@@ -23,9 +25,10 @@ import psycopg
 import psycopg.errors
 import psycopg_pool
 
-from common.errors import InvalidArgument, NotFound, Unavailable
+from common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from common.quotas import CONCURRENCY_RETRY_DELAY, RATE_WINDOW, TenantQuotas
 from eventstore.messages import ToolCall
-from eventstore.persistence import StoreConfig
+from eventstore.persistence import RECONNECT_TIMEOUT, StoreConfig
 from eventstore.run_status import ACTIVE_STATUSES
 
 DEFAULT_PAGE_SIZE = 50
@@ -70,6 +73,21 @@ _IS_ACTIVE_SQL = f"status IN ({', '.join(['%s'] * len(_ACTIVE))})"
 _ACTIVE_INDEX_SQL = (
     "CREATE INDEX IF NOT EXISTS agentrun_runs_active ON agentrun_runs (execution_mode, status)"
 )
+# One row per start admitted under a quota, kept a while: the rate window counts them, and a
+# run not in the run list yet (a durable run's row is projected a moment after it is stored)
+# counts as running.
+_ADMISSIONS_SQL = (
+    "CREATE TABLE IF NOT EXISTS agentrun_admissions "
+    "(run_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, admitted_at DOUBLE PRECISION NOT NULL)"
+)
+_ADMISSIONS_INDEX_SQL = (
+    "CREATE INDEX IF NOT EXISTS agentrun_admissions_by_tenant "
+    "ON agentrun_admissions (tenant, admitted_at)"
+)
+_TENANT_ACTIVE_INDEX_SQL = (
+    "CREATE INDEX IF NOT EXISTS agentrun_runs_by_tenant_status ON agentrun_runs (tenant, status)"
+)
+ADMISSIONS_KEPT = 5 * RATE_WINDOW
 
 
 @dataclass
@@ -127,12 +145,16 @@ class RunList:
             self._db = _SqliteDatabase(str(store.sqlite_dir / "runindex.sqlite"))
         else:
             store.ensure_schema()
-            self._db = _PostgresDatabase(store.postgres.conninfo(), store.postgres.schema)
+            pg = store.postgres
+            self._db = _PostgresDatabase(pg.conninfo(), pg.schema, pg.connect_timeout)
         with self._db.cursor() as cur:
             cur.execute(f"CREATE TABLE IF NOT EXISTS agentrun_runs ({_COLUMNS_SQL})")
             cur.execute(_LIST_INDEX_SQL)
             cur.execute(_ACTIVE_INDEX_SQL)
             cur.execute(_TRACKING_SQL)
+            cur.execute(_ADMISSIONS_SQL)
+            cur.execute(_ADMISSIONS_INDEX_SQL)
+            cur.execute(_TENANT_ACTIVE_INDEX_SQL)
 
     def close(self) -> None:
         self._db.close()
@@ -164,6 +186,74 @@ class RunList:
         if row is None:  # deleted between the two statements: treat as a new claim
             return self.claim(record)
         return _from_row(row)
+
+    def admit(self, tenant: str, run_id: str, quotas: TenantQuotas) -> None:
+        """Admits a new run of ``tenant`` under its quotas, or raises ResourceExhausted.
+
+        One tenant's admissions are serialised (a transaction-scoped advisory lock on
+        PostgreSQL; SQLite has one writer at a time), so that executors starting the tenant's
+        runs at the same moment never admit more than the quotas allow. A repeated start (its
+        run is admitted or listed already) is admitted without counting again.
+        """
+        now = time.time()
+        with self._db.cursor(transaction=True) as cur:
+            if self._db.locks_per_key:
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"admit:{tenant}",))
+            cur.execute(
+                "SELECT 1 FROM agentrun_admissions WHERE run_id = %s "
+                "UNION ALL SELECT 1 FROM agentrun_runs WHERE run_id = %s",
+                (run_id, run_id),
+            )
+            if cur.fetchone() is not None:
+                return
+            cur.execute(
+                "DELETE FROM agentrun_admissions WHERE tenant = %s AND admitted_at < %s",
+                (tenant, now - ADMISSIONS_KEPT),
+            )
+            if quotas.runs_per_minute:
+                cur.execute(
+                    "SELECT count(*), min(admitted_at) FROM agentrun_admissions "
+                    "WHERE tenant = %s AND admitted_at > %s",
+                    (tenant, now - RATE_WINDOW),
+                )
+                started, oldest = cur.fetchone() or (0, None)
+                if started >= quotas.runs_per_minute and oldest is not None:
+                    raise ResourceExhausted(
+                        "TENANT_RUNS_PER_MINUTE",
+                        f"tenant {tenant!r} started {started} runs in the last minute; "
+                        f"the limit is {quotas.runs_per_minute}",
+                        retry_delay=max(0.0, oldest + RATE_WINDOW - now),
+                        limit=quotas.runs_per_minute,
+                    )
+            if quotas.max_concurrent_runs:
+                cur.execute(
+                    f"SELECT count(*) FROM agentrun_runs WHERE tenant = %s AND {_IS_ACTIVE_SQL}",
+                    (tenant, *_ACTIVE),
+                )
+                active = (cur.fetchone() or (0,))[0]
+                cur.execute(
+                    "SELECT count(*) FROM agentrun_admissions a WHERE a.tenant = %s AND NOT "
+                    "EXISTS (SELECT 1 FROM agentrun_runs r WHERE r.run_id = a.run_id)",
+                    (tenant,),
+                )
+                active += (cur.fetchone() or (0,))[0]
+                if active >= quotas.max_concurrent_runs:
+                    raise ResourceExhausted(
+                        "TENANT_CONCURRENT_RUNS",
+                        f"tenant {tenant!r} has {active} runs running or awaiting approval; "
+                        f"the limit is {quotas.max_concurrent_runs}",
+                        retry_delay=CONCURRENCY_RETRY_DELAY,
+                        limit=quotas.max_concurrent_runs,
+                    )
+            cur.execute(
+                "INSERT INTO agentrun_admissions (run_id, tenant, admitted_at) VALUES (%s, %s, %s)",
+                (run_id, tenant, now),
+            )
+
+    def withdraw(self, run_id: str) -> None:
+        """Forgets the admission of a run whose start failed before it was stored."""
+        with self._db.cursor() as cur:
+            cur.execute("DELETE FROM agentrun_admissions WHERE run_id = %s", (run_id,))
 
     def update(self, run_id: str, **changes: Any) -> None:
         self._update(run_id, changes, active_only=False)
@@ -368,6 +458,8 @@ class _Cursor:
 
 
 class _Database:
+    locks_per_key = False  # whether it has advisory locks (else it has one writer at a time)
+
     def cursor(self, transaction: bool = False) -> Any:
         raise NotImplementedError
 
@@ -403,7 +495,9 @@ class _SqliteDatabase(_Database):
 
 
 class _PostgresDatabase(_Database):
-    def __init__(self, conninfo: str, schema: str) -> None:
+    locks_per_key = True
+
+    def __init__(self, conninfo: str, schema: str, timeout: float) -> None:
         if schema:
             conninfo += f" options='-c search_path={schema}'"
 
@@ -419,7 +513,8 @@ class _PostgresDatabase(_Database):
             kwargs={"autocommit": True},
             configure=configure,
             open=True,
-            timeout=5.0,
+            timeout=timeout,  # the wait for a connection: a database that is down fails fast
+            reconnect_timeout=RECONNECT_TIMEOUT,
         )
 
     @contextmanager

@@ -1,4 +1,5 @@
-"""Turns the store's infrastructure failures into the domain's Unavailable error."""
+"""Turns the store's infrastructure failures into the domain's Unavailable error: in the use
+cases decorated here, and (registered with common.errors) wherever else they are raised."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import functools
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
+import psycopg
 from eventsourcing.persistence import InterfaceError, OperationalError
 
-from common.errors import Unavailable
+from common.errors import Unavailable, register_unavailable
+
+register_unavailable("database", OperationalError, InterfaceError, psycopg.OperationalError)
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -62,6 +62,7 @@ class ExecutorContext:
                 if settings.nats_tls
                 else None
             ),
+            limits=settings.stream_limits,
         )
         agent_cache = AgentCache(link)
         await agent_cache.start()

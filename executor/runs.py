@@ -116,15 +116,41 @@ class Runs:
             history=cast(list[Any], history),
             execution_mode=mode.name,
         )
+        await self._admit(run)
         subscribing = watching.subscribe(run.run_id) if watching and not mode.streams_live else None
         try:
-            existing = await mode.store(run)
+            try:
+                existing = await mode.store(run)
+            except BaseException:
+                await self._withdraw(run)
+                raise
             started = Started(existing) if existing is not None else await mode.launch(run, config)
         except BaseException:
             if subscribing is not None and watching is not None:
                 watching.drop(subscribing)
             raise
         return replace(started, subscribing=subscribing)
+
+    async def _admit(self, run: Run) -> None:
+        """Admits the run under its tenant's quotas (ResourceExhausted if over one)."""
+        quotas = self.ctx.settings.tenant_quotas
+        if not quotas.enabled:
+            return
+
+        def admit() -> None:
+            if quotas.max_concurrent_runs:
+                # Durable runs' rows follow the store: count the runs as they are now.
+                self.projection.catch_up()
+            self.ctx.run_list.admit(run.tenant, run.run_id, quotas)
+
+        await asyncio.to_thread(admit)
+
+    async def _withdraw(self, run: Run) -> None:
+        """Gives back the admission of a run that was not stored (best effort: a leftover
+        counts as a running run for a few minutes)."""
+        if self.ctx.settings.tenant_quotas.enabled:
+            with contextlib.suppress(AgentrunError):
+                await asyncio.to_thread(self.ctx.run_list.withdraw, run.run_id)
 
     async def _agent(self, spec: RunSpec) -> AgentConfig:
         cache = self.ctx.agent_cache

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
+import nats.js.errors
 from nats.js.api import DeliverPolicy
 
 from agentrun.v1 import run_pb2
@@ -156,7 +157,7 @@ class Watching:
         if not after_sequence and not ended:
             return True
         _, last = await last_published(self.link, record.run_id)
-        if last is None and ended and time.time() - record.updated_at > self.event_retention:
+        if last is None and ended and await self._discarded(record):
             raise OutOfRange(f"the events of run {record.run_id} are no longer retained")
         if last is not None and is_terminal(last) and last.sequence < after_sequence:
             raise OutOfRange(
@@ -164,6 +165,26 @@ class Watching:
                 f"after {after_sequence}"
             )
         return last is None or not is_terminal(last) or last.sequence > after_sequence
+
+    async def _discarded(self, record: RunRecord) -> bool:
+        """Whether an ended run that has nothing on its subject had its events removed: it
+        ended before the retention, or before the oldest message the stream keeps (the stream
+        discards its oldest messages at its size limit). Otherwise its events were never
+        published (its executor died first), and its stream gets the end the run list
+        recorded (executor.lost_runs)."""
+        if time.time() - record.updated_at > self.event_retention:
+            return True
+        stream = self.link.names.events_stream
+        state = (await self.link.js.stream_info(stream)).state
+        if state.first_seq <= 1:
+            return False  # the stream has removed nothing
+        if not state.messages:
+            return True
+        try:
+            oldest = await self.link.js.get_msg(stream, seq=state.first_seq)
+        except nats.js.errors.NotFoundError:
+            return True  # removed meanwhile: the stream is discarding
+        return oldest.time is not None and oldest.time.timestamp() > record.updated_at
 
 
 def _check_not_diverged(run_id: str, events: Sequence[run_pb2.RunEvent], seen: int) -> None:

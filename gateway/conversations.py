@@ -206,20 +206,32 @@ class CarriedRun:
                 f"no executor reachable to stream run {self._run_id} from: resume with "
                 f"WatchRun(after_sequence={self._seen})",
             ) from None
-        await self._call.write(first)
+        except grpc.aio.AioRpcError:
+            return  # it ended already: reading it tells how (see _send)
+        await _send(self._call, first)
 
     async def _open(self, first: pb.ExecuteRunRequest) -> None:
         """Sends a start on a call opened ahead of need. One that broke while it waited in the
         pool (its executor went away) is replaced once by a fresh one: it never delivered the
         start, so starting on the fresh one starts the run once."""
         self._call = self._calls.take()
-        try:
-            await self._call.write(first)
+        if await _send(self._call, first):
             return
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-            self._call.cancel()
+        self._call.cancel()
         self._call = self._calls.open()
-        await self._call.write(first)
+        await _send(self._call, first)
+
+
+async def _send(call: ExecuteRunCall, message: pb.ExecuteRunRequest) -> bool:
+    """Writes ``message`` on ``call``; False if the call has ended. Its end is not raised here:
+    reading the call gives its status, which tells an executor's answer from an executor that
+    went away. (A write racing the call's end fails inside gRPC, which then ends the call with
+    INTERNAL "Internal error from Core"; raised from here, that status reached the client.)"""
+    try:
+        await call.write(message)
+    except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+        return False
+    return True
 
 
 def _executor_went_away(exc: grpc.aio.AioRpcError) -> bool:

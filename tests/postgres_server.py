@@ -104,18 +104,38 @@ class Server:
         initdb = [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]
         if not self._runs(*initdb, "--no-locale", "--encoding=UTF8", "--no-sync"):
             raise PostgresUnavailable(f"initdb failed:\n{self.log()[-2000:]}")
+        self._bindir, self._data = bindir, data
         # The free port may be taken before the server binds it: then try another.
         for _ in range(3):
             self.port = free_port()
-            argv = [str(bindir / "postgres"), "-D", str(data), "-p", str(self.port), "-k", ""]
-            argv += ["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]
-            with self.log_path.open("wb") as log:
-                self.process = subprocess.Popen(argv, stdout=log, stderr=log, **self.run_as)
-            if self._wait_until_ready():
+            if self._launch():
                 return
             if "could not bind" not in self.log():
                 break
         raise PostgresUnavailable(f"postgres did not start:\n{self.log()[-2000:]}")
+
+    def _launch(self) -> bool:
+        argv = [str(self._bindir / "postgres"), "-D", str(self._data), "-p", str(self.port)]
+        argv += ["-k", "", "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=log, **self.run_as)
+        return self._wait_until_ready()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def halt(self) -> None:
+        """Stops the server (fast shutdown: connections are closed) and keeps its data, for an
+        outage that ``resume`` ends."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(30)
+
+    def resume(self) -> None:
+        """Starts the halted server again, on the same port and data."""
+        if not self._launch():
+            raise PostgresUnavailable(f"postgres did not start again:\n{self.log()[-2000:]}")
 
     def _runs(self, *argv: str) -> bool:
         """Whether the command succeeds (its output goes to the log)."""

@@ -52,6 +52,10 @@ class Stack:
             "AGENTRUN_LIVENESS_INTERVAL": "0.5",
             "AGENTRUN_RECONCILE_INTERVAL": "1",
             "AGENTRUN_LOG_LEVEL": "INFO",
+            # JetStream reserves a stream's max bytes of the server's storage, and the stacks of
+            # a session share one nats-server: each namespace's streams reserve little.
+            "AGENTRUN_EVENT_STREAM_MAX_BYTES": str(64 * 1024**2),
+            "AGENTRUN_DEADLETTER_MAX_BYTES": str(1024**2),
             **overrides,
         }
 

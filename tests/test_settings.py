@@ -269,7 +269,8 @@ def test_conninfo_quotes_every_value() -> None:
     conninfo = params.conninfo()
 
     assert conninfo == (
-        "host='db.example.com' port='6543' user='o\\'neil' dbname='my db' password='a b\\'c\\\\d'"
+        "host='db.example.com' port='6543' user='o\\'neil' dbname='my db' connect_timeout='3' "
+        "password='a b\\'c\\\\d'"
     )
     # libpq reads back exactly the values given.
     assert psycopg.conninfo.conninfo_to_dict(conninfo) == {
@@ -277,6 +278,7 @@ def test_conninfo_quotes_every_value() -> None:
         "port": "6543",
         "user": "o'neil",
         "dbname": "my db",
+        "connect_timeout": "3",
         "password": "a b'c\\d",
     }
 
@@ -284,7 +286,7 @@ def test_conninfo_quotes_every_value() -> None:
 def test_conninfo_leaves_out_an_empty_password() -> None:
     params = PostgresParams(host="h", port=5432, user="u", password="", dbname="d")
 
-    assert params.conninfo() == "host='h' port='5432' user='u' dbname='d'"
+    assert params.conninfo() == "host='h' port='5432' user='u' dbname='d' connect_timeout='3'"
 
 
 def test_describe_hides_the_password() -> None:
@@ -324,7 +326,7 @@ def test_application_env_for_postgres() -> None:
         "POSTGRES_PASSWORD": "s3cret",
         "POSTGRES_POOL_SIZE": "4",
         "POSTGRES_MAX_OVERFLOW": "8",
-        "POSTGRES_CONNECT_TIMEOUT": "5",
+        "POSTGRES_CONNECT_TIMEOUT": "3",
         "POSTGRES_SCHEMA": "blue",
     }
     assert "POSTGRES_SCHEMA" not in StoreConfig.from_url(url).application_env("AgentCatalog")
@@ -345,7 +347,16 @@ def test_postgres_url_sets_pool_sizes() -> None:
     assert (defaults["POSTGRES_POOL_SIZE"], defaults["POSTGRES_MAX_OVERFLOW"]) == ("4", "8")
 
 
-@pytest.mark.parametrize("query", ["pool_size=0", "pool_size=x", "max_overflow=-1"])
+def test_postgres_url_sets_the_connect_timeout() -> None:
+    config = StoreConfig.from_url("postgresql://db/agents?connect_timeout=7")
+    assert config.postgres is not None
+    assert "connect_timeout='7'" in config.postgres.conninfo()
+    assert config.application_env("Runs")["POSTGRES_CONNECT_TIMEOUT"] == "7"
+
+
+@pytest.mark.parametrize(
+    "query", ["pool_size=0", "pool_size=x", "max_overflow=-1", "connect_timeout=0"]
+)
 def test_postgres_pool_sizes_must_be_counts(query: str) -> None:
     with pytest.raises(InvalidArgument):
         StoreConfig.from_url(f"postgresql://db/agents?{query}")
@@ -381,3 +392,13 @@ def test_tls_settings_come_whole_or_not_at_all(tmp_path: Path) -> None:
         with pytest.raises(ConfigurationError):
             Settings.from_env(partial)
     assert Settings.from_env({"AGENTRUN_NATS_TLS_CA": pem}).nats_tls
+
+
+def test_tenant_quotas_default_to_no_limit_and_are_read() -> None:
+    assert not Settings.from_env({}).tenant_quotas.enabled
+    quotas = Settings.from_env(
+        {"AGENTRUN_TENANT_MAX_CONCURRENT_RUNS": "5", "AGENTRUN_TENANT_RUNS_PER_MINUTE": "60"}
+    ).tenant_quotas
+    assert (quotas.max_concurrent_runs, quotas.runs_per_minute) == (5, 60)
+    with pytest.raises(ValueError, match="a limit is a count"):
+        Settings.from_env({"AGENTRUN_TENANT_RUNS_PER_MINUTE": "-1"})
