@@ -5,13 +5,15 @@ the model sees."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentrun.v1 import agent_pb2, run_pb2
+from agentrun.v1 import agent_pb2, agent_service_pb2, run_pb2, run_service_pb2
 from executor.tools.send_email import read_outbox
-from tests.client import Client, scripted_agent
+from tests.client import Client, rest, scripted_agent, until
 from tests.stack import Stack
 
 # Characters that would break a header into lines or hide one: a few of each kind.
@@ -78,3 +80,109 @@ async def test_malformed_or_too_deep_tool_arguments_are_a_tool_error_the_model_s
     assert events[-1].run_completed.output == "done"
     # At once: no step was tried again (a durable run once burned its attempts on this).
     assert {e.step_started.attempt for e in events if e.HasField("step_started")} == {1}
+
+
+def with_bad_utf8(message: bytes, placeholder: bytes) -> bytes:
+    """``message`` with ``placeholder`` (in a string field) replaced by as many bytes that are
+    not UTF-8."""
+    assert placeholder in message
+    return message.replace(placeholder, b"\xff\xfe" * (len(placeholder) // 2))
+
+
+def too_deep_agent() -> bytes:
+    """A CreateAgentRequest whose model.parameters nest deeper than protobuf decodes."""
+    request = agent_service_pb2.CreateAgentRequest(agent=scripted_agent())
+    value = request.agent.model.parameters.fields["deep"]
+    for _ in range(200):
+        value = value.list_value.values.add()
+    value.string_value = "bottom"
+    serialized: bytes = request.SerializeToString()
+    return serialized
+
+
+def undecodable_requests() -> dict[str, list[bytes]]:
+    """Requests that cannot be decoded, by method: garbage, a string that is not UTF-8, a
+    Struct deeper than protobuf's limit."""
+    garbage = b"\xff" * 10
+    agent = agent_service_pb2.CreateAgentRequest(
+        agent=scripted_agent(agent_id="placeholder-id")
+    ).SerializeToString()
+    start = run_service_pb2.StreamRunRequest(agent_id="a", input="PLACEHOLDER").SerializeToString()
+    watch = run_service_pb2.WatchRunRequest(run_id="PLACEHOLDER").SerializeToString()
+    return {
+        "/agentrun.v1.AgentService/CreateAgent": [
+            garbage,
+            with_bad_utf8(agent, b"placeholder-id"),
+            too_deep_agent(),
+        ],
+        "/agentrun.v1.RunService/GetRun": [garbage, with_bad_utf8(watch, b"PLACEHOLDER")],
+        "/agentrun.v1.RunService/StartRun": [with_bad_utf8(start, b"PLACEHOLDER")],
+        "/agentrun.v1.RunService/StreamRun": [garbage, with_bad_utf8(start, b"PLACEHOLDER")],
+        "/agentrun.v1.RunService/WatchRun": [garbage, with_bad_utf8(watch, b"PLACEHOLDER")],
+    }
+
+
+async def call_raw(channel: grpc.aio.Channel, method: str, payload: bytes) -> None:
+    """Calls ``method`` with ``payload`` as its request; reads the first response."""
+    if method.endswith(("StreamRun", "WatchRun")):
+        await channel.unary_stream(method, None, None)(payload).read()
+    else:
+        await channel.unary_unary(method, None, None)(payload)
+
+
+def raw_bidi(channel: grpc.aio.Channel, method: str, decode: Any = None) -> Any:
+    """A bidi call of ``method`` that sends requests as raw bytes."""
+    return channel.stream_stream(method, None, decode)(None)
+
+
+def assert_undecodable(error: grpc.aio.AioRpcError) -> None:
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert (error.details() or "").startswith("request: cannot be decoded"), error
+
+
+async def test_requests_that_cannot_be_decoded_are_invalid_arguments(
+    channels: list[grpc.aio.Channel], stack: Stack
+) -> None:
+    channel = channels[0]
+    for method, payloads in undecodable_requests().items():
+        for payload in payloads:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call_raw(channel, method, payload)
+            assert_undecodable(caught.value)
+    # Converse: a first message, and a message after the start.
+    converse = "/agentrun.v1.RunService/Converse"
+    call = raw_bidi(channel, converse)
+    await call.write(b"\xff" * 10)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert_undecodable(caught.value)
+    client = Client(channel)
+    agent = await client.create_agent(
+        scripted_agent(turns=[("", [("send_email", '{"to": "a@example.com"}')]), ("done", [])])
+    )
+    call = raw_bidi(channel, converse, run_service_pb2.ConverseResponse.FromString)
+    start = run_service_pb2.StreamRunRequest(agent_id=agent.id, input="email")
+    await call.write(run_service_pb2.ConverseRequest(start=start).SerializeToString())
+    run_id = (await until(call, "tool_approval_required"))[0].run_id
+    await call.write(b"\xff" * 10)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await rest(call)
+    assert_undecodable(caught.value)
+    await client.runs.CancelRun(run_service_pb2.CancelRunRequest(run_id=run_id))
+    # The executor answers so too, on every service, internal or public.
+    executor = grpc.aio.insecure_channel(stack.executors[0].address)
+    try:
+        call = raw_bidi(executor, "/agentrun.internal.v1.ExecutorService/ExecuteRun")
+        await call.write(b"\xff" * 10)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+        assert_undecodable(caught.value)
+        create = executor.unary_unary("/agentrun.v1.AgentService/CreateAgent", None, None)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await create(too_deep_agent(), metadata=(("agentrun-tenant", "local"),))
+        assert_undecodable(caught.value)
+        health = health_pb2_grpc.HealthStub(executor)
+        answer = await health.Check(health_pb2.HealthCheckRequest())
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await executor.close(grace=None)
