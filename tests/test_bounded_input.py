@@ -186,3 +186,97 @@ async def test_requests_that_cannot_be_decoded_are_invalid_arguments(
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await executor.close(grace=None)
+
+
+def changed(agent: agent_pb2.Agent, change: Any) -> agent_pb2.Agent:
+    copy = agent_pb2.Agent()
+    copy.CopyFrom(agent)
+    change(copy)
+    return copy
+
+
+def nested_parameters(agent: agent_pb2.Agent, depth: int) -> None:
+    value = agent.model.parameters.fields["deep"]
+    for _ in range(depth - 1):  # the parameters object itself is level 1
+        value = value.list_value.values.add()
+    value.string_value = "bottom"
+
+
+def turns_of(agent: agent_pb2.Agent, count: int, size: int) -> None:
+    for _ in range(count):
+        agent.model.scripted.turns.add(text="w" * size)
+
+
+# An agent over each bound, and the start of the message that refuses it.
+OVERSIZED: list[tuple[Any, str]] = [
+    (
+        lambda a: setattr(a, "display_name", "d" * 257),
+        "agent.display_name: must be at most 256 characters",
+    ),
+    (
+        lambda a: setattr(a.tools[0], "description", "d" * 4097),
+        "agent.tools.description: must be at most 4,096 characters",
+    ),
+    (
+        lambda a: setattr(a, "instructions", "i" * 100_001),
+        "agent.instructions: must be at most 100,000 characters",
+    ),
+    (
+        # 400,000 keys, 8.7 MB: refused before it is turned into Python objects.
+        lambda a: a.model.parameters.update({f"key-{i:06}": i for i in range(400_000)}),
+        "agent.model.parameters: must be at most 65,536 bytes",
+    ),
+    (
+        lambda a: a.model.parameters.update({"big": "p" * 70_000}),
+        "agent.model.parameters: must be at most 65,536 bytes (70,010 given)",
+    ),
+    (
+        lambda a: nested_parameters(a, 33),
+        "agent.model.parameters: must nest at most 32 levels deep",
+    ),
+    (
+        lambda a: turns_of(a, 1, 600_000),
+        "agent.model.scripted.turns: each must be at most 524,288 bytes",
+    ),
+    (
+        lambda a: turns_of(a, 1_001, 1),
+        "agent.model.scripted.turns: must have at most 1,000 entries",
+    ),
+    (lambda a: turns_of(a, 3, 400_000), "agent: must be at most 1,048,576 bytes"),
+    (lambda a: turns_of(a, 18, 500_000), "agent: must be at most 1,048,576 bytes"),
+]
+
+
+async def test_agents_over_a_size_bound_are_refused_naming_the_field_and_bound(
+    channels: list[grpc.aio.Channel],
+) -> None:
+    client = Client(channels[0])
+    valid = scripted_agent(turns=[("ok", [])], tools=(("clock", False),))
+    created = await client.create_agent(valid)
+    for n, (change, message) in enumerate(OVERSIZED):
+        fresh = changed(valid, change)
+        fresh.id = f"{valid.id}-{n}"
+        for call in (
+            client.create_agent(fresh),
+            client.agents.UpdateAgent(
+                agent_service_pb2.UpdateAgentRequest(agent=changed(created, change))
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (caught.value.details() or "").startswith(message), caught.value.details()
+
+    # Just within every bound: accepted.
+    def within_bounds(agent: agent_pb2.Agent) -> None:
+        agent.id = f"{agent.id}-within"
+        agent.display_name = "d" * 256
+        agent.model.parameters.update({"big": "p" * 60_000})
+        nested_parameters(agent, 32)
+        turns_of(agent, 1, 500_000)
+
+    within = changed(valid, within_bounds)
+    await client.create_agent(within)
+    unchanged = await client.agents.GetAgent(agent_service_pb2.GetAgentRequest(agent_id=created.id))
+    assert unchanged.agent == created
+    assert (await client.run(created.id, "hi"))[-1].run_completed.output == "ok"

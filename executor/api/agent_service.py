@@ -18,6 +18,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
+    """Translation and the catalog's use cases run in a worker thread: an agent may hold a
+    megabyte, whose conversions would stall the event loop."""
+
     def __init__(self, ctx: ExecutorContext) -> None:
         self.ctx = ctx
 
@@ -26,48 +29,61 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
         self, request: agents.CreateAgentRequest, context: Context
     ) -> agents.CreateAgentResponse:
         tenant = tenant_metadata(context)
-        config = agent_from_proto(request.agent)
-        created = await asyncio.to_thread(self.ctx.agents.create, tenant, config)
-        await self.ctx.agent_cache.announce_change(tenant, created.config.agent_id)
-        return agents.CreateAgentResponse(agent=stored_agent_to_proto(created))
+
+        def create() -> agents.CreateAgentResponse:
+            created = self.ctx.agents.create(tenant, agent_from_proto(request.agent))
+            return agents.CreateAgentResponse(agent=stored_agent_to_proto(created))
+
+        response = await asyncio.to_thread(create)
+        await self.ctx.agent_cache.announce_change(tenant, response.agent.id)
+        return response
 
     @unary_errors
     async def GetAgent(
         self, request: agents.GetAgentRequest, context: Context
     ) -> agents.GetAgentResponse:
-        stored = await asyncio.to_thread(
-            self.ctx.agents.get_stored, tenant_metadata(context), request.agent_id, request.version
-        )
-        return agents.GetAgentResponse(agent=stored_agent_to_proto(stored))
+        tenant = tenant_metadata(context)
+
+        def get() -> agents.GetAgentResponse:
+            stored = self.ctx.agents.get_stored(tenant, request.agent_id, request.version)
+            return agents.GetAgentResponse(agent=stored_agent_to_proto(stored))
+
+        return await asyncio.to_thread(get)
 
     @unary_errors
     async def ListAgents(
         self, request: agents.ListAgentsRequest, context: Context
     ) -> agents.ListAgentsResponse:
-        listed, token = await asyncio.to_thread(
-            self.ctx.agents.list_agents,
-            tenant_metadata(context),
-            request.page_size,
-            request.page_token,
-        )
-        return agents.ListAgentsResponse(
-            agents=[stored_agent_to_proto(a) for a in listed], next_page_token=token
-        )
+        tenant = tenant_metadata(context)
+
+        def list_page() -> agents.ListAgentsResponse:
+            listed, token = self.ctx.agents.list_agents(
+                tenant, request.page_size, request.page_token
+            )
+            return agents.ListAgentsResponse(
+                agents=[stored_agent_to_proto(a) for a in listed], next_page_token=token
+            )
+
+        return await asyncio.to_thread(list_page)
 
     @unary_errors
     async def UpdateAgent(
         self, request: agents.UpdateAgentRequest, context: Context
     ) -> agents.UpdateAgentResponse:
         tenant = tenant_metadata(context)
-        updated = await asyncio.to_thread(
-            self.ctx.agents.update,
-            tenant,
-            agent_from_proto(request.agent),
-            list(request.update_mask.paths),
-            request.expected_version,
-        )
-        await self.ctx.agent_cache.announce_change(tenant, updated.config.agent_id)
-        return agents.UpdateAgentResponse(agent=stored_agent_to_proto(updated))
+
+        def update() -> agents.UpdateAgentResponse:
+            updated = self.ctx.agents.update(
+                tenant,
+                agent_from_proto(request.agent),
+                list(request.update_mask.paths),
+                request.expected_version,
+            )
+            return agents.UpdateAgentResponse(agent=stored_agent_to_proto(updated))
+
+        response = await asyncio.to_thread(update)
+        await self.ctx.agent_cache.announce_change(tenant, response.agent.id)
+        return response
 
     @unary_errors
     async def DeleteAgent(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from common.json_values import nested_deeper_than
 from executor.tools.base import ToolError
 
 # Deeper than any tool's arguments need, far below Python's recursion limit.
@@ -27,28 +28,10 @@ def parse_arguments(arguments_json: str) -> dict[str, Any]:
         raise ToolError(f"malformed arguments (not JSON): {exc}") from None
     if not isinstance(arguments, dict):
         raise ToolError("malformed arguments: expected a JSON object")
-    if _deeper_than(arguments, MAX_ARGUMENTS_DEPTH):
+    if nested_deeper_than(arguments, MAX_ARGUMENTS_DEPTH):
         raise ToolError(_too_deep())
     return arguments
 
 
 def _too_deep() -> str:
     return f"malformed arguments: nested more than {MAX_ARGUMENTS_DEPTH} levels deep"
-
-
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests objects and arrays more than ``limit`` levels deep (without
-    recursion: the walk itself must not overflow)."""
-    pending: list[tuple[Any, int]] = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth > limit:
-            return True
-        pending.extend((child, depth + 1) for child in children)
-    return False
