@@ -5,6 +5,7 @@ the model sees."""
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import grpc
@@ -280,3 +281,32 @@ async def test_agents_over_a_size_bound_are_refused_naming_the_field_and_bound(
     unchanged = await client.agents.GetAgent(agent_service_pb2.GetAgentRequest(agent_id=created.id))
     assert unchanged.agent == created
     assert (await client.run(created.id, "hi"))[-1].run_completed.output == "ok"
+
+
+async def test_list_agents_pages_so_that_no_response_is_too_large(
+    channels: list[grpc.aio.Channel],
+) -> None:
+    """18 agents of almost 1 MiB each: 17 MB, more than a gRPC message may hold. Their ids sort
+    before any other test's, so that they share the first page of a count-only paging."""
+    client = Client(channels[0])
+    prefix = f"a--{uuid.uuid4().hex[:8]}"
+    ids = [f"{prefix}-{i:02}" for i in range(18)]
+    for agent_id in ids:
+        big = scripted_agent(agent_id=agent_id)
+        turns_of(big, 2, 480_000)
+        await client.create_agent(big)
+    try:
+        listed: list[str] = []
+        token = ""
+        while True:
+            page = await client.agents.ListAgents(
+                agent_service_pb2.ListAgentsRequest(page_size=500, page_token=token)
+            )
+            listed.extend(a.id for a in page.agents if a.id.startswith(prefix))
+            token = page.next_page_token
+            if not token:
+                break
+        assert listed == ids
+    finally:
+        for agent_id in ids:
+            await client.agents.DeleteAgent(agent_service_pb2.DeleteAgentRequest(agent_id=agent_id))

@@ -8,13 +8,19 @@ from typing import Any
 
 import grpc
 
+from agentrun.v1 import agent_pb2, agent_service_pb2_grpc
 from agentrun.v1 import agent_service_pb2 as agents
-from agentrun.v1 import agent_service_pb2_grpc
 from common.rpc import tenant_metadata, unary_errors
+from eventstore.agents import StoredAgent
 from executor.context import ExecutorContext
 from executor.translation import agent_from_proto, stored_agent_to_proto
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+# A ListAgents response holds agents up to about this many bytes (at least one agent, of at most
+# about 1.5 MiB): far below the 16 MiB a gRPC message may have, whatever the agents' sizes.
+LIST_PAGE_BYTES = 4 << 20
 
 
 class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
@@ -57,11 +63,21 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
         tenant = tenant_metadata(context)
 
         def list_page() -> agents.ListAgentsResponse:
+            translated: dict[str, agent_pb2.Agent] = {}
+
+            def size_of(stored: StoredAgent) -> int:
+                agent = translated[stored.config.agent_id] = stored_agent_to_proto(stored)
+                return agent.ByteSize()
+
             listed, token = self.ctx.agents.list_agents(
-                tenant, request.page_size, request.page_token
+                tenant,
+                request.page_size,
+                request.page_token,
+                max_bytes=LIST_PAGE_BYTES,
+                size_of=size_of,
             )
             return agents.ListAgentsResponse(
-                agents=[stored_agent_to_proto(a) for a in listed], next_page_token=token
+                agents=[translated[a.config.agent_id] for a in listed], next_page_token=token
             )
 
         return await asyncio.to_thread(list_page)
