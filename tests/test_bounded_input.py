@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agentrun.v1 import agent_pb2, agent_service_pb2, run_pb2, run_service_pb2
 from executor.tools.send_email import read_outbox
 from tests.client import Client, rest, scripted_agent, until
+from tests.openai_wire_server import Completion, OpenAIWireServer, WireToolCall
 from tests.stack import Stack
 
 # Characters that would break a header into lines or hide one: a few of each kind.
@@ -81,6 +82,36 @@ async def test_malformed_or_too_deep_tool_arguments_are_a_tool_error_the_model_s
     assert events[-1].run_completed.output == "done"
     # At once: no step was tried again (a durable run once burned its attempts on this).
     assert {e.step_started.attempt for e in events if e.HasField("step_started")} == {1}
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_too_deep_arguments_from_an_openai_compatible_model_are_a_tool_error(
+    channels: list[grpc.aio.Channel], mode: str
+) -> None:
+    deep, message = BAD_ARGUMENTS[0]
+    async with OpenAIWireServer() as model:
+        model.enqueue(
+            Completion(tool_calls=[WireToolCall("calculator", [deep], id="call_deep")]),
+            Completion(tokens=["done"]),
+        )
+        agent = agent_pb2.Agent(
+            id=f"deep-{uuid.uuid4().hex[:12]}",
+            execution_mode=MODES[mode],
+            model=agent_pb2.ModelConfig(provider="openai", name="m", base_url=model.base_url),
+            tools=[agent_pb2.Tool(name="calculator")],
+        )
+        client = Client(channels[0])
+        await client.create_agent(agent)
+        events = await client.run(agent.id, "calculate")
+    [result] = tool_results(events)
+    assert result.is_error
+    assert message in result.output
+    assert events[-1].run_completed.output == "done"
+    assert {e.step_started.attempt for e in events if e.HasField("step_started")} == {1}
+    # The model heard of it: the second request carries the error as the call's result.
+    answered = model.requests[1].body["messages"][-1]
+    assert answered["role"] == "tool"
+    assert message in answered["content"]
 
 
 def with_bad_utf8(message: bytes, placeholder: bytes) -> bytes:
