@@ -18,7 +18,15 @@ import functools
 import inspect
 import logging
 import signal
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
 
@@ -275,14 +283,28 @@ if TYPE_CHECKING:
     AnyHandler = grpc.RpcMethodHandler[Any, Any]
 
 
+@dataclass(frozen=True)
+class RequestLimit:
+    """The largest request (``max_bytes``) a method decodes: a larger one is refused unread,
+    with InvalidArgument naming ``field`` and its bound as the domain states it (``bound``
+    bytes). Decoding holds the GIL even in a worker thread: megabytes of a Struct would stall
+    the event loop for a second to be refused afterwards."""
+
+    max_bytes: int
+    field: str
+    bound: int
+
+
 class RequestDecoding(ServerInterceptor):
     """Decodes every method's requests in place of gRPC, so that a request that cannot be
     decoded (garbage, a string that is not UTF-8, nesting deeper than protobuf allows) is
     answered INVALID_ARGUMENT, where gRPC answers UNKNOWN "Unexpected DecodeError", and so that a
     large request is decoded off the event loop. Methods that take raw bytes (a gateway's
-    forwarding) are left alone: the executor they forward to decodes."""
+    forwarding) are left alone: the executor they forward to decodes. ``limits``: the
+    RequestLimit of some methods, by full method name (``/package.Service/Method``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Mapping[str, RequestLimit] | None = None) -> None:
+        self._limits = dict(limits or {})
         self._wrapped: dict[str, AnyHandler] = {}
 
     async def intercept_service(
@@ -296,17 +318,26 @@ class RequestDecoding(ServerInterceptor):
             handler = await continuation(handler_call_details)
             if handler is None:
                 return handler
-            wrapped = self._wrapped[method] = _decoding_handler(handler)
+            limit = self._limits.get(method)
+            wrapped = self._wrapped[method] = _decoding_handler(handler, limit)
         return wrapped
 
 
-def _decoding_handler(handler: AnyHandler) -> AnyHandler:
+def _decoding_handler(handler: AnyHandler, limit: RequestLimit | None) -> AnyHandler:
     """``handler`` taking raw requests that it decodes itself (unchanged if it takes raw bytes
     already, or if its behaviour is not asynchronous)."""
-    decode = handler.request_deserializer
-    serialize = handler.response_serializer
-    if decode is None:
+    if handler.request_deserializer is None:
         return handler
+    deserialize = handler.request_deserializer
+    serialize = handler.response_serializer
+
+    def decode(raw: bytes) -> Any:
+        if limit is not None and len(raw) > limit.max_bytes:
+            raise errors.InvalidArgument(
+                limit.field, f"must be at most {limit.bound:,} bytes ({len(raw):,} given)"
+            )
+        return deserialize(raw)
+
     if handler.unary_unary is not None:
         if inspect.iscoroutinefunction(handler.unary_unary):
             behavior = _decoded_request(handler.unary_unary, decode)
@@ -333,7 +364,8 @@ def _decoding_handler(handler: AnyHandler) -> AnyHandler:
 
 
 async def _decode(raw: bytes, decode: Callable[[bytes], Any]) -> Any:
-    """The request ``raw`` encodes; raises InvalidArgument if it cannot be decoded."""
+    """The request ``raw`` encodes; raises InvalidArgument if it cannot be decoded (or is
+    larger than its method's limit)."""
     try:
         if len(raw) > DECODE_IN_THREAD_BYTES:
             return await asyncio.to_thread(decode, raw)
@@ -417,6 +449,7 @@ async def serve(
     on_stopping: Callable[[], Awaitable[None]] | None = None,
     end_streams_with: str | None = None,
     options: Sequence[tuple[str, Any]] = SERVER_OPTIONS,
+    request_limits: Mapping[str, RequestLimit] | None = None,
 ) -> None:
     """Runs a grpc.aio server on ``listen`` until SIGTERM/SIGINT or ``stop`` is set.
 
@@ -424,10 +457,12 @@ async def serve(
     health). ``ready`` receives the bound port. On stop: health turns NOT_SERVING, open
     streams end with UNAVAILABLE and ``end_streams_with`` if it is given (new ones are
     refused so), ``on_stopping`` runs while in-flight calls still flow, then they get
-    ``grace`` seconds.
+    ``grace`` seconds. ``request_limits``: the largest requests of some methods (RequestLimit).
     """
     drain = [StreamDrain(end_streams_with)] if end_streams_with is not None else []
-    server = grpc.aio.server(options=list(options), interceptors=[*drain, RequestDecoding()])
+    server = grpc.aio.server(
+        options=list(options), interceptors=[*drain, RequestDecoding(request_limits)]
+    )
     service_names = list(register(server))
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -21,7 +21,7 @@ from agentrun.v1 import (
 )
 from common.rpc import INTERNAL_SERVER_OPTIONS, serve
 from common.settings import Settings
-from executor.api.agent_service import AgentService
+from executor.api.agent_service import REQUEST_LIMITS, AgentService
 from executor.api.execute_run import ExecutorService
 from executor.api.run_service import RunService
 from executor.context import ExecutorContext
@@ -157,6 +157,7 @@ async def run_executor(
             grace=SHUTDOWN_GRACE,
             on_stopping=executor.drain,
             options=INTERNAL_SERVER_OPTIONS,
+            request_limits=REQUEST_LIMITS,
         )
     finally:
         await ctx.close()

@@ -254,8 +254,13 @@ OVERSIZED: list[tuple[Any, str]] = [
         "agent.instructions: must be at most 100,000 characters",
     ),
     (
-        # 400,000 keys, 8.7 MB: refused before it is turned into Python objects.
+        # 400,000 keys, 10 MB: refused before it is decoded.
         lambda a: a.model.parameters.update({f"key-{i:06}": i for i in range(400_000)}),
+        "agent: must be at most 1,048,576 bytes",
+    ),
+    (
+        # 40,000 keys, 1 MB: refused before it is turned into Python objects.
+        lambda a: a.model.parameters.update({f"key-{i:06}": i for i in range(40_000)}),
         "agent.model.parameters: must be at most 65,536 bytes",
     ),
     (

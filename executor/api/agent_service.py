@@ -10,13 +10,22 @@ import grpc
 
 from agentrun.v1 import agent_pb2, agent_service_pb2_grpc
 from agentrun.v1 import agent_service_pb2 as agents
-from common.rpc import tenant_metadata, unary_errors
+from common.rpc import RequestLimit, tenant_metadata, unary_errors
+from eventstore.agent_config import MAX_AGENT_BYTES
 from eventstore.agents import StoredAgent
 from executor.context import ExecutorContext
-from executor.translation import agent_from_proto, stored_agent_to_proto
+from executor.translation import MAX_AGENT_PROTO_BYTES, agent_from_proto, stored_agent_to_proto
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+
+# A request that carries an agent, larger than its agent may be (as protobuf) and anything else
+# the request may hold, is refused before it is decoded (see common.rpc.RequestLimit).
+_AGENT_REQUEST_LIMIT = RequestLimit(MAX_AGENT_PROTO_BYTES + (64 << 10), "agent", MAX_AGENT_BYTES)
+_SERVICE = agents.DESCRIPTOR.services_by_name["AgentService"].full_name
+REQUEST_LIMITS = {
+    f"/{_SERVICE}/{method}": _AGENT_REQUEST_LIMIT for method in ("CreateAgent", "UpdateAgent")
+}
 
 # A ListAgents response holds agents up to about this many bytes (at least one agent, of at most
 # about 1.5 MiB): far below the 16 MiB a gRPC message may have, whatever the agents' sizes.
