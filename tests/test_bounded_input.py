@@ -201,6 +201,15 @@ async def test_requests_that_cannot_be_decoded_are_invalid_arguments(
         await rest(call)
     assert_undecodable(caught.value)
     await client.runs.CancelRun(run_service_pb2.CancelRunRequest(run_id=run_id))
+    # Health and reflection too (their servicers are gRPC's).
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call_raw(channel, "/grpc.health.v1.Health/Check", b"\xff" * 10)
+    assert_undecodable(caught.value)
+    call = raw_bidi(channel, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+    await call.write(b"\xff" * 10)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert_undecodable(caught.value)
     # The executor answers so too, on every service, internal or public.
     executor = grpc.aio.insecure_channel(stack.executors[0].address)
     try:
