@@ -15,7 +15,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agentrun.v1 import agent_pb2, agent_service_pb2, run_pb2, run_service_pb2
 from executor.tools.send_email import read_outbox
 from tests.client import Client, rest, scripted_agent, until
-from tests.openai_wire_server import Completion, OpenAIWireServer, WireToolCall
+from tests.openai_wire_server import (
+    Completion,
+    HttpError,
+    OpenAIWireServer,
+    RawStream,
+    WireToolCall,
+)
 from tests.stack import Stack
 
 # Characters that would break a header into lines or hide one: a few of each kind.
@@ -112,6 +118,36 @@ async def test_too_deep_arguments_from_an_openai_compatible_model_are_a_tool_err
     answered = model.requests[1].body["messages"][-1]
     assert answered["role"] == "tool"
     assert message in answered["content"]
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_model_answer_nested_too_deep_is_a_model_error(
+    channels: list[grpc.aio.Channel], mode: str
+) -> None:
+    """A stream chunk or an error body nested past the parser's recursion limit fails the model
+    call (MODEL_ERROR), as any malformed answer does; the run fails at once, not INTERNAL."""
+    client = Client(channels[0])
+    answers: list[tuple[RawStream | HttpError, str]] = [
+        (RawStream(f"data: {DEEP_JSON}\n\n"), "openai: malformed JSON in stream chunk"),
+        (HttpError(400, raw_body=DEEP_JSON), "openai: HTTP 400"),
+    ]
+    for answer, message in answers:
+        async with OpenAIWireServer() as model:
+            model.enqueue(answer)
+            agent = agent_pb2.Agent(
+                id=f"deep-{uuid.uuid4().hex[:12]}",
+                execution_mode=MODES[mode],
+                model=agent_pb2.ModelConfig(provider="openai", name="m", base_url=model.base_url),
+                model_retry_policy=agent_pb2.RetryPolicy(maximum_attempts=1),
+            )
+            await client.create_agent(agent)
+            events = await client.run(agent.id, "hi")
+        failed = events[-1].run_failed.error
+        assert failed.code == run_pb2.RUN_ERROR_CODE_MODEL_ERROR, events[-1]
+        assert failed.message.startswith(message), failed.message
 
 
 def with_bad_utf8(message: bytes, placeholder: bytes) -> bytes:
