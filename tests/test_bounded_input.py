@@ -4,6 +4,7 @@ the model sees."""
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from typing import Any
@@ -148,6 +149,16 @@ async def test_a_model_answer_nested_too_deep_is_a_model_error(
         failed = events[-1].run_failed.error
         assert failed.code == run_pb2.RUN_ERROR_CODE_MODEL_ERROR, events[-1]
         assert failed.message.startswith(message), failed.message
+
+
+async def test_a_page_token_nested_too_deep_is_an_invalid_argument(
+    channels: list[grpc.aio.Channel],
+) -> None:
+    token = base64.urlsafe_b64encode(DEEP_JSON.encode()).decode()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await Client(channels[0]).runs.ListRuns(run_service_pb2.ListRunsRequest(page_token=token))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "page_token: is not a token from a previous response"
 
 
 def with_bad_utf8(message: bytes, placeholder: bytes) -> bytes:
