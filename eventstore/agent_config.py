@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from common.errors import InvalidArgument
+from common.json_values import json_size, nested_deeper_than
 from eventstore.extensions import MODEL_PROVIDERS, TOOLS
 from eventstore.retry_policy import (
     DEFAULT_MODEL_RETRY_POLICY,
@@ -34,6 +35,23 @@ MAX_APPROVAL_TIMEOUT = 30 * 24 * 3600.0
 MAX_TOOL_TIMEOUT = 3600.0
 MAX_SCRIPTED_DELAY = 60.0
 AGENT_ID_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
+# Every field of an agent is bounded in size, and so is the whole: an agent is read at every
+# run's start and pinned into the run, so its size is paid by every run (an 8.7 MB
+# model.parameters once stalled every run of its executor for seconds). Sizes in bytes are
+# those of the value as compact UTF-8 JSON, as the store keeps it.
+MAX_AGENT_BYTES = 1 << 20
+MAX_DISPLAY_NAME_CHARS = 256
+MAX_INSTRUCTIONS_CHARS = 100_000
+MAX_MODEL_NAME_CHARS = 256
+MAX_BASE_URL_CHARS = 2_048
+MAX_API_KEY_ENV_CHARS = 256
+MAX_PARAMETERS_BYTES = 64 * 1024
+MAX_PARAMETERS_DEPTH = 32
+MAX_TOOLS = 64
+MAX_TOOL_DESCRIPTION_CHARS = 4_096
+MAX_SCRIPTED_TURNS = 1_000
+MAX_SCRIPTED_TOOL_CALLS = 128
+MAX_SCRIPTED_TURN_BYTES = 512 * 1024
 
 
 def _check_duration(field: str, seconds: float, limit: float, *, zero_allowed: bool) -> None:
@@ -45,6 +63,25 @@ def _check_duration(field: str, seconds: float, limit: float, *, zero_allowed: b
         raise InvalidArgument(field, "must not be negative" if zero_allowed else "must be positive")
     if seconds > limit:
         raise InvalidArgument(field, f"must be at most {_spoken(limit)}")
+
+
+def _check_length(field: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        raise InvalidArgument(field, f"must be at most {limit:,} characters")
+
+
+def check_count(field: str, count: int, limit: int) -> None:
+    """Raises InvalidArgument naming ``field`` if it has more than ``limit`` entries."""
+    if count > limit:
+        raise InvalidArgument(field, f"must have at most {limit:,} entries")
+
+
+def check_bytes(field: str, size: int, limit: int, each: str = "") -> None:
+    """Raises InvalidArgument naming ``field`` if its ``size`` (bytes) is over ``limit``."""
+    if size > limit:
+        raise InvalidArgument(
+            field, f"{each + ' ' if each else ''}must be at most {limit:,} bytes ({size:,} given)"
+        )
 
 
 def _spoken(seconds: float) -> str:
@@ -200,6 +237,7 @@ class AgentConfig:
                 "agent.id",
                 "must be 1-63 characters of a-z, 0-9 and '-', starting with a letter",
             )
+        self._check_sizes()
         MODEL_PROVIDERS.validate(self.model.provider, self.model)
         scripted = self.model.scripted
         for name, delay in (
@@ -229,10 +267,42 @@ class AgentConfig:
             raise InvalidArgument(
                 "agent.max_model_calls", f"must be between 1 and {MAX_MODEL_CALLS_LIMIT}"
             )
-        if len(self.instructions) > 100_000:
-            raise InvalidArgument("agent.instructions", "must be at most 100,000 characters")
         self.model_retry_policy.validate("agent.model_retry_policy")
         self.tool_retry_policy.validate("agent.tool_retry_policy")
+
+    def _check_sizes(self) -> None:
+        """Raises InvalidArgument naming the first field larger than its bound, or the agent if
+        the whole is larger than MAX_AGENT_BYTES."""
+        model = self.model
+        for name, value, limit in (
+            ("display_name", self.display_name, MAX_DISPLAY_NAME_CHARS),
+            ("instructions", self.instructions, MAX_INSTRUCTIONS_CHARS),
+            ("model.name", model.name, MAX_MODEL_NAME_CHARS),
+            ("model.base_url", model.base_url, MAX_BASE_URL_CHARS),
+            ("model.api_key_env", model.api_key_env, MAX_API_KEY_ENV_CHARS),
+        ):
+            _check_length(f"agent.{name}", value, limit)
+        check_count("agent.tools", len(self.tools), MAX_TOOLS)
+        for tool in self.tools:
+            _check_length("agent.tools.description", tool.description, MAX_TOOL_DESCRIPTION_CHARS)
+        if nested_deeper_than(model.parameters, MAX_PARAMETERS_DEPTH):
+            raise InvalidArgument(
+                "agent.model.parameters", f"must nest at most {MAX_PARAMETERS_DEPTH} levels deep"
+            )
+        check_bytes("agent.model.parameters", json_size(model.parameters), MAX_PARAMETERS_BYTES)
+        turns = model.scripted.turns
+        check_count("agent.model.scripted.turns", len(turns), MAX_SCRIPTED_TURNS)
+        for turn in turns:
+            check_count(
+                "agent.model.scripted.turns.tool_calls",
+                len(turn.tool_calls),
+                MAX_SCRIPTED_TOOL_CALLS,
+            )
+            size = len(turn.text.encode()) + sum(
+                len(c.name.encode()) + len(c.arguments_json.encode()) for c in turn.tool_calls
+            )
+            check_bytes("agent.model.scripted.turns", size, MAX_SCRIPTED_TURN_BYTES, "each")
+        check_bytes("agent", json_size(self.to_json()), MAX_AGENT_BYTES)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -176,21 +176,36 @@ class AgentCatalog(UnnotifiedApplication):
 
     @translate_store_errors
     def list_agents(
-        self, tenant: str, page_size: int = 0, page_token: str = ""
+        self,
+        tenant: str,
+        page_size: int = 0,
+        page_token: str = "",
+        *,
+        max_bytes: int = 0,
+        size_of: Callable[[StoredAgent], int] | None = None,
     ) -> tuple[list[StoredAgent], str]:
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        """A page of the tenant's agents, by id, and the token of the next page ("" if none).
+        With ``max_bytes``, the page also ends before the agent that would take the sum of
+        ``size_of`` its agents past it (a page has at least one agent)."""
         if page_size < 0:
             raise InvalidArgument("page_size", "must not be negative")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_token(page_token)
-        ids = [i for i in self._directory(tenant).agent_ids if i > after]
-        page = ids[:size]
-        agents = []
-        for agent_id in page:
+        agents: list[StoredAgent] = []
+        total = 0
+        for agent_id in (i for i in self._directory(tenant).agent_ids if i > after):
+            if len(agents) == size:
+                return agents, _encode_token(agents[-1].config.agent_id)
             agent = self._find(tenant, agent_id)
-            if agent is not None and not agent.deleted:
-                agents.append(agent.stored())
-        next_token = _encode_token(page[-1]) if len(ids) > size else ""
-        return agents, next_token
+            if agent is None or agent.deleted:
+                continue
+            stored = agent.stored()
+            if max_bytes and size_of is not None:
+                total += size_of(stored)
+                if agents and total > max_bytes:
+                    return agents, _encode_token(agents[-1].config.agent_id)
+            agents.append(stored)
+        return agents, ""
 
     @translate_store_errors
     def update(

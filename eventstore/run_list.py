@@ -426,7 +426,7 @@ def _decode_page_token(token: str, filter_key: str) -> tuple[float, str]:
     try:
         data = json.loads(base64.b64decode(token.encode(), altchars=b"-_", validate=True))
         created_at, run_id, key = float(data["c"]), str(data["r"]), str(data["f"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested too deep
         raise InvalidArgument("page_token", "is not a token from a previous response") from None
     if key != filter_key:
         raise InvalidArgument("page_token", "was issued for different filters")

@@ -34,6 +34,7 @@ from executor.models import ModelProviders
 from executor.models.base import ModelError, ModelRequest, ToolSpec
 from executor.run_stream import RunStream
 from executor.tools import Tools
+from executor.tools.arguments import parse_arguments
 from executor.tools.base import RetryableToolError, ToolContext, ToolError
 
 log = logging.getLogger(__name__)
@@ -246,11 +247,9 @@ class AgentLoop:
         if settings is None or tool is None:
             return _error(f"unknown tool {call['name']!r}"), True
         try:
-            arguments = json.loads(call["arguments_json"] or "{}")
-        except ValueError as exc:
-            return _error(f"malformed arguments (not JSON): {exc}"), True
-        if not isinstance(arguments, dict):
-            return _error("malformed arguments: expected a JSON object"), True
+            arguments = parse_arguments(call["arguments_json"])
+        except ToolError as exc:
+            return _error(str(exc)), True
         context = ToolContext(
             tenant=self.run.tenant,
             run_id=self.run.run_id,

@@ -116,6 +116,7 @@ class Runs:
             history=cast(list[Any], history),
             execution_mode=mode.name,
         )
+        run.know_agent(config)
         await self._admit(run)
         subscribing = watching.subscribe(run.run_id) if watching and not mode.streams_live else None
         try:

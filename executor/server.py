@@ -22,7 +22,7 @@ from agentrun.v1 import (
 from common.internal_access import executor_server_security
 from common.rpc import INTERNAL_SERVER_OPTIONS, serve
 from common.settings import Settings
-from executor.api.agent_service import AgentService
+from executor.api.agent_service import REQUEST_LIMITS, AgentService
 from executor.api.execute_run import ExecutorService
 from executor.api.run_service import RunService
 from executor.context import ExecutorContext
@@ -163,6 +163,7 @@ async def run_executor(
             credentials=credentials,
             interceptors=interceptors,
             reflection=settings.reflection,
+            request_limits=REQUEST_LIMITS,
         )
     finally:
         await ctx.close()

@@ -14,6 +14,11 @@ from eventstore.agent_config import (
     DEFAULT_APPROVAL_TIMEOUT,
     DEFAULT_MAX_MODEL_CALLS,
     DEFAULT_TOOL_TIMEOUT,
+    MAX_AGENT_BYTES,
+    MAX_PARAMETERS_BYTES,
+    MAX_SCRIPTED_TOOL_CALLS,
+    MAX_SCRIPTED_TURNS,
+    MAX_TOOLS,
     AgentConfig,
     ExecutionMode,
     HttpToolSettings,
@@ -22,6 +27,8 @@ from eventstore.agent_config import (
     ScriptedToolCall,
     ScriptedTurn,
     ToolSettings,
+    check_bytes,
+    check_count,
 )
 from eventstore.agents import StoredAgent
 from eventstore.retry_policy import (
@@ -75,7 +82,36 @@ def mode_of(value: int) -> ExecutionMode | None:
     return mode
 
 
+# An agent's fields as protobuf bytes, beyond which they are certainly over their bounds as JSON
+# (AgentConfig.validate): a Struct of numbers takes up to about 5.5 times its JSON's size, any
+# other field no more than its JSON. Refused before they are turned into Python objects, which
+# for megabytes of a Struct takes seconds.
+MAX_PARAMETERS_PROTO_BYTES = 8 * MAX_PARAMETERS_BYTES
+MAX_AGENT_PROTO_BYTES = MAX_AGENT_BYTES + MAX_PARAMETERS_PROTO_BYTES
+
+
+def check_agent_proto(agent: agent_pb2.Agent) -> None:
+    """Raises InvalidArgument, as AgentConfig.validate would, for an agent too large to be worth
+    translating (see MAX_AGENT_PROTO_BYTES)."""
+    parameters = agent.model.parameters.ByteSize()
+    if parameters > MAX_PARAMETERS_PROTO_BYTES:
+        check_bytes("agent.model.parameters", parameters, MAX_PARAMETERS_BYTES)
+    size = agent.ByteSize()
+    if size > MAX_AGENT_PROTO_BYTES:
+        check_bytes("agent", size, MAX_AGENT_BYTES)
+    check_count("agent.tools", len(agent.tools), MAX_TOOLS)
+    turns = agent.model.scripted.turns
+    check_count("agent.model.scripted.turns", len(turns), MAX_SCRIPTED_TURNS)
+    for turn in turns:
+        check_count(
+            "agent.model.scripted.turns.tool_calls", len(turn.tool_calls), MAX_SCRIPTED_TOOL_CALLS
+        )
+
+
 def agent_from_proto(agent: agent_pb2.Agent) -> AgentConfig:
+    """The agent's configuration (not validated); raises InvalidArgument for an agent too large
+    to translate."""
+    check_agent_proto(agent)
     model = agent.model
     scripted = model.scripted
     return AgentConfig(

@@ -184,6 +184,25 @@ def test_list_default_and_maximum_page_sizes(catalog: AgentCatalog) -> None:
     assert last_token == ""
 
 
+def test_list_pages_end_before_max_bytes_with_at_least_one_agent(catalog: AgentCatalog) -> None:
+    sizes = {"alpha": 5, "bravo": 4, "charlie": 12, "delta": 1, "echo": 3}
+    for agent_id in sizes:
+        catalog.create(TENANT, agent(agent_id))
+
+    pages: list[list[str]] = []
+    token = ""
+    while True:
+        configs, token = catalog.list_agents(
+            TENANT, page_token=token, max_bytes=10, size_of=lambda s: sizes[s.config.agent_id]
+        )
+        pages.append([c.config.agent_id for c in configs])
+        if not token:
+            break
+
+    # charlie alone is past the bound: it gets a page of its own.
+    assert pages == [["alpha", "bravo"], ["charlie"], ["delta", "echo"]]
+
+
 def test_list_negative_page_size_is_invalid(catalog: AgentCatalog) -> None:
     with pytest.raises(InvalidArgument) as caught:
         catalog.list_agents(TENANT, page_size=-1)

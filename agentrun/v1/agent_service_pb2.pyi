@@ -127,7 +127,10 @@ class ListAgentsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """The maximum number of agents to return; 0 means 50, more than 500 means 500."""
+    """The maximum number of agents to return; 0 means 50, more than 500 means 500. A page also
+    ends before the agent that would take its response past about 4 MiB (it always holds one
+    agent at least): a page may hold fewer agents, and its next_page_token says more follow.
+    """
     page_token: _builtins.str
     """The next_page_token of a previous response, to continue that listing."""
     def __init__(

@@ -99,7 +99,7 @@ def http_error(status: int, body: bytes) -> ModelError:
     detail = text[:ERROR_BODY_LIMIT]
     try:
         error = json.loads(text).get("error")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, too deep
         error = None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         detail = error["message"][:ERROR_BODY_LIMIT]
@@ -132,7 +132,7 @@ class _Stream:
     def feed(self, data: str) -> None:
         try:
             chunk = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise ModelError(
                 f"openai: malformed JSON in stream chunk ({exc}): {data[:200]!r}", code="malformed"
             ) from None

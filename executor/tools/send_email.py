@@ -18,6 +18,7 @@ import json
 import os
 import re
 import time
+import unicodedata
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,11 @@ ATTEMPTS_NAME = "attempts.jsonl"
 MAX_ADDRESS_LENGTH = 254
 MAX_SUBJECT_LENGTH = 500
 MAX_BODY_LENGTH = 20_000
+
+# Characters that would end a header line, or that no header should carry: every control
+# character (Unicode category Cc: C0, DEL, C1 with NEL) and the line and paragraph separators.
+_LINE_BREAKERS = frozenset("\u2028\u2029")
+_HEADERS = ("to", "subject")
 
 _ADDRESS = re.compile(r"[^@\s\x00-\x1f\x7f<>(),;:\"\[\]\\]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
 
@@ -159,12 +165,23 @@ def _validate(arguments: dict[str, Any]) -> tuple[str, str, str]:
             )
         values.append(value)
     to, subject, body = values
+    for name, value in zip(_HEADERS, (to, subject), strict=True):
+        _check_header(name, value)
     to = to.strip()
     if not _ADDRESS.fullmatch(to):
         raise ToolError(f"send_email: argument 'to' is not a valid email address: {to!r}")
-    if "\n" in subject or "\r" in subject:
-        raise ToolError("send_email: argument 'subject' must be a single line")
     return to, subject, body
+
+
+def _check_header(name: str, value: str) -> None:
+    """Refuses a header value with a character that could break it into lines or smuggle in
+    another header: a control character or a line or paragraph separator."""
+    for char in value:
+        if char in _LINE_BREAKERS or unicodedata.category(char) == "Cc":
+            raise ToolError(
+                f"send_email: argument {name!r} must be a single line without control "
+                f"characters (it has U+{ord(char):04X})"
+            )
 
 
 def _append_once(data_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
