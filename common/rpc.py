@@ -37,6 +37,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common import errors
+from common.grpc_metrics import CallMetrics
 from common.reflection import enable_server_reflection
 
 log = logging.getLogger(__name__)
@@ -467,6 +468,7 @@ async def serve(
     interceptors: Sequence[ServerInterceptor] = (),
     reflection: bool = True,
     request_limits: Mapping[str, RequestLimit] | None = None,
+    call_metrics: bool = False,
 ) -> None:
     """Runs a grpc.aio server on ``listen`` until SIGTERM/SIGINT or ``stop`` is set.
 
@@ -477,11 +479,13 @@ async def serve(
     streams end with UNAVAILABLE and ``end_streams_with`` if it is given (new ones are
     refused so), ``on_stopping`` runs while in-flight calls still flow, then they get
     ``grace`` seconds. ``request_limits``: the largest requests of some methods (RequestLimit).
+    ``call_metrics``: every call is counted and timed (common.grpc_metrics).
     """
     drain = [StreamDrain(end_streams_with)] if end_streams_with is not None else []
+    measured = [CallMetrics()] if call_metrics else []
     server = grpc.aio.server(
         options=list(options),
-        interceptors=[*interceptors, *drain, RequestDecoding(request_limits)],
+        interceptors=[*measured, *interceptors, *drain, RequestDecoding(request_limits)],
     )
     service_names = list(register(server))
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]

@@ -56,6 +56,8 @@
 |   |   | awaiting approval at once; a start beyond it is answered RESOURCE_EXHAUSTED |
 | AGENTRUN_TENANT_RUNS_PER_MINUTE | 0 (no limit) | runs one tenant may start in any 60 s; a start |
 |   |   | beyond it is answered RESOURCE_EXHAUSTED with the delay until it would be admitted |
+| AGENTRUN_METRICS_LISTEN | (none: not served) | host:port where the service serves Prometheus |
+|   |   | metrics (/metrics) |
 
 With no API keys configured, every caller is the tenant "local" (the embedded default).
 """
@@ -174,6 +176,7 @@ class Settings:
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
     tenant_quotas: TenantQuotas = field(default_factory=TenantQuotas)
+    metrics_listen: str = ""
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -240,6 +243,7 @@ class Settings:
                 max_concurrent_runs=_count(get("TENANT_MAX_CONCURRENT_RUNS", "0")),
                 runs_per_minute=_count(get("TENANT_RUNS_PER_MINUTE", "0")),
             ),
+            metrics_listen=_host_port("METRICS_LISTEN", get("METRICS_LISTEN", "")),
         )
 
     @property
@@ -294,6 +298,13 @@ def _on_off(name: str, value: str) -> bool:
     if lowered in ("off", "false", "0", "no"):
         return False
     raise ConfigurationError(f"AGENTRUN_{name} is on or off, not {value!r}")
+
+
+def _host_port(name: str, value: str) -> str:
+    value = value.strip()
+    if value and not value.rpartition(":")[2].isdigit():
+        raise ConfigurationError(f"AGENTRUN_{name} is host:port, not {value!r}")
+    return value
 
 
 def _count(value: str) -> int:

@@ -391,6 +391,16 @@ class RunList:
             )
             return [_from_row(r) for r in cur.fetchall()]
 
+    def suspended_durable_runs(self) -> int:
+        """How many durable runs are suspended awaiting a decision (of every tenant)."""
+        with self._db.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM agentrun_runs "
+                "WHERE execution_mode = 'durable' AND status = 'awaiting_approval'"
+            )
+            row = cur.fetchone()
+            return int(row[0]) if row is not None else 0
+
     def active_classic_runs(self) -> list[RunRecord]:
         """Classic runs not yet ended, for the reconciler that finds runs whose executor died."""
         with self._db.cursor() as cur:

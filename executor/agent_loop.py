@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from common import metrics
 from eventstore.agent_config import AgentConfig
 from eventstore.messages import ToolCall
 from eventstore.run import Run
@@ -146,10 +147,15 @@ class AgentLoop:
         self._announce = Announcements(self.stream, self.host.attempt, step, attempt)
 
     async def _call_model(self, step: CallModel) -> None:
-        run, stream = self.run, self.stream
         backoff = step.not_before - time.time()
         if backoff > 0:
             await asyncio.sleep(backoff)  # a retry, when the state machine says
+        began = time.perf_counter()
+        await self._model_step(step)
+        metrics.STEP_MODEL_CALL.observe(time.perf_counter() - began)
+
+    async def _model_step(self, step: CallModel) -> None:
+        run, stream = self.run, self.stream
         attempt = self._announce(step.step_index, MODEL_CALL, step.attempt)
         config = self.config
         try:
@@ -166,14 +172,27 @@ class AgentLoop:
             run_id=run.run_id,
         )
 
+        awaiting_first = step.call_index == 0 and attempt == 1  # the run's first token
+
         def on_text(text: str) -> None:
+            nonlocal awaiting_first
+            if awaiting_first:
+                awaiting_first = False
+                metrics.first_token(run.execution_mode, run.created_on.timestamp())
             stream.text(step.step_index, attempt, text)
 
+        provider_name = config.model.provider
+        began = time.perf_counter()
         try:
             reply = await provider.complete(request, on_text)
         except ModelError as exc:
+            metrics.MODEL_CALL_DURATION.labels(provider_name).observe(time.perf_counter() - began)
+            metrics.MODEL_CALL_ERRORS.labels(provider_name, exc.code).inc()
             await self._model_call_failed(step, exc)
             return
+        metrics.MODEL_CALL_DURATION.labels(provider_name).observe(time.perf_counter() - began)
+        usage = reply.usage
+        metrics.model_usage(provider_name, usage["input_tokens"], usage["output_tokens"])
         tool_calls = _unique_ids(reply.tool_calls, self._tool_call_ids(), step.call_index)
         run.record_model_call(step.step_index, reply.text, tool_calls, reply.usage)
         if not tool_calls:
@@ -206,6 +225,11 @@ class AgentLoop:
         backoff = step.not_before - time.time()
         if backoff > 0:
             await asyncio.sleep(backoff)  # a retry, when the state machine says
+        began = time.perf_counter()
+        await self._tool_step(step)
+        metrics.STEP_TOOL_CALL.observe(time.perf_counter() - began)
+
+    async def _tool_step(self, step: RunTool) -> None:
         self._announce(step.step_index, TOOL_CALLS)
         call = step.call
         if step.denial is not None:
@@ -256,19 +280,24 @@ class AgentLoop:
             tool_call_id=call["id"],
             data_dir=self.tools.data_dir,
         )
+        began = time.perf_counter()
         try:
             output = await asyncio.wait_for(tool.invoke(arguments, context), settings.timeout)
-        except RetryableToolError:
-            raise
-        except ToolError as exc:
-            return _error(str(exc)), True
-        except TimeoutError:
-            raise RetryableToolError(
-                "timeout", f"the tool timed out after {settings.timeout:g} s"
-            ) from None
-        except Exception as exc:
+        except BaseException as exc:
+            metrics.tool_call(settings.name, time.perf_counter() - began, failed=True)
+            if isinstance(exc, RetryableToolError):
+                raise
+            if isinstance(exc, ToolError):
+                return _error(str(exc)), True
+            if isinstance(exc, TimeoutError):
+                raise RetryableToolError(
+                    "timeout", f"the tool timed out after {settings.timeout:g} s"
+                ) from None
+            if not isinstance(exc, Exception):
+                raise
             log.exception("tool %s failed", call["name"])
             return _error(f"the tool failed: {type(exc).__name__}"), True
+        metrics.tool_call(settings.name, time.perf_counter() - began, failed=False)
         return _cut(output, self.tools.runtime.max_output_bytes), False
 
     def _tool_call_ids(self) -> set[str]:

@@ -25,6 +25,7 @@ from eventstore.agent_config import AgentConfig, ExecutionMode
 from eventstore.run import Run
 from eventstore.run_list import RunFilter, RunRecord
 from eventstore.run_store import StoredEvent
+from executor import run_metrics
 from executor.context import ExecutorContext
 from executor.lost_runs import SETTLING_TIME, LostRuns
 from executor.modes import Modes, Started
@@ -126,6 +127,8 @@ class Runs:
                 await self._withdraw(run)
                 raise
             started = Started(existing) if existing is not None else await mode.launch(run, config)
+            if existing is None:
+                run_metrics.started(run)
         except BaseException:
             if subscribing is not None and watching is not None:
                 watching.drop(subscribing)
@@ -273,7 +276,9 @@ class Runs:
         )
         if fork.awaiting_decision():
             return record_of(fork, "")  # it waits for a decision: nothing to run yet
-        return (await self.modes.durable.launch(fork, fork.agent_config)).record
+        started = await self.modes.durable.launch(fork, fork.agent_config)
+        run_metrics.started(fork)
+        return started.record
 
     async def _stored(self, tenant: str, run_id: str, what: str) -> RunRecord:
         record = await self.get(tenant, run_id)

@@ -20,11 +20,13 @@ from agentrun.v1 import (
     run_service_pb2_grpc,
 )
 from common.internal_access import executor_server_security
+from common.metrics import serve_metrics
 from common.rpc import INTERNAL_SERVER_OPTIONS, serve
 from common.settings import Settings
 from executor.api.agent_service import REQUEST_LIMITS, AgentService
 from executor.api.execute_run import ExecutorService
 from executor.api.run_service import RunService
+from executor.cluster_metrics import ClusterGauges
 from executor.context import ExecutorContext
 from executor.durable.dispatch import WorkQueue
 from executor.durable.taking import Taker
@@ -140,6 +142,10 @@ async def run_executor(
     ctx = await ExecutorContext.open(settings)
     executor = Executor.of(ctx)
     executor.start()
+    metrics = serve_metrics(
+        settings.metrics_listen,
+        [ClusterGauges(ctx.run_list, executor.taker.queue, asyncio.get_running_loop())],
+    )
 
     def on_ready(port: int) -> None:
         log.info(
@@ -164,6 +170,8 @@ async def run_executor(
             interceptors=interceptors,
             reflection=settings.reflection,
             request_limits=REQUEST_LIMITS,
+            call_metrics=bool(settings.metrics_listen),
         )
     finally:
+        metrics.close()
         await ctx.close()

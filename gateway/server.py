@@ -13,6 +13,7 @@ import grpc
 
 from agentrun.v1 import agent_service_pb2, run_service_pb2
 from agentrun.v1 import run_service_pb2 as runs
+from common.metrics import serve_metrics
 from common.rpc import serve
 from common.settings import Settings
 from common.tls import server_credentials
@@ -90,6 +91,7 @@ async def run_gateway(
         if ready is not None:
             ready(port)
 
+    metrics = serve_metrics(settings.metrics_listen)
     try:
         await serve(
             settings.gateway_listen,
@@ -100,7 +102,9 @@ async def run_gateway(
             end_streams_with=SHUTTING_DOWN,
             credentials=credentials,
             reflection=settings.reflection,
+            call_metrics=bool(settings.metrics_listen),
         )
     finally:
+        metrics.close()
         await calls.close()
         await executors.channel.close(grace=None)

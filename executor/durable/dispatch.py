@@ -80,6 +80,13 @@ class WorkQueue:
             headers={"Nats-Msg-Id": f"deadletter:{run_id}"},
         )
 
+    async def backlog(self) -> tuple[int, int]:
+        """The queue's messages not yet delivered, and those delivered more than once (the
+        executors' shared consumer: the same numbers whichever executor asks)."""
+        names = self._link.names
+        info = await self._link.js.consumer_info(names.dispatch_stream, names.dispatch_consumer)
+        return info.num_pending or 0, info.num_redelivered or 0
+
     async def retry_later(self, dispatch: Dispatch) -> None:
         """Gives a message whose taking up failed back for another delivery, after a delay of
         ``ack_wait`` doubled with each delivery so far, at most MAX_RETRY_DELAY."""

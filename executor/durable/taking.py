@@ -27,11 +27,13 @@ from typing import Any
 
 import nats.errors
 
+from common import metrics
 from common.errors import Conflict, FailedPrecondition, NotFound, Unavailable
 from common.event_streams import Published, published
 from eventstore.run import Run
 from eventstore.run_commands import Command
 from eventstore.run_steps import ATTEMPTS_EXHAUSTED, exhausted_attempts
+from executor import run_metrics
 from executor.context import ExecutorContext
 from executor.control import answering
 from executor.durable.dispatch import Dispatch, WorkQueue
@@ -174,6 +176,10 @@ class Taker:
         except Conflict:
             await dispatch.msg.ack()
             return False
+        if poisoned is None:
+            metrics.HANDOVERS.labels("resumed").inc()
+        else:
+            run_metrics.ended(run)
         return True
 
     async def _session(
@@ -291,6 +297,7 @@ class Taker:
                 await asyncio.to_thread(store.commit, run)
             except Conflict:
                 continue
+            run_metrics.ended(run)
             return run, failure
         raise Conflict(f"run {run_id} kept changing while it was being failed")
 
@@ -298,6 +305,7 @@ class Taker:
         assert run.error is not None
         step_index = run.steps_completed + 1
         log.error("run %s: dead-lettered: %s", run.run_id, run.error["message"])
+        metrics.HANDOVERS.labels("dead_lettered").inc()
         await self.queue.dead_letter(
             run.run_id,
             run.tenant,

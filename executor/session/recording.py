@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 from typing import Protocol
 
 import nats.errors
 
+from common import metrics
 from common.errors import AgentrunError, Conflict
 from eventstore.run import Run
 from executor.context import ExecutorContext
@@ -161,10 +163,12 @@ class InStore:
     async def commit(self, run: Run) -> None:
         # Shielded: a run handed back mid-commit waits for the commit's thread before its nak.
         self._commit = asyncio.ensure_future(asyncio.to_thread(self.ctx.run_store.commit, run))
+        began = time.perf_counter()
         try:
             await asyncio.shield(self._commit)
         except Conflict:
             raise TakenOver from None
+        metrics.STORE_COMMIT.observe(time.perf_counter() - began)
 
     async def state_changed(self, run: Run) -> None:
         return None  # the run list follows the store (executor.run_list_projection)
@@ -183,6 +187,7 @@ class InStore:
             await self._release(run)
             with contextlib.suppress(nats.errors.Error):
                 await msg.nak()
+            metrics.HANDOVERS.labels("released").inc()
             log.info("run %s: handed back for another executor", run.run_id)
             return
         if outcome is Outcome.FAILED:

@@ -24,12 +24,14 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from common import metrics
 from common.errors import FailedPrecondition, NotFound
 from common.event_streams import Published
 from eventstore.agent_config import AgentConfig
 from eventstore.run import Run
 from eventstore.run_commands import Cancel, Command, Decide, check_not_ended
 from eventstore.run_steps import AwaitApprovals
+from executor import run_metrics
 from executor.agent_loop import AgentLoop
 from executor.context import ExecutorContext
 from executor.control import answering
@@ -109,6 +111,14 @@ class RunSession:
         ``recorded_after``: recorded events the run's stream does not show yet (an executor
         that held the run before died between a commit and its publish)."""
         self.task = asyncio.current_task()
+        held = metrics.RUNS_HELD.labels(self.run.execution_mode)
+        held.inc()
+        try:
+            return await self._hold(recorded_after)
+        finally:
+            held.dec()
+
+    async def _hold(self, recorded_after: Sequence[Any]) -> Outcome:
         await self.recording.hold()
         await self.ctx.link.subscribe_control(
             self.run_id, answering(self._steer_from_control, self.ctx.executor_id)
@@ -284,3 +294,4 @@ class RunSession:
 
     async def finished(self, run: Run) -> None:
         await self.recording.ended(run)
+        run_metrics.ended(run)

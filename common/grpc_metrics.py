@@ -1,0 +1,131 @@
+"""Server metrics of gRPC calls, on both services: calls by method and status code, and their
+latency (a streaming call's latency is its whole life)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from common.metrics import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+    AnyHandler = grpc.RpcMethodHandler[Any, Any]
+    Context = grpc.aio.ServicerContext[Any, Any]
+else:  # not subscriptable at run time
+    ServerInterceptor = grpc.aio.ServerInterceptor
+    AnyHandler = grpc.RpcMethodHandler
+    Context = grpc.aio.ServicerContext
+
+CALLS = Counter(
+    "agentrun_grpc_server_handled",
+    "gRPC calls handled, by method and status code.",
+    ["method", "code"],
+)
+LATENCY = Histogram(
+    "agentrun_grpc_server_handling_seconds",
+    "gRPC calls, from their start to their status.",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+)
+
+
+class CallMetrics(ServerInterceptor):
+    """Counts and times every call (the outermost interceptor: what it sees is what the caller
+    gets). Methods it does not know (no handler) are left to gRPC's UNIMPLEMENTED."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, AnyHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[AnyHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> AnyHandler:
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:  # once per method: a server's handlers do not change once it runs
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return handler
+            wrapped = self._wrapped[method] = _measured_handler(handler, method)
+        return wrapped
+
+
+def _code_of(context: Context, exc: BaseException | None) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if exc is None:
+        return "OK"
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    return "UNKNOWN"
+
+
+def _measured_handler(handler: AnyHandler, method: str) -> AnyHandler:
+    calls = {code.name: CALLS.labels(method, code.name) for code in grpc.StatusCode}
+    latency = LATENCY.labels(method)
+
+    def done(context: Context, began: float, exc: BaseException | None) -> None:
+        latency.observe(time.perf_counter() - began)
+        code = _code_of(context, exc)
+        (calls.get(code) or CALLS.labels(method, code)).inc()
+
+    def awaited(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def measured(request: Any, context: Context) -> Any:
+            began = time.perf_counter()
+            try:
+                response = await behavior(request, context)
+            except BaseException as exc:
+                done(context, began, exc)
+                raise
+            done(context, began, None)
+            return response
+
+        return measured
+
+    def streamed(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        async def measured(request: Any, context: Context) -> AsyncIterator[Any]:
+            began = time.perf_counter()
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except BaseException as exc:
+                done(context, began, exc)
+                raise
+            done(context, began, None)
+
+        return measured
+
+    def wrap(behavior: Any) -> Any:
+        if inspect.isasyncgenfunction(behavior):
+            return streamed(behavior)
+        if inspect.iscoroutinefunction(behavior):
+            return awaited(behavior)
+        return None  # not asynchronous: left as it is
+
+    kinds = (
+        (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
+    )
+    for behavior, make in kinds:
+        if behavior is None:
+            continue
+        measured = wrap(behavior)
+        if measured is None:
+            return handler
+        return make(
+            measured,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
