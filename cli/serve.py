@@ -9,7 +9,6 @@ Prints ``agentrun-ready <port>`` once the service listens. Started that way, the
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -18,15 +17,19 @@ import time
 from dataclasses import replace
 
 from cli.launcher import READY_PREFIX
+from common import logs
 from common.settings import ConfigurationError, Settings
 
 
 def serve(service: str, listen: str | None = None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("AGENTRUN_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logs.configure(
+            os.environ.get("AGENTRUN_LOG_LEVEL", "INFO"),
+            os.environ.get("AGENTRUN_LOG_FORMAT", "") or "text",
+        )
+    except ValueError as exc:
+        print(f"agentrun {service}: {exc}", file=sys.stderr)
+        return 2
     try:
         return _serve(service, listen)
     except ConfigurationError as exc:

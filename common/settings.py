@@ -58,6 +58,8 @@
 |   |   | beyond it is answered RESOURCE_EXHAUSTED with the delay until it would be admitted |
 | AGENTRUN_METRICS_LISTEN | (none: not served) | host:port where the service serves Prometheus |
 |   |   | metrics (/metrics) |
+| AGENTRUN_LOG_FORMAT | text | text or json (one JSON object a line); read by ``agentrun gateway`` |
+|   |   | and ``agentrun executor`` (cli.serve) |
 
 With no API keys configured, every caller is the tenant "local" (the embedded default).
 """
