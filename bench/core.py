@@ -1,13 +1,15 @@
 """The core figures, fast: the loop to run while working on speed (about a minute).
 
     python -m bench.core [--mode classic|durable|both] [--runs N] [--database-url URL]
-                         [--tls off|public|internal|both]
+                         [--tls off|public|internal|both] [--metrics off|on]
 
 One nats-server, one executor, one gateway, as separate processes (as ``make bench``). For each
 mode: the first token at 1 client (p50/p99), then runs per second at 16 clients with the CPU
 each part of the stack spent per run (as bench.scale measures it). Prints one line per figure.
 ``--tls``: the client reaches the gateway over TLS (public), the gateway reaches the executor
 over mTLS (internal), or both; each client keeps one channel, so a handshake is not per run.
+``--metrics on``: every service serves /metrics (gRPC call metrics too), scraped every second
+while the figures are measured.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import httpx
+
 from bench.durable import create_agent
 from bench.latency import through_stack
 from bench.machine import loop_ms
@@ -29,16 +33,27 @@ from bench.stats import Summary
 from bench.throughput import under_load
 from bench.workload import bench_agent
 
+SCRAPE_INTERVAL = 1.0
 
-async def measure(url: str, tmp: Path, modes: list[str], runs: int, tls: str) -> None:
+
+async def measure(
+    url: str, tmp: Path, modes: list[str], runs: int, tls: str, metrics: bool
+) -> None:
     stack = Stack(
-        url, tmp, public_tls=tls in ("public", "both"), internal_tls=tls in ("internal", "both")
+        url,
+        tmp,
+        public_tls=tls in ("public", "both"),
+        internal_tls=tls in ("internal", "both"),
+        metrics=metrics,
     )
     credentials = stack.credentials
-    print(f"TLS: {tls}")
+    print(f"TLS: {tls}; metrics: {'on' if metrics else 'off'}")
+    scraping: asyncio.Task[None] | None = None
     try:
         _, executor = stack.executor()
         gateway = stack.gateway([executor])
+        if metrics:
+            scraping = asyncio.create_task(scrape_forever(stack.metrics_targets))
         target = gateway.address
         for mode in modes:
             agent_id = f"core-{mode}-{uuid.uuid4().hex[:6]}"
@@ -66,7 +81,19 @@ async def measure(url: str, tmp: Path, modes: list[str], runs: int, tls: str) ->
                 f"loop, so total = {sum(cpu.values()) / unit:.3f} loops"
             )
     finally:
+        if scraping is not None:
+            scraping.cancel()
         stack.stop()
+
+
+async def scrape_forever(targets: list[str]) -> None:
+    """Scrapes every service's /metrics every SCRAPE_INTERVAL, as Prometheus would (more
+    often than its default 15 s, so that scrapes weigh on the figures if they weigh at all)."""
+    async with httpx.AsyncClient() as http:
+        while True:
+            for target in targets:
+                (await http.get(f"http://{target}/metrics")).raise_for_status()
+            await asyncio.sleep(SCRAPE_INTERVAL)
 
 
 def main() -> None:
@@ -75,10 +102,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=400)
     parser.add_argument("--database-url", default=os.environ.get("AGENTRUN_BENCH_DATABASE_URL", ""))
     parser.add_argument("--tls", choices=("off", "public", "internal", "both"), default="off")
+    parser.add_argument("--metrics", choices=("off", "on"), default="off")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="agentrun-core-"))
     modes = ["classic", "durable"] if args.mode == "both" else [args.mode]
-    asyncio.run(measure(choose_store(args.database_url, tmp), tmp, modes, args.runs, args.tls))
+    store = choose_store(args.database_url, tmp)
+    asyncio.run(measure(store, tmp, modes, args.runs, args.tls, args.metrics == "on"))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import psycopg
 
-from cli.launcher import Service, start_agentrun, start_nats
+from cli.launcher import Service, free_port, start_agentrun, start_nats
 from common.certs import write_dev_certificates
 from common.tls import channel_credentials
 from eventstore.persistence import StoreConfig
@@ -34,11 +34,20 @@ class Stack:
     """nats-server, executors and a gateway for the benchmarks, as separate processes."""
 
     def __init__(
-        self, url: str, tmp: Path, *, public_tls: bool = False, internal_tls: bool = False
+        self,
+        url: str,
+        tmp: Path,
+        *,
+        public_tls: bool = False,
+        internal_tls: bool = False,
+        metrics: bool = False,
     ) -> None:
         """``public_tls``: the gateway serves TLS (clients use ``self.credentials``);
-        ``internal_tls``: gateways and executors talk over mTLS. Certificates from common.certs."""
+        ``internal_tls``: gateways and executors talk over mTLS. Certificates from common.certs.
+        ``metrics``: every service serves /metrics (their addresses: ``metrics_targets``)."""
         self.url = url
+        self.metrics = metrics
+        self.metrics_targets: list[str] = []
         self.tmp = tmp
         self.credentials: grpc.ChannelCredentials | None = None
         self.executor_env: dict[str, str] = {}
@@ -73,6 +82,13 @@ class Stack:
         self.services: list[Service] = []
         self._count = 0
 
+    def _metrics_env(self) -> dict[str, str]:
+        if not self.metrics:
+            return {}
+        listen = f"127.0.0.1:{free_port()}"
+        self.metrics_targets.append(listen)
+        return {"AGENTRUN_METRICS_LISTEN": listen}
+
     def executor(self, port: int = 0) -> tuple[str, Service]:
         self._count += 1
         name = f"bench-executor-{self._count}"
@@ -81,6 +97,7 @@ class Stack:
             **self.executor_env,
             "AGENTRUN_EXECUTOR_ID": name,
             "AGENTRUN_EXECUTOR_LISTEN": f"127.0.0.1:{port}",
+            **self._metrics_env(),
         }
         service = start_agentrun("executor", env, self.tmp / "logs", name)
         self.services.append(service)
@@ -91,7 +108,12 @@ class Stack:
         target = ",".join(e.address for e in executors)
         service = start_agentrun(
             "gateway",
-            {**self.env, **self.gateway_env, "AGENTRUN_EXECUTOR_TARGET": target},
+            {
+                **self.env,
+                **self.gateway_env,
+                "AGENTRUN_EXECUTOR_TARGET": target,
+                **self._metrics_env(),
+            },
             self.tmp / "logs",
             f"bench-gateway-{self._count}",
         )
