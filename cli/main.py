@@ -84,6 +84,8 @@ def _up(args: argparse.Namespace) -> int:
             # Loopback only, yet other users of this machine should not reach the executor.
             "AGENTRUN_INTERNAL_TOKEN": os.environ.get("AGENTRUN_INTERNAL_TOKEN")
             or secrets.token_urlsafe(32),
+            # Off: one AGENTRUN_METRICS_LISTEN of the caller's cannot serve two services.
+            "AGENTRUN_METRICS_LISTEN": "",
         }
         executor = start_agentrun("executor", env, logs)
         services.append(executor)

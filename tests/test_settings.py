@@ -402,3 +402,15 @@ def test_tenant_quotas_default_to_no_limit_and_are_read() -> None:
     assert (quotas.max_concurrent_runs, quotas.runs_per_minute) == (5, 60)
     with pytest.raises(ValueError, match="a limit is a count"):
         Settings.from_env({"AGENTRUN_TENANT_RUNS_PER_MINUTE": "-1"})
+
+
+def test_metrics_are_served_only_where_asked() -> None:
+    assert Settings.from_env({}).metrics_listen == ""
+    listen = {"AGENTRUN_METRICS_LISTEN": "0.0.0.0:9464"}
+    assert Settings.from_env(listen).metrics_listen == "0.0.0.0:9464"
+
+
+@pytest.mark.parametrize("listen", ["9464x", "localhost", "host:"])
+def test_a_metrics_address_without_a_port_is_refused(listen: str) -> None:
+    with pytest.raises(ConfigurationError):
+        Settings.from_env({"AGENTRUN_METRICS_LISTEN": listen})
