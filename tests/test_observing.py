@@ -51,7 +51,7 @@ async def scrape_until(port: int, settled: Callable[[Samples], bool]) -> Samples
 
 async def test_metrics_count_the_work_done(empty_stack: Stack) -> None:
     executor_port, gateway_port = free_port(), free_port()
-    empty_stack.start_executor(AGENTRUN_METRICS_LISTEN=f"127.0.0.1:{executor_port}")
+    executor = empty_stack.start_executor(AGENTRUN_METRICS_LISTEN=f"127.0.0.1:{executor_port}")
     gateway = empty_stack.start_gateway(AGENTRUN_METRICS_LISTEN=f"127.0.0.1:{gateway_port}")
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         client = Client(channel)
@@ -139,3 +139,5 @@ async def test_metrics_count_the_work_done(empty_stack: Stack) -> None:
         assert handled == calls, (method, code)
     # Runs are not the gateway's business.
     assert not [name for name, _ in served if name.startswith("agentrun_runs_")]
+    # Every scrape (and registering the cluster gauges, at start) read the cluster's numbers.
+    assert "metrics: cannot" not in executor.log()
