@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 from common import metrics
@@ -280,24 +280,20 @@ class AgentLoop:
             tool_call_id=call["id"],
             data_dir=self.tools.data_dir,
         )
-        began = time.perf_counter()
+        invoking = _measured(tool.invoke(arguments, context), settings.name)
         try:
-            output = await asyncio.wait_for(tool.invoke(arguments, context), settings.timeout)
-        except BaseException as exc:
-            metrics.tool_call(settings.name, time.perf_counter() - began, failed=True)
-            if isinstance(exc, RetryableToolError):
-                raise
-            if isinstance(exc, ToolError):
-                return _error(str(exc)), True
-            if isinstance(exc, TimeoutError):
-                raise RetryableToolError(
-                    "timeout", f"the tool timed out after {settings.timeout:g} s"
-                ) from None
-            if not isinstance(exc, Exception):
-                raise
+            output = await asyncio.wait_for(invoking, settings.timeout)
+        except RetryableToolError:
+            raise
+        except ToolError as exc:
+            return _error(str(exc)), True
+        except TimeoutError:
+            raise RetryableToolError(
+                "timeout", f"the tool timed out after {settings.timeout:g} s"
+            ) from None
+        except Exception as exc:
             log.exception("tool %s failed", call["name"])
             return _error(f"the tool failed: {type(exc).__name__}"), True
-        metrics.tool_call(settings.name, time.perf_counter() - began, failed=False)
         return _cut(output, self.tools.runtime.max_output_bytes), False
 
     def _tool_call_ids(self) -> set[str]:
@@ -320,6 +316,19 @@ class AgentLoop:
                     )
                 )
         return specs
+
+
+async def _measured(invoking: Awaitable[str], tool: str) -> str:
+    """A tool call's attempt, timed and counted (``tool``: its name in the agent, a bounded
+    label: a name the model makes up never gets this far)."""
+    began = time.perf_counter()
+    try:
+        output = await invoking
+    except BaseException:  # a timeout cancels the attempt: it failed too
+        metrics.tool_call(tool, time.perf_counter() - began, failed=True)
+        raise
+    metrics.tool_call(tool, time.perf_counter() - began, failed=False)
+    return output
 
 
 def _error(message: str) -> str:
