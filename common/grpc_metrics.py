@@ -70,13 +70,16 @@ def _code_of(context: Context, exc: BaseException | None) -> str:
 
 
 def _measured_handler(handler: AnyHandler, method: str) -> AnyHandler:
-    calls = {code.name: CALLS.labels(method, code.name) for code in grpc.StatusCode}
+    calls: dict[str, Counter] = {}  # by code, as they occur: no series for codes never seen
     latency = LATENCY.labels(method)
 
     def done(context: Context, began: float, exc: BaseException | None) -> None:
         latency.observe(time.perf_counter() - began)
         code = _code_of(context, exc)
-        (calls.get(code) or CALLS.labels(method, code)).inc()
+        counter = calls.get(code)
+        if counter is None:
+            counter = calls[code] = CALLS.labels(method, code)
+        counter.inc()
 
     def awaited(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def measured(request: Any, context: Context) -> Any:
