@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from agentrun.v1 import run_pb2
+from common import metrics
 from common.event_streams import append_end, is_terminal, last_published
 from eventstore.run_list import RunRecord
 from eventstore.run_status import TERMINAL_STATUSES
@@ -85,8 +86,17 @@ class LostRuns:
             if stream_end is None and not self._may_end(record, last, min_age, relayed):
                 return record
             # The stream may have an end the row lacks (the row's update failed at the end).
-            await asyncio.to_thread(run_list.update_active, run_id, **ended_fields(stream_end))
+            fields = ended_fields(stream_end)
+            settled = await asyncio.to_thread(run_list.update_active, run_id, **fields)
             record = await asyncio.to_thread(run_list.get, tenant, run_id)
+            if settled and stream_end is None:  # (a run that ended on its executor counted there)
+                metrics.run_ended(
+                    record.execution_mode,
+                    record.agent_id,
+                    record.status,
+                    record.error_code,
+                    record.created_at,
+                )
         end = await append_end(self.ctx.link, run_id, tenant, end_event_of(record), relayed)
         if end is not None:
             log.info(

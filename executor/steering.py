@@ -26,7 +26,7 @@ from eventstore.run import Run
 from eventstore.run_commands import Command, Decide
 from eventstore.run_list import RunRecord
 from eventstore.run_status import TERMINAL_STATUSES
-from executor import control
+from executor import control, run_metrics
 from executor.context import ExecutorContext
 from executor.durable.dispatch import WorkQueue
 from executor.durable.stored_events import publish_recorded
@@ -93,6 +93,8 @@ class Steering:
             return True  # a repeat: nothing to record
         recorded = list(run.pending_events)
         await asyncio.to_thread(self.ctx.run_store.commit, run)
+        if run.is_finished:  # a suspended run cancelled: no session records its end
+            run_metrics.ended(run)
         await self._announce(run, recorded)
         return True
 

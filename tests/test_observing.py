@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentrun.v1 import agent_pb2, run_pb2
+from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from cli.launcher import free_port
 from tests.client import Client, kinds, scripted_agent, until
 from tests.stack import Stack
@@ -66,9 +66,15 @@ async def test_metrics_count_the_work_done(empty_stack: Stack) -> None:
         for _ in range(2):
             assert kinds(await client.run(durable.id, "6*7?"))[-1] == "run_completed"
         assert kinds(await client.run(failing.id, "6*7?"))[-1] == "run_failed"
-        waiting = client.stream(approving.id, "email Ada")
-        run_id = (await until(waiting, "tool_approval_required"))[0].run_id
-        waiting.cancel()  # the run stays suspended: disconnecting is not deciding
+        suspended = []
+        for _ in range(2):
+            waiting = client.stream(approving.id, "email Ada")
+            suspended.append((await until(waiting, "tool_approval_required"))[0].run_id)
+            waiting.cancel()  # the run stays suspended: disconnecting is not deciding
+        run_id, cancelled = suspended
+        await client.runs.CancelRun(
+            run_service_pb2.CancelRunRequest(run_id=cancelled), metadata=client.metadata
+        )
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await client.get_run(str(uuid.uuid4()))
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
@@ -86,7 +92,7 @@ async def test_metrics_count_the_work_done(empty_stack: Stack) -> None:
         (classic.id, "classic"): 3,
         (durable.id, "durable"): 2,
         (failing.id, "classic"): 1,
-        (approving.id, "durable"): 1,
+        (approving.id, "durable"): 2,
     }
     for (agent, mode), count in started.items():
         assert value(ran, "agentrun_runs_started_total", mode=mode, agent=agent) == count
@@ -97,15 +103,17 @@ async def test_metrics_count_the_work_done(empty_stack: Stack) -> None:
     )
     assert failed == 1
     assert sum(v for (name, _), v in ran.items() if name == "agentrun_runs_failed_total") == 1
-    assert not [name for name, _ in ran if name == "agentrun_runs_cancelled_total"]
+    # The cancelled run was suspended: the executor that recorded its cancellation counts it.
+    assert value(ran, "agentrun_runs_cancelled_total", mode="durable", agent=approving.id) == 1
+    assert sum(v for (name, _), v in ran.items() if name == "agentrun_runs_cancelled_total") == 1
     # Every run's first token; the ends of those that ended.
     assert value(ran, "agentrun_first_token_seconds_count", mode="classic") == 4
-    assert value(ran, "agentrun_first_token_seconds_count", mode="durable") == 3
+    assert value(ran, "agentrun_first_token_seconds_count", mode="durable") == 4
     assert value(ran, "agentrun_run_duration_seconds_count", mode="classic") == 4
-    assert value(ran, "agentrun_run_duration_seconds_count", mode="durable") == 2
-    # Model calls: 2 per completed run, 1 for the failed one, 1 for the suspended one.
-    assert value(ran, "agentrun_model_call_seconds_count", provider="scripted") == 12
-    assert value(ran, "agentrun_step_duration_seconds_count", kind="model_call") == 12
+    assert value(ran, "agentrun_run_duration_seconds_count", mode="durable") == 3
+    # Model calls: 2 per completed run, 1 for the failed one, 1 for each suspended one.
+    assert value(ran, "agentrun_model_call_seconds_count", provider="scripted") == 13
+    assert value(ran, "agentrun_step_duration_seconds_count", kind="model_call") == 13
     # Tool calls: one per completed run, and one before the failure.
     assert value(ran, "agentrun_tool_call_seconds_count", tool="calculator") == 6
     assert value(ran, "agentrun_step_duration_seconds_count", kind="tool_call") == 6
@@ -113,8 +121,8 @@ async def test_metrics_count_the_work_done(empty_stack: Stack) -> None:
     assert tokens_out is not None
     assert tokens_out > 0
     # Durable commits: 3 per completed run (a model call, the tool, the final answer and its
-    # end in one save), 2 for the suspended run (its model call, its approval request).
-    assert value(ran, "agentrun_store_commit_seconds_count") == 8
+    # end in one save), 2 for each suspended run (its model call, its approval request).
+    assert value(ran, "agentrun_store_commit_seconds_count") == 10
     assert value(ran, "agentrun_dispatch_pending") == 0
     assert value(ran, "agentrun_dispatch_redelivered") == 0
     assert not [name for name, _ in ran if name == "agentrun_handovers_total"]
@@ -122,13 +130,23 @@ async def test_metrics_count_the_work_done(empty_stack: Stack) -> None:
     create = "/agentrun.v1.AgentService/CreateAgent"
     get = "/agentrun.v1.RunService/GetRun"
     stream = "/agentrun.v1.RunService/StreamRun"
-    forwarded: Mapping[tuple[str, str], int] = {(create, "OK"): 4, (get, "NOT_FOUND"): 1}
-    served = await scrape(gateway_port)
+    cancel = "/agentrun.v1.RunService/CancelRun"
+    forwarded: Mapping[tuple[str, str], int] = {
+        (create, "OK"): 4,
+        (get, "NOT_FOUND"): 1,
+        (cancel, "OK"): 1,
+    }
+
+    def streams_ended(samples: Samples) -> bool:
+        """Every StreamRun has its status (a cancelled call's comes after the client left)."""
+        return value(samples, "agentrun_grpc_server_handling_seconds_count", method=stream) == 8
+
+    served = await scrape_until(gateway_port, streams_ended)
     for (method, code), calls in {
         **forwarded,
         (get, "OK"): 1,
         (stream, "OK"): 6,
-        (stream, "CANCELLED"): 1,
+        (stream, "CANCELLED"): 2,
     }.items():
         handled = value(served, "agentrun_grpc_server_handled_total", method=method, code=code)
         assert handled == calls, (method, code)
