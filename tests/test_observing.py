@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from cli.launcher import free_port
 from tests.client import Client, kinds, scripted_agent, until
-from tests.stack import Stack
+from tests.stack import Stack, holder_of
 
 DURABLE = agent_pb2.EXECUTION_MODE_DURABLE
 CALCULATE = [("Let me work it out.", [("calculator", '{"expression": "6*7"}')]), ("42.", [])]
@@ -159,3 +159,36 @@ async def test_metrics_count_the_work_done(empty_stack: Stack) -> None:
     assert not [name for name, _ in served if name.startswith("agentrun_runs_")]
     # Every scrape (and registering the cluster gauges, at start) read the cluster's numbers.
     assert "metrics: cannot" not in executor.log()
+
+
+async def test_a_run_handed_over_is_counted_where_it_resumes(empty_stack: Stack) -> None:
+    ports = {name: free_port() for name in ("exec-a", "exec-b")}
+    executors = {
+        name: empty_stack.start_executor(
+            AGENTRUN_EXECUTOR_ID=name, AGENTRUN_METRICS_LISTEN=f"127.0.0.1:{port}"
+        )
+        for name, port in ports.items()
+    }
+    gateway = empty_stack.start_gateway()
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        client = Client(channel)
+        agent = await client.create_agent(
+            scripted_agent(turns=CALCULATE, mode=DURABLE, token_delay_ms=100)
+        )
+        call = client.stream(agent.id, "6*7?")
+        run_id = (await until(call, "text_delta"))[0].run_id
+        holder = await holder_of(empty_stack, run_id)
+        assert holder in executors
+        (other,) = set(executors) - {holder}
+        executors[holder].stop()  # it drains: the run is handed back; the other resumes it
+        call.cancel()
+        assert kinds(await client.watch_all(run_id))[-1] == "run_completed"
+
+    def ended(samples: Samples) -> bool:
+        return value(samples, "agentrun_runs_held", mode="durable") == 0
+
+    resumed = await scrape_until(ports[other], ended)
+    assert value(resumed, "agentrun_handovers_total", kind="resumed") == 1
+    assert value(resumed, "agentrun_runs_completed_total", mode="durable", agent=agent.id) == 1
+    # Handed back by the executor that drained, not by this one.
+    assert value(resumed, "agentrun_handovers_total", kind="released") is None
