@@ -12,6 +12,7 @@ import pytest
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from executor.agent_loop import CUT_MARKER
 from tests.client import Client, kinds, rest, scripted_agent, until
+from tests.stack import Stack
 
 CLASSIC, DURABLE = agent_pb2.EXECUTION_MODE_CLASSIC, agent_pb2.EXECUTION_MODE_DURABLE
 MODES = pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
@@ -256,3 +257,32 @@ async def test_an_approval_may_edit_the_arguments_within_the_tools_schema(
         assert asked["tool_calls"][0]["arguments_json"] == original
         decided = [p for t, p in history if t == "ToolApprovalDecided"]
         assert [d["arguments_json"] for d in decided] == [edited]
+
+
+async def test_a_result_and_an_edit_reach_a_classic_run_held_by_another_executor(
+    empty_stack: Stack,
+) -> None:
+    """Each gateway reaches one executor: the run is held by the first, the approval and the
+    result come in through the second, which carries them over the run's control subject."""
+    first_executor, second_executor = empty_stack.start_executor(), empty_stack.start_executor()
+    first = empty_stack.start_gateway(first_executor.address)
+    second = empty_stack.start_gateway(second_executor.address)
+    async with (
+        grpc.aio.insecure_channel(first.address) as near,
+        grpc.aio.insecure_channel(second.address) as far,
+    ):
+        holder, other = Client(near), Client(far)
+        agent = await holder.create_agent(client_tool_agent(CLASSIC, requires_approval=True))
+        live = holder.stream(agent.id, "weather?")
+        before = await until(live, "tool_approval_required")
+        run_id, tool_call_id = before[0].run_id, before[-1].tool_approval_required.tool_call.id
+        invalid = await refused(approve_with(other, run_id, tool_call_id, '{"town": "Oslo"}'))
+        assert invalid.code() == grpc.StatusCode.INVALID_ARGUMENT
+        oslo = json.dumps({"city": "Oslo"})
+        await approve_with(other, run_id, tool_call_id, oslo)
+        handed = await until(live, "client_tool_call_required")
+        assert handed[-1].client_tool_call_required.tool_call.arguments_json == oslo
+        await submit(other, run_id, tool_call_id, "snow")
+        after = await rest(live)
+    assert only(after, "tool_result").output == "snow"
+    assert after[-1].run_completed.output == "It is sunny."
