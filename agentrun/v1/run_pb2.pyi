@@ -710,8 +710,9 @@ class ToolResult(_message.Message):
     output: _builtins.str
     """What the tool returned (usually JSON), or the error message."""
     is_error: _builtins.bool
-    """Whether the call failed (an error, a timeout, malformed arguments or a denial); the error
-    goes back to the model, which carries on.
+    """Whether the call failed (an error, a timeout, malformed arguments or a denial; for a tool the
+    client executes, a result it submitted with is_error, or none in time); the error goes back
+    to the model, which carries on.
     """
     def __init__(
         self,
