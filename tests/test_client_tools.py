@@ -259,6 +259,9 @@ async def test_an_approval_may_edit_the_arguments_within_the_tools_schema(
         assert [d["arguments_json"] for d in decided] == [edited]
 
 
+# The control subject's path does not depend on the store: one backend spares the PostgreSQL
+# server the connections of two more executors.
+@pytest.mark.parametrize("empty_stack", ["sqlite"], indirect=True)
 async def test_a_result_and_an_edit_reach_a_classic_run_held_by_another_executor(
     empty_stack: Stack,
 ) -> None:
