@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from common.errors import InvalidArgument
 from common.json_values import json_size, nested_deeper_than
-from eventstore.extensions import MODEL_PROVIDERS, TOOLS
+from eventstore.extensions import BUILTIN_SCHEMAS, MODEL_PROVIDERS, TOOLS
 from eventstore.retry_policy import (
     DEFAULT_MODEL_RETRY_POLICY,
     DEFAULT_TOOL_RETRY_POLICY,
@@ -122,7 +122,7 @@ class ModelSettings:
     scripted: ScriptedSettings = ScriptedSettings()
 
 
-ToolKind = Literal["builtin", "http"]
+ToolKind = Literal["builtin", "http", "client"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,25 @@ class HttpToolSettings:
 
 
 @dataclass(frozen=True)
+class ClientToolSettings:
+    """A tool that the calling program executes: the run hands it the call and waits for the
+    result. ``parameters``: the JSON Schema of the arguments."""
+
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"description": self.description, "parameters": self.parameters}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> ClientToolSettings:
+        return ClientToolSettings(
+            description=data.get("description", ""),
+            parameters=dict(data.get("parameters") or {}),
+        )
+
+
+@dataclass(frozen=True)
 class ToolSettings:
     """A tool of an agent. ``name`` is what the model calls it by (a built-in tool's name, or
     the name its kind gives it); ``retry_policy`` None means the agent's tool_retry_policy."""
@@ -166,6 +185,18 @@ class ToolSettings:
     kind: ToolKind = "builtin"
     http: HttpToolSettings | None = None
     retry_policy: RetryPolicy | None = None
+    client: ClientToolSettings | None = None
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        """The JSON Schema of the arguments (None: a kind whose schema is not known here)."""
+        if self.http is not None:
+            return self.http.parameters
+        if self.client is not None:
+            return self.client.parameters
+        if self.kind == "builtin":
+            return BUILTIN_SCHEMAS.get(self.name)
+        return None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -180,6 +211,8 @@ class ToolSettings:
             data["http"] = self.http.to_json()
         if self.retry_policy is not None:
             data["retry_policy"] = self.retry_policy.to_json()
+        if self.client is not None:
+            data["client"] = self.client.to_json()
         return data
 
     @staticmethod
@@ -187,6 +220,7 @@ class ToolSettings:
         """Also the tools of agents stored before tools had kinds: built-in tools."""
         http = data.get("http")
         policy = data.get("retry_policy")
+        client = data.get("client")
         return ToolSettings(
             name=data["name"],
             description=data.get("description", ""),
@@ -199,6 +233,7 @@ class ToolSettings:
                 if policy is not None
                 else None
             ),
+            client=ClientToolSettings.from_json(client) if client is not None else None,
         )
 
 

@@ -89,9 +89,10 @@ class Run(Aggregate):
     classes themselves (the stored topic stays ``eventstore.run:Run.<name>``)."""
 
     # Version 2 of a run's state: its agent has retry policies, and ``releases`` is always
-    # there. Version 3: ``model_failures``. Version 4: ``tool_failures``. Snapshots of earlier
-    # versions are upcast when they are read.
-    class_version = 4
+    # there. Version 3: ``model_failures``. Version 4: ``tool_failures``. Version 5:
+    # ``client_calls`` and ``edited_arguments``. Snapshots of earlier versions are upcast when
+    # they are read.
+    class_version = 5
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -105,6 +106,11 @@ class Run(Aggregate):
     @staticmethod
     def upcast_v3_v4(state: dict[str, Any]) -> None:
         state["tool_failures"] = []
+
+    @staticmethod
+    def upcast_v4_v5(state: dict[str, Any]) -> None:
+        state["client_calls"] = {}
+        state["edited_arguments"] = {}
 
     class Requested(Aggregate.Created):
         """Version 2: the agent has retry policies (earlier requests get the defaults)."""
@@ -166,10 +172,30 @@ class Run(Aggregate):
         expire_at: float
 
     class ToolApprovalDecided(StepResult):
+        """Version 2: ``arguments_json``, the arguments an approval edited ("" if none: the
+        call runs with the model's, which its ModelCallCompleted keeps either way)."""
+
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["arguments_json"] = ""
+
         tool_call_id: str
         approved: bool
         reason: str
         timed_out: bool
+        arguments_json: str
+
+    class ClientToolCallRequired(StepResult):
+        """The call is the client's to execute (a client tool): the run waits for its result
+        until ``expire_at`` (epoch seconds). ``arguments_json``: what the client runs it with
+        (the approved arguments, if an approval edited them)."""
+
+        step_index: int
+        tool_call_id: str
+        arguments_json: str
+        expire_at: float
 
     class ToolCallCompleted(StepResult):
         step_index: int
@@ -252,6 +278,8 @@ class Run(Aggregate):
         self.releases: dict[str, int] = {}  # step index -> attempts handed back by a drain
         self.model_failures: list[ModelFailure] = []  # of the model call in progress
         self.tool_failures: list[ToolFailure] = []  # of the run's tool calls
+        self.client_calls: dict[str, float] = {}  # tool call id -> when waiting for it ends
+        self.edited_arguments: dict[str, str] = {}  # tool call id -> arguments an approval set
         self.holder = ""
         self.forked_from_run_id = forked_from_run_id
         self.forked_at_version = forked_at_version
@@ -341,9 +369,43 @@ class Run(Aggregate):
 
     @property
     def approval_deadline(self) -> float | None:
-        """When the first undecided approval times out (epoch seconds), if any waits."""
+        """When the first wait for the outside ends (epoch seconds: an undecided approval times
+        out, or a client's tool result is too late), if the run waits."""
         waiting = [self.approvals_required[c["id"]] for c in self.awaiting_decision()]
+        waiting += [self.client_calls[c["id"]] for c in self.awaiting_result()]
         return min(waiting) if waiting else None
+
+    @property
+    def waits(self) -> bool:
+        """Whether the run waits for the outside (decisions, or a client's tool results)."""
+        return bool(self.awaiting_decision() or self.awaiting_result())
+
+    def awaiting_result(self) -> list[ToolCall]:
+        """Tool calls handed to the client whose result has not come."""
+        return [c for c in self.pending_tool_calls() if c["id"] in self.client_calls]
+
+    def arguments_of(self, call: ToolCall) -> str:
+        """The arguments the call runs with: an approval's edit, or the model's."""
+        return self.edited_arguments.get(call["id"]) or call["arguments_json"]
+
+    def check_result(self, tool_call_id: str, output: str, is_error: bool) -> bool:
+        """Validates a client's result. True if it is new; False if it repeats the recorded one.
+
+        Raises FailedPrecondition if the call does not wait for a result, or has another."""
+        recorded = self.outcomes.get(tool_call_id)
+        if recorded is not None and tool_call_id in self.client_calls:
+            if recorded == {"output": output, "is_error": is_error}:
+                return False
+            raise FailedPrecondition(
+                f"tool call {tool_call_id!r} already has another result; a result cannot change"
+            )
+        if self.is_finished:
+            raise FailedPrecondition(f"run {self.run_id} has already ended ({self.status})")
+        if tool_call_id not in self.client_calls:
+            raise FailedPrecondition(
+                f"tool call {tool_call_id!r} does not wait for a result from the client"
+            )
+        return True
 
     def awaiting_decision(self) -> list[ToolCall]:
         """Tool calls whose approval was required and not yet decided."""
@@ -353,7 +415,7 @@ class Run(Aggregate):
             if c["id"] in self.approvals_required and c["id"] not in self.decisions
         ]
 
-    def check_decision(self, tool_call_id: str, approved: bool) -> bool:
+    def check_decision(self, tool_call_id: str, approved: bool, arguments_json: str = "") -> bool:
         """Validates a decision. True if it is new; False if it repeats the recorded one.
 
         Raises FailedPrecondition if the call is not awaiting approval, or was decided otherwise.
@@ -361,6 +423,10 @@ class Run(Aggregate):
         recorded = self.decisions.get(tool_call_id)
         if recorded is not None:
             if recorded["approved"] == approved:
+                if self.edited_arguments.get(tool_call_id, "") != arguments_json:
+                    raise FailedPrecondition(
+                        f"tool call {tool_call_id!r} was already approved with other arguments"
+                    )
                 return False
             verdict = "approved" if recorded["approved"] else "denied"
             how = " by the approval timeout" if recorded["timed_out"] else ""
@@ -466,14 +532,30 @@ class Run(Aggregate):
         self.status = "awaiting_approval"
 
     @event(ToolApprovalDecided)
-    def decide(self, tool_call_id: str, approved: bool, reason: str, timed_out: bool) -> None:
+    def decide(
+        self,
+        tool_call_id: str,
+        approved: bool,
+        reason: str,
+        timed_out: bool,
+        arguments_json: str = "",
+    ) -> None:
         self.decisions[tool_call_id] = {
             "approved": approved,
             "reason": reason,
             "timed_out": timed_out,
         }
+        if arguments_json:
+            self.edited_arguments[tool_call_id] = arguments_json
         if not self.awaiting_decision():
             self.status = "running"
+
+    @event(ClientToolCallRequired)
+    def require_client_result(
+        self, step_index: int, tool_call_id: str, arguments_json: str, expire_at: float
+    ) -> None:
+        self.client_calls[tool_call_id] = expire_at
+        self.status = "awaiting_tool_result"
 
     @event(ToolCallCompleted)
     def record_tool_outcome(
@@ -481,6 +563,8 @@ class Run(Aggregate):
     ) -> None:
         self.outcomes[tool_call_id] = {"output": output, "is_error": is_error}
         self.messages.append(tool_message(tool_call_id, output, is_error))
+        if self.status == "awaiting_tool_result":
+            self.status = "running"
         if not self.pending_tool_calls():
             self.steps_completed = step_index
 

@@ -58,6 +58,25 @@ class RunTool:
 
 
 @dataclass(frozen=True)
+class HandToClient:
+    """The call is the client's to execute (a client tool): record that the run waits for its
+    result, with the arguments the client runs it with."""
+
+    step_index: int
+    call: ToolCall
+    arguments_json: str
+
+
+@dataclass(frozen=True)
+class AwaitResults:
+    """Wait until the client submits these calls' results, or until ``expire_at``."""
+
+    step_index: int
+    calls: tuple[ToolCall, ...]
+    expire_at: float
+
+
+@dataclass(frozen=True)
 class Finish:
     """Complete the run with this output."""
 
@@ -78,7 +97,17 @@ class Finished:
     """The run has ended; nothing is left to do."""
 
 
-Step = CallModel | RequestApprovals | AwaitApprovals | RunTool | Finish | FailRun | Finished
+Step = (
+    CallModel
+    | RequestApprovals
+    | AwaitApprovals
+    | RunTool
+    | HandToClient
+    | AwaitResults
+    | Finish
+    | FailRun
+    | Finished
+)
 
 
 def next_step(run: Run) -> Step:
@@ -111,7 +140,17 @@ def next_step(run: Run) -> Step:
     decision = run.decisions.get(call["id"])
     if decision is not None and not decision["approved"]:
         return RunTool(step_index=step_index, call=call, denial=decision)
+    if _client_executes(run, call):
+        if call["id"] in run.client_calls:
+            expire_at = run.client_calls[call["id"]]
+            return AwaitResults(step_index=step_index, calls=(call,), expire_at=expire_at)
+        return HandToClient(step_index=step_index, call=call, arguments_json=run.arguments_of(call))
     return _tool_call(run, step_index, call)
+
+
+def _client_executes(run: Run, call: ToolCall) -> bool:
+    tool = run.agent_config.tool(call["name"])
+    return tool is not None and tool.kind == "client"
 
 
 def _tool_call(run: Run, step_index: int, call: ToolCall) -> RunTool:

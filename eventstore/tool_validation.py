@@ -15,7 +15,7 @@ from jsonschema.exceptions import SchemaError
 from common.errors import InvalidArgument
 
 if TYPE_CHECKING:
-    from eventstore.agent_config import HttpToolSettings, ToolSettings
+    from eventstore.agent_config import ClientToolSettings, HttpToolSettings, ToolSettings
 
 # The tool-name rule of the model APIs (OpenAI's and Anthropic's function names).
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -36,7 +36,7 @@ def validate_tools(tools: Sequence[ToolSettings]) -> None:
     seen: dict[str, int] = {}
     for index, tool in enumerate(tools):
         field = f"agent.tools[{index}]"
-        name_field = f"{field}.http.name" if tool.kind == "http" else f"{field}.name"
+        name_field = f"{field}.{tool.kind}.name" if tool.kind != "builtin" else f"{field}.name"
         if not TOOL_NAME.fullmatch(tool.name):
             raise InvalidArgument(name_field, "must be 1-64 characters of a-z, A-Z, 0-9, _ and -")
         if tool.name in seen:
@@ -48,6 +48,10 @@ def validate_tools(tools: Sequence[ToolSettings]) -> None:
             if tool.http is None:
                 raise InvalidArgument(f"{field}.http", "is required for an HTTP tool")
             _validate_http(f"{field}.http", tool.http)
+        if tool.kind == "client":
+            if tool.client is None:
+                raise InvalidArgument(f"{field}.client", "is required for a client tool")
+            _validate_client(f"{field}.client", tool.client)
         if tool.retry_policy is not None:
             tool.retry_policy.validate(f"{field}.retry_policy")
 
@@ -75,6 +79,18 @@ def _validate_http(field: str, http: HttpToolSettings) -> None:
                 f"{field}.headers_from_env[{header}]",
                 f"{env!r} is not an environment variable name",
             )
+
+
+def _validate_client(field: str, client: ClientToolSettings) -> None:
+    _check_description(f"{field}.description", client.description)
+    check_schema(f"{field}.parameters", client.parameters)
+
+
+def _check_description(field: str, description: str) -> None:
+    if not description.strip():
+        raise InvalidArgument(field, "is required: the model reads it")
+    if len(description) > MAX_DESCRIPTION_LENGTH:
+        raise InvalidArgument(field, f"must be at most {MAX_DESCRIPTION_LENGTH:,} characters")
 
 
 def check_url(field: str, url: str) -> None:

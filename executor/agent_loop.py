@@ -20,10 +20,12 @@ from eventstore.messages import ToolCall
 from eventstore.run import Run
 from eventstore.run_steps import (
     AwaitApprovals,
+    AwaitResults,
     CallModel,
     FailRun,
     Finish,
     Finished,
+    HandToClient,
     RequestApprovals,
     RunTool,
     Step,
@@ -55,11 +57,12 @@ class RunHost(Protocol):
         ...
 
     async def status_changed(self, run: Run) -> None:
-        """The run started or stopped waiting for approvals."""
+        """The run started or stopped waiting for the outside (approvals, a client's results)."""
         ...
 
-    async def wait_for_decisions(self, run: Run, step: AwaitApprovals) -> bool:
-        """Waits for the decisions (or their deadline). False stops the loop (run suspended)."""
+    async def wait_for_decisions(self, run: Run, step: AwaitApprovals | AwaitResults) -> bool:
+        """Waits for the decisions or the client's results (or their deadline). False stops the
+        loop (run suspended)."""
         ...
 
     async def finished(self, run: Run) -> None:
@@ -102,8 +105,10 @@ class AgentLoop:
             await self._call_model(step)
         elif isinstance(step, RequestApprovals):
             await self._request_approvals(step)
-        elif isinstance(step, AwaitApprovals):
+        elif isinstance(step, AwaitApprovals | AwaitResults):
             return await self.host.wait_for_decisions(self.run, step)
+        elif isinstance(step, HandToClient):
+            await self._hand_to_client(step)
         elif isinstance(step, RunTool):
             await self._run_tool(step)
         elif isinstance(step, Finish):
@@ -202,6 +207,16 @@ class AgentLoop:
         await self._commit()
         await self.host.status_changed(self.run)
 
+    async def _hand_to_client(self, step: HandToClient) -> None:
+        self._announce(step.step_index, TOOL_CALLS)
+        settings = self.config.tool(step.call["name"])
+        timeout = settings.timeout if settings is not None else 0.0
+        self.run.require_client_result(
+            step.step_index, step.call["id"], step.arguments_json, time.time() + timeout
+        )
+        await self._commit()
+        await self.host.status_changed(self.run)
+
     async def _run_tool(self, step: RunTool) -> None:
         backoff = step.not_before - time.time()
         if backoff > 0:
@@ -247,7 +262,7 @@ class AgentLoop:
         if settings is None or tool is None:
             return _error(f"unknown tool {call['name']!r}"), True
         try:
-            arguments = parse_arguments(call["arguments_json"])
+            arguments = parse_arguments(self.run.arguments_of(call))
         except ToolError as exc:
             return _error(str(exc)), True
         context = ToolContext(
@@ -269,7 +284,7 @@ class AgentLoop:
         except Exception as exc:
             log.exception("tool %s failed", call["name"])
             return _error(f"the tool failed: {type(exc).__name__}"), True
-        return _cut(output, self.tools.runtime.max_output_bytes), False
+        return cut_output(output, self.tools.runtime.max_output_bytes), False
 
     def _tool_call_ids(self) -> set[str]:
         """The ids of the run's tool calls so far (read from its messages once per loop; the
@@ -297,7 +312,7 @@ def _error(message: str) -> str:
     return json.dumps({"error": message})
 
 
-def _cut(output: str, limit: int) -> str:
+def cut_output(output: str, limit: int) -> str:
     """A result of at most ``limit`` bytes of UTF-8, and a marker the model sees if it was cut
     (a tool that reads from elsewhere cuts its result itself, before it holds all of it)."""
     if len(output) * 4 <= limit:  # (short enough in any encoding: no need to encode it)

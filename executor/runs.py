@@ -271,7 +271,7 @@ class Runs:
             status=fork.status,
             version=fork.version,
         )
-        if fork.awaiting_decision():
+        if fork.waits:
             return record_of(fork, "")  # it waits for a decision: nothing to run yet
         return (await self.modes.durable.launch(fork, fork.agent_config)).record
 

@@ -270,7 +270,13 @@ def test_history_gives_versions_types_and_payloads_within_bounds(runs: RunStore)
             "usage": {"input_tokens": 3, "output_tokens": 5},
         },
         {"step_index": 2, "tool_call_id": "c1", "expire_at": 1_000_000.25},
-        {"tool_call_id": "c1", "approved": False, "reason": "not now", "timed_out": False},
+        {
+            "tool_call_id": "c1",
+            "approved": False,
+            "reason": "not now",
+            "timed_out": False,
+            "arguments_json": "",
+        },
         {"step_index": 2, "tool_call_id": "c1", "output": "denied: not now", "is_error": True},
         {"code": "MODEL_ERROR", "message": "the model is down", "retryable": True},
     ]
@@ -527,6 +533,8 @@ def test_a_snapshot_taken_by_an_earlier_version_is_upcast(
         del data["state"]["releases"]  # (versions before drains had none)
         del data["state"]["model_failures"]  # (nor before retries)
         del data["state"]["tool_failures"]  # (nor before tool retries)
+        del data["state"]["client_calls"], data["state"]["edited_arguments"]  # (nor before
+        # client tools and approvals that edit)
 
     assert runs.snapshots is not None
     runs.snapshots.recorder.insert_events([as_stored_by_version_1(runs, snapshot, to_version_1)])
@@ -538,6 +546,26 @@ def test_a_snapshot_taken_by_an_earlier_version_is_upcast(
         assert loaded.releases_of(2) == 0
     finally:
         fresh.close()
+
+
+def test_a_decision_recorded_before_approvals_could_edit_loads_without_an_edit(
+    runs: RunStore,
+) -> None:
+    run = awaiting_run(runs)
+    run.decide("c2", True, "fine", False)
+    (decided,) = run.collect_events()
+
+    def to_version_1(data: dict[str, Any]) -> None:
+        assert data.pop("class_version") == 2
+        assert data.pop("arguments_json") == ""
+
+    runs.recorder.insert_events([as_stored_by_version_1(runs, decided, to_version_1)])
+    runs.forget(run.run_id)
+    loaded = runs.load(run.run_id)
+    assert loaded.decisions["c2"]["approved"]
+    assert loaded.arguments_of(loaded.tool_call("c2")) == loaded.tool_call("c2")["arguments_json"]
+    (stored,) = [e for e in runs.history(run.run_id) if e.type == "ToolApprovalDecided"]
+    assert stored.payload["arguments_json"] == ""
 
 
 def test_a_fork_starts_a_failed_model_call_afresh(runs: RunStore) -> None:

@@ -400,9 +400,7 @@ class Tool(_message.Message):
 
     @_builtins.property
     def client(self) -> Global___ClientTool:
-        """A tool that the calling program executes. Not supported yet: refused with
-        INVALID_ARGUMENT.
-        """
+        """A tool that the calling program executes (see ClientTool)."""
 
     @_builtins.property
     def retry_policy(self) -> Global___RetryPolicy:
@@ -607,9 +605,12 @@ Global___McpServerTool: _TypeAlias = McpServerTool  # noqa: Y015
 
 @_typing.final
 class ClientTool(_message.Message):
-    """A tool that the calling program executes: the run emits the call and waits for its result
-    from the client. Not supported yet: an agent with one is refused with INVALID_ARGUMENT ("not
-    supported yet").
+    """A tool that the calling program executes: when a call's turn comes, the run emits
+    ClientToolCallRequired and waits (a durable run suspended in the store) for the result, which
+    any client of the tenant submits from any gateway (RunService.SubmitToolResult or Converse's
+    tool_result). Tool.timeout is how long the run waits: then the model gets a tool error.
+    Tool.requires_approval: the call is approved first, then the client executes it. Retry
+    policies do not apply (a client reports a failure as its result, with is_error).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
