@@ -83,7 +83,6 @@ def test_a_builtin_by_name_or_by_kind_is_the_same_tool() -> None:
 @pytest.mark.parametrize(
     ("tool", "field"),
     [
-        (agent_pb2.Tool(mcp=agent_pb2.McpServerTool(url="https://mcp.example.com")), "mcp"),
         (agent_pb2.Tool(client=agent_pb2.ClientTool(name="pick_file")), "client"),
     ],
 )
