@@ -51,12 +51,20 @@ class McpServer:
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.mcp_server", str(self.port)],
-            stdout=subprocess.DEVNULL,
-        )
+        self.process = self._start()
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = f"{self.base}/mcp"
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.mcp_server", str(self.port)], stdout=subprocess.DEVNULL
+        )
+
+    def restart(self) -> None:
+        """Kills the server and starts another on the same port (which knows no sessions)."""
+        self.stop()
+        self.process = self._start()
+        self.wait_ready()
 
     def wait_ready(self) -> None:
         with httpx.Client() as http:
@@ -242,6 +250,22 @@ async def test_the_openai_provider_is_offered_the_servers_tools_and_calls_one(
     assert first[0][1] == "Looks a word up."
     assert first[0][2]["properties"]["query"]["type"] == "string"
     assert first[0][2]["required"] == ["query"]
+
+
+async def test_a_restarted_server_gets_a_new_session(client: Client, mcp: McpServer) -> None:
+    """The executor's session to the server outlives a run; the server restarts and forgets it:
+    the next run's listing and call go over a new session."""
+    calls = (("kb_lookup", '{"query": "Lima"}'),)
+    first = await client.create_agent(scripted(mcp_tool(mcp.url), calls))
+    events = await client.run(first.id, "look Lima up")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    mcp.restart()
+    second = await client.create_agent(scripted(mcp_tool(mcp.url), calls))  # (not cached)
+    events = await client.run(second.id, "look Lima up again")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    (result,) = results(events)
+    assert (result.output, result.is_error) == ("found Lima", False)
+    assert len(await mcp.calls(1)) == 1  # (the new process's)
 
 
 async def test_an_unreachable_server_fails_the_run_naming_it(client: Client) -> None:

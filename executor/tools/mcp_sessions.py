@@ -17,7 +17,7 @@ from mcp import types
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from mcp_types.jsonrpc import CONNECTION_CLOSED
+from mcp.types import CONNECTION_CLOSED, INVALID_REQUEST
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +93,31 @@ class McpSessions:
         return connection
 
     async def _request(self, url: str, headers: dict[str, str], call: Any) -> Any:
-        """Runs ``call(session)``; a broken session is dropped (the next request opens
-        another) and raises McpUnreachable."""
-        connection = self._connection(url, headers)
-        session = await connection.session()
-        try:
-            return await call(session)
-        except (httpx2.TransportError, OSError, McpUnreachable) as exc:
-            await self._drop(connection)
-            raise McpUnreachable(_reason(exc)) from None
-        except Exception as exc:
-            closed = isinstance(exc, MCPError) and exc.code == CONNECTION_CLOSED
-            if closed or type(exc).__module__.startswith("anyio"):  # (a closed or broken stream)
+        """Runs ``call(session)``. A session the server no longer knows (it restarted) is
+        replaced and the request made once more on the new one: the server refused it without
+        running it. A broken session is dropped (the next request opens another) and raises
+        McpUnreachable."""
+        for fresh in (False, True):
+            connection = self._connection(url, headers)
+            session = await connection.session()
+            try:
+                return await call(session)
+            except (httpx2.TransportError, OSError, McpUnreachable) as exc:
                 await self._drop(connection)
                 raise McpUnreachable(_reason(exc)) from None
-            raise
+            except MCPError as exc:
+                if exc.code == CONNECTION_CLOSED:
+                    await self._drop(connection)
+                    raise McpUnreachable(exc.message) from None
+                if exc.code != INVALID_REQUEST or fresh:
+                    raise
+                await self._drop(connection)  # ("Session not found": ask a new session)
+            except Exception as exc:
+                if type(exc).__module__.startswith("anyio"):  # (a closed or broken stream)
+                    await self._drop(connection)
+                    raise McpUnreachable(_reason(exc)) from None
+                raise
+        raise AssertionError("unreachable")  # (the second pass returns or raises)
 
     async def _drop(self, connection: _Connection) -> None:
         connection.broken = True
