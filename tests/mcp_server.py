@@ -3,7 +3,7 @@ built on the official SDK's server over Streamable HTTP at /mcp.
 
 Its tools: ``lookup`` answers at once; ``held`` answers once the test releases it (to kill an
 executor while its call is in flight); ``hang`` never answers; ``failing`` answers with isError.
-At /broken/mcp a hand-written endpoint answers tools/call with a malformed result. The test
+At /raw/<mode>/mcp a hand-written endpoint misbehaves (see ``raw``). The test
 steers and reads it over HTTP: POST /control/add_tool adds ``extra``, POST /control/remove_tool
 removes ``lookup``, POST /control/release releases held calls, GET /control/calls?count=N
 returns the calls received (tool, arguments, idempotency key) once there are N.
@@ -100,33 +100,46 @@ async def received(request: Request) -> Response:
         return JSONResponse(calls)
 
 
-async def broken(request: Request) -> Response:
-    """A Streamable HTTP endpoint (JSON responses) whose tools/call result is malformed."""
+slow_starts: list[int] = []
+
+
+async def raw(request: Request) -> Response:
+    """A hand-written Streamable HTTP endpoint (JSON responses) at /raw/<mode>/mcp: ``broken``
+    answers tools/call with a malformed result; ``slowstart`` never answers its first
+    initialize (later ones at once); ``many`` lists 200 tools."""
     if request.method != "POST":
         return Response(status_code=405)
+    mode = request.path_params["mode"]
     message = await request.json()
     method = message.get("method")
     if "id" not in message:  # a notification
         return Response(status_code=202)
     result: dict[str, Any]
     if method == "initialize":
+        if mode == "slowstart" and not slow_starts:
+            slow_starts.append(1)
+            await asyncio.Event().wait()
         result = {
             "protocolVersion": message["params"]["protocolVersion"],
             "capabilities": {"tools": {}},
-            "serverInfo": {"name": "broken", "version": "1"},
+            "serverInfo": {"name": mode, "version": "1"},
         }
     elif method == "tools/list":
+        count = 200 if mode == "many" else 1
         result = {
             "tools": [
                 {
-                    "name": "mangled",
+                    "name": f"mangled{i}" if mode == "many" else "mangled",
                     "description": "Answers nonsense.",
                     "inputSchema": {"type": "object"},
                 }
+                for i in range(count)
             ]
         }
-    elif method == "tools/call":
+    elif method == "tools/call" and mode == "broken":
         result = {"content": "not a list of content blocks", "isError": "perhaps"}
+    elif method == "tools/call":
+        result = {"content": [{"type": "text", "text": "started"}]}
     else:
         result = {}
     return JSONResponse({"jsonrpc": "2.0", "id": message["id"], "result": result})
@@ -135,7 +148,7 @@ async def broken(request: Request) -> Response:
 def main() -> None:
     port = int(sys.argv[1])
     app = server.streamable_http_app()
-    app.router.routes.append(Route("/broken/mcp", broken, methods=["POST", "GET", "DELETE"]))
+    app.router.routes.append(Route("/raw/{mode}/mcp", raw, methods=["POST", "GET", "DELETE"]))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 

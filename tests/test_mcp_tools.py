@@ -300,7 +300,7 @@ async def test_a_hanging_call_times_out_and_is_retried_by_its_policy(
 
 async def test_a_malformed_response_is_a_tool_error(client: Client, mcp: McpServer) -> None:
     agent = await client.create_agent(
-        scripted(mcp_tool(f"{mcp.base}/broken/mcp"), (("kb_mangled", "{}"),))
+        scripted(mcp_tool(f"{mcp.base}/raw/broken/mcp"), (("kb_mangled", "{}"),))
     )
     events = await client.run(agent.id, "mangle")
     assert events[-1].run_completed.output == "Done.", kinds(events)
@@ -308,6 +308,22 @@ async def test_a_malformed_response_is_a_tool_error(client: Client, mcp: McpServ
     assert result.is_error
     assert "malformed response" in result.output
     assert tool_attempts(events) == [1]
+
+
+async def test_a_server_that_hangs_while_the_session_opens_is_asked_again_by_the_next_run(
+    client: Client, mcp: McpServer
+) -> None:
+    tool = mcp_tool(f"{mcp.base}/raw/slowstart/mcp")
+    tool.timeout.FromSeconds(1)
+    hung = await client.create_agent(scripted(tool, (("kb_mangled", "{}"),)))
+    events = await client.run(hung.id, "start")
+    failed = events[-1].run_failed.error
+    assert failed.code == run_pb2.RUN_ERROR_CODE_TOOL_UNAVAILABLE, kinds(events)
+    assert "/raw/slowstart/mcp did not list its tools within 1 s" in failed.message
+    events = await client.run(hung.id, "start again")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    (result,) = results(events)
+    assert (result.output, result.is_error) == ("started", False)
 
 
 async def test_a_tool_name_that_clashes_fails_the_run(client: Client, mcp: McpServer) -> None:

@@ -99,7 +99,13 @@ class McpSessions:
         McpUnreachable."""
         for fresh in (False, True):
             connection = self._connection(url, headers)
-            session = await connection.session()
+            try:
+                session = await connection.session()
+            except BaseException:
+                # (the caller's timeout, say: a server that hangs while the session opens must
+                # not keep every later request waiting on it)
+                await self._drop(connection)
+                raise
             try:
                 return await call(session)
             except (httpx2.TransportError, OSError, McpUnreachable) as exc:
