@@ -326,6 +326,17 @@ async def test_a_server_that_hangs_while_the_session_opens_is_asked_again_by_the
     assert (result.output, result.is_error) == ("started", False)
 
 
+async def test_a_server_listing_too_many_tools_fails_the_run(
+    client: Client, mcp: McpServer
+) -> None:
+    url = f"{mcp.base}/raw/many/mcp"
+    agent = await client.create_agent(scripted(mcp_tool(url), (("kb_mangled0", "{}"),)))
+    events = await client.run(agent.id, "many")
+    failed = events[-1].run_failed.error
+    assert failed.code == run_pb2.RUN_ERROR_CODE_TOOL_UNAVAILABLE, kinds(events)
+    assert f"the MCP server {url} lists more than 128 tools" in failed.message
+
+
 async def test_a_tool_name_that_clashes_fails_the_run(client: Client, mcp: McpServer) -> None:
     agent = scripted(mcp_tool(mcp.url), (("kb_lookup", "{}"),))
     agent.tools[0].mcp.name_prefix = ""

@@ -20,14 +20,25 @@ from mcp import types
 from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
-from eventstore.agent_config import AgentConfig, McpServerSettings, ToolSettings
+from common.json_values import json_size
+from eventstore.agent_config import MAX_AGENT_BYTES, AgentConfig, McpServerSettings, ToolSettings
 from eventstore.run import PinnedTool
-from eventstore.tool_validation import MAX_DESCRIPTION_LENGTH, TOOL_NAME
+from eventstore.tool_validation import (
+    MAX_DESCRIPTION_LENGTH,
+    MAX_MCP_TOOL_NAMES,
+    MAX_SCHEMA_BYTES,
+    TOOL_NAME,
+)
 from executor.tools.base import RetryableToolError, ToolContext, ToolError, ToolRuntime
 from executor.tools.mcp_sessions import McpSessions, McpUnreachable
 
 # How long a listing is reused for runs of the same agent version.
 LISTING_TTL = 5.0
+# Bounds on what a run pins (it is recorded in the run and offered at every model call): as
+# many tools as an agent may name of a server, each schema as large as an HTTP tool's, and the
+# whole as large as an agent.
+MAX_PINNED_TOOLS = MAX_MCP_TOOL_NAMES
+MAX_PINNED_BYTES = MAX_AGENT_BYTES
 
 
 class ToolUnavailable(Exception):
@@ -90,15 +101,34 @@ class McpListings:
                         retryable=False,
                     )
                 names.add(name)
+                parameters = dict(tool.input_schema or {"type": "object"})
+                if json_size(parameters) > MAX_SCHEMA_BYTES:
+                    raise ToolUnavailable(
+                        f"the MCP server {server.url} lists a tool {name!r} whose input schema "
+                        f"is larger than {MAX_SCHEMA_BYTES:,} bytes",
+                        retryable=False,
+                    )
                 pinned.append(
                     {
                         "name": name,
                         "server": index,
                         "server_name": tool.name,
                         "description": (tool.description or "")[:MAX_DESCRIPTION_LENGTH],
-                        "parameters": dict(tool.input_schema or {"type": "object"}),
+                        "parameters": parameters,
                     }
                 )
+                if len(pinned) > MAX_PINNED_TOOLS:
+                    raise ToolUnavailable(
+                        f"the MCP server {server.url} lists more than {MAX_PINNED_TOOLS} tools "
+                        "(with the agent's other servers): name the ones to offer in tool_names",
+                        retryable=False,
+                    )
+        if json_size(pinned) > MAX_PINNED_BYTES:
+            raise ToolUnavailable(
+                f"the tools of the agent's MCP servers take more than {MAX_PINNED_BYTES:,} bytes "
+                "(names, descriptions and schemas): name fewer in tool_names",
+                retryable=False,
+            )
         self._cache[key] = (now + LISTING_TTL, pinned)
         return pinned
 
