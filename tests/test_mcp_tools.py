@@ -21,7 +21,7 @@ import pytest
 
 from agentrun.v1 import agent_pb2, run_pb2
 from cli.launcher import free_port
-from tests.client import Client, kinds
+from tests.client import Client, kinds, rest, until
 from tests.openai_wire_server import Completion, OpenAIWireServer, WireToolCall
 from tests.test_bad_input import status_of
 from tests.test_durable_crashes import Reader
@@ -266,6 +266,23 @@ async def test_a_restarted_server_gets_a_new_session(client: Client, mcp: McpSer
     (result,) = results(events)
     assert (result.output, result.is_error) == ("found Lima", False)
     assert len(await mcp.calls(1)) == 1  # (the new process's)
+
+
+@pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
+async def test_a_server_tool_that_requires_approval_runs_once_approved(
+    client: Client, mcp: McpServer, mode: agent_pb2.ExecutionMode.ValueType
+) -> None:
+    tool = mcp_tool(mcp.url, requires_approval=True)
+    agent = await client.create_agent(scripted(tool, (("kb_lookup", '{"query": "Quito"}'),), mode))
+    call = client.stream(agent.id, "look Quito up")
+    before = await until(call, "tool_approval_required")
+    assert await mcp.calls(0) == []  # (not called before the approval)
+    required = before[-1].tool_approval_required.tool_call
+    await client.approve(before[0].run_id, required.id)
+    events = before + await rest(call)
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    (result,) = results(events)
+    assert (result.output, result.is_error) == ("found Quito", False)
 
 
 async def test_an_unreachable_server_fails_the_run_naming_it(client: Client) -> None:
