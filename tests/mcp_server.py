@@ -2,11 +2,12 @@
 built on the official SDK's server over Streamable HTTP at /mcp.
 
 Its tools: ``lookup`` answers at once; ``held`` answers once the test releases it (to kill an
-executor while its call is in flight); ``hang`` never answers; ``failing`` answers with isError.
-At /raw/<mode>/mcp a hand-written endpoint misbehaves (see ``raw``). The test
-steers and reads it over HTTP: POST /control/add_tool adds ``extra``, POST /control/remove_tool
-removes ``lookup``, POST /control/release releases held calls, GET /control/calls?count=N
-returns the calls received (tool, arguments, idempotency key) once there are N.
+executor while its call is in flight); ``hang`` never answers; ``failing`` answers with isError;
+``big`` answers a long text. At /raw/<mode>/mcp a hand-written endpoint misbehaves (see
+``raw``). The test steers and reads the server over HTTP: POST /control/add_tool adds ``extra``,
+POST /control/remove_tool removes ``lookup``, POST /control/release releases held calls, GET
+/control/calls?count=N returns the calls received (tool, arguments, idempotency key) once there
+are N.
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ async def failing(ctx: Context) -> str:
     """Always fails."""
     await record("failing", {}, ctx)
     raise ToolError("the lookup service is down")
+
+
+@server.tool()
+async def big(size: int, ctx: Context) -> str:
+    """Answers ``size`` two-byte characters."""
+    await record("big", {"size": size}, ctx)
+    return "é" * size
 
 
 async def extra(ctx: Context) -> str:

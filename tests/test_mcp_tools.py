@@ -43,7 +43,7 @@ __all__ = ["client", "crash_stack", "tool_stack"]  # (fixtures of test_http_tool
 GUARD = 60.0  # seconds; only bounds a hang
 KEY_ENV = "MCP_E2E_OPENAI_API_KEY"  # (set in EXECUTOR_ENV's copy below)
 EXECUTOR_ENV[KEY_ENV] = "sk-mcp-e2e"
-ALL_TOOLS = ["kb_lookup", "kb_held", "kb_hang", "kb_failing"]
+ALL_TOOLS = ["kb_lookup", "kb_held", "kb_hang", "kb_failing", "kb_big"]
 
 
 class McpServer:
@@ -283,6 +283,19 @@ async def test_a_server_tool_that_requires_approval_runs_once_approved(
     assert events[-1].run_completed.output == "Done.", kinds(events)
     (result,) = results(events)
     assert (result.output, result.is_error) == ("found Quito", False)
+
+
+async def test_a_long_result_is_cut_with_a_marker(client: Client, mcp: McpServer) -> None:
+    agent = await client.create_agent(
+        scripted(mcp_tool(mcp.url), (("kb_big", '{"size": 100000}'),))
+    )
+    events = await client.run(agent.id, "big")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    (result,) = results(events)
+    assert not result.is_error
+    kept, marker = result.output.split("\n[agentrun: ")
+    assert kept == "é" * (65536 // 2)
+    assert marker == "the tool's result was cut here: it is longer than 65536 bytes]"
 
 
 async def test_an_unreachable_server_fails_the_run_naming_it(client: Client) -> None:
