@@ -154,6 +154,16 @@ def offered(request_body: dict[str, Any]) -> list[tuple[str, str, Any]]:
     ]
 
 
+async def assert_still_serving(client: Client, mcp: McpServer) -> None:
+    """The executor runs an agent with a working MCP tool to its end."""
+    agent = await client.create_agent(
+        scripted(mcp_tool(mcp.url), (("kb_lookup", '{"query": "ok"}'),))
+    )
+    events = await client.run(agent.id, "still there?")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    assert results(events)[0].output == "found ok"
+
+
 # --- CreateAgent ----------------------------------------------------------------------------
 
 
@@ -298,7 +308,9 @@ async def test_a_long_result_is_cut_with_a_marker(client: Client, mcp: McpServer
     assert marker == "the tool's result was cut here: it is longer than 65536 bytes]"
 
 
-async def test_an_unreachable_server_fails_the_run_naming_it(client: Client) -> None:
+async def test_an_unreachable_server_fails_the_run_naming_it(
+    client: Client, mcp: McpServer
+) -> None:
     url = f"http://127.0.0.1:{free_port()}/mcp"
     agent = await client.create_agent(scripted(mcp_tool(url), (("kb_lookup", "{}"),)))
     events = await client.run(agent.id, "look it up")
@@ -306,6 +318,7 @@ async def test_an_unreachable_server_fails_the_run_naming_it(client: Client) -> 
     assert failed.code == run_pb2.RUN_ERROR_CODE_TOOL_UNAVAILABLE, kinds(events)
     assert url in failed.message
     assert "could not be reached" in failed.message
+    await assert_still_serving(client, mcp)
 
 
 async def test_a_hanging_call_times_out_and_is_retried_by_its_policy(
@@ -326,6 +339,7 @@ async def test_a_hanging_call_times_out_and_is_retried_by_its_policy(
     first, second = await mcp.calls(2)
     assert first["tool"] == second["tool"] == "hang"
     assert first["key"] == second["key"] == f"{events[0].run_id}:{result.tool_call_id}"
+    await assert_still_serving(client, mcp)
 
 
 async def test_a_malformed_response_is_a_tool_error(client: Client, mcp: McpServer) -> None:
@@ -338,6 +352,7 @@ async def test_a_malformed_response_is_a_tool_error(client: Client, mcp: McpServ
     assert result.is_error
     assert "malformed response" in result.output
     assert tool_attempts(events) == [1]
+    await assert_still_serving(client, mcp)
 
 
 async def test_a_server_that_hangs_while_the_session_opens_is_asked_again_by_the_next_run(
