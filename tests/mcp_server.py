@@ -114,7 +114,8 @@ slow_starts: list[int] = []
 async def raw(request: Request) -> Response:
     """A hand-written Streamable HTTP endpoint (JSON responses) at /raw/<mode>/mcp: ``broken``
     answers tools/call with a malformed result; ``slowstart`` never answers its first
-    initialize (later ones at once); ``many`` lists 200 tools."""
+    initialize (later ones at once); ``many`` lists 200 tools; ``badlist`` answers tools/list with
+    a malformed result."""
     if request.method != "POST":
         return Response(status_code=405)
     mode = request.path_params["mode"]
@@ -132,6 +133,8 @@ async def raw(request: Request) -> Response:
             "capabilities": {"tools": {}},
             "serverInfo": {"name": mode, "version": "1"},
         }
+    elif method == "tools/list" and mode == "badlist":
+        result = {"tools": "not a list of tools"}
     elif method == "tools/list":
         count = 200 if mode == "many" else 1
         result = {

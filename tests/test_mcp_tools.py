@@ -371,6 +371,18 @@ async def test_a_server_that_hangs_while_the_session_opens_is_asked_again_by_the
     assert (result.output, result.is_error) == ("started", False)
 
 
+async def test_a_malformed_tool_list_fails_the_run_naming_the_server(
+    client: Client, mcp: McpServer
+) -> None:
+    url = f"{mcp.base}/raw/badlist/mcp"
+    agent = await client.create_agent(scripted(mcp_tool(url), (("kb_mangled", "{}"),)))
+    events = await client.run(agent.id, "list")
+    failed = events[-1].run_failed.error
+    assert failed.code == run_pb2.RUN_ERROR_CODE_TOOL_UNAVAILABLE, kinds(events)
+    assert f"the MCP server {url} did not list its tools" in failed.message
+    await assert_still_serving(client, mcp)
+
+
 async def test_a_server_listing_too_many_tools_fails_the_run(
     client: Client, mcp: McpServer
 ) -> None:
