@@ -14,7 +14,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate, event
 
 from common.errors import FailedPrecondition
-from eventstore.agent_config import AgentConfig
+from eventstore.agent_config import AgentConfig, ToolSettings
 from eventstore.messages import (
     ChatMessage,
     ToolCall,
@@ -82,6 +82,18 @@ def _add_v1_retry_policies(agent: dict[str, Any]) -> None:
     agent.setdefault("tool_retry_policy", _V1_TOOL_RETRY_POLICY.to_json())
 
 
+class PinnedTool(TypedDict):
+    """A tool of an MCP server as the run offers it: ``name`` (with the server's prefix) is what
+    the model calls it; ``server`` is the server's index in the agent's tools; ``server_name``
+    the server's own name for it."""
+
+    name: str
+    server: int
+    server_name: str
+    description: str
+    parameters: dict[str, Any]
+
+
 class Run(Aggregate):
     """One run of an agent. The aggregate id is the run id (a UUID).
 
@@ -90,9 +102,9 @@ class Run(Aggregate):
 
     # Version 2 of a run's state: its agent has retry policies, and ``releases`` is always
     # there. Version 3: ``model_failures``. Version 4: ``tool_failures``. Version 5:
-    # ``client_calls`` and ``edited_arguments``. Snapshots of earlier versions are upcast when
-    # they are read.
-    class_version = 5
+    # ``client_calls`` and ``edited_arguments``. Version 6: ``pinned_tools``. Snapshots of
+    # earlier versions are upcast when they are read.
+    class_version = 6
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -111,6 +123,10 @@ class Run(Aggregate):
     def upcast_v4_v5(state: dict[str, Any]) -> None:
         state["client_calls"] = {}
         state["edited_arguments"] = {}
+
+    @staticmethod
+    def upcast_v5_v6(state: dict[str, Any]) -> None:
+        state["pinned_tools"] = None
 
     class Requested(Aggregate.Created):
         """Version 2: the agent has retry policies (earlier requests get the defaults)."""
@@ -165,6 +181,12 @@ class Run(Aggregate):
         message: str
         retry_after: float
         failed_at: float
+
+    class ToolsListed(StepResult):
+        """The tools of the agent's MCP servers, as listed when the run started: the run offers
+        exactly these, wherever and whenever it goes on (a fork too)."""
+
+        tools: list[PinnedTool]
 
     class ToolApprovalRequired(StepResult):
         step_index: int
@@ -280,6 +302,7 @@ class Run(Aggregate):
         self.tool_failures: list[ToolFailure] = []  # of the run's tool calls
         self.client_calls: dict[str, float] = {}  # tool call id -> when waiting for it ends
         self.edited_arguments: dict[str, str] = {}  # tool call id -> arguments an approval set
+        self.pinned_tools: list[PinnedTool] | None = None  # its MCP servers' tools, once listed
         self.holder = ""
         self.forked_from_run_id = forked_from_run_id
         self.forked_at_version = forked_at_version
@@ -340,8 +363,19 @@ class Run(Aggregate):
         return False
 
     def requires_approval(self, call: ToolCall) -> bool:
-        tool = self.agent_config.tool(call["name"])
+        tool = self.tool_settings_of(call["name"])
         return tool is not None and tool.requires_approval
+
+    def pinned_tool(self, name: str) -> PinnedTool | None:
+        """The MCP server's tool the model calls ``name``, as pinned at the run's start."""
+        return next((t for t in self.pinned_tools or () if t["name"] == name), None)
+
+    def tool_settings_of(self, name: str) -> ToolSettings | None:
+        """The agent's settings of the tool the model calls ``name``: its own, or for a tool of
+        an MCP server, the server's."""
+        config = self.agent_config
+        pinned = self.pinned_tool(name)
+        return config.tools[pinned["server"]] if pinned is not None else config.tool(name)
 
     def attempt_of(self, step_index: int) -> int:
         """1, or more if the step was retried (its model call failed) or interrupted (by a
@@ -525,6 +559,11 @@ class Run(Aggregate):
             }
         )
         self.attempts[str(step_index)] = self.attempt_of(step_index) + 1
+
+    @event(ToolsListed)
+    def list_tools(self, tools: list[PinnedTool]) -> None:
+        """Pins the tools of the agent's MCP servers (see ToolsListed)."""
+        self.pinned_tools = tools
 
     @event(ToolApprovalRequired)
     def require_approval(self, step_index: int, tool_call_id: str, expire_at: float) -> None:

@@ -27,6 +27,12 @@ class CallModel:
 
 
 @dataclass(frozen=True)
+class ListTools:
+    """List the tools of the agent's MCP servers and pin them in the run (before its first
+    model call)."""
+
+
+@dataclass(frozen=True)
 class RequestApprovals:
     """Ask a human to decide on these tool calls (record that approval is required)."""
 
@@ -98,7 +104,8 @@ class Finished:
 
 
 Step = (
-    CallModel
+    ListTools
+    | CallModel
     | RequestApprovals
     | AwaitApprovals
     | RunTool
@@ -114,6 +121,8 @@ def next_step(run: Run) -> Step:
     """The one next step of ``run``, decided from its recorded events alone."""
     if run.is_finished:
         return Finished()
+    if run.pinned_tools is None and run.agent_config.mcp_servers:
+        return ListTools()
     step_index = run.steps_completed + 1
     last = run.messages[-1]
     if last["role"] == "assistant" and not last.get("tool_calls"):
@@ -160,7 +169,7 @@ def _tool_call(run: Run, step_index: int, call: ToolCall) -> RunTool:
     if not failures:
         return RunTool(step_index=step_index, call=call, denial=None)
     config = run.agent_config
-    last, policy = failures[-1], config.tool_retry_policy_of(config.tool(call["name"]))
+    last, policy = failures[-1], config.tool_retry_policy_of(run.tool_settings_of(call["name"]))
     if not policy.retries(last["code"], True, len(failures)):
         message = last["message"]
         if len(failures) >= policy.maximum_attempts:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from eventstore.agent_config import AgentConfig
+from eventstore.agent_config import AgentConfig, ToolSettings
 from eventstore.messages import ToolCall
 from eventstore.run import Run
 from eventstore.run_steps import (
@@ -26,6 +26,7 @@ from eventstore.run_steps import (
     Finish,
     Finished,
     HandToClient,
+    ListTools,
     RequestApprovals,
     RunTool,
     Step,
@@ -37,7 +38,8 @@ from executor.models.base import ModelError, ModelRequest, ToolSpec
 from executor.run_stream import RunStream
 from executor.tools import Tools
 from executor.tools.arguments import parse_arguments
-from executor.tools.base import RetryableToolError, ToolContext, ToolError
+from executor.tools.base import RetryableToolError, Tool, ToolContext, ToolError
+from executor.tools.mcp import ToolUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,9 @@ class AgentLoop:
                 return
 
     async def _perform(self, step: Step) -> bool:
-        if isinstance(step, CallModel):
+        if isinstance(step, ListTools):
+            await self._list_tools()
+        elif isinstance(step, CallModel):
             await self._call_model(step)
         elif isinstance(step, RequestApprovals):
             await self._request_approvals(step)
@@ -149,6 +153,17 @@ class AgentLoop:
         """An earlier executor of the run announced this attempt of this step (and the steps
         before it)."""
         self._announce = Announcements(self.stream, self.host.attempt, step, attempt)
+
+    async def _list_tools(self) -> None:
+        """Pins the tools of the agent's MCP servers in the run; a server that cannot be
+        listed fails the run."""
+        try:
+            pinned = await self.tools.mcp.pin(self.run.tenant, self.config)
+        except ToolUnavailable as exc:
+            await self.fail("TOOL_UNAVAILABLE", str(exc), retryable=exc.retryable)
+            return
+        self.run.list_tools(pinned)
+        await self._commit()
 
     async def _call_model(self, step: CallModel) -> None:
         run, stream = self.run, self.stream
@@ -257,8 +272,8 @@ class AgentLoop:
     async def _invoke(self, call: ToolCall) -> tuple[str, bool]:
         """Runs an attempt of a tool call; a failure becomes an error result for the model,
         except one that a retry may cure (RetryableToolError, which a timeout is too)."""
-        settings = self.config.tool(call["name"])
-        tool = self.tools.resolve(settings) if settings is not None else None
+        settings = self.run.tool_settings_of(call["name"])
+        tool = self._resolve(call["name"], settings) if settings is not None else None
         if settings is None or tool is None:
             return _error(f"unknown tool {call['name']!r}"), True
         try:
@@ -293,9 +308,17 @@ class AgentLoop:
             self._seen_ids = {c["id"] for m in self.run.messages for c in m.get("tool_calls", [])}
         return self._seen_ids
 
+    def _resolve(self, name: str, settings: ToolSettings) -> Tool | None:
+        pinned = self.run.pinned_tool(name)
+        if pinned is not None:
+            return self.tools.resolve_pinned(settings, pinned)
+        return self.tools.resolve(settings)
+
     def _tool_specs(self) -> list[ToolSpec]:
         specs = []
         for settings in self.config.tools:
+            if settings.kind == "mcp":
+                continue  # (its tools are pinned in the run: below)
             tool = self.tools.resolve(settings)
             if tool is not None:
                 specs.append(
@@ -305,6 +328,14 @@ class AgentLoop:
                         parameters=tool.parameters,
                     )
                 )
+        for pinned in self.run.pinned_tools or ():
+            specs.append(
+                ToolSpec(
+                    name=pinned["name"],
+                    description=pinned["description"],
+                    parameters=pinned["parameters"],
+                )
+            )
         return specs
 
 

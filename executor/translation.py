@@ -23,6 +23,7 @@ from eventstore.agent_config import (
     ClientToolSettings,
     ExecutionMode,
     HttpToolSettings,
+    McpServerSettings,
     ModelSettings,
     ScriptedSettings,
     ScriptedToolCall,
@@ -71,6 +72,7 @@ ERROR_ENUMS: dict[str, run_pb2.RunErrorCode.ValueType] = {
     "ATTEMPTS_EXHAUSTED": run_pb2.RUN_ERROR_CODE_ATTEMPTS_EXHAUSTED,
     "INTERNAL": run_pb2.RUN_ERROR_CODE_INTERNAL,
     "DISPATCH_FAILED": run_pb2.RUN_ERROR_CODE_DISPATCH_FAILED,
+    "TOOL_UNAVAILABLE": run_pb2.RUN_ERROR_CODE_TOOL_UNAVAILABLE,
 }
 
 
@@ -163,11 +165,9 @@ def agent_from_proto(agent: agent_pb2.Agent) -> AgentConfig:
 
 
 def _tool_of(index: int, tool: agent_pb2.Tool) -> ToolSettings:
-    """A tool's settings; the kinds not supported yet are refused here, naming their field."""
+    """A tool's settings."""
     field = f"agent.tools[{index}]"
     kind = tool.WhichOneof("kind")
-    if kind == "mcp":
-        raise InvalidArgument(f"{field}.{kind}", "MCP server tools are not supported yet")
     timeout = seconds_of(tool.timeout) if tool.HasField("timeout") else DEFAULT_TOOL_TIMEOUT
     policy = (
         _retry_policy_of(tool.retry_policy, DEFAULT_TOOL_RETRY_POLICY)
@@ -188,6 +188,18 @@ def _tool_of(index: int, tool: agent_pb2.Tool) -> ToolSettings:
     )
     if kind == "client":
         return _client_tool_of(field, tool, settings)
+    if kind == "mcp":
+        mcp = tool.mcp
+        return replace(
+            settings,
+            kind="mcp",
+            mcp=McpServerSettings(
+                url=mcp.url,
+                headers_from_env=dict(mcp.headers_from_env),
+                tool_names=tuple(mcp.tool_names),
+                name_prefix=mcp.name_prefix,
+            ),
+        )
     if kind != "http":
         return settings
     if tool.name:
@@ -306,6 +318,11 @@ def agent_to_proto(config: AgentConfig) -> agent_pb2.Agent:
             added.client.name = tool.name
             added.client.description = tool.client.description
             added.client.parameters.update(tool.client.parameters)
+        elif tool.mcp is not None:
+            added.mcp.url = tool.mcp.url
+            added.mcp.headers_from_env.update(tool.mcp.headers_from_env)
+            added.mcp.tool_names.extend(tool.mcp.tool_names)
+            added.mcp.name_prefix = tool.mcp.name_prefix
         else:
             added.name = tool.name  # (not builtin: what clients before the kinds read)
         added.timeout.FromNanoseconds(int(tool.timeout * 1e9))

@@ -80,20 +80,6 @@ def test_a_builtin_by_name_or_by_kind_is_the_same_tool() -> None:
     assert caught.value.field == "agent.tools[0].name"
 
 
-@pytest.mark.parametrize(
-    ("tool", "field"),
-    [
-        (agent_pb2.Tool(mcp=agent_pb2.McpServerTool(url="https://mcp.example.com")), "mcp"),
-    ],
-)
-def test_mcp_tools_are_not_supported_yet(tool: agent_pb2.Tool, field: str) -> None:
-    proto = agent_pb2.Agent(id="helper", tools=[agent_pb2.Tool(name="clock"), tool])
-    with pytest.raises(InvalidArgument) as caught:
-        agent_from_proto(proto)
-    assert caught.value.field == f"agent.tools[1].{field}"
-    assert "not supported yet" in caught.value.description
-
-
 def test_a_client_tool_round_trips() -> None:
     tool = agent_pb2.Tool(
         client=agent_pb2.ClientTool(name="pick_file", description="Asks the user for a file.")

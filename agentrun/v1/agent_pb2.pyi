@@ -396,7 +396,9 @@ class Tool(_message.Message):
 
     @_builtins.property
     def mcp(self) -> Global___McpServerTool:
-        """The tools of an MCP server. Not supported yet: refused with INVALID_ARGUMENT."""
+        """The tools of an MCP server (leave `name` empty: each tool has the server's name for it,
+        with mcp.name_prefix before it).
+        """
 
     @_builtins.property
     def client(self) -> Global___ClientTool:
@@ -539,8 +541,17 @@ Global___HttpTool: _TypeAlias = HttpTool  # noqa: Y015
 
 @_typing.final
 class McpServerTool(_message.Message):
-    """The tools of an MCP server reached over Streamable HTTP. Not supported yet: an agent with one
-    is refused with INVALID_ARGUMENT ("not supported yet").
+    """The tools of an MCP server reached over Streamable HTTP. When a run starts, the executor asks
+    the server for its tools (name, description, input schema; cached for a few seconds per agent
+    version) and pins the list in the run: a durable run resumed on another executor, replayed or
+    forked offers the model exactly those tools. A server that cannot be reached then fails the run
+    with RUN_ERROR_CODE_TOOL_UNAVAILABLE, naming the server; so does a tool name that clashes with
+    another tool of the agent. Each attempt of a call carries, in the MCP request's `_meta`,
+    "agentrun/idempotency_key": "<run id>:<tool call id>" (the same for every attempt). A
+    connection error or a timeout (the Tool's timeout) is retried by the Tool's retry_policy
+    ("transport", "timeout"); a result with isError, or a malformed response, goes to the model as
+    a tool error. Tool.requires_approval, timeout and retry_policy apply to each of the server's
+    tools; Tool.description must be empty (each tool has the server's description).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -585,7 +596,9 @@ class McpServerTool(_message.Message):
 
     @_builtins.property
     def tool_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Which of the server's tools to offer the model, by the server's names. Empty means all."""
+        """Which of the server's tools to offer the model, by the server's names. Empty means all. A
+        name the server does not list when a run starts is left out.
+        """
 
     def __init__(
         self,

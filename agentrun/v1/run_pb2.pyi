@@ -89,6 +89,11 @@ class _RunErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunError
     """Taking the durable run up kept failing with an error (not a crash, not an outage), for
     example on data of the run that this version cannot read; it is not tried again.
     """
+    RUN_ERROR_CODE_TOOL_UNAVAILABLE: _RunErrorCode.ValueType  # 8
+    """A tool the run needs could not be reached when the run started (for example an MCP server
+    whose tool list could not be fetched, or whose tool names clash with the agent's other
+    tools); the message names the server.
+    """
 
 class RunErrorCode(_RunErrorCode, metaclass=_RunErrorCodeEnumTypeWrapper):
     """Why a run failed."""
@@ -110,6 +115,11 @@ RUN_ERROR_CODE_INTERNAL: RunErrorCode.ValueType  # 6
 RUN_ERROR_CODE_DISPATCH_FAILED: RunErrorCode.ValueType  # 7
 """Taking the durable run up kept failing with an error (not a crash, not an outage), for
 example on data of the run that this version cannot read; it is not tried again.
+"""
+RUN_ERROR_CODE_TOOL_UNAVAILABLE: RunErrorCode.ValueType  # 8
+"""A tool the run needs could not be reached when the run started (for example an MCP server
+whose tool list could not be fetched, or whose tool names clash with the agent's other
+tools); the message names the server.
 """
 Global___RunErrorCode: _TypeAlias = RunErrorCode  # noqa: Y015
 
