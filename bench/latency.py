@@ -21,7 +21,7 @@ import grpc
 from agentrun.v1 import run_service_pb2, run_service_pb2_grpc
 from bench.workload import bench_agent
 from eventstore.run import Run
-from eventstore.run_steps import AwaitApprovals
+from eventstore.run_steps import AwaitApprovals, AwaitResults
 from executor.agent_loop import AgentLoop
 from executor.extensions import load_extensions
 from executor.models import ModelProviders
@@ -109,7 +109,7 @@ class _InMemoryHost:
     async def status_changed(self, run: Run) -> None:
         return None
 
-    async def wait_for_decisions(self, run: Run, step: AwaitApprovals) -> bool:
+    async def wait_for_decisions(self, run: Run, step: AwaitApprovals | AwaitResults) -> bool:
         return True
 
     async def finished(self, run: Run) -> None:

@@ -16,7 +16,7 @@ ARGUMENTS_PREVIEW_CHARS = 200
 RESULT_PREVIEW_CHARS = 200
 PAYLOAD_PREVIEW_CHARS = 120
 
-_STATUS_WIDTH = len("AWAITING_APPROVAL")
+_STATUS_WIDTH = len("AWAITING_TOOL_RESULT")
 _AGENT_WIDTH = 16
 _EVENT_TYPE_WIDTH = 22
 
@@ -193,6 +193,11 @@ class EventRenderer:
             return f"? {call.name} wants to run with {arguments} — awaiting approval ({call.id})"
         if kind == "tool_approval_resolved":
             return self._approval_resolved(event.tool_approval_resolved)
+        if kind == "client_tool_call_required":
+            call = event.client_tool_call_required.tool_call
+            self._remember(call)
+            arguments = compact_json(call.arguments_json, ARGUMENTS_PREVIEW_CHARS)
+            return f"? {call.name} is the client's to run, with {arguments} — awaiting its result"
         if kind == "tool_result":
             result = event.tool_result
             name = result.tool_name or self._tool_names.get(result.tool_call_id, "tool")
@@ -223,6 +228,9 @@ class EventRenderer:
 
     def _approval_resolved(self, resolved: run_pb2.ToolApprovalResolved) -> str:
         name = self._tool_names.get(resolved.tool_call_id, resolved.tool_call_id)
+        if resolved.approved and resolved.edited_arguments_json:
+            arguments = compact_json(resolved.edited_arguments_json, ARGUMENTS_PREVIEW_CHARS)
+            return f"✓ {name} approved, to run with {arguments}"
         if resolved.approved:
             return f"✓ {name} approved"
         if resolved.timed_out:

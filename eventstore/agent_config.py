@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from common.errors import InvalidArgument
 from common.json_values import json_size, nested_deeper_than
-from eventstore.extensions import MODEL_PROVIDERS, TOOLS
+from eventstore.extensions import BUILTIN_SCHEMAS, MODEL_PROVIDERS, TOOLS
 from eventstore.retry_policy import (
     DEFAULT_MODEL_RETRY_POLICY,
     DEFAULT_TOOL_RETRY_POLICY,
@@ -122,7 +122,7 @@ class ModelSettings:
     scripted: ScriptedSettings = ScriptedSettings()
 
 
-ToolKind = Literal["builtin", "http"]
+ToolKind = Literal["builtin", "http", "client", "mcp"]
 
 
 @dataclass(frozen=True)
@@ -155,9 +155,59 @@ class HttpToolSettings:
 
 
 @dataclass(frozen=True)
+class ClientToolSettings:
+    """A tool that the calling program executes: the run hands it the call and waits for the
+    result. ``parameters``: the JSON Schema of the arguments."""
+
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"description": self.description, "parameters": self.parameters}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> ClientToolSettings:
+        return ClientToolSettings(
+            description=data.get("description", ""),
+            parameters=dict(data.get("parameters") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class McpServerSettings:
+    """The tools of an MCP server reached over Streamable HTTP at ``url``. Which tools, and
+    their descriptions and schemas, are asked of the server when a run starts (and pinned in
+    the run). ``tool_names``: the server's tools to offer, empty for all; ``name_prefix``: put
+    before each of their names."""
+
+    url: str
+    headers_from_env: dict[str, str] = field(default_factory=dict)
+    tool_names: tuple[str, ...] = ()
+    name_prefix: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "headers_from_env": self.headers_from_env,
+            "tool_names": list(self.tool_names),
+            "name_prefix": self.name_prefix,
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> McpServerSettings:
+        return McpServerSettings(
+            url=data["url"],
+            headers_from_env=dict(data.get("headers_from_env") or {}),
+            tool_names=tuple(data.get("tool_names") or ()),
+            name_prefix=data.get("name_prefix", ""),
+        )
+
+
+@dataclass(frozen=True)
 class ToolSettings:
     """A tool of an agent. ``name`` is what the model calls it by (a built-in tool's name, or
-    the name its kind gives it); ``retry_policy`` None means the agent's tool_retry_policy."""
+    the name its kind gives it); ``retry_policy`` None means the agent's tool_retry_policy.
+    An MCP server's entry has no name of its own (its tools get theirs at a run's start)."""
 
     name: str
     description: str = ""
@@ -166,6 +216,19 @@ class ToolSettings:
     kind: ToolKind = "builtin"
     http: HttpToolSettings | None = None
     retry_policy: RetryPolicy | None = None
+    mcp: McpServerSettings | None = None
+    client: ClientToolSettings | None = None
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        """The JSON Schema of the arguments (None: a kind whose schema is not known here)."""
+        if self.http is not None:
+            return self.http.parameters
+        if self.client is not None:
+            return self.client.parameters
+        if self.kind == "builtin":
+            return BUILTIN_SCHEMAS.get(self.name)
+        return None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -178,15 +241,21 @@ class ToolSettings:
             data["kind"] = self.kind
         if self.http is not None:
             data["http"] = self.http.to_json()
+        if self.mcp is not None:
+            data["mcp"] = self.mcp.to_json()
         if self.retry_policy is not None:
             data["retry_policy"] = self.retry_policy.to_json()
+        if self.client is not None:
+            data["client"] = self.client.to_json()
         return data
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> ToolSettings:
         """Also the tools of agents stored before tools had kinds: built-in tools."""
         http = data.get("http")
+        mcp = data.get("mcp")
         policy = data.get("retry_policy")
+        client = data.get("client")
         return ToolSettings(
             name=data["name"],
             description=data.get("description", ""),
@@ -194,11 +263,13 @@ class ToolSettings:
             timeout=float(data.get("timeout", DEFAULT_TOOL_TIMEOUT)),
             kind=data.get("kind", "builtin"),
             http=HttpToolSettings.from_json(http) if http is not None else None,
+            mcp=McpServerSettings.from_json(mcp) if mcp is not None else None,
             retry_policy=(
                 RetryPolicy.from_json(policy, DEFAULT_TOOL_RETRY_POLICY)
                 if policy is not None
                 else None
             ),
+            client=ClientToolSettings.from_json(client) if client is not None else None,
         )
 
 
@@ -219,7 +290,13 @@ class AgentConfig:
     tool_retry_policy: RetryPolicy = DEFAULT_TOOL_RETRY_POLICY
 
     def tool(self, name: str) -> ToolSettings | None:
-        return next((t for t in self.tools if t.name == name), None)
+        """The tool the model calls ``name`` (not an MCP server's: see Run.tool_settings_of)."""
+        return next((t for t in self.tools if t.name == name and t.kind != "mcp"), None)
+
+    @property
+    def mcp_servers(self) -> list[tuple[int, ToolSettings]]:
+        """The agent's MCP servers, with their index in ``tools``."""
+        return [(i, t) for i, t in enumerate(self.tools) if t.kind == "mcp"]
 
     def tool_retry_policy_of(self, tool: ToolSettings | None) -> RetryPolicy:
         """The policy a call of ``tool`` is retried by: its own, or the agent's."""
@@ -248,7 +325,7 @@ class AgentConfig:
                 f"agent.model.scripted.{name}", delay, MAX_SCRIPTED_DELAY, zero_allowed=True
             )
         validate_tools(self.tools)
-        names = [t.name for t in self.tools]
+        names = [t.name for t in self.tools if t.kind != "mcp"]
         for tool in self.tools:
             if tool.kind == "builtin":
                 TOOLS.validate(tool.name, tool)

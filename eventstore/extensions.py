@@ -9,7 +9,7 @@ executor does at startup (executor.extensions.load_extensions), before it serves
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from common.errors import InvalidArgument
 
@@ -56,3 +56,6 @@ class Registry(Generic[S]):
 
 MODEL_PROVIDERS: Registry[ModelSettings] = Registry("model provider", "agent.model.provider")
 TOOLS: Registry[ToolSettings] = Registry("tool", "agent.tools")
+BUILTIN_SCHEMAS: dict[str, dict[str, Any]] = {}
+"""The JSON Schema of each built-in tool's arguments, by name (an approval's edit of a call's
+arguments is checked against it)."""

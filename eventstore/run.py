@@ -14,7 +14,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate, event
 
 from common.errors import FailedPrecondition
-from eventstore.agent_config import AgentConfig
+from eventstore.agent_config import AgentConfig, ToolSettings
 from eventstore.messages import (
     ChatMessage,
     ToolCall,
@@ -82,6 +82,18 @@ def _add_v1_retry_policies(agent: dict[str, Any]) -> None:
     agent.setdefault("tool_retry_policy", _V1_TOOL_RETRY_POLICY.to_json())
 
 
+class PinnedTool(TypedDict):
+    """A tool of an MCP server as the run offers it: ``name`` (with the server's prefix) is what
+    the model calls it; ``server`` is the server's index in the agent's tools; ``server_name``
+    the server's own name for it."""
+
+    name: str
+    server: int
+    server_name: str
+    description: str
+    parameters: dict[str, Any]
+
+
 class Run(Aggregate):
     """One run of an agent. The aggregate id is the run id (a UUID).
 
@@ -89,9 +101,10 @@ class Run(Aggregate):
     classes themselves (the stored topic stays ``eventstore.run:Run.<name>``)."""
 
     # Version 2 of a run's state: its agent has retry policies, and ``releases`` is always
-    # there. Version 3: ``model_failures``. Version 4: ``tool_failures``. Snapshots of earlier
-    # versions are upcast when they are read.
-    class_version = 4
+    # there. Version 3: ``model_failures``. Version 4: ``tool_failures``. Version 5:
+    # ``client_calls`` and ``edited_arguments``. Version 6: ``pinned_tools``. Snapshots of
+    # earlier versions are upcast when they are read.
+    class_version = 6
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -105,6 +118,15 @@ class Run(Aggregate):
     @staticmethod
     def upcast_v3_v4(state: dict[str, Any]) -> None:
         state["tool_failures"] = []
+
+    @staticmethod
+    def upcast_v4_v5(state: dict[str, Any]) -> None:
+        state["client_calls"] = {}
+        state["edited_arguments"] = {}
+
+    @staticmethod
+    def upcast_v5_v6(state: dict[str, Any]) -> None:
+        state["pinned_tools"] = None
 
     class Requested(Aggregate.Created):
         """Version 2: the agent has retry policies (earlier requests get the defaults)."""
@@ -160,16 +182,42 @@ class Run(Aggregate):
         retry_after: float
         failed_at: float
 
+    class ToolsListed(StepResult):
+        """The tools of the agent's MCP servers, as listed when the run started: the run offers
+        exactly these, wherever and whenever it goes on (a fork too)."""
+
+        tools: list[PinnedTool]
+
     class ToolApprovalRequired(StepResult):
         step_index: int
         tool_call_id: str
         expire_at: float
 
     class ToolApprovalDecided(StepResult):
+        """Version 2: ``arguments_json``, the arguments an approval edited ("" if none: the
+        call runs with the model's, which its ModelCallCompleted keeps either way)."""
+
+        class_version = 2
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["arguments_json"] = ""
+
         tool_call_id: str
         approved: bool
         reason: str
         timed_out: bool
+        arguments_json: str
+
+    class ClientToolCallRequired(StepResult):
+        """The call is the client's to execute (a client tool): the run waits for its result
+        until ``expire_at`` (epoch seconds). ``arguments_json``: what the client runs it with
+        (the approved arguments, if an approval edited them)."""
+
+        step_index: int
+        tool_call_id: str
+        arguments_json: str
+        expire_at: float
 
     class ToolCallCompleted(StepResult):
         step_index: int
@@ -252,6 +300,9 @@ class Run(Aggregate):
         self.releases: dict[str, int] = {}  # step index -> attempts handed back by a drain
         self.model_failures: list[ModelFailure] = []  # of the model call in progress
         self.tool_failures: list[ToolFailure] = []  # of the run's tool calls
+        self.client_calls: dict[str, float] = {}  # tool call id -> when waiting for it ends
+        self.edited_arguments: dict[str, str] = {}  # tool call id -> arguments an approval set
+        self.pinned_tools: list[PinnedTool] | None = None  # its MCP servers' tools, once listed
         self.holder = ""
         self.forked_from_run_id = forked_from_run_id
         self.forked_at_version = forked_at_version
@@ -312,8 +363,19 @@ class Run(Aggregate):
         return False
 
     def requires_approval(self, call: ToolCall) -> bool:
-        tool = self.agent_config.tool(call["name"])
+        tool = self.tool_settings_of(call["name"])
         return tool is not None and tool.requires_approval
+
+    def pinned_tool(self, name: str) -> PinnedTool | None:
+        """The MCP server's tool the model calls ``name``, as pinned at the run's start."""
+        return next((t for t in self.pinned_tools or () if t["name"] == name), None)
+
+    def tool_settings_of(self, name: str) -> ToolSettings | None:
+        """The agent's settings of the tool the model calls ``name``: its own, or for a tool of
+        an MCP server, the server's."""
+        config = self.agent_config
+        pinned = self.pinned_tool(name)
+        return config.tools[pinned["server"]] if pinned is not None else config.tool(name)
 
     def attempt_of(self, step_index: int) -> int:
         """1, or more if the step was retried (its model call failed) or interrupted (by a
@@ -341,9 +403,43 @@ class Run(Aggregate):
 
     @property
     def approval_deadline(self) -> float | None:
-        """When the first undecided approval times out (epoch seconds), if any waits."""
+        """When the first wait for the outside ends (epoch seconds: an undecided approval times
+        out, or a client's tool result is too late), if the run waits."""
         waiting = [self.approvals_required[c["id"]] for c in self.awaiting_decision()]
+        waiting += [self.client_calls[c["id"]] for c in self.awaiting_result()]
         return min(waiting) if waiting else None
+
+    @property
+    def waits(self) -> bool:
+        """Whether the run waits for the outside (decisions, or a client's tool results)."""
+        return bool(self.awaiting_decision() or self.awaiting_result())
+
+    def awaiting_result(self) -> list[ToolCall]:
+        """Tool calls handed to the client whose result has not come."""
+        return [c for c in self.pending_tool_calls() if c["id"] in self.client_calls]
+
+    def arguments_of(self, call: ToolCall) -> str:
+        """The arguments the call runs with: an approval's edit, or the model's."""
+        return self.edited_arguments.get(call["id"]) or call["arguments_json"]
+
+    def check_result(self, tool_call_id: str, output: str, is_error: bool) -> bool:
+        """Validates a client's result. True if it is new; False if it repeats the recorded one.
+
+        Raises FailedPrecondition if the call does not wait for a result, or has another."""
+        recorded = self.outcomes.get(tool_call_id)
+        if recorded is not None and tool_call_id in self.client_calls:
+            if recorded == {"output": output, "is_error": is_error}:
+                return False
+            raise FailedPrecondition(
+                f"tool call {tool_call_id!r} already has another result; a result cannot change"
+            )
+        if self.is_finished:
+            raise FailedPrecondition(f"run {self.run_id} has already ended ({self.status})")
+        if tool_call_id not in self.client_calls:
+            raise FailedPrecondition(
+                f"tool call {tool_call_id!r} does not wait for a result from the client"
+            )
+        return True
 
     def awaiting_decision(self) -> list[ToolCall]:
         """Tool calls whose approval was required and not yet decided."""
@@ -353,7 +449,7 @@ class Run(Aggregate):
             if c["id"] in self.approvals_required and c["id"] not in self.decisions
         ]
 
-    def check_decision(self, tool_call_id: str, approved: bool) -> bool:
+    def check_decision(self, tool_call_id: str, approved: bool, arguments_json: str = "") -> bool:
         """Validates a decision. True if it is new; False if it repeats the recorded one.
 
         Raises FailedPrecondition if the call is not awaiting approval, or was decided otherwise.
@@ -361,6 +457,10 @@ class Run(Aggregate):
         recorded = self.decisions.get(tool_call_id)
         if recorded is not None:
             if recorded["approved"] == approved:
+                if self.edited_arguments.get(tool_call_id, "") != arguments_json:
+                    raise FailedPrecondition(
+                        f"tool call {tool_call_id!r} was already approved with other arguments"
+                    )
                 return False
             verdict = "approved" if recorded["approved"] else "denied"
             how = " by the approval timeout" if recorded["timed_out"] else ""
@@ -460,20 +560,41 @@ class Run(Aggregate):
         )
         self.attempts[str(step_index)] = self.attempt_of(step_index) + 1
 
+    @event(ToolsListed)
+    def list_tools(self, tools: list[PinnedTool]) -> None:
+        """Pins the tools of the agent's MCP servers (see ToolsListed)."""
+        self.pinned_tools = tools
+
     @event(ToolApprovalRequired)
     def require_approval(self, step_index: int, tool_call_id: str, expire_at: float) -> None:
         self.approvals_required[tool_call_id] = expire_at
         self.status = "awaiting_approval"
 
     @event(ToolApprovalDecided)
-    def decide(self, tool_call_id: str, approved: bool, reason: str, timed_out: bool) -> None:
+    def decide(
+        self,
+        tool_call_id: str,
+        approved: bool,
+        reason: str,
+        timed_out: bool,
+        arguments_json: str = "",
+    ) -> None:
         self.decisions[tool_call_id] = {
             "approved": approved,
             "reason": reason,
             "timed_out": timed_out,
         }
+        if arguments_json:
+            self.edited_arguments[tool_call_id] = arguments_json
         if not self.awaiting_decision():
             self.status = "running"
+
+    @event(ClientToolCallRequired)
+    def require_client_result(
+        self, step_index: int, tool_call_id: str, arguments_json: str, expire_at: float
+    ) -> None:
+        self.client_calls[tool_call_id] = expire_at
+        self.status = "awaiting_tool_result"
 
     @event(ToolCallCompleted)
     def record_tool_outcome(
@@ -481,6 +602,8 @@ class Run(Aggregate):
     ) -> None:
         self.outcomes[tool_call_id] = {"output": output, "is_error": is_error}
         self.messages.append(tool_message(tool_call_id, output, is_error))
+        if self.status == "awaiting_tool_result":
+            self.status = "running"
         if not self.pending_tool_calls():
             self.steps_completed = step_index
 

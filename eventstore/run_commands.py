@@ -1,19 +1,24 @@
-"""Commands that steer a run from outside: a decision on a tool call, a cancellation, the approval
-timeout. Pure domain: each validates against the run and applies its events, whoever holds the
-run (an executor driving it in memory, or the store when nobody does).
+"""Commands that steer a run from outside: a decision on a tool call, a client's tool result, a
+cancellation, the timeout of the run's waits. Pure domain: each validates against the run and
+applies its events, whoever holds the run (an executor driving it in memory, or the store when
+nobody does).
 
 A command also has a JSON form, the body of a control request to the executor holding the run.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
+
+from jsonschema import Draft202012Validator
 
 from common.errors import FailedPrecondition, InvalidArgument
 from eventstore.run import Run
 
 APPROVAL_TIMED_OUT = "no decision before the approval timeout"
+RESULT_TIMED_OUT = "the client did not submit the tool's result within its timeout"
 
 
 @dataclass(frozen=True)
@@ -23,13 +28,57 @@ class Decide:
     tool_call_id: str
     approved: bool
     reason: str = ""
+    arguments_json: str = ""  # an approval's edit of the call's arguments ("": none)
 
     def apply(self, run: Run) -> bool:
         """Records the decision. False if it repeats the recorded one (nothing to do); raises
-        FailedPrecondition if the call does not wait for approval or was decided otherwise."""
-        if not run.check_decision(self.tool_call_id, self.approved):
+        FailedPrecondition if the call does not wait for approval or was decided otherwise, and
+        InvalidArgument if edited arguments do not fit the tool's schema."""
+        if not run.check_decision(self.tool_call_id, self.approved, self.arguments_json):
             return False
-        run.decide(self.tool_call_id, self.approved, self.reason, False)
+        if self.arguments_json:
+            self._check_arguments(run)
+        run.decide(self.tool_call_id, self.approved, self.reason, False, self.arguments_json)
+        return True
+
+    def _check_arguments(self, run: Run) -> None:
+        field = "decision.edited_arguments_json"
+        if not self.approved:
+            raise InvalidArgument(field, "only an approval may edit the call's arguments")
+        try:
+            arguments = json.loads(self.arguments_json)
+        except ValueError as exc:
+            raise InvalidArgument(field, f"is not JSON: {exc}") from None
+        if not isinstance(arguments, dict):
+            raise InvalidArgument(field, "must be a JSON object")
+        tool = run.agent_config.tool(run.tool_call(self.tool_call_id)["name"])
+        schema = tool.schema if tool is not None else None
+        if schema is None:
+            return  # (a kind whose schema is not known here: the tool checks its arguments)
+        error = next(iter(Draft202012Validator(schema).iter_errors(arguments)), None)
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path)
+            at = f" at {where}" if where else ""
+            raise InvalidArgument(
+                field, f"does not fit the tool's JSON Schema{at}: {error.message}"
+            )
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """The result of a tool call that the client executed."""
+
+    tool_call_id: str
+    output: str
+    is_error: bool = False
+
+    def apply(self, run: Run) -> bool:
+        """Records the result. False if it repeats the recorded one (nothing to do); raises
+        FailedPrecondition if the call does not wait for a result or has another."""
+        if not run.check_result(self.tool_call_id, self.output, self.is_error):
+            return False
+        step_index = run.steps_completed + 1
+        run.record_tool_outcome(step_index, self.tool_call_id, self.output, self.is_error)
         return True
 
 
@@ -47,7 +96,8 @@ class Cancel:
 
 @dataclass(frozen=True)
 class TimeOutApprovals:
-    """Deny, as timed out, the tool calls whose approval deadline is before ``now``."""
+    """Deny, as timed out, the tool calls whose approval deadline is before ``now``; and give
+    the model a tool error for the client's tool calls whose result is later than that."""
 
     now: float
 
@@ -59,10 +109,14 @@ class TimeOutApprovals:
         ]
         for call in expired:
             run.decide(call["id"], False, APPROVAL_TIMED_OUT, True)
-        return bool(expired)
+        late = [c for c in run.awaiting_result() if run.client_calls[c["id"]] <= self.now]
+        for call in late:
+            output = json.dumps({"error": RESULT_TIMED_OUT})
+            run.record_tool_outcome(run.steps_completed + 1, call["id"], output, True)
+        return bool(expired or late)
 
 
-Command = Decide | Cancel | TimeOutApprovals
+Command = Decide | SubmitResult | Cancel | TimeOutApprovals
 
 
 def check_not_ended(run: Run) -> None:
@@ -77,6 +131,14 @@ def to_json(command: Command) -> dict[str, Any]:
             "tool_call_id": command.tool_call_id,
             "approved": command.approved,
             "reason": command.reason,
+            "arguments_json": command.arguments_json,
+        }
+    if isinstance(command, SubmitResult):
+        return {
+            "op": "submit_result",
+            "tool_call_id": command.tool_call_id,
+            "output": command.output,
+            "is_error": command.is_error,
         }
     if isinstance(command, Cancel):
         return {"op": "cancel", "reason": command.reason}
@@ -88,7 +150,14 @@ def from_json(body: dict[str, Any]) -> Command:
     op = body.get("op")
     if op == "decide":
         return Decide(
-            str(body["tool_call_id"]), bool(body["approved"]), str(body.get("reason", ""))
+            str(body["tool_call_id"]),
+            bool(body["approved"]),
+            str(body.get("reason", "")),
+            str(body.get("arguments_json", "")),
+        )
+    if op == "submit_result":
+        return SubmitResult(
+            str(body["tool_call_id"]), str(body["output"]), bool(body.get("is_error", False))
         )
     if op == "cancel":
         return Cancel(str(body.get("reason", "")))

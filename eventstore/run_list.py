@@ -379,14 +379,15 @@ class RunList:
     def durable_runs_due(self, stalled_before: float, deadline_before: float) -> list[RunRecord]:
         """Durable runs that may need help: running ones that have not changed since
         ``stalled_before`` (their executor may be gone, or their dispatch lost), and suspended
-        ones whose approval deadline has passed ``deadline_before``."""
+        ones whose deadline (of an approval, or of a client's tool result) has passed
+        ``deadline_before``."""
         with self._db.cursor() as cur:
             cur.execute(
                 f"SELECT {', '.join(_FIELD_NAMES)} FROM agentrun_runs "
                 "WHERE execution_mode = 'durable' AND ("
                 "(status = 'running' AND updated_at < %s) OR "
-                "(status = 'awaiting_approval' AND approval_deadline > 0 "
-                "AND approval_deadline <= %s))",
+                "(status IN ('awaiting_approval', 'awaiting_tool_result') "
+                "AND approval_deadline > 0 AND approval_deadline <= %s))",
                 (stalled_before, deadline_before),
             )
             return [_from_row(r) for r in cur.fetchall()]

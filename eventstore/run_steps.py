@@ -27,6 +27,12 @@ class CallModel:
 
 
 @dataclass(frozen=True)
+class ListTools:
+    """List the tools of the agent's MCP servers and pin them in the run (before its first
+    model call)."""
+
+
+@dataclass(frozen=True)
 class RequestApprovals:
     """Ask a human to decide on these tool calls (record that approval is required)."""
 
@@ -58,6 +64,25 @@ class RunTool:
 
 
 @dataclass(frozen=True)
+class HandToClient:
+    """The call is the client's to execute (a client tool): record that the run waits for its
+    result, with the arguments the client runs it with."""
+
+    step_index: int
+    call: ToolCall
+    arguments_json: str
+
+
+@dataclass(frozen=True)
+class AwaitResults:
+    """Wait until the client submits these calls' results, or until ``expire_at``."""
+
+    step_index: int
+    calls: tuple[ToolCall, ...]
+    expire_at: float
+
+
+@dataclass(frozen=True)
 class Finish:
     """Complete the run with this output."""
 
@@ -78,13 +103,26 @@ class Finished:
     """The run has ended; nothing is left to do."""
 
 
-Step = CallModel | RequestApprovals | AwaitApprovals | RunTool | Finish | FailRun | Finished
+Step = (
+    ListTools
+    | CallModel
+    | RequestApprovals
+    | AwaitApprovals
+    | RunTool
+    | HandToClient
+    | AwaitResults
+    | Finish
+    | FailRun
+    | Finished
+)
 
 
 def next_step(run: Run) -> Step:
     """The one next step of ``run``, decided from its recorded events alone."""
     if run.is_finished:
         return Finished()
+    if run.pinned_tools is None and run.agent_config.mcp_servers:
+        return ListTools()
     step_index = run.steps_completed + 1
     last = run.messages[-1]
     if last["role"] == "assistant" and not last.get("tool_calls"):
@@ -111,7 +149,17 @@ def next_step(run: Run) -> Step:
     decision = run.decisions.get(call["id"])
     if decision is not None and not decision["approved"]:
         return RunTool(step_index=step_index, call=call, denial=decision)
+    if _client_executes(run, call):
+        if call["id"] in run.client_calls:
+            expire_at = run.client_calls[call["id"]]
+            return AwaitResults(step_index=step_index, calls=(call,), expire_at=expire_at)
+        return HandToClient(step_index=step_index, call=call, arguments_json=run.arguments_of(call))
     return _tool_call(run, step_index, call)
+
+
+def _client_executes(run: Run, call: ToolCall) -> bool:
+    tool = run.agent_config.tool(call["name"])
+    return tool is not None and tool.kind == "client"
 
 
 def _tool_call(run: Run, step_index: int, call: ToolCall) -> RunTool:
@@ -121,7 +169,7 @@ def _tool_call(run: Run, step_index: int, call: ToolCall) -> RunTool:
     if not failures:
         return RunTool(step_index=step_index, call=call, denial=None)
     config = run.agent_config
-    last, policy = failures[-1], config.tool_retry_policy_of(config.tool(call["name"]))
+    last, policy = failures[-1], config.tool_retry_policy_of(run.tool_settings_of(call["name"]))
     if not policy.retries(last["code"], True, len(failures)):
         message = last["message"]
         if len(failures) >= policy.maximum_attempts:

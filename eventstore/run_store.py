@@ -74,7 +74,7 @@ class RunStore(Application[UUID]):
             self.save(run)
         except IntegrityError:
             raise Conflict(f"run {run.run_id} was changed by another executor") from None
-        if run.is_finished or run.awaiting_decision():
+        if run.is_finished or run.waits:
             self.forget(run.run_id)
 
     def forget(self, run_id: str) -> None:
@@ -98,7 +98,7 @@ class RunStore(Application[UUID]):
             raise NotFound("run", run_id) from None
         if version is not None and run.version != version:
             raise OutOfRange(f"run {run_id} has no version {version} (it is at {run.version})")
-        if version is None and (run.is_finished or run.awaiting_decision()):
+        if version is None and (run.is_finished or run.waits):
             self.forget(run_id)
         return run
 

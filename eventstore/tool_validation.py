@@ -15,7 +15,12 @@ from jsonschema.exceptions import SchemaError
 from common.errors import InvalidArgument
 
 if TYPE_CHECKING:
-    from eventstore.agent_config import HttpToolSettings, ToolSettings
+    from eventstore.agent_config import (
+        ClientToolSettings,
+        HttpToolSettings,
+        McpServerSettings,
+        ToolSettings,
+    )
 
 # The tool-name rule of the model APIs (OpenAI's and Anthropic's function names).
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -29,6 +34,9 @@ MAX_URL_LENGTH = 2048
 MAX_DESCRIPTION_LENGTH = 10_000
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_HEADERS = 32
+MAX_MCP_TOOL_NAMES = 128
+# A prefix leaves at least one character of the tool-name rule's 64 to the server's name.
+NAME_PREFIX = re.compile(r"[a-zA-Z0-9_-]{0,63}")
 
 
 def validate_tools(tools: Sequence[ToolSettings]) -> None:
@@ -36,7 +44,21 @@ def validate_tools(tools: Sequence[ToolSettings]) -> None:
     seen: dict[str, int] = {}
     for index, tool in enumerate(tools):
         field = f"agent.tools[{index}]"
-        name_field = f"{field}.http.name" if tool.kind == "http" else f"{field}.name"
+        if tool.kind == "mcp":
+            if tool.mcp is None:
+                raise InvalidArgument(f"{field}.mcp", "is required for an MCP server")
+            if tool.name:
+                raise InvalidArgument(f"{field}.name", "must be empty for an MCP server")
+            if tool.description:
+                raise InvalidArgument(
+                    f"{field}.description",
+                    "must be empty for an MCP server (its tools have the server's descriptions)",
+                )
+            _validate_mcp(f"{field}.mcp", tool.mcp)
+            if tool.retry_policy is not None:
+                tool.retry_policy.validate(f"{field}.retry_policy")
+            continue
+        name_field = f"{field}.{tool.kind}.name" if tool.kind != "builtin" else f"{field}.name"
         if not TOOL_NAME.fullmatch(tool.name):
             raise InvalidArgument(name_field, "must be 1-64 characters of a-z, A-Z, 0-9, _ and -")
         if tool.name in seen:
@@ -48,6 +70,10 @@ def validate_tools(tools: Sequence[ToolSettings]) -> None:
             if tool.http is None:
                 raise InvalidArgument(f"{field}.http", "is required for an HTTP tool")
             _validate_http(f"{field}.http", tool.http)
+        if tool.kind == "client":
+            if tool.client is None:
+                raise InvalidArgument(f"{field}.client", "is required for a client tool")
+            _validate_client(f"{field}.client", tool.client)
         if tool.retry_policy is not None:
             tool.retry_policy.validate(f"{field}.retry_policy")
 
@@ -61,9 +87,34 @@ def _validate_http(field: str, http: HttpToolSettings) -> None:
             f"{field}.description", f"must be at most {MAX_DESCRIPTION_LENGTH:,} characters"
         )
     check_schema(f"{field}.parameters", http.parameters)
-    if len(http.headers_from_env) > MAX_HEADERS:
+    _validate_headers(field, http.headers_from_env)
+
+
+def _validate_mcp(field: str, mcp: McpServerSettings) -> None:
+    """The server's URL and headers as an HTTP tool's; its tool names and prefix under the
+    tool-name rule (the prefixed names' uniqueness is checked when a run lists them)."""
+    check_url(f"{field}.url", mcp.url)
+    _validate_headers(field, mcp.headers_from_env)
+    if not NAME_PREFIX.fullmatch(mcp.name_prefix):
+        raise InvalidArgument(
+            f"{field}.name_prefix", "must be 0-63 characters of a-z, A-Z, 0-9, _ and -"
+        )
+    if len(mcp.tool_names) > MAX_MCP_TOOL_NAMES:
+        raise InvalidArgument(f"{field}.tool_names", f"must be at most {MAX_MCP_TOOL_NAMES}")
+    for name in mcp.tool_names:
+        if not TOOL_NAME.fullmatch(mcp.name_prefix + name):
+            raise InvalidArgument(
+                f"{field}.tool_names",
+                f"{mcp.name_prefix + name!r} must be 1-64 characters of a-z, A-Z, 0-9, _ and -",
+            )
+    if len(set(mcp.tool_names)) != len(mcp.tool_names):
+        raise InvalidArgument(f"{field}.tool_names", "a tool is named twice")
+
+
+def _validate_headers(field: str, headers_from_env: dict[str, str]) -> None:
+    if len(headers_from_env) > MAX_HEADERS:
         raise InvalidArgument(f"{field}.headers_from_env", f"must be at most {MAX_HEADERS}")
-    for header, env in http.headers_from_env.items():
+    for header, env in headers_from_env.items():
         if not HEADER_NAME.fullmatch(header):
             raise InvalidArgument(f"{field}.headers_from_env", f"{header!r} is not a header name")
         if header.lower() in RESERVED_HEADERS:
@@ -75,6 +126,18 @@ def _validate_http(field: str, http: HttpToolSettings) -> None:
                 f"{field}.headers_from_env[{header}]",
                 f"{env!r} is not an environment variable name",
             )
+
+
+def _validate_client(field: str, client: ClientToolSettings) -> None:
+    _check_description(f"{field}.description", client.description)
+    check_schema(f"{field}.parameters", client.parameters)
+
+
+def _check_description(field: str, description: str) -> None:
+    if not description.strip():
+        raise InvalidArgument(field, "is required: the model reads it")
+    if len(description) > MAX_DESCRIPTION_LENGTH:
+        raise InvalidArgument(field, f"must be at most {MAX_DESCRIPTION_LENGTH:,} characters")
 
 
 def check_url(field: str, url: str) -> None:

@@ -16,15 +16,18 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 from common import metrics
-from eventstore.agent_config import AgentConfig
+from eventstore.agent_config import AgentConfig, ToolSettings
 from eventstore.messages import ToolCall
 from eventstore.run import Run
 from eventstore.run_steps import (
     AwaitApprovals,
+    AwaitResults,
     CallModel,
     FailRun,
     Finish,
     Finished,
+    HandToClient,
+    ListTools,
     RequestApprovals,
     RunTool,
     Step,
@@ -36,7 +39,8 @@ from executor.models.base import ModelError, ModelRequest, ToolSpec
 from executor.run_stream import RunStream
 from executor.tools import Tools
 from executor.tools.arguments import parse_arguments
-from executor.tools.base import RetryableToolError, ToolContext, ToolError
+from executor.tools.base import RetryableToolError, Tool, ToolContext, ToolError
+from executor.tools.mcp import ToolUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +60,12 @@ class RunHost(Protocol):
         ...
 
     async def status_changed(self, run: Run) -> None:
-        """The run started or stopped waiting for approvals."""
+        """The run started or stopped waiting for the outside (approvals, a client's results)."""
         ...
 
-    async def wait_for_decisions(self, run: Run, step: AwaitApprovals) -> bool:
-        """Waits for the decisions (or their deadline). False stops the loop (run suspended)."""
+    async def wait_for_decisions(self, run: Run, step: AwaitApprovals | AwaitResults) -> bool:
+        """Waits for the decisions or the client's results (or their deadline). False stops the
+        loop (run suspended)."""
         ...
 
     async def finished(self, run: Run) -> None:
@@ -99,12 +104,16 @@ class AgentLoop:
                 return
 
     async def _perform(self, step: Step) -> bool:
-        if isinstance(step, CallModel):
+        if isinstance(step, ListTools):
+            await self._list_tools()
+        elif isinstance(step, CallModel):
             await self._call_model(step)
         elif isinstance(step, RequestApprovals):
             await self._request_approvals(step)
-        elif isinstance(step, AwaitApprovals):
+        elif isinstance(step, AwaitApprovals | AwaitResults):
             return await self.host.wait_for_decisions(self.run, step)
+        elif isinstance(step, HandToClient):
+            await self._hand_to_client(step)
         elif isinstance(step, RunTool):
             await self._run_tool(step)
         elif isinstance(step, Finish):
@@ -145,6 +154,17 @@ class AgentLoop:
         """An earlier executor of the run announced this attempt of this step (and the steps
         before it)."""
         self._announce = Announcements(self.stream, self.host.attempt, step, attempt)
+
+    async def _list_tools(self) -> None:
+        """Pins the tools of the agent's MCP servers in the run; a server that cannot be
+        listed fails the run."""
+        try:
+            pinned = await self.tools.mcp.pin(self.run.tenant, self.config)
+        except ToolUnavailable as exc:
+            await self.fail("TOOL_UNAVAILABLE", str(exc), retryable=exc.retryable)
+            return
+        self.run.list_tools(pinned)
+        await self._commit()
 
     async def _call_model(self, step: CallModel) -> None:
         backoff = step.not_before - time.time()
@@ -221,6 +241,16 @@ class AgentLoop:
         await self._commit()
         await self.host.status_changed(self.run)
 
+    async def _hand_to_client(self, step: HandToClient) -> None:
+        self._announce(step.step_index, TOOL_CALLS)
+        settings = self.config.tool(step.call["name"])
+        timeout = settings.timeout if settings is not None else 0.0
+        self.run.require_client_result(
+            step.step_index, step.call["id"], step.arguments_json, time.time() + timeout
+        )
+        await self._commit()
+        await self.host.status_changed(self.run)
+
     async def _run_tool(self, step: RunTool) -> None:
         backoff = step.not_before - time.time()
         if backoff > 0:
@@ -266,12 +296,12 @@ class AgentLoop:
     async def _invoke(self, call: ToolCall) -> tuple[str, bool]:
         """Runs an attempt of a tool call; a failure becomes an error result for the model,
         except one that a retry may cure (RetryableToolError, which a timeout is too)."""
-        settings = self.config.tool(call["name"])
-        tool = self.tools.resolve(settings) if settings is not None else None
+        settings = self.run.tool_settings_of(call["name"])
+        tool = self._resolve(call["name"], settings) if settings is not None else None
         if settings is None or tool is None:
             return _error(f"unknown tool {call['name']!r}"), True
         try:
-            arguments = parse_arguments(call["arguments_json"])
+            arguments = parse_arguments(self.run.arguments_of(call))
         except ToolError as exc:
             return _error(str(exc)), True
         context = ToolContext(
@@ -294,7 +324,7 @@ class AgentLoop:
         except Exception as exc:
             log.exception("tool %s failed", call["name"])
             return _error(f"the tool failed: {type(exc).__name__}"), True
-        return _cut(output, self.tools.runtime.max_output_bytes), False
+        return cut_output(output, self.tools.runtime.max_output_bytes), False
 
     def _tool_call_ids(self) -> set[str]:
         """The ids of the run's tool calls so far (read from its messages once per loop; the
@@ -303,9 +333,17 @@ class AgentLoop:
             self._seen_ids = {c["id"] for m in self.run.messages for c in m.get("tool_calls", [])}
         return self._seen_ids
 
+    def _resolve(self, name: str, settings: ToolSettings) -> Tool | None:
+        pinned = self.run.pinned_tool(name)
+        if pinned is not None:
+            return self.tools.resolve_pinned(settings, pinned)
+        return self.tools.resolve(settings)
+
     def _tool_specs(self) -> list[ToolSpec]:
         specs = []
         for settings in self.config.tools:
+            if settings.kind == "mcp":
+                continue  # (its tools are pinned in the run: below)
             tool = self.tools.resolve(settings)
             if tool is not None:
                 specs.append(
@@ -315,6 +353,14 @@ class AgentLoop:
                         parameters=tool.parameters,
                     )
                 )
+        for pinned in self.run.pinned_tools or ():
+            specs.append(
+                ToolSpec(
+                    name=pinned["name"],
+                    description=pinned["description"],
+                    parameters=pinned["parameters"],
+                )
+            )
         return specs
 
 
@@ -335,7 +381,7 @@ def _error(message: str) -> str:
     return json.dumps({"error": message})
 
 
-def _cut(output: str, limit: int) -> str:
+def cut_output(output: str, limit: int) -> str:
     """A result of at most ``limit`` bytes of UTF-8, and a marker the model sees if it was cut
     (a tool that reads from elsewhere cuts its result itself, before it holds all of it)."""
     if len(output) * 4 <= limit:  # (short enough in any encoding: no need to encode it)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from agentrun.v1 import run_pb2
+from eventstore.messages import ToolCall
 from eventstore.run import Run
 from executor.run_stream import RunStream
 from executor.translation import ERROR_ENUMS
@@ -98,7 +99,9 @@ class _Emitter:
             stream.step_started(step, MODEL_CALL, attempt)
             stream.text(step, attempt, event.text)
         for call in event.tool_calls:
-            stream.tool_call_requested(step, call, run.requires_approval(call))
+            tool = run.agent_config.tool(call["name"])
+            client = tool is not None and tool.kind == "client"
+            stream.tool_call_requested(step, call, run.requires_approval(call), client)
         stream.step_completed(step, MODEL_CALL, event.usage)
 
     @emit.register
@@ -110,8 +113,15 @@ class _Emitter:
     @emit.register
     def _approval_decided(self, event: Run.ToolApprovalDecided) -> None:
         self.stream.approval_resolved(
-            event.tool_call_id, event.approved, event.reason, event.timed_out
+            event.tool_call_id, event.approved, event.reason, event.timed_out, event.arguments_json
         )
+
+    @emit.register
+    def _client_tool_call_required(self, event: Run.ClientToolCallRequired) -> None:
+        self.announce(event.step_index, TOOL_CALLS)
+        call = self.run.tool_call(event.tool_call_id)
+        handed: ToolCall = {**call, "arguments_json": event.arguments_json}
+        self.stream.client_tool_call_required(event.step_index, handed, event.expire_at)
 
     @emit.register
     def _tool_call_completed(self, event: Run.ToolCallCompleted) -> None:

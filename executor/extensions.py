@@ -17,6 +17,7 @@ SHIPPED = (
     "executor.tools.calculator",
     "executor.tools.send_email",
     "executor.tools.http",
+    "executor.tools.client",
 )
 
 

@@ -5,8 +5,9 @@
 - A durable run that should be running but has not changed for a while and that no process
   holds (its executor died and its dispatch message is gone, or its dispatch was never
   published: a crash between commit and publish) is dispatched again, as a recovery.
-- A suspended durable run whose approval deadline passed gets its approvals denied as timed out
-  (the command a session waiting in memory gives itself; see executor.steering).
+- A suspended durable run whose approval deadline passed gets its approvals denied as timed out,
+  and one whose client's tool result is late gives the model a tool error (the command a
+  session waiting in memory gives itself; see executor.steering).
 
 All of it is idempotent: holders are asked first, stream appends are fenced, store writes are
 optimistic and dispatches are deduplicated, so several executors reconciling at once agree.
@@ -22,6 +23,7 @@ import time
 
 from common.errors import AgentrunError
 from eventstore.run_commands import TimeOutApprovals
+from eventstore.run_status import WAITING_STATUSES
 from executor.context import ExecutorContext
 from executor.durable.dispatch import WorkQueue
 from executor.lost_runs import SETTLING_TIME, LostRuns
@@ -69,7 +71,7 @@ class Reconciler:
         for record in await asyncio.to_thread(due, stalled_before, now):
             if self.sessions.holds(record.run_id):
                 continue
-            if record.status == "awaiting_approval":
+            if record.status in WAITING_STATUSES:
                 with contextlib.suppress(AgentrunError):  # decided or ended meanwhile
                     command = TimeOutApprovals(now)
                     await self.steering.steer(record.tenant, record.run_id, command)
@@ -79,6 +81,6 @@ class Reconciler:
     async def _dispatch_again(self, run_id: str) -> None:
         load = functools.partial(self.ctx.run_store.load, run_id, to_change=False)
         run = await asyncio.to_thread(load)
-        if not run.is_finished and not run.awaiting_decision():
+        if not run.is_finished and not run.waits:
             log.info("run %s: no executor holds it; dispatching it again", run.run_id)
             await self.queue.dispatch(run.run_id, run.tenant, run.version, recovery=True)

@@ -141,16 +141,30 @@ class RunStream:
             )
         )
 
-    def tool_call_requested(self, step_index: int, call: ToolCall, requires_approval: bool) -> None:
+    def tool_call_requested(
+        self,
+        step_index: int,
+        call: ToolCall,
+        requires_approval: bool,
+        client_executes: bool = False,
+    ) -> None:
         self._add(
             run_pb2.RunEvent(
                 tool_call_requested=run_pb2.ToolCallRequested(
                     step_index=step_index,
                     tool_call=tool_call_proto(call),
                     requires_approval=requires_approval,
+                    client_executes=client_executes,
                 )
             )
         )
+
+    def client_tool_call_required(self, step_index: int, call: ToolCall, expire_at: float) -> None:
+        required = run_pb2.ClientToolCallRequired(
+            step_index=step_index, tool_call=tool_call_proto(call)
+        )
+        set_time(required.expire_time, expire_at)
+        self._add(run_pb2.RunEvent(client_tool_call_required=required))
 
     def approval_required(self, step_index: int, call: ToolCall, expire_at: float) -> None:
         required = run_pb2.ToolApprovalRequired(
@@ -160,12 +174,21 @@ class RunStream:
         self._add(run_pb2.RunEvent(tool_approval_required=required))
 
     def approval_resolved(
-        self, tool_call_id: str, approved: bool, reason: str, timed_out: bool
+        self,
+        tool_call_id: str,
+        approved: bool,
+        reason: str,
+        timed_out: bool,
+        edited_arguments_json: str = "",
     ) -> None:
         self._add(
             run_pb2.RunEvent(
                 tool_approval_resolved=run_pb2.ToolApprovalResolved(
-                    tool_call_id=tool_call_id, approved=approved, reason=reason, timed_out=timed_out
+                    tool_call_id=tool_call_id,
+                    approved=approved,
+                    reason=reason,
+                    timed_out=timed_out,
+                    edited_arguments_json=edited_arguments_json,
                 )
             )
         )

@@ -274,7 +274,7 @@ class Runs:
             status=fork.status,
             version=fork.version,
         )
-        if fork.awaiting_decision():
+        if fork.waits:
             return record_of(fork, "")  # it waits for a decision: nothing to run yet
         started = await self.modes.durable.launch(fork, fork.agent_config)
         run_metrics.started(fork)

@@ -23,7 +23,7 @@ import nats.errors
 
 from common.errors import AgentrunError, Conflict, FailedPrecondition, NotFound, Unavailable
 from eventstore.run import Run
-from eventstore.run_commands import Command, Decide
+from eventstore.run_commands import Command, Decide, SubmitResult
 from eventstore.run_list import RunRecord
 from eventstore.run_status import TERMINAL_STATUSES
 from executor import control, run_metrics
@@ -77,6 +77,8 @@ class Steering:
             return await session.steer(tenant, command)
         record = await self.record_of(tenant, run_id)
         if record.status in TERMINAL_STATUSES:
+            if isinstance(command, SubmitResult | Decide) and record.execution_mode == "durable":
+                return False  # the store has the whole decision or result to compare with
             _refuse_ended(record, command)
             return True
         answer = await control.request(self.ctx.link, run_id, tenant, command)
@@ -101,7 +103,7 @@ class Steering:
     async def _announce(self, run: Run, recorded: Sequence[Any]) -> None:
         try:
             await publish_recorded(self.ctx.link, run, recorded)
-            if not run.is_finished and not run.awaiting_decision():
+            if not run.is_finished and not run.waits:
                 await self.queue.dispatch(run.run_id, run.tenant, run.version)
         except (TimeoutError, AgentrunError, nats.errors.Error) as exc:
             log.warning("run %s: recorded, not yet published or dispatched: %s", run.run_id, exc)

@@ -20,8 +20,10 @@ from eventstore.agent_config import (
     MAX_SCRIPTED_TURNS,
     MAX_TOOLS,
     AgentConfig,
+    ClientToolSettings,
     ExecutionMode,
     HttpToolSettings,
+    McpServerSettings,
     ModelSettings,
     ScriptedSettings,
     ScriptedToolCall,
@@ -52,6 +54,7 @@ MODE_ENUMS: dict[str, agent_pb2.ExecutionMode.ValueType] = {
 STATUS_ENUMS: dict[str, run_pb2.RunStatus.ValueType] = {
     "running": run_pb2.RUN_STATUS_RUNNING,
     "awaiting_approval": run_pb2.RUN_STATUS_AWAITING_APPROVAL,
+    "awaiting_tool_result": run_pb2.RUN_STATUS_AWAITING_TOOL_RESULT,
     "completed": run_pb2.RUN_STATUS_COMPLETED,
     "failed": run_pb2.RUN_STATUS_FAILED,
     "cancelled": run_pb2.RUN_STATUS_CANCELLED,
@@ -69,6 +72,7 @@ ERROR_ENUMS: dict[str, run_pb2.RunErrorCode.ValueType] = {
     "ATTEMPTS_EXHAUSTED": run_pb2.RUN_ERROR_CODE_ATTEMPTS_EXHAUSTED,
     "INTERNAL": run_pb2.RUN_ERROR_CODE_INTERNAL,
     "DISPATCH_FAILED": run_pb2.RUN_ERROR_CODE_DISPATCH_FAILED,
+    "TOOL_UNAVAILABLE": run_pb2.RUN_ERROR_CODE_TOOL_UNAVAILABLE,
 }
 
 
@@ -161,12 +165,9 @@ def agent_from_proto(agent: agent_pb2.Agent) -> AgentConfig:
 
 
 def _tool_of(index: int, tool: agent_pb2.Tool) -> ToolSettings:
-    """A tool's settings; the kinds not supported yet are refused here, naming their field."""
+    """A tool's settings."""
     field = f"agent.tools[{index}]"
     kind = tool.WhichOneof("kind")
-    if kind in ("mcp", "client"):
-        what = "MCP server tools" if kind == "mcp" else "tools the client executes"
-        raise InvalidArgument(f"{field}.{kind}", f"{what} are not supported yet")
     timeout = seconds_of(tool.timeout) if tool.HasField("timeout") else DEFAULT_TOOL_TIMEOUT
     policy = (
         _retry_policy_of(tool.retry_policy, DEFAULT_TOOL_RETRY_POLICY)
@@ -185,6 +186,20 @@ def _tool_of(index: int, tool: agent_pb2.Tool) -> ToolSettings:
         timeout=timeout,
         retry_policy=policy,
     )
+    if kind == "client":
+        return _client_tool_of(field, tool, settings)
+    if kind == "mcp":
+        mcp = tool.mcp
+        return replace(
+            settings,
+            kind="mcp",
+            mcp=McpServerSettings(
+                url=mcp.url,
+                headers_from_env=dict(mcp.headers_from_env),
+                tool_names=tuple(mcp.tool_names),
+                name_prefix=mcp.name_prefix,
+            ),
+        )
     if kind != "http":
         return settings
     if tool.name:
@@ -199,6 +214,20 @@ def _tool_of(index: int, tool: agent_pb2.Tool) -> ToolSettings:
             description=http.description,
             parameters=_json_of(http.parameters),
             headers_from_env=dict(http.headers_from_env),
+        ),
+    )
+
+
+def _client_tool_of(field: str, tool: agent_pb2.Tool, settings: ToolSettings) -> ToolSettings:
+    if tool.name:
+        raise InvalidArgument(f"{field}.name", "must be empty for a client tool (use client.name)")
+    client = tool.client
+    return replace(
+        settings,
+        name=client.name,
+        kind="client",
+        client=ClientToolSettings(
+            description=client.description, parameters=_json_of(client.parameters)
         ),
     )
 
@@ -285,6 +314,15 @@ def agent_to_proto(config: AgentConfig) -> agent_pb2.Agent:
             added.http.description = tool.http.description
             added.http.parameters.update(tool.http.parameters)
             added.http.headers_from_env.update(tool.http.headers_from_env)
+        elif tool.client is not None:
+            added.client.name = tool.name
+            added.client.description = tool.client.description
+            added.client.parameters.update(tool.client.parameters)
+        elif tool.mcp is not None:
+            added.mcp.url = tool.mcp.url
+            added.mcp.headers_from_env.update(tool.mcp.headers_from_env)
+            added.mcp.tool_names.extend(tool.mcp.tool_names)
+            added.mcp.name_prefix = tool.mcp.name_prefix
         else:
             added.name = tool.name  # (not builtin: what clients before the kinds read)
         added.timeout.FromNanoseconds(int(tool.timeout * 1e9))

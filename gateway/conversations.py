@@ -115,11 +115,15 @@ class CarriedRun:
         self._relayed: deque[run_pb2.RunEvent] = deque(maxlen=RELAYED_TAIL)
 
     async def steer(self, request: runs.ConverseRequest) -> None:
-        """Sends an approval or a cancellation on the current call."""
+        """Sends an approval, a tool result or a cancellation on the current call."""
         if request.HasField("tool_approval"):
             if not request.tool_approval.tool_call_id:
                 raise InvalidArgument("tool_approval.tool_call_id", "is required")
             message = pb.ExecuteRunRequest(tool_approval=request.tool_approval)
+        elif request.HasField("tool_result"):
+            if not request.tool_result.tool_call_id:
+                raise InvalidArgument("tool_result.tool_call_id", "is required")
+            message = pb.ExecuteRunRequest(tool_result=request.tool_result)
         elif request.HasField("cancel"):
             message = pb.ExecuteRunRequest(cancel=request.cancel)
         else:

@@ -192,6 +192,17 @@ def test_approval_required_when_watching_is_a_plain_line() -> None:
     )
 
 
+def test_a_call_for_the_client_to_run_is_a_plain_line() -> None:
+    required = run_pb2.ClientToolCallRequired(tool_call=call("pick_file", '{"kind": "pdf"}', "c"))
+    assert EventRenderer().render(ev(client_tool_call_required=required)) == (
+        '? pick_file is the client\'s to run, with {"kind": "pdf"} — awaiting its result\n'
+    )
+    status = render.status_label(run_pb2.RUN_STATUS_AWAITING_TOOL_RESULT)
+    assert render.run_list_header().index("AGENT") > render.run_list_header().index("STATUS") + len(
+        status
+    )
+
+
 @pytest.mark.parametrize(
     ("resolved", "expected"),
     [
@@ -205,6 +216,12 @@ def test_approval_required_when_watching_is_a_plain_line() -> None:
             "✗ send_email denied: no decision in time",
         ),
         (run_pb2.ToolApprovalResolved(tool_call_id="other", approved=True), "✓ other approved"),
+        (
+            run_pb2.ToolApprovalResolved(
+                tool_call_id="c", approved=True, edited_arguments_json='{"to": "b@example.com"}'
+            ),
+            '✓ send_email approved, to run with {"to": "b@example.com"}',
+        ),
     ],
 )
 def test_approval_resolutions(resolved: run_pb2.ToolApprovalResolved, expected: str) -> None:
@@ -266,7 +283,7 @@ def test_finish_closes_an_open_line_once() -> None:
 def test_run_summary_line() -> None:
     line = render.run_summary_line(sample_run(), UTC)
     assert line == (
-        f"{RUN_ID}  COMPLETED          demo-durable      2025-01-02 12:00:01  "
+        f"{RUN_ID}  COMPLETED             demo-durable      2025-01-02 12:00:01  "
         "What time is it in Paris, and could you…"
     )
     header = render.run_list_header()

@@ -30,6 +30,7 @@ from executor.tools.send_email import read_attempts, read_outbox
 from tests.client import EOF, Client, kinds, rest, scripted_agent, until
 from tests.conftest import database_url_for, drop_schema
 from tests.stack import Stack
+from tests.test_client_tools import client_tool_agent, submit
 from tests.test_event_publisher import publish_parts
 from tests.test_postgres_recorders import connect, waiting_for_the_run_store
 
@@ -250,6 +251,40 @@ async def test_an_approval_after_everything_restarted_resumes_the_run(tmp_path: 
         assert [m["to"] for m in read_outbox(stack.data_dir) if m["run_id"] == run_id] == [
             "c@example.com"
         ]
+    finally:
+        stack.stop()
+        stack.nats.stop()
+
+
+async def test_a_tool_result_after_everything_restarted_resumes_the_run(tmp_path: Path) -> None:
+    nats = start_nats(tmp_path / "nats", tmp_path / "logs", name="nats-a")
+    stack = Stack(database_url=f"sqlite:///{tmp_path / 'data'}", nats=nats, tmp=tmp_path)
+    port = free_port()
+    env = {"AGENTRUN_EXECUTOR_LISTEN": f"127.0.0.1:{port}", **CRASH_ENV}
+    try:
+        stack.start_executor(**env)
+        first = stack.start_gateway(f"127.0.0.1:{port}")
+        async with grpc.aio.insecure_channel(first.address) as channel:
+            client = Client(channel)
+            agent = await client.create_agent(client_tool_agent(DURABLE))
+            before = await until(client.stream(agent.id, "weather?"), "client_tool_call_required")
+        for service in [*stack.gateways, *stack.executors, nats]:
+            service.kill()
+        stack.nats = start_nats(tmp_path / "nats", tmp_path / "logs", port=nats.port, name="nats-b")
+        stack.start_executor(**env)
+        gateway = stack.start_gateway(f"127.0.0.1:{port}")
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            client = Client(channel)
+            run_id = before[0].run_id
+            tool_call_id = before[-1].client_tool_call_required.tool_call.id
+            assert (await client.get_run(run_id)).status == run_pb2.RUN_STATUS_AWAITING_TOOL_RESULT
+            await submit(client, run_id, tool_call_id, '{"sky": "clear"}')
+            events = await client.watch_all(run_id)
+        assert events[: len(before)] == before
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        results = [e.tool_result for e in events if e.HasField("tool_result")]
+        assert [(r.output, r.is_error) for r in results] == [('{"sky": "clear"}', False)]
+        assert events[-1].run_completed.output == "It is sunny."
     finally:
         stack.stop()
         stack.nats.stop()

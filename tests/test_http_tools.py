@@ -122,12 +122,8 @@ async def test_bad_tools_are_refused_naming_their_field(
         ),
         (agent_with(http_tool("the weather", url)), "agent.tools[0].http.name"),
         (
-            agent_with(agent_pb2.Tool(mcp=agent_pb2.McpServerTool(url=url))),
-            "agent.tools[0].mcp",
-        ),
-        (
             agent_with(agent_pb2.Tool(client=agent_pb2.ClientTool(name="pick"))),
-            "agent.tools[0].client",
+            "agent.tools[0].client.description",
         ),
     ]
     for agent, field in cases:

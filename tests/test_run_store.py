@@ -19,7 +19,7 @@ from eventstore.agent_config import AgentConfig, ModelSettings, ToolSettings
 from eventstore.messages import ChatMessage, ToolCall, Usage
 from eventstore.persistence import StoreConfig
 from eventstore.retry_policy import DEFAULT_MODEL_RETRY_POLICY, DEFAULT_TOOL_RETRY_POLICY
-from eventstore.run import Run
+from eventstore.run import PinnedTool, Run
 from eventstore.run_store import SNAPSHOT_INTERVAL, RunStore, StoredEvent
 
 TENANT = "acme"
@@ -270,7 +270,13 @@ def test_history_gives_versions_types_and_payloads_within_bounds(runs: RunStore)
             "usage": {"input_tokens": 3, "output_tokens": 5},
         },
         {"step_index": 2, "tool_call_id": "c1", "expire_at": 1_000_000.25},
-        {"tool_call_id": "c1", "approved": False, "reason": "not now", "timed_out": False},
+        {
+            "tool_call_id": "c1",
+            "approved": False,
+            "reason": "not now",
+            "timed_out": False,
+            "arguments_json": "",
+        },
         {"step_index": 2, "tool_call_id": "c1", "output": "denied: not now", "is_error": True},
         {"code": "MODEL_ERROR", "message": "the model is down", "retryable": True},
     ]
@@ -527,6 +533,9 @@ def test_a_snapshot_taken_by_an_earlier_version_is_upcast(
         del data["state"]["releases"]  # (versions before drains had none)
         del data["state"]["model_failures"]  # (nor before retries)
         del data["state"]["tool_failures"]  # (nor before tool retries)
+        del data["state"]["client_calls"], data["state"]["edited_arguments"]  # (nor before
+        # client tools and approvals that edit)
+        del data["state"]["pinned_tools"]  # (nor before MCP servers)
 
     assert runs.snapshots is not None
     runs.snapshots.recorder.insert_events([as_stored_by_version_1(runs, snapshot, to_version_1)])
@@ -536,8 +545,46 @@ def test_a_snapshot_taken_by_an_earlier_version_is_upcast(
         assert state(loaded) == state(run)
         assert loaded.agent_config.model_retry_policy == DEFAULT_MODEL_RETRY_POLICY
         assert loaded.releases_of(2) == 0
+        assert loaded.pinned_tools is None
     finally:
         fresh.close()
+
+
+def test_a_decision_recorded_before_approvals_could_edit_loads_without_an_edit(
+    runs: RunStore,
+) -> None:
+    run = awaiting_run(runs)
+    run.decide("c2", True, "fine", False)
+    (decided,) = run.collect_events()
+
+    def to_version_1(data: dict[str, Any]) -> None:
+        assert data.pop("class_version") == 2
+        assert data.pop("arguments_json") == ""
+
+    runs.recorder.insert_events([as_stored_by_version_1(runs, decided, to_version_1)])
+    runs.forget(run.run_id)
+    loaded = runs.load(run.run_id)
+    assert loaded.decisions["c2"]["approved"]
+    assert loaded.arguments_of(loaded.tool_call("c2")) == loaded.tool_call("c2")["arguments_json"]
+    (stored,) = [e for e in runs.history(run.run_id) if e.type == "ToolApprovalDecided"]
+    assert stored.payload["arguments_json"] == ""
+
+
+def test_a_fork_offers_the_tools_pinned_in_its_source(runs: RunStore) -> None:
+    source = new_run()
+    runs.create(source)
+    pinned: PinnedTool = {
+        "name": "kb_lookup",
+        "server": 0,
+        "server_name": "lookup",
+        "description": "Looks a word up.",
+        "parameters": {"type": "object"},
+    }
+    source.list_tools([pinned])
+    runs.commit(source)
+    fork = runs.fork(TENANT, source.run_id, 2, str(uuid.uuid4()), "again")
+    assert types_of(runs.history(fork.run_id)) == ["Requested", "ToolsListed"]
+    assert runs.load(fork.run_id).pinned_tools == [pinned]
 
 
 def test_a_fork_starts_a_failed_model_call_afresh(runs: RunStore) -> None:

@@ -10,10 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agentrun.v1 import agent_pb2, agent_service_pb2, run_service_pb2
+from agentrun.v1 import agent_pb2, agent_service_pb2, run_pb2, run_service_pb2
 from cli.launcher import Service
 from tests.client import Client, assert_history_agrees, rest, scripted_agent, until
 from tests.stack import Stack
+from tests.test_client_tools import client_tool_agent, submit
 
 CLASSIC, DURABLE = agent_pb2.EXECUTION_MODE_CLASSIC, agent_pb2.EXECUTION_MODE_DURABLE
 EMAIL = '{"to": "a@example.com", "subject": "s", "body": "b"}'
@@ -113,3 +114,24 @@ async def test_one_request_id_in_two_tenants_starts_two_runs(keyed: grpc.aio.Cha
     assert again[0].run_id == ours[0].run_id
     await assert_history_agrees(acme, ours[0].run_id, ours)
     await assert_history_agrees(globex, theirs[0].run_id, theirs)
+
+
+@pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
+async def test_another_tenants_tool_result_is_not_found_and_changes_nothing(
+    keyed: grpc.aio.Channel, mode: agent_pb2.ExecutionMode.ValueType
+) -> None:
+    acme, globex = Client(keyed, "acme-secret"), Client(keyed, "globex-secret")
+    agent = client_tool_agent(mode)
+    await acme.create_agent(agent)
+    live = acme.stream(agent.id, "weather?")
+    before = await until(live, "client_tool_call_required")
+    run_id = before[0].run_id
+    tool_call_id = before[-1].client_tool_call_required.tool_call.id
+
+    await expect(grpc.StatusCode.NOT_FOUND, submit(globex, run_id, tool_call_id, "globex's"))
+    assert (await acme.get_run(run_id)).status == run_pb2.RUN_STATUS_AWAITING_TOOL_RESULT
+
+    await submit(acme, run_id, tool_call_id, "acme's")
+    after = await rest(live)
+    assert [e.tool_result.output for e in after if e.HasField("tool_result")] == ["acme's"]
+    assert after[-1].run_completed.output == "It is sunny."

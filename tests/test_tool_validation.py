@@ -80,19 +80,33 @@ def test_a_builtin_by_name_or_by_kind_is_the_same_tool() -> None:
     assert caught.value.field == "agent.tools[0].name"
 
 
+def test_a_client_tool_round_trips() -> None:
+    tool = agent_pb2.Tool(
+        client=agent_pb2.ClientTool(name="pick_file", description="Asks the user for a file.")
+    )
+    tool.client.parameters.update({"type": "object", "properties": {"kind": {"type": "string"}}})
+    model = agent_pb2.ModelConfig(provider="scripted")
+    config = agent_from_proto(agent_pb2.Agent(id="helper", model=model, tools=[tool]))
+    config.validate()
+    (settings,) = config.tools
+    assert (settings.name, settings.kind) == ("pick_file", "client")
+    assert settings.schema == {"type": "object", "properties": {"kind": {"type": "string"}}}
+    assert type(config).from_json(config.to_json()) == config
+
+
 @pytest.mark.parametrize(
-    ("tool", "field"),
+    ("client", "field"),
     [
-        (agent_pb2.Tool(mcp=agent_pb2.McpServerTool(url="https://mcp.example.com")), "mcp"),
-        (agent_pb2.Tool(client=agent_pb2.ClientTool(name="pick_file")), "client"),
+        (agent_pb2.ClientTool(name="pick_file"), "client.description"),
+        (agent_pb2.ClientTool(name="pick file", description="d"), "client.name"),
     ],
 )
-def test_mcp_and_client_tools_are_not_supported_yet(tool: agent_pb2.Tool, field: str) -> None:
-    proto = agent_pb2.Agent(id="helper", tools=[agent_pb2.Tool(name="clock"), tool])
+def test_a_client_tool_is_validated(client: agent_pb2.ClientTool, field: str) -> None:
+    model = agent_pb2.ModelConfig(provider="scripted")
+    proto = agent_pb2.Agent(id="helper", model=model, tools=[agent_pb2.Tool(client=client)])
     with pytest.raises(InvalidArgument) as caught:
-        agent_from_proto(proto)
-    assert caught.value.field == f"agent.tools[1].{field}"
-    assert "not supported yet" in caught.value.description
+        agent_from_proto(proto).validate()
+    assert caught.value.field == f"agent.tools[0].{field}"
 
 
 @pytest.mark.parametrize(

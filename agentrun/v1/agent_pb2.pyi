@@ -396,13 +396,13 @@ class Tool(_message.Message):
 
     @_builtins.property
     def mcp(self) -> Global___McpServerTool:
-        """The tools of an MCP server. Not supported yet: refused with INVALID_ARGUMENT."""
+        """The tools of an MCP server (leave `name` empty: each tool has the server's name for it,
+        with mcp.name_prefix before it).
+        """
 
     @_builtins.property
     def client(self) -> Global___ClientTool:
-        """A tool that the calling program executes. Not supported yet: refused with
-        INVALID_ARGUMENT.
-        """
+        """A tool that the calling program executes (see ClientTool)."""
 
     @_builtins.property
     def retry_policy(self) -> Global___RetryPolicy:
@@ -541,8 +541,17 @@ Global___HttpTool: _TypeAlias = HttpTool  # noqa: Y015
 
 @_typing.final
 class McpServerTool(_message.Message):
-    """The tools of an MCP server reached over Streamable HTTP. Not supported yet: an agent with one
-    is refused with INVALID_ARGUMENT ("not supported yet").
+    """The tools of an MCP server reached over Streamable HTTP. When a run starts, the executor asks
+    the server for its tools (name, description, input schema; cached for a few seconds per agent
+    version) and pins the list in the run: a durable run resumed on another executor, replayed or
+    forked offers the model exactly those tools. A server that cannot be reached then fails the run
+    with RUN_ERROR_CODE_TOOL_UNAVAILABLE, naming the server; so does a tool name that clashes with
+    another tool of the agent. Each attempt of a call carries, in the MCP request's `_meta`,
+    "agentrun/idempotency_key": "<run id>:<tool call id>" (the same for every attempt). A
+    connection error or a timeout (the Tool's timeout) is retried by the Tool's retry_policy
+    ("transport", "timeout"); a result with isError, or a malformed response, goes to the model as
+    a tool error. Tool.requires_approval, timeout and retry_policy apply to each of the server's
+    tools; Tool.description must be empty (each tool has the server's description).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -587,7 +596,9 @@ class McpServerTool(_message.Message):
 
     @_builtins.property
     def tool_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Which of the server's tools to offer the model, by the server's names. Empty means all."""
+        """Which of the server's tools to offer the model, by the server's names. Empty means all. A
+        name the server does not list when a run starts is left out.
+        """
 
     def __init__(
         self,
@@ -607,9 +618,12 @@ Global___McpServerTool: _TypeAlias = McpServerTool  # noqa: Y015
 
 @_typing.final
 class ClientTool(_message.Message):
-    """A tool that the calling program executes: the run emits the call and waits for its result
-    from the client. Not supported yet: an agent with one is refused with INVALID_ARGUMENT ("not
-    supported yet").
+    """A tool that the calling program executes: when a call's turn comes, the run emits
+    ClientToolCallRequired and waits (a durable run suspended in the store) for the result, which
+    any client of the tenant submits from any gateway (RunService.SubmitToolResult or Converse's
+    tool_result). Tool.timeout is how long the run waits: then the model gets a tool error.
+    Tool.requires_approval: the call is approved first, then the client executes it. Retry
+    policies do not apply (a client reports a failure as its result, with is_error).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -26,19 +26,19 @@ from agentrun.v1 import agent_pb2 as agentrun_dot_v1_dot_agent__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61gentrun/v1/run.proto\x12\x0b\x61gentrun.v1\x1a\x17\x61gentrun/v1/agent.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x04\n\x03Run\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\x03\x12\x17\n\x0f\x63onversation_id\x18\x04 \x01(\t\x12\x32\n\x0e\x65xecution_mode\x18\x05 \x01(\x0e\x32\x1a.agentrun.v1.ExecutionMode\x12&\n\x06status\x18\x06 \x01(\x0e\x32\x16.agentrun.v1.RunStatus\x12\r\n\x05input\x18\x07 \x01(\t\x12\x0e\n\x06output\x18\x08 \x01(\t\x12!\n\x05usage\x18\t \x01(\x0b\x32\x12.agentrun.v1.Usage\x12$\n\x05\x65rror\x18\n \x01(\x0b\x32\x15.agentrun.v1.RunError\x12\x30\n\x11pending_approvals\x18\x0b \x03(\x0b\x32\x15.agentrun.v1.ToolCall\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x0f \x01(\x03\x12\x1a\n\x12\x66orked_from_run_id\x18\x10 \x01(\t\x12\x19\n\x11\x66orked_at_version\x18\x11 \x01(\x03\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\"W\n\x08RunError\x12\'\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x19.agentrun.v1.RunErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"\xb3\x05\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x0brun_started\x18\n \x01(\x0b\x32\x17.agentrun.v1.RunStartedH\x00\x12\x30\n\x0cstep_started\x18\x0b \x01(\x0b\x32\x18.agentrun.v1.StepStartedH\x00\x12,\n\ntext_delta\x18\x0c \x01(\x0b\x32\x16.agentrun.v1.TextDeltaH\x00\x12=\n\x13tool_call_requested\x18\r \x01(\x0b\x32\x1e.agentrun.v1.ToolCallRequestedH\x00\x12\x43\n\x16tool_approval_required\x18\x0e \x01(\x0b\x32!.agentrun.v1.ToolApprovalRequiredH\x00\x12\x43\n\x16tool_approval_resolved\x18\x0f \x01(\x0b\x32!.agentrun.v1.ToolApprovalResolvedH\x00\x12.\n\x0btool_result\x18\x10 \x01(\x0b\x32\x17.agentrun.v1.ToolResultH\x00\x12\x34\n\x0estep_completed\x18\x11 \x01(\x0b\x32\x1a.agentrun.v1.StepCompletedH\x00\x12\x32\n\rrun_completed\x18\x12 \x01(\x0b\x32\x19.agentrun.v1.RunCompletedH\x00\x12,\n\nrun_failed\x18\x13 \x01(\x0b\x32\x16.agentrun.v1.RunFailedH\x00\x12\x32\n\rrun_cancelled\x18\x14 \x01(\x0b\x32\x19.agentrun.v1.RunCancelledH\x00\x42\x06\n\x04kind\"+\n\nRunStarted\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.agentrun.v1.Run\"W\n\x0bStepStarted\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.agentrun.v1.StepKind\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\">\n\tTextDelta\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\"l\n\x11ToolCallRequested\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12(\n\ttool_call\x18\x02 \x01(\x0b\x32\x15.agentrun.v1.ToolCall\x12\x19\n\x11requires_approval\x18\x03 \x01(\x08\"\x85\x01\n\x14ToolApprovalRequired\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12(\n\ttool_call\x18\x02 \x01(\x0b\x32\x15.agentrun.v1.ToolCall\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"a\n\x14ToolApprovalResolved\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x10\n\x08\x61pproved\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\"k\n\nToolResult\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12\x14\n\x0ctool_call_id\x18\x02 \x01(\t\x12\x11\n\ttool_name\x18\x03 \x01(\t\x12\x0e\n\x06output\x18\x04 \x01(\t\x12\x10\n\x08is_error\x18\x05 \x01(\x08\"k\n\rStepCompleted\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.agentrun.v1.StepKind\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.agentrun.v1.Usage\"A\n\x0cRunCompleted\x12\x0e\n\x06output\x18\x01 \x01(\t\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.agentrun.v1.Usage\"1\n\tRunFailed\x12$\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x15.agentrun.v1.RunError\"\x1e\n\x0cRunCancelled\x12\x0e\n\x06reason\x18\x01 \x01(\t\"o\n\x0eStoredRunEvent\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x14\n\x0cpayload_json\x18\x04 \x01(\t*\xac\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x01\x12 \n\x1cRUN_STATUS_AWAITING_APPROVAL\x10\x02\x12\x18\n\x14RUN_STATUS_COMPLETED\x10\x03\x12\x15\n\x11RUN_STATUS_FAILED\x10\x04\x12\x18\n\x14RUN_STATUS_CANCELLED\x10\x05*\x9e\x02\n\x0cRunErrorCode\x12\x1e\n\x1aRUN_ERROR_CODE_UNSPECIFIED\x10\x00\x12 \n\x1cRUN_ERROR_CODE_EXECUTOR_LOST\x10\x01\x12\x1e\n\x1aRUN_ERROR_CODE_MODEL_ERROR\x10\x02\x12\"\n\x1eRUN_ERROR_CODE_MAX_MODEL_CALLS\x10\x03\x12 \n\x1cRUN_ERROR_CODE_INVALID_AGENT\x10\x04\x12%\n!RUN_ERROR_CODE_ATTEMPTS_EXHAUSTED\x10\x05\x12\x1b\n\x17RUN_ERROR_CODE_INTERNAL\x10\x06\x12\"\n\x1eRUN_ERROR_CODE_DISPATCH_FAILED\x10\x07*Y\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14STEP_KIND_MODEL_CALL\x10\x01\x12\x18\n\x14STEP_KIND_TOOL_CALLS\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61gentrun/v1/run.proto\x12\x0b\x61gentrun.v1\x1a\x17\x61gentrun/v1/agent.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x04\n\x03Run\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\x03\x12\x17\n\x0f\x63onversation_id\x18\x04 \x01(\t\x12\x32\n\x0e\x65xecution_mode\x18\x05 \x01(\x0e\x32\x1a.agentrun.v1.ExecutionMode\x12&\n\x06status\x18\x06 \x01(\x0e\x32\x16.agentrun.v1.RunStatus\x12\r\n\x05input\x18\x07 \x01(\t\x12\x0e\n\x06output\x18\x08 \x01(\t\x12!\n\x05usage\x18\t \x01(\x0b\x32\x12.agentrun.v1.Usage\x12$\n\x05\x65rror\x18\n \x01(\x0b\x32\x15.agentrun.v1.RunError\x12\x30\n\x11pending_approvals\x18\x0b \x03(\x0b\x32\x15.agentrun.v1.ToolCall\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x0f \x01(\x03\x12\x1a\n\x12\x66orked_from_run_id\x18\x10 \x01(\t\x12\x19\n\x11\x66orked_at_version\x18\x11 \x01(\x03\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\"W\n\x08RunError\x12\'\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x19.agentrun.v1.RunErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"\xfd\x05\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x0brun_started\x18\n \x01(\x0b\x32\x17.agentrun.v1.RunStartedH\x00\x12\x30\n\x0cstep_started\x18\x0b \x01(\x0b\x32\x18.agentrun.v1.StepStartedH\x00\x12,\n\ntext_delta\x18\x0c \x01(\x0b\x32\x16.agentrun.v1.TextDeltaH\x00\x12=\n\x13tool_call_requested\x18\r \x01(\x0b\x32\x1e.agentrun.v1.ToolCallRequestedH\x00\x12\x43\n\x16tool_approval_required\x18\x0e \x01(\x0b\x32!.agentrun.v1.ToolApprovalRequiredH\x00\x12\x43\n\x16tool_approval_resolved\x18\x0f \x01(\x0b\x32!.agentrun.v1.ToolApprovalResolvedH\x00\x12.\n\x0btool_result\x18\x10 \x01(\x0b\x32\x17.agentrun.v1.ToolResultH\x00\x12\x34\n\x0estep_completed\x18\x11 \x01(\x0b\x32\x1a.agentrun.v1.StepCompletedH\x00\x12\x32\n\rrun_completed\x18\x12 \x01(\x0b\x32\x19.agentrun.v1.RunCompletedH\x00\x12,\n\nrun_failed\x18\x13 \x01(\x0b\x32\x16.agentrun.v1.RunFailedH\x00\x12\x32\n\rrun_cancelled\x18\x14 \x01(\x0b\x32\x19.agentrun.v1.RunCancelledH\x00\x12H\n\x19\x63lient_tool_call_required\x18\x15 \x01(\x0b\x32#.agentrun.v1.ClientToolCallRequiredH\x00\x42\x06\n\x04kind\"+\n\nRunStarted\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.agentrun.v1.Run\"W\n\x0bStepStarted\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.agentrun.v1.StepKind\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\">\n\tTextDelta\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x85\x01\n\x11ToolCallRequested\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12(\n\ttool_call\x18\x02 \x01(\x0b\x32\x15.agentrun.v1.ToolCall\x12\x19\n\x11requires_approval\x18\x03 \x01(\x08\x12\x17\n\x0f\x63lient_executes\x18\x04 \x01(\x08\"\x85\x01\n\x14ToolApprovalRequired\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12(\n\ttool_call\x18\x02 \x01(\x0b\x32\x15.agentrun.v1.ToolCall\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x80\x01\n\x14ToolApprovalResolved\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x10\n\x08\x61pproved\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12\x1d\n\x15\x65\x64ited_arguments_json\x18\x05 \x01(\t\"\x87\x01\n\x16\x43lientToolCallRequired\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12(\n\ttool_call\x18\x02 \x01(\x0b\x32\x15.agentrun.v1.ToolCall\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\nToolResult\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12\x14\n\x0ctool_call_id\x18\x02 \x01(\t\x12\x11\n\ttool_name\x18\x03 \x01(\t\x12\x0e\n\x06output\x18\x04 \x01(\t\x12\x10\n\x08is_error\x18\x05 \x01(\x08\"k\n\rStepCompleted\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.agentrun.v1.StepKind\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.agentrun.v1.Usage\"A\n\x0cRunCompleted\x12\x0e\n\x06output\x18\x01 \x01(\t\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.agentrun.v1.Usage\"1\n\tRunFailed\x12$\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x15.agentrun.v1.RunError\"\x1e\n\x0cRunCancelled\x12\x0e\n\x06reason\x18\x01 \x01(\t\"o\n\x0eStoredRunEvent\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x14\n\x0cpayload_json\x18\x04 \x01(\t*\xd1\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x01\x12 \n\x1cRUN_STATUS_AWAITING_APPROVAL\x10\x02\x12\x18\n\x14RUN_STATUS_COMPLETED\x10\x03\x12\x15\n\x11RUN_STATUS_FAILED\x10\x04\x12\x18\n\x14RUN_STATUS_CANCELLED\x10\x05\x12#\n\x1fRUN_STATUS_AWAITING_TOOL_RESULT\x10\x06*\xc3\x02\n\x0cRunErrorCode\x12\x1e\n\x1aRUN_ERROR_CODE_UNSPECIFIED\x10\x00\x12 \n\x1cRUN_ERROR_CODE_EXECUTOR_LOST\x10\x01\x12\x1e\n\x1aRUN_ERROR_CODE_MODEL_ERROR\x10\x02\x12\"\n\x1eRUN_ERROR_CODE_MAX_MODEL_CALLS\x10\x03\x12 \n\x1cRUN_ERROR_CODE_INVALID_AGENT\x10\x04\x12%\n!RUN_ERROR_CODE_ATTEMPTS_EXHAUSTED\x10\x05\x12\x1b\n\x17RUN_ERROR_CODE_INTERNAL\x10\x06\x12\"\n\x1eRUN_ERROR_CODE_DISPATCH_FAILED\x10\x07\x12#\n\x1fRUN_ERROR_CODE_TOOL_UNAVAILABLE\x10\x08*Y\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14STEP_KIND_MODEL_CALL\x10\x01\x12\x18\n\x14STEP_KIND_TOOL_CALLS\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentrun.v1.run_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATUS']._serialized_start=2542
-  _globals['_RUNSTATUS']._serialized_end=2714
-  _globals['_RUNERRORCODE']._serialized_start=2717
-  _globals['_RUNERRORCODE']._serialized_end=3003
-  _globals['_STEPKIND']._serialized_start=3005
-  _globals['_STEPKIND']._serialized_end=3094
+  _globals['_RUNSTATUS']._serialized_start=2812
+  _globals['_RUNSTATUS']._serialized_end=3021
+  _globals['_RUNERRORCODE']._serialized_start=3024
+  _globals['_RUNERRORCODE']._serialized_end=3347
+  _globals['_STEPKIND']._serialized_start=3349
+  _globals['_STEPKIND']._serialized_end=3438
   _globals['_RUN']._serialized_start=97
   _globals['_RUN']._serialized_end=616
   _globals['_USAGE']._serialized_start=618
@@ -48,29 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLCALL']._serialized_start=761
   _globals['_TOOLCALL']._serialized_end=821
   _globals['_RUNEVENT']._serialized_start=824
-  _globals['_RUNEVENT']._serialized_end=1515
-  _globals['_RUNSTARTED']._serialized_start=1517
-  _globals['_RUNSTARTED']._serialized_end=1560
-  _globals['_STEPSTARTED']._serialized_start=1562
-  _globals['_STEPSTARTED']._serialized_end=1649
-  _globals['_TEXTDELTA']._serialized_start=1651
-  _globals['_TEXTDELTA']._serialized_end=1713
-  _globals['_TOOLCALLREQUESTED']._serialized_start=1715
-  _globals['_TOOLCALLREQUESTED']._serialized_end=1823
-  _globals['_TOOLAPPROVALREQUIRED']._serialized_start=1826
-  _globals['_TOOLAPPROVALREQUIRED']._serialized_end=1959
-  _globals['_TOOLAPPROVALRESOLVED']._serialized_start=1961
-  _globals['_TOOLAPPROVALRESOLVED']._serialized_end=2058
-  _globals['_TOOLRESULT']._serialized_start=2060
-  _globals['_TOOLRESULT']._serialized_end=2167
-  _globals['_STEPCOMPLETED']._serialized_start=2169
-  _globals['_STEPCOMPLETED']._serialized_end=2276
-  _globals['_RUNCOMPLETED']._serialized_start=2278
-  _globals['_RUNCOMPLETED']._serialized_end=2343
-  _globals['_RUNFAILED']._serialized_start=2345
-  _globals['_RUNFAILED']._serialized_end=2394
-  _globals['_RUNCANCELLED']._serialized_start=2396
-  _globals['_RUNCANCELLED']._serialized_end=2426
-  _globals['_STOREDRUNEVENT']._serialized_start=2428
-  _globals['_STOREDRUNEVENT']._serialized_end=2539
+  _globals['_RUNEVENT']._serialized_end=1589
+  _globals['_RUNSTARTED']._serialized_start=1591
+  _globals['_RUNSTARTED']._serialized_end=1634
+  _globals['_STEPSTARTED']._serialized_start=1636
+  _globals['_STEPSTARTED']._serialized_end=1723
+  _globals['_TEXTDELTA']._serialized_start=1725
+  _globals['_TEXTDELTA']._serialized_end=1787
+  _globals['_TOOLCALLREQUESTED']._serialized_start=1790
+  _globals['_TOOLCALLREQUESTED']._serialized_end=1923
+  _globals['_TOOLAPPROVALREQUIRED']._serialized_start=1926
+  _globals['_TOOLAPPROVALREQUIRED']._serialized_end=2059
+  _globals['_TOOLAPPROVALRESOLVED']._serialized_start=2062
+  _globals['_TOOLAPPROVALRESOLVED']._serialized_end=2190
+  _globals['_CLIENTTOOLCALLREQUIRED']._serialized_start=2193
+  _globals['_CLIENTTOOLCALLREQUIRED']._serialized_end=2328
+  _globals['_TOOLRESULT']._serialized_start=2330
+  _globals['_TOOLRESULT']._serialized_end=2437
+  _globals['_STEPCOMPLETED']._serialized_start=2439
+  _globals['_STEPCOMPLETED']._serialized_end=2546
+  _globals['_RUNCOMPLETED']._serialized_start=2548
+  _globals['_RUNCOMPLETED']._serialized_end=2613
+  _globals['_RUNFAILED']._serialized_start=2615
+  _globals['_RUNFAILED']._serialized_end=2664
+  _globals['_RUNCANCELLED']._serialized_start=2666
+  _globals['_RUNCANCELLED']._serialized_end=2696
+  _globals['_STOREDRUNEVENT']._serialized_start=2698
+  _globals['_STOREDRUNEVENT']._serialized_end=2809
 # @@protoc_insertion_point(module_scope)

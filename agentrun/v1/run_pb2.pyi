@@ -39,6 +39,10 @@ class _RunStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunStatus.V
     """The run ended with an error."""
     RUN_STATUS_CANCELLED: _RunStatus.ValueType  # 5
     """The run was cancelled."""
+    RUN_STATUS_AWAITING_TOOL_RESULT: _RunStatus.ValueType  # 6
+    """The run waits for the client to execute a tool call and submit its result
+    (ClientToolCallRequired; SubmitToolResult or Converse's tool_result).
+    """
 
 class RunStatus(_RunStatus, metaclass=_RunStatusEnumTypeWrapper):
     """Where a run is in its life."""
@@ -55,6 +59,10 @@ RUN_STATUS_FAILED: RunStatus.ValueType  # 4
 """The run ended with an error."""
 RUN_STATUS_CANCELLED: RunStatus.ValueType  # 5
 """The run was cancelled."""
+RUN_STATUS_AWAITING_TOOL_RESULT: RunStatus.ValueType  # 6
+"""The run waits for the client to execute a tool call and submit its result
+(ClientToolCallRequired; SubmitToolResult or Converse's tool_result).
+"""
 Global___RunStatus: _TypeAlias = RunStatus  # noqa: Y015
 
 class _RunErrorCode:
@@ -81,6 +89,11 @@ class _RunErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunError
     """Taking the durable run up kept failing with an error (not a crash, not an outage), for
     example on data of the run that this version cannot read; it is not tried again.
     """
+    RUN_ERROR_CODE_TOOL_UNAVAILABLE: _RunErrorCode.ValueType  # 8
+    """A tool the run needs could not be reached when the run started (for example an MCP server
+    whose tool list could not be fetched, or whose tool names clash with the agent's other
+    tools); the message names the server.
+    """
 
 class RunErrorCode(_RunErrorCode, metaclass=_RunErrorCodeEnumTypeWrapper):
     """Why a run failed."""
@@ -102,6 +115,11 @@ RUN_ERROR_CODE_INTERNAL: RunErrorCode.ValueType  # 6
 RUN_ERROR_CODE_DISPATCH_FAILED: RunErrorCode.ValueType  # 7
 """Taking the durable run up kept failing with an error (not a crash, not an outage), for
 example on data of the run that this version cannot read; it is not tried again.
+"""
+RUN_ERROR_CODE_TOOL_UNAVAILABLE: RunErrorCode.ValueType  # 8
+"""A tool the run needs could not be reached when the run started (for example an MCP server
+whose tool list could not be fetched, or whose tool names clash with the agent's other
+tools); the message names the server.
 """
 Global___RunErrorCode: _TypeAlias = RunErrorCode  # noqa: Y015
 
@@ -335,6 +353,7 @@ class RunEvent(_message.Message):
     RUN_COMPLETED_FIELD_NUMBER: _builtins.int
     RUN_FAILED_FIELD_NUMBER: _builtins.int
     RUN_CANCELLED_FIELD_NUMBER: _builtins.int
+    CLIENT_TOOL_CALL_REQUIRED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run the event belongs to."""
     sequence: _builtins.int
@@ -390,6 +409,10 @@ class RunEvent(_message.Message):
     def run_cancelled(self) -> Global___RunCancelled:
         """The run was cancelled. A terminal event: nothing follows it."""
 
+    @_builtins.property
+    def client_tool_call_required(self) -> Global___ClientToolCallRequired:
+        """A tool call is the client's to execute: the run waits for its result."""
+
     def __init__(
         self,
         *,
@@ -407,12 +430,13 @@ class RunEvent(_message.Message):
         run_completed: Global___RunCompleted | None = ...,
         run_failed: Global___RunFailed | None = ...,
         run_cancelled: Global___RunCancelled | None = ...,
+        client_tool_call_required: Global___ClientToolCallRequired | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "run_started", b"run_started", "step_completed", b"step_completed", "step_started", b"step_started", "text_delta", b"text_delta", "time", b"time", "tool_approval_required", b"tool_approval_required", "tool_approval_resolved", b"tool_approval_resolved", "tool_call_requested", b"tool_call_requested", "tool_result", b"tool_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client_tool_call_required", b"client_tool_call_required", "kind", b"kind", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "run_started", b"run_started", "step_completed", b"step_completed", "step_started", b"step_started", "text_delta", b"text_delta", "time", b"time", "tool_approval_required", b"tool_approval_required", "tool_approval_resolved", b"tool_approval_resolved", "tool_call_requested", b"tool_call_requested", "tool_result", b"tool_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "run_id", b"run_id", "run_started", b"run_started", "sequence", b"sequence", "step_completed", b"step_completed", "step_started", b"step_started", "text_delta", b"text_delta", "time", b"time", "tool_approval_required", b"tool_approval_required", "tool_approval_resolved", b"tool_approval_resolved", "tool_call_requested", b"tool_call_requested", "tool_result", b"tool_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_tool_call_required", b"client_tool_call_required", "kind", b"kind", "run_cancelled", b"run_cancelled", "run_completed", b"run_completed", "run_failed", b"run_failed", "run_id", b"run_id", "run_started", b"run_started", "sequence", b"sequence", "step_completed", b"step_completed", "step_started", b"step_started", "text_delta", b"text_delta", "time", b"time", "tool_approval_required", b"tool_approval_required", "tool_approval_resolved", b"tool_approval_resolved", "tool_call_requested", b"tool_call_requested", "tool_result", b"tool_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["run_started", "step_started", "text_delta", "tool_call_requested", "tool_approval_required", "tool_approval_resolved", "tool_result", "step_completed", "run_completed", "run_failed", "run_cancelled"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["run_started", "step_started", "text_delta", "tool_call_requested", "tool_approval_required", "tool_approval_resolved", "tool_result", "step_completed", "run_completed", "run_failed", "run_cancelled", "client_tool_call_required"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -533,10 +557,15 @@ class ToolCallRequested(_message.Message):
     STEP_INDEX_FIELD_NUMBER: _builtins.int
     TOOL_CALL_FIELD_NUMBER: _builtins.int
     REQUIRES_APPROVAL_FIELD_NUMBER: _builtins.int
+    CLIENT_EXECUTES_FIELD_NUMBER: _builtins.int
     step_index: _builtins.int
     """The model call step that asked for it."""
     requires_approval: _builtins.bool
     """Whether the call waits for an approval before it runs."""
+    client_executes: _builtins.bool
+    """Whether the client executes the call (a ClientTool): when its turn comes (after its
+    approval, if it requires one), ClientToolCallRequired asks for its result.
+    """
     @_builtins.property
     def tool_call(self) -> Global___ToolCall:
         """The call."""
@@ -547,10 +576,11 @@ class ToolCallRequested(_message.Message):
         step_index: _builtins.int = ...,
         tool_call: Global___ToolCall | None = ...,
         requires_approval: _builtins.bool = ...,
+        client_executes: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tool_call", b"tool_call"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["requires_approval", b"requires_approval", "step_index", b"step_index", "tool_call", b"tool_call"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_executes", b"client_executes", "requires_approval", b"requires_approval", "step_index", b"step_index", "tool_call", b"tool_call"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -600,6 +630,7 @@ class ToolApprovalResolved(_message.Message):
     APPROVED_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     TIMED_OUT_FIELD_NUMBER: _builtins.int
+    EDITED_ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
     tool_call_id: _builtins.str
     """The call decided on."""
     approved: _builtins.bool
@@ -608,6 +639,10 @@ class ToolApprovalResolved(_message.Message):
     """The reason given with the decision, if any."""
     timed_out: _builtins.bool
     """True when no decision came in time and the call was denied by the timeout."""
+    edited_arguments_json: _builtins.str
+    """The arguments the call runs with, as JSON text, if the approval edited them; empty if it
+    runs with the model's (ToolCall.arguments_json, which the history keeps too).
+    """
     def __init__(
         self,
         *,
@@ -615,14 +650,55 @@ class ToolApprovalResolved(_message.Message):
         approved: _builtins.bool = ...,
         reason: _builtins.str = ...,
         timed_out: _builtins.bool = ...,
+        edited_arguments_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "reason", b"reason", "timed_out", b"timed_out", "tool_call_id", b"tool_call_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "edited_arguments_json", b"edited_arguments_json", "reason", b"reason", "timed_out", b"timed_out", "tool_call_id", b"tool_call_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ToolApprovalResolved: _TypeAlias = ToolApprovalResolved  # noqa: Y015
+
+@_typing.final
+class ClientToolCallRequired(_message.Message):
+    """A tool call that the client executes (a ClientTool) is its turn: the client runs it with
+    tool_call.arguments_json (the approved arguments, if an approval edited them) and submits its
+    result (RunService.SubmitToolResult, or a tool_result message on Converse), from any gateway.
+    The run waits, a durable run suspended in the store, until the result comes or expire_time
+    passes (the tool's timeout): the model then gets a tool error. A ToolResult follows with what
+    was recorded.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_INDEX_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    step_index: _builtins.int
+    """The tool calls step the call belongs to."""
+    @_builtins.property
+    def tool_call(self) -> Global___ToolCall:
+        """The call to execute, with the arguments to execute it with."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the run stops waiting and gives the model a tool error instead."""
+
+    def __init__(
+        self,
+        *,
+        step_index: _builtins.int = ...,
+        tool_call: Global___ToolCall | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "tool_call", b"tool_call"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "step_index", b"step_index", "tool_call", b"tool_call"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClientToolCallRequired: _TypeAlias = ClientToolCallRequired  # noqa: Y015
 
 @_typing.final
 class ToolResult(_message.Message):
@@ -644,8 +720,9 @@ class ToolResult(_message.Message):
     output: _builtins.str
     """What the tool returned (usually JSON), or the error message."""
     is_error: _builtins.bool
-    """Whether the call failed (an error, a timeout, malformed arguments or a denial); the error
-    goes back to the model, which carries on.
+    """Whether the call failed (an error, a timeout, malformed arguments or a denial; for a tool the
+    client executes, a result it submitted with is_error, or none in time); the error goes back
+    to the model, which carries on.
     """
     def __init__(
         self,

@@ -107,6 +107,7 @@ class ConverseRequest(_message.Message):
     ATTACH_FIELD_NUMBER: _builtins.int
     TOOL_APPROVAL_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    TOOL_RESULT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start(self) -> Global___StreamRunRequest:
         """Start a run (first message only)."""
@@ -123,6 +124,10 @@ class ConverseRequest(_message.Message):
     def cancel(self) -> Global___ConverseCancel:
         """Cancel the run."""
 
+    @_builtins.property
+    def tool_result(self) -> Global___ToolResultSubmission:
+        """The result of a tool call the client executes (see ClientToolCallRequired)."""
+
     def __init__(
         self,
         *,
@@ -130,12 +135,13 @@ class ConverseRequest(_message.Message):
         attach: Global___ConverseAttach | None = ...,
         tool_approval: Global___ToolApprovalDecision | None = ...,
         cancel: Global___ConverseCancel | None = ...,
+        tool_result: Global___ToolResultSubmission | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "cancel", b"cancel", "message", b"message", "start", b"start", "tool_approval", b"tool_approval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "cancel", b"cancel", "message", b"message", "start", b"start", "tool_approval", b"tool_approval", "tool_result", b"tool_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "cancel", b"cancel", "message", b"message", "start", b"start", "tool_approval", b"tool_approval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "cancel", b"cancel", "message", b"message", "start", b"start", "tool_approval", b"tool_approval", "tool_result", b"tool_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["start", "attach", "tool_approval", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["start", "attach", "tool_approval", "cancel", "tool_result"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -176,26 +182,66 @@ class ToolApprovalDecision(_message.Message):
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     APPROVED_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    EDITED_ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
     tool_call_id: _builtins.str
     """The id of the tool call (from ToolApprovalRequired), never the tool's name."""
     approved: _builtins.bool
     """Whether the call may run."""
     reason: _builtins.str
     """An optional reason, passed to the model with a denial."""
+    edited_arguments_json: _builtins.str
+    """With an approval: the arguments the call runs with instead of the model's, as a JSON
+    object; they must satisfy the tool's JSON Schema (else INVALID_ARGUMENT, and the call still
+    waits). Empty: the model's arguments. The run's history keeps both. Not allowed with a
+    denial.
+    """
     def __init__(
         self,
         *,
         tool_call_id: _builtins.str = ...,
         approved: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        edited_arguments_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "reason", b"reason", "tool_call_id", b"tool_call_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "edited_arguments_json", b"edited_arguments_json", "reason", b"reason", "tool_call_id", b"tool_call_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ToolApprovalDecision: _TypeAlias = ToolApprovalDecision  # noqa: Y015
+
+@_typing.final
+class ToolResultSubmission(_message.Message):
+    """The result of a tool call that the client executed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    IS_ERROR_FIELD_NUMBER: _builtins.int
+    tool_call_id: _builtins.str
+    """The id of the tool call (from ClientToolCallRequired)."""
+    output: _builtins.str
+    """What the tool returned (usually JSON), as the model will read it; cut at the executor's
+    AGENTRUN_MAX_TOOL_OUTPUT_BYTES.
+    """
+    is_error: _builtins.bool
+    """Whether the call failed: output is then an error the model reads, and the run goes on."""
+    def __init__(
+        self,
+        *,
+        tool_call_id: _builtins.str = ...,
+        output: _builtins.str = ...,
+        is_error: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_error", b"is_error", "output", b"output", "tool_call_id", b"tool_call_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolResultSubmission: _TypeAlias = ToolResultSubmission  # noqa: Y015
 
 @_typing.final
 class ConverseCancel(_message.Message):
@@ -407,6 +453,53 @@ class SubmitToolApprovalResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitToolApprovalResponse: _TypeAlias = SubmitToolApprovalResponse  # noqa: Y015
+
+@_typing.final
+class SubmitToolResultRequest(_message.Message):
+    """Request of RunService.SubmitToolResult. It needs no request_id: a result is idempotent by
+    itself (a repeat of the recorded one succeeds and changes nothing).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run whose tool call this is the result of."""
+    @_builtins.property
+    def result(self) -> Global___ToolResultSubmission:
+        """The result."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        result: Global___ToolResultSubmission | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitToolResultRequest: _TypeAlias = SubmitToolResultRequest  # noqa: Y015
+
+@_typing.final
+class SubmitToolResultResponse(_message.Message):
+    """Response of RunService.SubmitToolResult."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitToolResultResponse: _TypeAlias = SubmitToolResultResponse  # noqa: Y015
 
 @_typing.final
 class CancelRunRequest(_message.Message):

@@ -62,6 +62,11 @@ class RunServiceStub:
                 request_serializer=agentrun_dot_v1_dot_run__service__pb2.SubmitToolApprovalRequest.SerializeToString,
                 response_deserializer=agentrun_dot_v1_dot_run__service__pb2.SubmitToolApprovalResponse.FromString,
                 _registered_method=True)
+        self.SubmitToolResult = channel.unary_unary(
+                '/agentrun.v1.RunService/SubmitToolResult',
+                request_serializer=agentrun_dot_v1_dot_run__service__pb2.SubmitToolResultRequest.SerializeToString,
+                response_deserializer=agentrun_dot_v1_dot_run__service__pb2.SubmitToolResultResponse.FromString,
+                _registered_method=True)
         self.CancelRun = channel.unary_unary(
                 '/agentrun.v1.RunService/CancelRun',
                 request_serializer=agentrun_dot_v1_dot_run__service__pb2.CancelRunRequest.SerializeToString,
@@ -97,7 +102,8 @@ class RunServiceServicer:
 
     def Converse(self, request_iterator, context):
         """A conversation with one run on one bidirectional stream. The first request either starts a
-        run or attaches to one; later requests carry tool approval decisions and cancellation. The
+        run or attaches to one; later requests carry tool approval decisions, the results of tool
+        calls the client executes, and cancellation. The
         responses are the run's events until its terminal event.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -131,7 +137,20 @@ class RunServiceServicer:
 
     def SubmitToolApproval(self, request, context):
         """Approves or denies a tool call that waits for approval. A repeated decision that agrees with
-        the recorded one succeeds; one that differs fails with FAILED_PRECONDITION.
+        the recorded one succeeds; one that differs fails with FAILED_PRECONDITION. An approval may
+        edit the call's arguments (ToolApprovalDecision.edited_arguments_json): arguments that the
+        tool's JSON Schema refuses fail with INVALID_ARGUMENT, and the call still waits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitToolResult(self, request, context):
+        """Submits the result of a tool call that the client executes (see ClientToolCallRequired).
+        The result is recorded (cut at the executor's AGENTRUN_MAX_TOOL_OUTPUT_BYTES, as any tool's)
+        and the run goes on. A repeat of the recorded result succeeds and changes nothing; a
+        different result for a call that has one, or a result for a call that does not wait for
+        one, fails with FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -205,6 +224,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.SubmitToolApproval,
                     request_deserializer=agentrun_dot_v1_dot_run__service__pb2.SubmitToolApprovalRequest.FromString,
                     response_serializer=agentrun_dot_v1_dot_run__service__pb2.SubmitToolApprovalResponse.SerializeToString,
+            ),
+            'SubmitToolResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitToolResult,
+                    request_deserializer=agentrun_dot_v1_dot_run__service__pb2.SubmitToolResultRequest.FromString,
+                    response_serializer=agentrun_dot_v1_dot_run__service__pb2.SubmitToolResultResponse.SerializeToString,
             ),
             'CancelRun': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelRun,
@@ -370,6 +394,33 @@ class RunService:
             '/agentrun.v1.RunService/SubmitToolApproval',
             agentrun_dot_v1_dot_run__service__pb2.SubmitToolApprovalRequest.SerializeToString,
             agentrun_dot_v1_dot_run__service__pb2.SubmitToolApprovalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitToolResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentrun.v1.RunService/SubmitToolResult',
+            agentrun_dot_v1_dot_run__service__pb2.SubmitToolResultRequest.SerializeToString,
+            agentrun_dot_v1_dot_run__service__pb2.SubmitToolResultResponse.FromString,
             options,
             channel_credentials,
             insecure,

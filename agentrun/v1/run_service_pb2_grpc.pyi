@@ -38,7 +38,8 @@ class RunServiceStub:
     def __new__(cls, channel: _aio.Channel) -> RunServiceAsyncStub: ...
     Converse: _grpc.StreamStreamMultiCallable[_run_service_pb2.ConverseRequest, _run_service_pb2.ConverseResponse]
     """A conversation with one run on one bidirectional stream. The first request either starts a
-    run or attaches to one; later requests carry tool approval decisions and cancellation. The
+    run or attaches to one; later requests carry tool approval decisions, the results of tool
+    calls the client executes, and cancellation. The
     responses are the run's events until its terminal event.
     """
     StreamRun: _grpc.UnaryStreamMultiCallable[_run_service_pb2.StreamRunRequest, _run_service_pb2.StreamRunResponse]
@@ -54,7 +55,16 @@ class RunServiceStub:
     """
     SubmitToolApproval: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.SubmitToolApprovalRequest, _run_service_pb2.SubmitToolApprovalResponse]
     """Approves or denies a tool call that waits for approval. A repeated decision that agrees with
-    the recorded one succeeds; one that differs fails with FAILED_PRECONDITION.
+    the recorded one succeeds; one that differs fails with FAILED_PRECONDITION. An approval may
+    edit the call's arguments (ToolApprovalDecision.edited_arguments_json): arguments that the
+    tool's JSON Schema refuses fail with INVALID_ARGUMENT, and the call still waits.
+    """
+    SubmitToolResult: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.SubmitToolResultRequest, _run_service_pb2.SubmitToolResultResponse]
+    """Submits the result of a tool call that the client executes (see ClientToolCallRequired).
+    The result is recorded (cut at the executor's AGENTRUN_MAX_TOOL_OUTPUT_BYTES, as any tool's)
+    and the run goes on. A repeat of the recorded result succeeds and changes nothing; a
+    different result for a call that has one, or a result for a call that does not wait for
+    one, fails with FAILED_PRECONDITION.
     """
     CancelRun: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.CancelRunRequest, _run_service_pb2.CancelRunResponse]
     """Cancels a running or suspended run. Cancelling a finished run fails with FAILED_PRECONDITION."""
@@ -85,7 +95,8 @@ class RunServiceAsyncStub(RunServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Converse: _aio.StreamStreamMultiCallable[_run_service_pb2.ConverseRequest, _run_service_pb2.ConverseResponse]  # type: ignore[assignment]
     """A conversation with one run on one bidirectional stream. The first request either starts a
-    run or attaches to one; later requests carry tool approval decisions and cancellation. The
+    run or attaches to one; later requests carry tool approval decisions, the results of tool
+    calls the client executes, and cancellation. The
     responses are the run's events until its terminal event.
     """
     StreamRun: _aio.UnaryStreamMultiCallable[_run_service_pb2.StreamRunRequest, _run_service_pb2.StreamRunResponse]  # type: ignore[assignment]
@@ -101,7 +112,16 @@ class RunServiceAsyncStub(RunServiceStub):
     """
     SubmitToolApproval: _aio.UnaryUnaryMultiCallable[_run_service_pb2.SubmitToolApprovalRequest, _run_service_pb2.SubmitToolApprovalResponse]  # type: ignore[assignment]
     """Approves or denies a tool call that waits for approval. A repeated decision that agrees with
-    the recorded one succeeds; one that differs fails with FAILED_PRECONDITION.
+    the recorded one succeeds; one that differs fails with FAILED_PRECONDITION. An approval may
+    edit the call's arguments (ToolApprovalDecision.edited_arguments_json): arguments that the
+    tool's JSON Schema refuses fail with INVALID_ARGUMENT, and the call still waits.
+    """
+    SubmitToolResult: _aio.UnaryUnaryMultiCallable[_run_service_pb2.SubmitToolResultRequest, _run_service_pb2.SubmitToolResultResponse]  # type: ignore[assignment]
+    """Submits the result of a tool call that the client executes (see ClientToolCallRequired).
+    The result is recorded (cut at the executor's AGENTRUN_MAX_TOOL_OUTPUT_BYTES, as any tool's)
+    and the run goes on. A repeat of the recorded result succeeds and changes nothing; a
+    different result for a call that has one, or a result for a call that does not wait for
+    one, fails with FAILED_PRECONDITION.
     """
     CancelRun: _aio.UnaryUnaryMultiCallable[_run_service_pb2.CancelRunRequest, _run_service_pb2.CancelRunResponse]  # type: ignore[assignment]
     """Cancels a running or suspended run. Cancelling a finished run fails with FAILED_PRECONDITION."""
@@ -135,7 +155,8 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_run_service_pb2.ConverseResponse], _abc.AsyncIterator[_run_service_pb2.ConverseResponse]]:
         """A conversation with one run on one bidirectional stream. The first request either starts a
-        run or attaches to one; later requests carry tool approval decisions and cancellation. The
+        run or attaches to one; later requests carry tool approval decisions, the results of tool
+        calls the client executes, and cancellation. The
         responses are the run's events until its terminal event.
         """
 
@@ -175,7 +196,22 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_run_service_pb2.SubmitToolApprovalResponse, _abc.Awaitable[_run_service_pb2.SubmitToolApprovalResponse]]:
         """Approves or denies a tool call that waits for approval. A repeated decision that agrees with
-        the recorded one succeeds; one that differs fails with FAILED_PRECONDITION.
+        the recorded one succeeds; one that differs fails with FAILED_PRECONDITION. An approval may
+        edit the call's arguments (ToolApprovalDecision.edited_arguments_json): arguments that the
+        tool's JSON Schema refuses fail with INVALID_ARGUMENT, and the call still waits.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitToolResult(
+        self,
+        request: _run_service_pb2.SubmitToolResultRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.SubmitToolResultResponse, _abc.Awaitable[_run_service_pb2.SubmitToolResultResponse]]:
+        """Submits the result of a tool call that the client executes (see ClientToolCallRequired).
+        The result is recorded (cut at the executor's AGENTRUN_MAX_TOOL_OUTPUT_BYTES, as any tool's)
+        and the run goes on. A repeat of the recorded result succeeds and changes nothing; a
+        different result for a call that has one, or a result for a call that does not wait for
+        one, fails with FAILED_PRECONDITION.
         """
 
     @_abc_1.abstractmethod

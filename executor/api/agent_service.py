@@ -66,6 +66,11 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
                     f"agent.tools[{index}].http.url",
                     "its host is not one the executors allow (AGENTRUN_TOOL_URL_ALLOW)",
                 )
+            if tool.mcp is not None and not allow.allows(tool.mcp.url):
+                raise InvalidArgument(
+                    f"agent.tools[{index}].mcp.url",
+                    "its host is not one the executors allow (AGENTRUN_TOOL_URL_ALLOW)",
+                )
 
     @unary_errors
     async def GetAgent(

@@ -4,9 +4,9 @@ run's steering on the same stream.
 A new run that runs here live (classic) streams straight from its session: events taken while
 the previous message was being written merge into the next ("flush when the previous write
 completes"). Any other run (durable, a repeated start, a resumed stream) streams from its
-published stream (executor.watching). Approvals and cancellation that follow on the call go
-through executor.steering, wherever the run is held; a refused one ends the call with its
-error.
+published stream (executor.watching). Approvals, tool results and cancellation that follow on
+the call go through executor.steering, wherever the run is held; a refused one ends the call
+with its error.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from common.errors import AgentrunError, InvalidArgument, Unauthenticated
 from common.event_streams import is_terminal
 from common.rpc import stream_errors
 from common.side_by_side import ReportError, side_by_side
-from eventstore.run_commands import Cancel, Command, Decide
-from executor.api.run_service import spec_of
+from eventstore.run_commands import Cancel, Command
+from executor.api.run_service import decide_of, result_of, spec_of
 from executor.runs import Runs, checked_run_id
 from executor.session.session import RunSession
 from executor.steering import Steering
@@ -129,11 +129,13 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
         run_id: str,
         on_error: ReportError,
     ) -> None:
-        """Carries out the approvals and cancellation that follow on the call; the first one
+        """Carries out the approvals, tool results and cancellation that follow on the call; the
+        first one
         refused goes to ``on_error``."""
         try:
             async for request in requests:
-                await self.steering.steer(tenant, run_id, _command_of(request))
+                command = _command_of(request, self.steering.ctx.tools.runtime.max_output_bytes)
+                await self.steering.steer(tenant, run_id, command)
         except Exception as exc:
             on_error(exc)
 
@@ -144,12 +146,13 @@ def _tenant(tenant: str) -> str:
     return tenant
 
 
-def _command_of(request: pb.ExecuteRunRequest) -> Command:
+def _command_of(request: pb.ExecuteRunRequest, max_output_bytes: int) -> Command:
     if request.HasField("tool_approval"):
-        decision = request.tool_approval
-        if not decision.tool_call_id:
-            raise InvalidArgument("decision.tool_call_id", "is required")
-        return Decide(decision.tool_call_id, decision.approved, decision.reason)
+        return decide_of(request.tool_approval)
+    if request.HasField("tool_result"):
+        return result_of(request.tool_result, max_output_bytes, "tool_result")
     if request.HasField("cancel"):
         return Cancel(request.cancel.reason)
-    raise InvalidArgument("message", "only approvals and cancel may follow start or resume")
+    raise InvalidArgument(
+        "message", "only approvals, tool results and cancel may follow start or resume"
+    )

@@ -13,8 +13,9 @@ from agentrun.v1 import run_service_pb2 as runs
 from agentrun.v1 import run_service_pb2_grpc
 from common.errors import InvalidArgument, Unimplemented
 from common.rpc import stream_errors, tenant_metadata, unary_errors
-from eventstore.run_commands import Cancel, Decide
+from eventstore.run_commands import Cancel, Decide, SubmitResult
 from eventstore.run_list import RunFilter
+from executor.agent_loop import cut_output
 from executor.runs import Runs, RunSpec, checked_run_id
 from executor.steering import Steering
 from executor.translation import (
@@ -40,6 +41,24 @@ def spec_of(tenant: str, request: runs.StreamRunRequest | runs.StartRunRequest) 
         execution_mode=mode_of(request.execution_mode),
         cancel_on_disconnect=getattr(request, "cancel_on_disconnect", False),
     )
+
+
+def decide_of(decision: runs.ToolApprovalDecision, field: str = "decision") -> Decide:
+    if not decision.tool_call_id:
+        raise InvalidArgument(f"{field}.tool_call_id", "is required")
+    return Decide(
+        decision.tool_call_id, decision.approved, decision.reason, decision.edited_arguments_json
+    )
+
+
+def result_of(
+    result: runs.ToolResultSubmission, max_output_bytes: int, field: str = "result"
+) -> SubmitResult:
+    """The command of a client's tool result, cut as any tool's result is."""
+    if not result.tool_call_id:
+        raise InvalidArgument(f"{field}.tool_call_id", "is required")
+    output = cut_output(result.output, max_output_bytes)
+    return SubmitResult(result.tool_call_id, output, result.is_error)
 
 
 class RunService(run_service_pb2_grpc.RunServiceServicer):
@@ -76,13 +95,19 @@ class RunService(run_service_pb2_grpc.RunServiceServicer):
     async def SubmitToolApproval(
         self, request: runs.SubmitToolApprovalRequest, context: Context
     ) -> runs.SubmitToolApprovalResponse:
-        decision = request.decision
-        if not decision.tool_call_id:
-            raise InvalidArgument("decision.tool_call_id", "is required")
-        command = Decide(decision.tool_call_id, decision.approved, decision.reason)
+        command = decide_of(request.decision)
         run_id = checked_run_id(request.run_id)
         await self.steering.steer(tenant_metadata(context), run_id, command)
         return runs.SubmitToolApprovalResponse()
+
+    @unary_errors
+    async def SubmitToolResult(
+        self, request: runs.SubmitToolResultRequest, context: Context
+    ) -> runs.SubmitToolResultResponse:
+        command = result_of(request.result, self.steering.ctx.tools.runtime.max_output_bytes)
+        run_id = checked_run_id(request.run_id)
+        await self.steering.steer(tenant_metadata(context), run_id, command)
+        return runs.SubmitToolResultResponse()
 
     @unary_errors
     async def CancelRun(

@@ -136,7 +136,7 @@ class Taker:
         if not fresh and await self.ctx.link.holder_answers(run.run_id) is True:
             await dispatch.msg.ack()  # a duplicate: the run's holder has it in hand
             return
-        claiming = taken_over and not run.is_finished and run.awaiting_decision() == []
+        claiming = taken_over and not run.is_finished and not run.waits
         if claiming and run.run_id in self._claiming:
             await dispatch.msg.ack()  # a duplicate, being claimed here already
             return
@@ -243,7 +243,7 @@ class Taker:
         its step's attempt then does not count as one that crashed its executor."""
         try:
             run = await asyncio.to_thread(self.ctx.run_store.load, run_id)
-            if not run.is_finished and not run.awaiting_decision():
+            if not run.is_finished and not run.waits:
                 run.release(self.ctx.executor_id)
                 await asyncio.to_thread(self.ctx.run_store.commit, run)
         except Exception as exc:  # then the attempt counts as a crashed one: no harm

@@ -202,7 +202,7 @@ class InStore:
                 # It must land before the next taker's claim, which would conflict with it
                 # and make that taker drop the run.
                 await self._commit
-        if not run.is_finished and not run.awaiting_decision():
+        if not run.is_finished and not run.waits:
             # Recorded so that the interrupted attempt is not counted as a failed one (see
             # eventstore.run_steps.exhausted_attempts): rolling restarts are not poison.
             run.release(self.ctx.executor_id)

@@ -29,8 +29,8 @@ from common.errors import FailedPrecondition, NotFound
 from common.event_streams import Published
 from eventstore.agent_config import AgentConfig
 from eventstore.run import Run
-from eventstore.run_commands import Cancel, Command, Decide, check_not_ended
-from eventstore.run_steps import AwaitApprovals
+from eventstore.run_commands import Cancel, Command, Decide, SubmitResult, check_not_ended
+from eventstore.run_steps import AwaitApprovals, AwaitResults
 from executor import run_metrics
 from executor.agent_loop import AgentLoop
 from executor.context import ExecutorContext
@@ -223,10 +223,14 @@ class RunSession:
             await self.apply(command)
             return True
         # Taken by the store; answered here when the answer is known: a repeat of the recorded
-        # decision is fine, a contradiction is not.
-        return isinstance(command, Decide) and not self.run.check_decision(
-            command.tool_call_id, command.approved
-        )
+        # decision or result is fine, a contradiction is not.
+        if isinstance(command, Decide):
+            return not self.run.check_decision(
+                command.tool_call_id, command.approved, command.arguments_json
+            )
+        if isinstance(command, SubmitResult):
+            return not self.run.check_result(command.tool_call_id, command.output, command.is_error)
+        return False
 
     async def state_changed(self) -> None:
         """The run started or stopped waiting for decisions."""
@@ -290,7 +294,7 @@ class RunSession:
     async def status_changed(self, run: Run) -> None:
         await self.recording.state_changed(run)
 
-    async def wait_for_decisions(self, run: Run, step: AwaitApprovals) -> bool:
+    async def wait_for_decisions(self, run: Run, step: AwaitApprovals | AwaitResults) -> bool:
         return await self.waiting.for_decisions(self)
 
     async def finished(self, run: Run) -> None:

@@ -1,9 +1,11 @@
-"""How a run waits for something from outside (today: decisions on tool calls): the port that
-makes a session classic or durable (with executor.session.recording).
+"""How a run waits for something from outside (decisions on tool calls, the results of tool
+calls the client executes): the port that makes a session classic or durable (with
+executor.session.recording).
 
-- ``InMemory`` (classic): the loop waits in the session until every call is decided or its
-  approval deadline passes (then it is denied as timed out, by the same command a reconciler
-  would send); decisions reach the session from any gateway over the run's control subject.
+- ``InMemory`` (classic): the loop waits in the session until every call is decided (or has its
+  result) or its deadline passes (then it is denied as timed out, or given a tool error, by the
+  same command a reconciler would send); decisions and results reach the session from any
+  gateway over the run's control subject.
 - ``Suspending`` (durable): the run suspends: the session lets it go, the store keeps it (no
   memory, task or worker) until a decision is recorded there and the run is dispatched again.
 """
@@ -31,7 +33,7 @@ class Waiter(Protocol):
 
 
 class Waiting(Protocol):
-    """How a run waits for decisions (see module docstring)."""
+    """How a run waits for decisions and results (see module docstring)."""
 
     @property
     def takes_decisions(self) -> bool:
@@ -51,11 +53,10 @@ class InMemory:
 
     async def for_decisions(self, session: Waiter) -> bool:
         run = session.run
-        while undecided := run.awaiting_decision():
+        while (deadline := run.approval_deadline) is not None:
             now = time.time()
             if await session.apply(TimeOutApprovals(now)):
                 continue
-            deadline = min(run.approvals_required[c["id"]] for c in undecided)
             session.decided.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(deadline - now, 0.0)):

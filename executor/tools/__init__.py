@@ -12,7 +12,10 @@ import httpx
 
 from common.url_allow import UrlAllowList
 from eventstore.agent_config import ToolSettings
+from eventstore.run import PinnedTool
 from executor.tools.base import KINDS, TOOLS, Tool, ToolRuntime
+from executor.tools.mcp import McpListings, McpTool
+from executor.tools.mcp_sessions import McpSessions
 
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024
 # Connections to tools' endpoints kept open between calls, shared by all runs of an executor.
@@ -40,6 +43,8 @@ class Tools:
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS),
         )
         self.runtime = ToolRuntime(client, url_allow or UrlAllowList(), data_dir, max_output_bytes)
+        self.mcp_sessions = McpSessions()
+        self.mcp = McpListings(self.mcp_sessions, self.runtime)
 
     @property
     def data_dir(self) -> Path:
@@ -52,5 +57,10 @@ class Tools:
         make = KINDS.get(settings.kind)
         return make(settings, self.runtime) if make is not None else None
 
+    def resolve_pinned(self, settings: ToolSettings, pinned: PinnedTool) -> Tool:
+        """The tool of an MCP server that a run pinned (``settings``: the server's)."""
+        return McpTool(settings, pinned, self.mcp_sessions, self.runtime)
+
     async def aclose(self) -> None:
+        await self.mcp_sessions.aclose()
         await self.runtime.http.aclose()

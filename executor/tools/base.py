@@ -12,6 +12,7 @@ import httpx
 
 from common.url_allow import UrlAllowList
 from eventstore.agent_config import ToolSettings
+from eventstore.extensions import BUILTIN_SCHEMAS
 from eventstore.extensions import TOOLS as TOOL_NAMES
 
 
@@ -82,6 +83,7 @@ def register_tool(tool: Tool, check: Callable[[ToolSettings], None] | None = Non
     listing it (after ``check`` accepts their settings of it) and the loop offers and calls it.
     Called by the tool's module, where it is defined."""
     TOOL_NAMES.register(tool.name, check)
+    BUILTIN_SCHEMAS[tool.name] = tool.parameters
     _TOOLS[tool.name] = tool
 
 

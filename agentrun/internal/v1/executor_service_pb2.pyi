@@ -30,6 +30,7 @@ class ExecuteRunRequest(_message.Message):
     RESUME_FIELD_NUMBER: _builtins.int
     TOOL_APPROVAL_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    TOOL_RESULT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start(self) -> Global___ExecuteRunStart:
         """Start a run (first message only)."""
@@ -46,6 +47,10 @@ class ExecuteRunRequest(_message.Message):
     def cancel(self) -> _run_service_pb2.ConverseCancel:
         """Cancel the run."""
 
+    @_builtins.property
+    def tool_result(self) -> _run_service_pb2.ToolResultSubmission:
+        """The result of a tool call the client executes."""
+
     def __init__(
         self,
         *,
@@ -53,12 +58,13 @@ class ExecuteRunRequest(_message.Message):
         resume: Global___ExecuteRunResume | None = ...,
         tool_approval: _run_service_pb2.ToolApprovalDecision | None = ...,
         cancel: _run_service_pb2.ConverseCancel | None = ...,
+        tool_result: _run_service_pb2.ToolResultSubmission | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "message", b"message", "resume", b"resume", "start", b"start", "tool_approval", b"tool_approval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "message", b"message", "resume", b"resume", "start", b"start", "tool_approval", b"tool_approval", "tool_result", b"tool_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "message", b"message", "resume", b"resume", "start", b"start", "tool_approval", b"tool_approval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "message", b"message", "resume", b"resume", "start", b"start", "tool_approval", b"tool_approval", "tool_result", b"tool_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["start", "resume", "tool_approval", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["start", "resume", "tool_approval", "cancel", "tool_result"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

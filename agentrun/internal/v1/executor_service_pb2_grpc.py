@@ -61,8 +61,8 @@ class ExecutorServiceServicer:
     def ExecuteRun(self, request_iterator, context):
         """Streams a run's events: a new run (start), or a run after a sequence (resume). Gateways open
         these calls ahead of need, before they know the caller, so the first message names the
-        tenant (not the call metadata). Later requests carry tool approval decisions and cancellation
-        for that run, wherever it is held. The responses are the run's events until its terminal
+        tenant (not the call metadata). Later requests carry tool approval decisions, tool results and
+        cancellation for that run, wherever it is held. The responses are the run's events until its terminal
         event, whatever the run's execution mode and whichever executor drives it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

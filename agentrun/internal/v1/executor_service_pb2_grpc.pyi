@@ -43,8 +43,8 @@ class ExecutorServiceStub:
     ExecuteRun: _grpc.StreamStreamMultiCallable[_executor_service_pb2.ExecuteRunRequest, _executor_service_pb2.ExecuteRunResponse]
     """Streams a run's events: a new run (start), or a run after a sequence (resume). Gateways open
     these calls ahead of need, before they know the caller, so the first message names the
-    tenant (not the call metadata). Later requests carry tool approval decisions and cancellation
-    for that run, wherever it is held. The responses are the run's events until its terminal
+    tenant (not the call metadata). Later requests carry tool approval decisions, tool results and
+    cancellation for that run, wherever it is held. The responses are the run's events until its terminal
     event, whatever the run's execution mode and whichever executor drives it.
     """
 
@@ -63,8 +63,8 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     ExecuteRun: _aio.StreamStreamMultiCallable[_executor_service_pb2.ExecuteRunRequest, _executor_service_pb2.ExecuteRunResponse]  # type: ignore[assignment]
     """Streams a run's events: a new run (start), or a run after a sequence (resume). Gateways open
     these calls ahead of need, before they know the caller, so the first message names the
-    tenant (not the call metadata). Later requests carry tool approval decisions and cancellation
-    for that run, wherever it is held. The responses are the run's events until its terminal
+    tenant (not the call metadata). Later requests carry tool approval decisions, tool results and
+    cancellation for that run, wherever it is held. The responses are the run's events until its terminal
     event, whatever the run's execution mode and whichever executor drives it.
     """
 
@@ -86,8 +86,8 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_executor_service_pb2.ExecuteRunResponse], _abc.AsyncIterator[_executor_service_pb2.ExecuteRunResponse]]:
         """Streams a run's events: a new run (start), or a run after a sequence (resume). Gateways open
         these calls ahead of need, before they know the caller, so the first message names the
-        tenant (not the call metadata). Later requests carry tool approval decisions and cancellation
-        for that run, wherever it is held. The responses are the run's events until its terminal
+        tenant (not the call metadata). Later requests carry tool approval decisions, tool results and
+        cancellation for that run, wherever it is held. The responses are the run's events until its terminal
         event, whatever the run's execution mode and whichever executor drives it.
         """
 

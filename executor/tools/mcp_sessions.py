@@ -1,0 +1,164 @@
+"""The executor's MCP client sessions: one per server (URL and headers), shared by every run,
+opened on first use and opened again after it breaks.
+
+The SDK's Streamable HTTP transport must be entered and left in one task, so each session is
+held open by a task of its own; calls from any run's task go through it concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, cast
+
+import httpx2
+from mcp import types
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from mcp.types import CONNECTION_CLOSED, INVALID_REQUEST
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_KEY = "agentrun/idempotency_key"
+"""The key, in an MCP tools/call request's ``_meta``, of ``<run id>:<tool call id>``."""
+
+
+class McpUnreachable(Exception):
+    """The server could not be reached (or the session to it broke): a retry may cure it."""
+
+
+class _Connection:
+    """One session, held open by its task until closed or broken."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        self.url = url
+        self._headers = headers
+        self._session: asyncio.Future[ClientSession] = asyncio.get_running_loop().create_future()
+        self._closing = asyncio.Event()
+        self.broken = False
+        self._task = asyncio.create_task(self._hold(), name=f"mcp session {url}")
+
+    async def _hold(self) -> None:
+        try:
+            async with (
+                httpx2.AsyncClient(headers=self._headers, timeout=None) as http,
+                streamable_http_client(self.url, http_client=http) as (read, write),
+                ClientSession(read, write) as session,
+            ):
+                await session.initialize()
+                self._session.set_result(session)
+                await self._closing.wait()
+        except BaseException as exc:  # (a task group's ExceptionGroup, a cancellation)
+            if not self._session.done():
+                self._session.set_exception(McpUnreachable(_reason(exc)))
+            if not isinstance(exc, Exception | BaseExceptionGroup):
+                raise
+        finally:
+            self.broken = True
+            if not self._session.done():
+                self._session.set_exception(McpUnreachable("the session closed"))
+
+    async def session(self) -> ClientSession:
+        return await asyncio.shield(self._session)
+
+    async def aclose(self) -> None:
+        self._closing.set()
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of ``exc`` (a task group wraps the transport's in groups)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class McpSessions:
+    """The executor's sessions to MCP servers, by URL and headers."""
+
+    def __init__(self) -> None:
+        self._connections: dict[tuple[str, tuple[tuple[str, str], ...]], _Connection] = {}
+
+    def _connection(self, url: str, headers: dict[str, str]) -> _Connection:
+        key = (url, tuple(sorted(headers.items())))
+        connection = self._connections.get(key)
+        if connection is None or connection.broken:
+            connection = _Connection(url, headers)
+            self._connections[key] = connection
+        return connection
+
+    async def _request(self, url: str, headers: dict[str, str], call: Any) -> Any:
+        """Runs ``call(session)``. A session the server no longer knows (it restarted) is
+        replaced and the request made once more on the new one: the server refused it without
+        running it. A broken session is dropped (the next request opens another) and raises
+        McpUnreachable."""
+        for fresh in (False, True):
+            connection = self._connection(url, headers)
+            try:
+                session = await connection.session()
+            except BaseException:
+                # (the caller's timeout, say: a server that hangs while the session opens must
+                # not keep every later request waiting on it)
+                await self._drop(connection)
+                raise
+            try:
+                return await call(session)
+            except (httpx2.TransportError, OSError, McpUnreachable) as exc:
+                await self._drop(connection)
+                raise McpUnreachable(_reason(exc)) from None
+            except MCPError as exc:
+                if exc.code == CONNECTION_CLOSED:
+                    await self._drop(connection)
+                    raise McpUnreachable(exc.message) from None
+                if exc.code != INVALID_REQUEST or fresh:
+                    raise
+                await self._drop(connection)  # ("Session not found": ask a new session)
+            except Exception as exc:
+                if type(exc).__module__.startswith("anyio"):  # (a closed or broken stream)
+                    await self._drop(connection)
+                    raise McpUnreachable(_reason(exc)) from None
+                raise
+        raise AssertionError("unreachable")  # (the second pass returns or raises)
+
+    async def _drop(self, connection: _Connection) -> None:
+        connection.broken = True
+        await connection.aclose()
+
+    async def list_tools(self, url: str, headers: dict[str, str]) -> list[types.Tool]:
+        """Every tool the server lists (all pages)."""
+
+        async def listing(session: ClientSession) -> list[types.Tool]:
+            tools: list[types.Tool] = []
+            cursor: str | None = None
+            while True:
+                params = types.PaginatedRequestParams(cursor=cursor) if cursor else None
+                page = await session.list_tools(params=params)
+                tools.extend(page.tools)
+                cursor = page.next_cursor
+                if not cursor:
+                    return tools
+
+        result: list[types.Tool] = await self._request(url, headers, listing)
+        return result
+
+    async def call_tool(
+        self, url: str, headers: dict[str, str], name: str, arguments: dict[str, Any], key: str
+    ) -> types.CallToolResult:
+        meta = cast(types.RequestParamsMeta, {IDEMPOTENCY_KEY: key})
+
+        async def calling(session: ClientSession) -> types.CallToolResult:
+            return await session.call_tool(name, arguments, meta=meta)
+
+        result: types.CallToolResult = await self._request(url, headers, calling)
+        return result
+
+    async def aclose(self) -> None:
+        connections = list(self._connections.values())
+        self._connections.clear()
+        for connection in connections:
+            await connection.aclose()

@@ -1,0 +1,44 @@
+"""An agent's MCP servers in the API and in the store (what a run does with them is in
+tests/test_mcp_tools.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from eventstore.agent_config import AgentConfig, McpServerSettings, ModelSettings, ToolSettings
+from eventstore.retry_policy import RetryPolicy
+from executor.extensions import load_extensions
+from executor.translation import agent_from_proto, agent_to_proto
+
+load_extensions()
+
+CRM = McpServerSettings(
+    url="https://crm.example.com/mcp",
+    headers_from_env={"Authorization": "CRM_AUTH"},
+    tool_names=("find_customer", "open_ticket"),
+    name_prefix="crm_",
+)
+
+
+def mcp_server(**changes: object) -> ToolSettings:
+    return ToolSettings(name="", kind="mcp", mcp=replace(CRM, **changes))  # type: ignore[arg-type]
+
+
+def test_mcp_servers_round_trip_through_the_api_and_the_store() -> None:
+    first = replace(
+        mcp_server(), requires_approval=True, retry_policy=RetryPolicy(3, 0.5, 2.0, 5.0)
+    )
+    second = mcp_server(url="http://127.0.0.1:9000/mcp", tool_names=(), name_prefix="")
+    config = AgentConfig(
+        agent_id="helper",
+        model=ModelSettings(provider="scripted"),
+        tools=(ToolSettings(name="clock"), first, second),
+    )
+    config.validate()  # (two servers: neither has a name of its own to clash)
+    assert AgentConfig.from_json(config.to_json()) == config
+    proto = agent_to_proto(config)
+    assert [t.WhichOneof("kind") for t in proto.tools] == [None, "mcp", "mcp"]
+    assert list(proto.tools[1].mcp.tool_names) == ["find_customer", "open_ticket"]
+    assert agent_from_proto(proto).tools == config.tools
+    assert config.tool("") is None  # (the model cannot call a server by its empty name)
+    assert [i for i, _ in config.mcp_servers] == [1, 2]
