@@ -64,7 +64,9 @@ def _code_of(context: Context, exc: BaseException | None) -> str:
         return code.name
     if exc is None:
         return "OK"
-    if isinstance(exc, asyncio.CancelledError):
+    # The client went away: the handler is cancelled while it awaits, or closed while it waits
+    # at a yield for its response to be taken.
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) or context.cancelled():
         return "CANCELLED"
     return "UNKNOWN"
 
