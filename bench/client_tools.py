@@ -13,11 +13,8 @@ by an executor, and its stream published through JetStream.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -31,45 +28,22 @@ from bench.latency import EOF
 from bench.machine import loop_ms
 from bench.stack import Stack, choose_store
 from bench.stats import Summary
+from bench.tool_overhead import WARM_UP, arguments, tool_agent
 from eventstore.agent_config import (
-    AgentConfig,
     ClientToolSettings,
-    ExecutionMode,
-    ModelSettings,
-    ScriptedSettings,
-    ScriptedToolCall,
-    ScriptedTurn,
     ToolSettings,
 )
 
-ARGUMENTS = {"city": "Paris"}
 RESULT = json.dumps({"sky": "clear"})
-WARM_UP = 30
 
 
-def client_tool_agent(agent_id: str, mode: ExecutionMode) -> AgentConfig:
-    return AgentConfig(
-        agent_id=agent_id,
-        version=1,
-        execution_mode=mode,
-        model=ModelSettings(
-            provider="scripted",
-            scripted=ScriptedSettings(
-                turns=(
-                    ScriptedTurn("asking", (ScriptedToolCall("weather", json.dumps(ARGUMENTS)),)),
-                    ScriptedTurn("done"),
-                ),
-            ),
-        ),
-        tools=(
-            ToolSettings(
-                "weather",
-                kind="client",
-                client=ClientToolSettings(
-                    "The weather now in a city.",
-                    {"type": "object", "properties": {"city": {"type": "string"}}},
-                ),
-            ),
+def client_tool() -> ToolSettings:
+    return ToolSettings(
+        "weather",
+        kind="client",
+        client=ClientToolSettings(
+            "The weather now in a city.",
+            {"type": "object", "properties": {"city": {"type": "string"}}},
         ),
     )
 
@@ -114,7 +88,7 @@ async def measure(url: str, tmp: Path, modes: list[str], runs: int) -> None:
         target = stack.gateway([executor]).address
         for mode in modes:
             agent_id = f"client-{mode}-{uuid.uuid4().hex[:6]}"
-            await create_agent(target, client_tool_agent(agent_id, mode))  # type: ignore[arg-type]
+            await create_agent(target, tool_agent(agent_id, mode, client_tool()))  # type: ignore[arg-type]
             await result_trips(target, agent_id, WARM_UP)
             trip = Summary.of(await result_trips(target, agent_id, runs))
             print(
@@ -127,13 +101,7 @@ async def measure(url: str, tmp: Path, modes: list[str], runs: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="bench.client_tools", description=__doc__)
-    parser.add_argument("--mode", choices=("classic", "durable", "both"), default="both")
-    parser.add_argument("--runs", type=int, default=300)
-    parser.add_argument("--database-url", default=os.environ.get("AGENTRUN_BENCH_DATABASE_URL", ""))
-    args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="agentrun-client-tools-"))
-    modes = ["classic", "durable"] if args.mode == "both" else [args.mode]
+    args, tmp, modes = arguments("bench.client_tools", __doc__)
     asyncio.run(measure(choose_store(args.database_url, tmp), tmp, modes, args.runs))
 
 
