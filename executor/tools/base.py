@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,29 @@ class ToolRuntime:
     url_allow: UrlAllowList
     data_dir: Path
     max_output_bytes: int
+
+    def check_allowed(self, url: str) -> None:
+        """ToolError unless this executor allows calls to ``url`` (an agent may have been
+        accepted under another allow list, or by an executor without one)."""
+        if not self.url_allow.allows(url):
+            raise ToolError(
+                f"this executor does not allow calls to {url} (AGENTRUN_TOOL_URL_ALLOW)"
+            )
+
+
+def headers_from_env(headers: Mapping[str, str]) -> dict[str, str]:
+    """Request headers whose values are the executor's environment variables (header name ->
+    variable name): ToolError naming a variable that is not set."""
+    values = {}
+    for header, variable in headers.items():
+        value = os.environ.get(variable)
+        if value is None:
+            raise ToolError(
+                f"the executor has no environment variable {variable} (for the header "
+                f"{header}): ask its operator to set it"
+            )
+        values[header] = value
+    return values
 
 
 ToolKind = Callable[[ToolSettings, ToolRuntime], Tool]

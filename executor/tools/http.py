@@ -14,7 +14,6 @@ from __future__ import annotations
 import email.utils
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -26,6 +25,7 @@ from executor.tools.base import (
     ToolContext,
     ToolError,
     ToolRuntime,
+    headers_from_env,
     register_kind,
 )
 
@@ -57,23 +57,12 @@ class HttpTool:
 
     async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> str:
         url = self._settings.url
-        if not self._runtime.url_allow.allows(url):
-            # The agent was accepted under another allow list (or by an executor without one).
-            raise ToolError(
-                f"this executor does not allow calls to {url} (AGENTRUN_TOOL_URL_ALLOW)"
-            )
+        self._runtime.check_allowed(url)
         headers = {
             "Content-Type": "application/json",
             "Idempotency-Key": context.idempotency_key,
+            **headers_from_env(self._settings.headers_from_env),
         }
-        for header, variable in self._settings.headers_from_env.items():
-            value = os.environ.get(variable)
-            if value is None:
-                raise ToolError(
-                    f"the executor has no environment variable {variable} (for the header "
-                    f"{header}): ask its operator to set it"
-                )
-            headers[header] = value
         # The loop cuts a result to the limit and marks it cut: a few bytes more than the limit
         # tell it there was more, even once a character cut in half is dropped.
         limit = self._runtime.max_output_bytes + 4

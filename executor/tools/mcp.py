@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from typing import Any
 
@@ -29,7 +28,13 @@ from eventstore.tool_validation import (
     MAX_SCHEMA_BYTES,
     TOOL_NAME,
 )
-from executor.tools.base import RetryableToolError, ToolContext, ToolError, ToolRuntime
+from executor.tools.base import (
+    RetryableToolError,
+    ToolContext,
+    ToolError,
+    ToolRuntime,
+    headers_from_env,
+)
 from executor.tools.mcp_sessions import McpSessions, McpUnreachable
 
 # How long a listing is reused for runs of the same agent version.
@@ -47,20 +52,6 @@ class ToolUnavailable(Exception):
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
-
-
-def headers_of(server: McpServerSettings) -> dict[str, str]:
-    """The server's headers, their values from the executor's environment."""
-    headers = {}
-    for header, variable in server.headers_from_env.items():
-        value = os.environ.get(variable)
-        if value is None:
-            raise ToolError(
-                f"the executor has no environment variable {variable} (for the header "
-                f"{header}): ask its operator to set it"
-            )
-        headers[header] = value
-    return headers
 
 
 class McpListings:
@@ -140,7 +131,7 @@ class McpListings:
                 retryable=False,
             )
         try:
-            headers = headers_of(server)
+            headers = headers_from_env(server.headers_from_env)
         except ToolError as exc:
             raise ToolUnavailable(f"the MCP server {server.url}: {exc}", retryable=False) from None
         try:
@@ -191,11 +182,8 @@ class McpTool:
 
     async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> str:
         url = self._server.url
-        if not self._runtime.url_allow.allows(url):
-            raise ToolError(
-                f"this executor does not allow calls to {url} (AGENTRUN_TOOL_URL_ALLOW)"
-            )
-        headers = headers_of(self._server)
+        self._runtime.check_allowed(url)
+        headers = headers_from_env(self._server.headers_from_env)
         try:
             result = await self._sessions.call_tool(
                 url, headers, self._pinned["server_name"], arguments, context.idempotency_key
