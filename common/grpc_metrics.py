@@ -12,15 +12,12 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from prometheus_client import Counter, Histogram
 
+from common.interceptors import AnyHandler, HandlerWrapping
 from common.metrics import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
-    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-    AnyHandler = grpc.RpcMethodHandler[Any, Any]
     Context = grpc.aio.ServicerContext[Any, Any]
 else:  # not subscriptable at run time
-    ServerInterceptor = grpc.aio.ServerInterceptor
-    AnyHandler = grpc.RpcMethodHandler
     Context = grpc.aio.ServicerContext
 
 CALLS = Counter(
@@ -36,26 +33,12 @@ LATENCY = Histogram(
 )
 
 
-class CallMetrics(ServerInterceptor):
+class CallMetrics(HandlerWrapping):
     """Counts and times every call (the outermost interceptor: what it sees is what the caller
     gets). Methods it does not know (no handler) are left to gRPC's UNIMPLEMENTED."""
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, AnyHandler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[AnyHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> AnyHandler:
-        method = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:  # once per method: a server's handlers do not change once it runs
-            handler = await continuation(handler_call_details)
-            if handler is None:
-                return handler
-            wrapped = self._wrapped[method] = _measured_handler(handler, method)
-        return wrapped
+    def wrap(self, handler: AnyHandler, method: str) -> AnyHandler:
+        return _measured_handler(handler, method)
 
 
 def _code_of(context: Context, exc: BaseException | None) -> str:

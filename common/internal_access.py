@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from common import errors
-from common.rpc import ServerInterceptor, abort_with
+from common.interceptors import AnyHandler, Continuation, HandlerWrapping, ServerInterceptor
+from common.rpc import abort_with
 from common.settings import ConfigurationError, Settings
 from common.tls import channel_credentials, server_credentials
 
@@ -86,30 +86,23 @@ def internal_metadata(settings: Settings) -> Metadata:
     return ((TOKEN_METADATA, settings.internal_token),) if settings.internal_token else ()
 
 
-class InternalToken(ServerInterceptor):
+class InternalToken(HandlerWrapping):
     """Refuses, with UNAUTHENTICATED, every call but health checks without the shared secret."""
 
     def __init__(self, token: str) -> None:
+        super().__init__()
         self._token = token.encode()
-        self._refusals: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> AnyHandler:
         method = handler_call_details.method
         if method.startswith(OPEN_METHODS) or self._carries_token(handler_call_details):
             return await continuation(handler_call_details)
-        refusal = self._refusals.get(method)
-        if refusal is None:
-            handler = await continuation(handler_call_details)
-            if handler is None:
-                return handler
-            refusal = self._refusals[method] = _refusal(handler)
-        return refusal
+        return await self.wrapped(continuation, handler_call_details)
+
+    def wrap(self, handler: AnyHandler, method: str) -> AnyHandler:
+        return _refusal(handler)
 
     def _carries_token(self, details: grpc.HandlerCallDetails) -> bool:
         for key, value in details.invocation_metadata or ():

@@ -28,7 +28,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
+from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -38,6 +38,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common import errors
 from common.grpc_metrics import CallMetrics
+from common.interceptors import AnyHandler, HandlerWrapping, ServerInterceptor
 from common.reflection import enable_server_reflection
 
 log = logging.getLogger(__name__)
@@ -191,40 +192,17 @@ def stream_errors(method: Callable[P, AsyncIterator[Resp]]) -> Callable[P, Async
     return wrapper
 
 
-if TYPE_CHECKING:
-    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # not subscriptable at run time
-    ServerInterceptor = grpc.aio.ServerInterceptor
-
-
-class StreamDrain(ServerInterceptor):
+class StreamDrain(HandlerWrapping):
     """Tracks a server's open streaming calls (server streaming and bidi) so that ``drain`` can
     end them all with UNAVAILABLE and ``message``; once draining, new ones are refused so."""
 
     def __init__(self, message: str) -> None:
+        super().__init__()
         self.message = message
         self.draining = False
         self._open: set[_OpenCall] = set()
-        # Each method's handler, wrapped once (the server's handlers do not change once it runs).
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        method = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            handler = await continuation(handler_call_details)
-            if handler is None:
-                return handler
-            wrapped = self._wrapped[method] = self._wrap(handler)
-        return wrapped
-
-    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    def wrap(self, handler: AnyHandler, method: str) -> AnyHandler:
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
                 self._tracked(handler.unary_stream),
@@ -292,10 +270,6 @@ class _OpenCall:
     waiting: bool = False
 
 
-if TYPE_CHECKING:
-    AnyHandler = grpc.RpcMethodHandler[Any, Any]
-
-
 @dataclass(frozen=True)
 class RequestLimit:
     """The largest request (``max_bytes``) a method decodes: a larger one is refused unread,
@@ -308,7 +282,7 @@ class RequestLimit:
     bound: int
 
 
-class RequestDecoding(ServerInterceptor):
+class RequestDecoding(HandlerWrapping):
     """Decodes every method's requests in place of gRPC, so that a request that cannot be
     decoded (garbage, a string that is not UTF-8, nesting deeper than protobuf allows) is
     answered INVALID_ARGUMENT, where gRPC answers UNKNOWN "Unexpected DecodeError". Methods that
@@ -321,23 +295,11 @@ class RequestDecoding(ServerInterceptor):
     the loop 15 ms). What bounds the stall is the size of the requests (RequestLimit)."""
 
     def __init__(self, limits: Mapping[str, RequestLimit] | None = None) -> None:
+        super().__init__()
         self._limits = dict(limits or {})
-        self._wrapped: dict[str, AnyHandler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[AnyHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> AnyHandler:
-        method = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            handler = await continuation(handler_call_details)
-            if handler is None:
-                return handler
-            limit = self._limits.get(method)
-            wrapped = self._wrapped[method] = _decoding_handler(handler, limit)
-        return wrapped
+    def wrap(self, handler: AnyHandler, method: str) -> AnyHandler:
+        return _decoding_handler(handler, self._limits.get(method))
 
 
 def _decoding_handler(handler: AnyHandler, limit: RequestLimit | None) -> AnyHandler:
