@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 BUF := node_modules/.bin/buf
+# buf for the contract checks, and the packages of the Node.js example (an npm workspace).
+NODE_INSTALLED := node_modules/.installed
 
 .PHONY: setup run test check lint typecheck proto proto-check proto-lint proto-breaking bench bench-smoke clean
 
@@ -15,11 +17,11 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(INSTALLED)
 
-$(BUF): package.json
+$(NODE_INSTALLED): package.json package-lock.json examples/node/package.json
 	npm install --no-audit --no-fund --silent
-	touch $(BUF)
+	touch $(NODE_INSTALLED)
 
-setup: $(INSTALLED)
+setup: $(INSTALLED) $(NODE_INSTALLED)
 
 ## The whole stack on this machine: nats-server, executor, gateway on 127.0.0.1:50051, demo agents.
 run: setup
@@ -48,12 +50,12 @@ proto-check: proto
 	git diff --exit-code --stat -- agentrun
 	test -z "$$(git status --porcelain -- agentrun)"
 
-proto-lint: $(BUF)
+proto-lint: $(NODE_INSTALLED)
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 
 ## Fails on a breaking change to protos/ against the previous commit (BASE=<ref> to choose).
-proto-breaking: $(BUF)
+proto-breaking: $(NODE_INSTALLED)
 	scripts/check_breaking.sh $(BASE)
 
 bench: setup
