@@ -6,7 +6,9 @@ One nats-server, one executor, one gateway and an MCP server (bench.mcp_endpoint
 process of its own. A run lists the server's tools (cached for 5 s per agent version, so almost
 every run reuses the listing), makes a model call that asks for the MCP tool, the call, and a
 model call that completes the run (scripted model, no delays). The direct call is the same call
-made with the SDK's ClientSession. How the step is timed: bench.tool_overhead.
+made with the SDK's ClientSession, over the executor's HTTP transport (which keeps connections
+for the next call: executor.tools.mcp_transport), so that the difference is agentrun's. How the
+step is timed: bench.tool_overhead.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mcp.client.streamable_http import streamable_http_client
 from bench.tool_overhead import ARGUMENTS, ToolKindBench, main
 from eventstore.agent_config import McpServerSettings, ToolSettings
 from executor.tools.mcp_sessions import IDEMPOTENCY_KEY
+from executor.tools.mcp_transport import ReusingTransport
 
 META = cast(types.RequestParamsMeta, {IDEMPOTENCY_KEY: "bench:1"})
 
@@ -33,7 +36,7 @@ def mcp_tool(url: str) -> ToolSettings:
 async def direct_calls(url: str, runs: int) -> list[float]:
     times: list[float] = []
     async with (
-        httpx2.AsyncClient(timeout=None) as http,
+        httpx2.AsyncClient(timeout=None, transport=ReusingTransport()) as http,
         streamable_http_client(url, http_client=http) as (read, write),
         ClientSession(read, write) as session,
     ):

@@ -7,7 +7,7 @@ executor while its call is in flight); ``hang`` never answers; ``failing`` answe
 ``raw``). The test steers and reads the server over HTTP: POST /control/add_tool adds ``extra``,
 POST /control/remove_tool removes ``lookup``, POST /control/release releases held calls, GET
 /control/calls?count=N returns the calls received (tool, arguments, idempotency key) once there
-are N.
+are N, GET /control/connections how many client connections (address and port) they came over.
 """
 
 from __future__ import annotations
@@ -28,12 +28,16 @@ KEY = "agentrun/idempotency_key"
 
 server = MCPServer("agentrun-test")
 calls: list[dict[str, Any]] = []
+connections: set[tuple[str, int]] = set()
 arrived = asyncio.Condition()
 released = asyncio.Event()
 
 
 async def record(tool: str, arguments: dict[str, Any], ctx: Context) -> None:
     meta = ctx.request_context.meta or {}
+    request = ctx.request_context.request
+    if isinstance(request, Request) and request.client is not None:
+        connections.add((request.client.host, request.client.port))
     async with arrived:
         calls.append({"tool": tool, "arguments": arguments, "key": dict(meta).get(KEY)})
         arrived.notify_all()
@@ -106,6 +110,11 @@ async def received(request: Request) -> Response:
     async with arrived:
         await asyncio.wait_for(arrived.wait_for(lambda: len(calls) >= count), GUARD)
         return JSONResponse(calls)
+
+
+@server.custom_route("/control/connections", methods=["GET"])  # type: ignore[untyped-decorator]
+async def connections_used(request: Request) -> Response:
+    return JSONResponse(len(connections))
 
 
 slow_starts: list[int] = []

@@ -89,6 +89,14 @@ class McpServer:
             found: list[dict[str, Any]] = response.json()
             return found
 
+    async def connections(self) -> int:
+        """How many client connections the calls received came over."""
+        async with httpx.AsyncClient(timeout=GUARD) as http:
+            response = await http.get(f"{self.base}/control/connections")
+            response.raise_for_status()
+            count: int = response.json()
+            return count
+
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()
@@ -234,6 +242,18 @@ async def test_a_run_calls_an_mcp_servers_tools_with_the_idempotency_key(
     if mode == DURABLE:
         (listed,) = await stored_payloads(client, run_id, "ToolsListed")
         assert sorted(t["name"] for t in listed["tools"]) == sorted(ALL_TOOLS)
+
+
+async def test_calls_keep_one_connection_to_the_server(client: Client, mcp: McpServer) -> None:
+    """The server answers each call with an SSE stream that it ends after the result: the
+    executor reads it to its end, so the next call goes over the same connection."""
+    calls = tuple(("kb_lookup", json.dumps({"query": str(i)})) for i in range(4))
+    agent = await client.create_agent(scripted(mcp_tool(mcp.url), calls))
+    events = await client.run(agent.id, "look four words up")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    assert [r.output for r in results(events)] == [f"found {i}" for i in range(4)]
+    assert len(await mcp.calls(4)) == 4
+    assert await mcp.connections() == 1
 
 
 @pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])

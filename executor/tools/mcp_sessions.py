@@ -19,6 +19,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.types import CONNECTION_CLOSED, INVALID_REQUEST
 
+from executor.tools.mcp_transport import ReusingTransport
+
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_KEY = "agentrun/idempotency_key"
@@ -43,7 +45,9 @@ class _Connection:
     async def _hold(self) -> None:
         try:
             async with (
-                httpx2.AsyncClient(headers=self._headers, timeout=None) as http,
+                httpx2.AsyncClient(
+                    headers=self._headers, timeout=None, transport=ReusingTransport()
+                ) as http,
                 streamable_http_client(self.url, http_client=http) as (read, write),
                 ClientSession(read, write) as session,
             ):
