@@ -23,6 +23,10 @@ from pathlib import Path
 READY_PREFIX = "agentrun-ready"
 NATS_READY = "Server is ready"
 START_TIMEOUT = 60.0
+# The example MCP server (a help desk) that `agentrun up` starts for the demo agent demo-tools:
+# in a checkout (or an editable install), beside the packages.
+MCP_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "mcp_server.py"
+MCP_EXAMPLE_READY = "MCP server ready:"
 
 
 def nats_server_path() -> str:
@@ -177,3 +181,13 @@ def start_agentrun(
     argv = [sys.executable, "-m", "cli.serve", command, *(extra_args or [])]
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     return _start(name or command, argv, full_env, log_dir, READY_PREFIX)
+
+
+def start_mcp_example(data_dir: Path, log_dir: Path) -> Service | None:
+    """examples/mcp_server.py on a free port of 127.0.0.1, keeping its tickets in ``data_dir``;
+    None if this installation has no examples/ (installed from a package)."""
+    if not MCP_EXAMPLE.exists():
+        return None
+    port = free_port()
+    argv = [sys.executable, str(MCP_EXAMPLE), "--port", str(port), "--data-dir", str(data_dir)]
+    return _start("mcp-example", argv, os.environ, log_dir, MCP_EXAMPLE_READY, port)

@@ -17,7 +17,7 @@ from cli.certs import add_certs_parser
 from cli.chat import add_chat_parser
 from cli.client import API_KEY_ENV, call_metadata
 from cli.health import add_health_parser
-from cli.launcher import Service, start_agentrun, start_nats
+from cli.launcher import Service, start_agentrun, start_mcp_example, start_nats
 from cli.runs import add_runs_parser
 from cli.serve import serve
 
@@ -50,25 +50,40 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args.service, args.listen)
 
 
-def _seed_demo_agents(gateway: str) -> str:
+def _seed_demo_agents(gateway: str, mcp_url: str | None) -> list[str]:
     """Creates the demo agents with the CLI's key ($AGENTRUN_API_KEY: a gateway with API keys
-    refuses a call without one); says what became of them."""
-    from cli.demo import seed_demo_agents
+    refuses a call without one); lines that say what became of them."""
+    from cli.demo import seed_demo_agents, seed_demo_tools_agent
 
+    metadata = call_metadata(os.environ.get(API_KEY_ENV))
     try:
-        created = asyncio.run(seed_demo_agents(gateway, call_metadata(os.environ.get(API_KEY_ENV))))
+        created = asyncio.run(seed_demo_agents(gateway, metadata))
     except grpc.aio.AioRpcError as exc:
         if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
             raise
-        return (
-            f"not created: the gateway has API keys; set {API_KEY_ENV} to one of them "
-            "and start again"
-        )
-    return f"demo-classic, demo-durable{' (created)' if created else ''}"
+        return [
+            f"demo agents: not created: the gateway has API keys; set {API_KEY_ENV} to one of "
+            "them and start again"
+        ]
+    lines = [f"demo agents: demo-classic, demo-durable{' (created)' if created else ''}"]
+    if mcp_url is None:
+        lines.append("demo-tools: not created (no examples/mcp_server.py beside the packages)")
+        return lines
+    try:
+        done = asyncio.run(seed_demo_tools_agent(gateway, mcp_url, metadata))
+    except grpc.aio.AioRpcError as exc:
+        lines.append(f"demo-tools: not created: {exc.details()}")
+        return lines
+    lines.append(
+        f"demo-tools{'' if done == 'found' else f' ({done})'}: the tools of the help desk MCP "
+        f"server (examples/mcp_server.py) at {mcp_url}"
+    )
+    return lines
 
 
 def _up(args: argparse.Namespace) -> int:
-    """nats-server, an executor and a gateway as child processes; demo agents; until Ctrl-C."""
+    """nats-server, the example MCP server, an executor and a gateway as child processes; demo
+    agents; until Ctrl-C."""
     data_dir = Path(args.data_dir).resolve()
     logs = data_dir / "logs"
     services: list[Service] = []
@@ -77,6 +92,9 @@ def _up(args: argparse.Namespace) -> int:
     try:
         nats = start_nats(data_dir / "nats", logs, args.nats_port)
         services.append(nats)
+        help_desk = start_mcp_example(data_dir / "helpdesk", logs)
+        if help_desk is not None:
+            services.append(help_desk)
         env = {
             "AGENTRUN_DATA_DIR": str(data_dir),
             "AGENTRUN_NATS_URL": f"nats://{nats.address}",
@@ -95,11 +113,12 @@ def _up(args: argparse.Namespace) -> int:
         }
         gateway = start_agentrun("gateway", env, logs)
         services.append(gateway)
-        demo = _seed_demo_agents(gateway.address)
+        mcp_url = f"http://{help_desk.address}/mcp" if help_desk is not None else None
+        demo = "\n".join(_seed_demo_agents(gateway.address, mcp_url))
         print(
             f"agentrun is up: gateway {gateway.address}, executor {executor.address}, "
             f"NATS {nats.address}, data in {data_dir} (logs in {logs})\n"
-            f"demo agents: {demo}\n"
+            f"{demo}\n"
             f"try:  agentrun chat --agent demo-classic --target {gateway.address}\n"
             "Ctrl-C stops everything.",
             flush=True,

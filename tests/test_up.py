@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -16,9 +17,14 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import grpc
+import httpx2
 import pytest
+from mcp import types
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
 
 from agentrun.v1 import (
     agent_pb2,
@@ -29,6 +35,7 @@ from agentrun.v1 import (
     run_service_pb2_grpc,
 )
 from cli.launcher import READY_PREFIX, Service, _start, free_port
+from executor.tools.mcp_sessions import IDEMPOTENCY_KEY
 from tests.client import rest, text_of
 
 GUARD = 120.0  # seconds; only bounds a hang so that a broken `up` fails instead of stalling CI
@@ -180,8 +187,9 @@ async def test_up_serves_the_demo_agents_and_stops_with_its_children_on_sigterm(
     gateway, executor, nats = up.addresses()
     assert gateway == up.gateway
     commands = sorted(command_line(pid) for pid in up.children)
-    assert len(commands) == 3, commands
+    assert len(commands) == 4, commands
     assert any("nats-server" in c for c in commands), commands
+    assert any("examples/mcp_server.py" in c for c in commands), commands
     assert any("cli.serve executor" in c for c in commands), commands
     assert any("cli.serve gateway" in c for c in commands), commands
 
@@ -346,6 +354,72 @@ async def test_up_with_its_gateway_port_taken_fails_and_leaves_nothing_running(
     executor_port = ready_port(data_dir / "logs" / "executor.log")
     for address in (f"127.0.0.1:{nats_port}", f"127.0.0.1:{executor_port}"):
         assert await refuses_connections(address), address
+
+
+async def run_of(channel: grpc.aio.Channel, agent_id: str, text: str) -> list[run_pb2.RunEvent]:
+    runs = run_service_pb2_grpc.RunServiceStub(channel)
+    events: list[run_pb2.RunEvent] = await rest(
+        runs.StreamRun(run_service_pb2.StreamRunRequest(agent_id=agent_id, input=text))
+    )
+    return events
+
+
+async def open_ticket_directly(url: str, key: str) -> str:
+    """The help desk's open_ticket called with the MCP SDK, as agentrun calls it."""
+    async with (
+        httpx2.AsyncClient() as http,
+        streamable_http_client(url, http_client=http) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        meta = cast(types.RequestParamsMeta, {IDEMPOTENCY_KEY: key})
+        result = await session.call_tool("open_ticket", {"title": "again"}, meta=meta)
+        block = result.content[0]
+        assert isinstance(block, types.TextContent), result
+        ticket: str = json.loads(block.text)["ticket"]
+        return ticket
+
+
+async def test_up_serves_demo_tools_over_the_example_mcp_server(
+    ups: list[Up], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    up = await start_up(ups, data_dir)
+    found = re.search(r"^demo-tools \(created\): .* at (http://\S+/mcp)$", up.text, re.MULTILINE)
+    assert found is not None, up.text
+    url = found.group(1)
+    tickets = data_dir / "helpdesk" / "tickets.jsonl"
+    async with grpc.aio.insecure_channel(up.gateway) as channel:
+        agent = await get_agent(channel, "demo-tools")
+        assert agent.execution_mode == agent_pb2.EXECUTION_MODE_DURABLE
+        assert [t.mcp.url for t in agent.tools] == [url]
+        events = await run_of(channel, "demo-tools", "open a ticket: the printer is jammed")
+    assert events[-1].HasField("run_completed"), events[-1]
+    assert '"ticket": "T-0001"' in events[-1].run_completed.output
+    (result,) = [e.tool_result for e in events if e.HasField("tool_result")]
+    assert result.tool_name == "open_ticket"
+    (opened,) = [json.loads(line) for line in tickets.read_text().splitlines()]
+    key = f"{events[0].run_id}:{result.tool_call_id}"
+    assert (opened["id"], opened["idempotency_key"]) == ("T-0001", key)
+    assert opened["title"] == "open a ticket: the printer is jammed"
+
+    # Another attempt of the same call (its key) opens nothing; another call does.
+    assert await open_ticket_directly(url, key) == "T-0001"
+    assert await open_ticket_directly(url, "another:call") == "T-0002"
+    assert len(tickets.read_text().splitlines()) == 2
+    code, err = await up.stop()
+    assert code == 0, err
+
+    # The next `up` serves the help desk on another port: demo-tools follows it.
+    again = await start_up(ups, data_dir)
+    assert re.search(r"^demo-tools \(updated\): ", again.text, re.MULTILINE), again.text
+    async with grpc.aio.insecure_channel(again.gateway) as channel:
+        events = await run_of(channel, "demo-tools", "list my tickets")
+    assert events[-1].HasField("run_completed"), events[-1]
+    assert "T-0001" in events[-1].run_completed.output
+    assert "T-0002" in events[-1].run_completed.output
+    code, err = await again.stop()
+    assert code == 0, err
 
 
 def ready_port(log: Path) -> int:

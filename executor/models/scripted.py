@@ -8,6 +8,9 @@ run's last user message:
 - "time" or "clock": calls the clock tool, then tells the time;
 - "email": calls send_email (an address in the message is the recipient), then confirms;
 - "calculate EXPR": calls the calculator, then gives the result;
+- "ticket": calls list_tickets if the message says "list" or "tickets", else open_ticket with
+  the message as the title (the tools of the example MCP server, examples/mcp_server.py), then
+  says what the tool returned;
 - "recall": lists what the user said in the conversation's earlier turns;
 - anything else: a reply of more than 20 tokens that quotes the input.
 
@@ -120,6 +123,10 @@ def _demo_answer(
         to = address.group(0) if address else "someone@example.com"
         arguments = {"to": to, "subject": "A message from agentrun", "body": text}
         return tokens_of(f"I will email {to}."), call("send_email", arguments)
+    if "ticket" in lowered:
+        if "list" in lowered or "tickets" in lowered:
+            return tokens_of("Let me list the tickets."), call("list_tickets", {})
+        return tokens_of("I will open a ticket."), call("open_ticket", {"title": text})
     if "time" in lowered or "clock" in lowered:
         return tokens_of("Let me look at the clock."), call("clock", {})
     expression = _CALCULATE.search(text)
