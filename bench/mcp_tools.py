@@ -23,8 +23,9 @@ from mcp.client.streamable_http import streamable_http_client
 
 from bench.tool_overhead import ARGUMENTS, ToolKindBench, main
 from eventstore.agent_config import McpServerSettings, ToolSettings
+from executor.tools import DEFAULT_MAX_OUTPUT_BYTES, MCP_RESPONSE_FACTOR
 from executor.tools.mcp_sessions import IDEMPOTENCY_KEY
-from executor.tools.mcp_transport import ReusingTransport
+from executor.tools.mcp_transport import McpHttpTransport
 
 META = cast(types.RequestParamsMeta, {IDEMPOTENCY_KEY: "bench:1"})
 
@@ -36,7 +37,10 @@ def mcp_tool(url: str) -> ToolSettings:
 async def direct_calls(url: str, runs: int) -> list[float]:
     times: list[float] = []
     async with (
-        httpx2.AsyncClient(timeout=None, transport=ReusingTransport()) as http,
+        httpx2.AsyncClient(
+            timeout=None,
+            transport=McpHttpTransport(MCP_RESPONSE_FACTOR * DEFAULT_MAX_OUTPUT_BYTES),
+        ) as http,
         streamable_http_client(url, http_client=http) as (read, write),
         ClientSession(read, write) as session,
     ):

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 GUARD = 60.0  # seconds; only bounds a hang
@@ -118,13 +119,17 @@ async def connections_used(request: Request) -> Response:
 
 
 slow_starts: list[int] = []
+tool_calls_by_mode: dict[str, int] = {}
+HUGE_BYTES = 10 * 1024 * 1024
 
 
 async def raw(request: Request) -> Response:
     """A hand-written Streamable HTTP endpoint (JSON responses) at /raw/<mode>/mcp: ``broken``
     answers tools/call with a malformed result; ``slowstart`` never answers its first
     initialize (later ones at once); ``many`` lists 200 tools; ``badlist`` answers tools/list with
-    a malformed result."""
+    a malformed result; ``flaky`` answers its first two tools/call with HTTP 503; ``dropped``
+    breaks the connection in the middle of its first tools/call's response; ``huge`` answers
+    tools/call with a text of HUGE_BYTES."""
     if request.method != "POST":
         return Response(status_code=405)
     mode = request.path_params["mode"]
@@ -156,6 +161,16 @@ async def raw(request: Request) -> Response:
                 for i in range(count)
             ]
         }
+    elif method == "tools/call" and mode in ("flaky", "dropped"):
+        calls_before = tool_calls_by_mode.get(mode, 0)
+        tool_calls_by_mode[mode] = calls_before + 1
+        if mode == "flaky" and calls_before < 2:
+            return Response("overloaded", status_code=503, headers={"Retry-After": "0"})
+        if mode == "dropped" and calls_before < 1:
+            return StreamingResponse(_broken_body(), media_type="application/json")
+        result = {"content": [{"type": "text", "text": "started"}]}
+    elif method == "tools/call" and mode == "huge":
+        result = {"content": [{"type": "text", "text": "x" * HUGE_BYTES}]}
     elif method == "tools/call" and mode == "broken":
         result = {"content": "not a list of content blocks", "isError": "perhaps"}
     elif method == "tools/call":
@@ -163,6 +178,11 @@ async def raw(request: Request) -> Response:
     else:
         result = {}
     return JSONResponse({"jsonrpc": "2.0", "id": message["id"], "result": result})
+
+
+async def _broken_body() -> AsyncIterator[bytes]:
+    yield b'{"jsonrpc": "2.0", '
+    raise ConnectionAbortedError("the test server breaks the connection")
 
 
 def main() -> None:

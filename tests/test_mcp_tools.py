@@ -375,6 +375,50 @@ async def test_a_malformed_response_is_a_tool_error(client: Client, mcp: McpServ
     await assert_still_serving(client, mcp)
 
 
+def retried(tool: agent_pb2.Tool, attempts: int) -> agent_pb2.Tool:
+    tool.retry_policy.maximum_attempts = attempts
+    tool.retry_policy.initial_interval.FromMilliseconds(50)
+    return tool
+
+
+@pytest.mark.parametrize(("mode", "attempts"), [("flaky", 3), ("dropped", 2)])
+async def test_server_errors_and_broken_connections_are_retried_by_the_tools_policy(
+    client: Client, mcp: McpServer, mode: str, attempts: int
+) -> None:
+    """HTTP 503 (twice) and a connection broken in the middle of a response (once), like an
+    HTTP tool's: attempts that the tool's retry policy makes again."""
+    tool = retried(mcp_tool(f"{mcp.base}/raw/{mode}/mcp"), 3)
+    agent = await client.create_agent(scripted(tool, (("kb_mangled", "{}"),)))
+    events = await client.run(agent.id, "try until it works")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    (result,) = results(events)
+    assert (result.output, result.is_error) == ("started", False)
+    assert tool_attempts(events) == list(range(1, attempts + 1))
+    await assert_still_serving(client, mcp)
+
+
+@pytest.mark.parametrize(
+    ("path", "call"),
+    [("/raw/huge/mcp", ("kb_mangled", "{}")), ("/mcp", ("kb_big", '{"size": 600000}'))],
+    ids=["json", "sse"],
+)
+async def test_a_huge_result_is_a_tool_error_read_no_further(
+    client: Client, mcp: McpServer, path: str, call: tuple[str, str]
+) -> None:
+    """A result far beyond the output limit (10 MB of JSON; 1.2 MB of text and its structured
+    copy in an SSE event) is not read whole: the model gets a tool error, at once (a retry
+    would get the same), and the executor goes on."""
+    tool = retried(mcp_tool(f"{mcp.base}{path}"), 3)
+    agent = await client.create_agent(scripted(tool, (call,)))
+    events = await client.run(agent.id, "huge")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    (result,) = results(events)
+    assert result.is_error
+    assert "a response longer than 1,048,576 bytes" in result.output
+    assert tool_attempts(events) == [1]
+    await assert_still_serving(client, mcp)
+
+
 async def test_a_server_that_hangs_while_the_session_opens_is_asked_again_by_the_next_run(
     client: Client, mcp: McpServer
 ) -> None:

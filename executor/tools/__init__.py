@@ -18,6 +18,9 @@ from executor.tools.mcp import McpListings, McpTool
 from executor.tools.mcp_sessions import McpSessions
 
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024
+# An MCP response carries the result as JSON (its text escaped, often a structured copy beside
+# it): it is read up to this many times the largest tool output, and no further.
+MCP_RESPONSE_FACTOR = 16
 # Connections to tools' endpoints kept open between calls, shared by all runs of an executor.
 MAX_CONNECTIONS = 100
 
@@ -43,7 +46,7 @@ class Tools:
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS),
         )
         self.runtime = ToolRuntime(client, url_allow or UrlAllowList(), data_dir, max_output_bytes)
-        self.mcp_sessions = McpSessions()
+        self.mcp_sessions = McpSessions(MCP_RESPONSE_FACTOR * max_output_bytes)
         self.mcp = McpListings(self.mcp_sessions, self.runtime)
 
     @property

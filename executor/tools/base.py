@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import email.utils
+import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +124,22 @@ def headers_from_env(headers: Mapping[str, str]) -> dict[str, str]:
             )
         values[header] = value
     return values
+
+
+def retry_after_seconds(value: str | None) -> float:
+    """Seconds to wait that a Retry-After header asks for (delay seconds or an HTTP date); 0
+    if there is none or it is malformed."""
+    if not value:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return 0.0
+        seconds = when.timestamp() - time.time()
+    return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
 
 
 ToolKind = Callable[[ToolSettings, ToolRuntime], Tool]

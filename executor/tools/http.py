@@ -11,10 +11,7 @@ other status is a tool error for the model at once. At most the executor's large
 
 from __future__ import annotations
 
-import email.utils
 import json
-import math
-import time
 from typing import Any
 
 import httpx
@@ -27,6 +24,7 @@ from executor.tools.base import (
     ToolRuntime,
     headers_from_env,
     register_kind,
+    retry_after_seconds,
 )
 
 # An error body is only quoted to the model, never returned whole.
@@ -86,7 +84,7 @@ class HttpTool:
             raise RetryableToolError(
                 f"http_{status}",
                 f"the tool's endpoint answered HTTP {status}: {text[:MAX_ERROR_BODY]}",
-                _retry_after(response.headers.get("Retry-After")),
+                retry_after_seconds(response.headers.get("Retry-After")),
             )
         if not 200 <= status < 300:
             raise ToolError(f"the tool's endpoint answered HTTP {status}: {text[:MAX_ERROR_BODY]}")
@@ -104,22 +102,6 @@ async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
         if size >= limit:
             break
     return b"".join(chunks)[:limit]
-
-
-def _retry_after(value: str | None) -> float:
-    """Seconds to wait that a Retry-After header asks for (delay seconds or an HTTP date); 0
-    if there is none or it is malformed."""
-    if not value:
-        return 0.0
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return 0.0
-        seconds = when.timestamp() - time.time()
-    return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
 
 
 register_kind("http", HttpTool)

@@ -4,8 +4,9 @@ A run's MCP tools are listed once, at its start (cached a few seconds per agent 
 burst of runs asks each server once), and recorded in the run (Run.ToolsListed): the model is
 offered exactly those tools for the whole run, wherever it resumes. A call carries
 ``_meta["agentrun/idempotency_key"]`` = ``<run id>:<tool call id>``, the same for every
-attempt. A server that cannot be reached is an attempt a retry may cure ("transport"); a
-result with isError, an MCP error and a malformed response go to the model as tool errors.
+attempt. A server that cannot be reached ("transport") or that answers HTTP 429 or 5xx
+("http_<status>") is an attempt a retry may cure; a result with isError, an MCP error, a
+malformed response and a response too long to read go to the model as tool errors.
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ from executor.tools.base import (
     ToolRuntime,
     headers_from_env,
 )
-from executor.tools.mcp_sessions import McpSessions, McpUnreachable
+from executor.tools.mcp_sessions import (
+    McpHttpError,
+    McpResponseTooLong,
+    McpSessions,
+    McpUnreachable,
+)
 
 # How long a listing is reused for runs of the same agent version.
 LISTING_TTL = 5.0
@@ -142,9 +148,14 @@ class McpListings:
                 f"the MCP server {server.url} did not list its tools within {settings.timeout:g} s",
                 retryable=True,
             ) from None
-        except McpUnreachable as exc:
+        except (McpUnreachable, McpHttpError) as exc:
             raise ToolUnavailable(
                 f"the MCP server {server.url} could not be reached: {exc}", retryable=True
+            ) from None
+        except McpResponseTooLong as exc:
+            raise ToolUnavailable(
+                f"the MCP server {server.url} listed its tools in a response {exc}",
+                retryable=False,
             ) from None
         except (MCPError, ValidationError) as exc:
             raise ToolUnavailable(
@@ -191,6 +202,15 @@ class McpTool:
         except McpUnreachable as exc:
             raise RetryableToolError(
                 "transport", f"the MCP server {url} could not be reached: {exc}"
+            ) from None
+        except McpHttpError as exc:
+            raise RetryableToolError(
+                f"http_{exc.status}", f"the MCP server {url} answered {exc}", exc.retry_after
+            ) from None
+        except McpResponseTooLong as exc:
+            raise ToolError(
+                f"the MCP server {url} answered with a response {exc} (16 times "
+                "AGENTRUN_MAX_TOOL_OUTPUT_BYTES): the result is not read further"
             ) from None
         except MCPError as exc:
             raise ToolError(f"the MCP server {url} answered with an error: {exc}") from None

@@ -19,7 +19,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.types import CONNECTION_CLOSED, INVALID_REQUEST
 
-from executor.tools.mcp_transport import ReusingTransport
+from executor.tools.mcp_transport import Exchange, McpHttpTransport, exchange
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,30 @@ class McpUnreachable(Exception):
     """The server could not be reached (or the session to it broke): a retry may cure it."""
 
 
+class McpHttpError(Exception):
+    """The server answered HTTP 429 or 5xx: a retry may cure it (after ``retry_after`` s)."""
+
+    def __init__(self, status: int, retry_after: float) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.retry_after = retry_after
+
+
+class McpResponseTooLong(Exception):
+    """The server's response was longer than the sessions read: not read further."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"longer than {limit:,} bytes")
+        self.limit = limit
+
+
 class _Connection:
     """One session, held open by its task until closed or broken."""
 
-    def __init__(self, url: str, headers: dict[str, str]) -> None:
+    def __init__(self, url: str, headers: dict[str, str], max_response_bytes: int) -> None:
         self.url = url
         self._headers = headers
+        self._max_response_bytes = max_response_bytes
         self._session: asyncio.Future[ClientSession] = asyncio.get_running_loop().create_future()
         self._closing = asyncio.Event()
         self.broken = False
@@ -46,9 +64,13 @@ class _Connection:
         try:
             async with (
                 httpx2.AsyncClient(
-                    headers=self._headers, timeout=None, transport=ReusingTransport()
+                    headers=self._headers,
+                    timeout=None,
+                    transport=McpHttpTransport(self._max_response_bytes),
                 ) as http,
-                streamable_http_client(self.url, http_client=http) as (read, write),
+                streamable_http_client(
+                    self.url, http_client=http, max_sse_event_size=self._max_response_bytes
+                ) as (read, write),
                 ClientSession(read, write) as session,
             ):
                 await session.initialize()
@@ -82,17 +104,28 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class McpSessions:
-    """The executor's sessions to MCP servers, by URL and headers."""
+def _raise_what_http_saw(seen: Exchange, limit: int) -> None:
+    """The failure of a request as its HTTP exchange tells it, if it does (the SDK reports
+    either as an error of its own)."""
+    if seen.too_long:
+        raise McpResponseTooLong(limit) from None
+    if seen.status == 429 or seen.status >= 500:
+        raise McpHttpError(seen.status, seen.retry_after) from None
 
-    def __init__(self) -> None:
+
+class McpSessions:
+    """The executor's sessions to MCP servers, by URL and headers. A response (of a tools/list
+    or tools/call request) longer than ``max_response_bytes`` is not read further."""
+
+    def __init__(self, max_response_bytes: int) -> None:
+        self._max_response_bytes = max_response_bytes
         self._connections: dict[tuple[str, tuple[tuple[str, str], ...]], _Connection] = {}
 
     def _connection(self, url: str, headers: dict[str, str]) -> _Connection:
         key = (url, tuple(sorted(headers.items())))
         connection = self._connections.get(key)
         if connection is None or connection.broken:
-            connection = _Connection(url, headers)
+            connection = _Connection(url, headers, self._max_response_bytes)
             self._connections[key] = connection
         return connection
 
@@ -100,7 +133,8 @@ class McpSessions:
         """Runs ``call(session)``. A session the server no longer knows (it restarted) is
         replaced and the request made once more on the new one: the server refused it without
         running it. A broken session is dropped (the next request opens another) and raises
-        McpUnreachable."""
+        McpUnreachable; HTTP 429 or 5xx raises McpHttpError; a response too long to read,
+        McpResponseTooLong."""
         for fresh in (False, True):
             connection = self._connection(url, headers)
             try:
@@ -111,7 +145,12 @@ class McpSessions:
                 await self._drop(connection)
                 raise
             try:
-                return await call(session)
+                with exchange() as seen:
+                    try:
+                        return await call(session)
+                    except Exception:
+                        _raise_what_http_saw(seen, self._max_response_bytes)
+                        raise
             except (httpx2.TransportError, OSError, McpUnreachable) as exc:
                 await self._drop(connection)
                 raise McpUnreachable(_reason(exc)) from None

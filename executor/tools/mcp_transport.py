@@ -1,20 +1,30 @@
-"""The HTTP transport under the executor's MCP sessions: connections kept for the next call.
+"""The HTTP transport under the executor's MCP sessions: what the SDK does not tell or bound.
 
-A Streamable HTTP server may answer a POST with an SSE stream that it ends right after the
-JSON-RPC response. The SDK closes that response as soon as it has read the response event, a
-moment before the stream's end arrives, and a response closed before its end takes its
-connection with it: every call would open a new TCP connection (a connect, the server's
-accept, and a socket left in TIME_WAIT, which at a few hundred calls a second runs out of
-ports). This transport reads such a stream to its end first, for a short bounded time, so that
-the connection goes back to the pool.
+- Connections kept for the next call. A Streamable HTTP server may answer a POST with an SSE
+  stream that it ends right after the JSON-RPC response. The SDK closes that response as soon
+  as it has read the response event, a moment before the stream's end arrives, and a response
+  closed before its end takes its connection with it: every call would open a new TCP
+  connection (a connect, the server's accept, and a socket left in TIME_WAIT, which at a few
+  hundred calls a second runs out of ports). Such a stream is read to its end first, for a
+  short bounded time, so that the connection goes back to the pool.
+- The HTTP status. The SDK turns an HTTP 429 or 5xx into an MCP error like any other; the
+  request's Exchange (set by whoever sends it, see ``exchange``) keeps the status and its
+  Retry-After, for the tool's retry policy.
+- A bound on what is held. A POST's response body longer than the transport's limit is not
+  read further (the SDK would read a JSON response whole); the Exchange says so.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import contextvars
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 import anyio
 import httpx2
+
+from executor.tools.base import retry_after_seconds
 
 # How long (seconds) and how much a closed POST's SSE stream is read on to reach its end; a
 # server that keeps it open longer costs its connection, nothing else.
@@ -22,40 +32,92 @@ DRAIN_TIMEOUT = 1.0
 DRAIN_BYTES = 64 * 1024
 
 
-class _DrainedOnClose(httpx2.AsyncByteStream):
-    def __init__(self, inner: httpx2.AsyncByteStream) -> None:
+@dataclass
+class Exchange:
+    """What the HTTP layer saw of one MCP request: the SDK's errors do not carry it."""
+
+    status: int = 0
+    retry_after: float = 0.0
+    too_long: bool = False
+
+
+_current: contextvars.ContextVar[Exchange | None] = contextvars.ContextVar(
+    "mcp_exchange", default=None
+)
+
+
+@contextlib.contextmanager
+def exchange() -> Iterator[Exchange]:
+    """An Exchange for the MCP requests sent within (the SDK sends each with its sender's
+    context, so the transport finds it)."""
+    seen = Exchange()
+    token = _current.set(seen)
+    try:
+        yield seen
+    finally:
+        _current.reset(token)
+
+
+class ResponseTooLong(httpx2.StreamError):
+    """The response is longer than the transport reads."""
+
+
+class _Bounded(httpx2.AsyncByteStream):
+    """A POST's response body, read up to ``limit`` bytes; an SSE stream is drained on close."""
+
+    def __init__(
+        self, inner: httpx2.AsyncByteStream, limit: int, seen: Exchange | None, drain: bool
+    ) -> None:
         self._inner = inner
+        self._limit = limit
+        self._seen = seen
+        self._drain = drain
+        self._read = 0
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._inner:
+            self._read += len(chunk)
+            if self._read > self._limit:
+                if self._seen is not None:
+                    self._seen.too_long = True
+                self._drain = False
+                raise ResponseTooLong(f"the response is longer than {self._limit:,} bytes")
             yield chunk
 
     async def aclose(self) -> None:
         try:
-            with anyio.move_on_after(DRAIN_TIMEOUT):
-                read = 0
-                async for chunk in self._inner:
-                    read += len(chunk)
-                    if read > DRAIN_BYTES:
-                        break
+            if self._drain:
+                with anyio.move_on_after(DRAIN_TIMEOUT):
+                    drained = 0
+                    async for chunk in self._inner:
+                        drained += len(chunk)
+                        if drained > DRAIN_BYTES:
+                            break
         except Exception:  # (the connection broke: closing it below is all there is to do)
             pass
         finally:
             await self._inner.aclose()
 
 
-class ReusingTransport(httpx2.AsyncBaseTransport):
-    """httpx2's transport, whose POST answered with an SSE stream keeps its connection."""
+class McpHttpTransport(httpx2.AsyncBaseTransport):
+    """httpx2's transport, with the connection reuse, statuses and bound above."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_response_bytes: int) -> None:
         self._inner = httpx2.AsyncHTTPTransport()
+        self._limit = max_response_bytes
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         response = await self._inner.handle_async_request(request)
-        content_type = response.headers.get("content-type", "")
-        if request.method == "POST" and content_type.startswith("text/event-stream"):
-            assert isinstance(response.stream, httpx2.AsyncByteStream)
-            response.stream = _DrainedOnClose(response.stream)
+        if request.method != "POST":
+            return response  # (the GET stream of server messages lasts as long as the session)
+        seen = _current.get()
+        if seen is not None:
+            seen.status = response.status_code
+            if response.status_code == 429 or response.status_code >= 500:
+                seen.retry_after = retry_after_seconds(response.headers.get("retry-after"))
+        assert isinstance(response.stream, httpx2.AsyncByteStream)
+        sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        response.stream = _Bounded(response.stream, self._limit, seen, drain=sse)
         return response
 
     async def aclose(self) -> None:
