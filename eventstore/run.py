@@ -370,6 +370,15 @@ class Run(Aggregate):
         """The MCP server's tool the model calls ``name``, as pinned at the run's start."""
         return next((t for t in self.pinned_tools or () if t["name"] == name), None)
 
+    def tool_schema(self, name: str) -> dict[str, Any] | None:
+        """The JSON Schema of the arguments of the tool the model calls ``name``: as pinned for
+        a tool of an MCP server (None: not known here)."""
+        pinned = self.pinned_tool(name)
+        if pinned is not None:
+            return pinned["parameters"]
+        settings = self.agent_config.tool(name)
+        return settings.schema if settings is not None else None
+
     def tool_settings_of(self, name: str) -> ToolSettings | None:
         """The agent's settings of the tool the model calls ``name``: its own, or for a tool of
         an MCP server, the server's."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from referencing.exceptions import Unresolvable
 
 from common.errors import FailedPrecondition, InvalidArgument
 from eventstore.run import Run
@@ -51,11 +53,14 @@ class Decide:
             raise InvalidArgument(field, f"is not JSON: {exc}") from None
         if not isinstance(arguments, dict):
             raise InvalidArgument(field, "must be a JSON object")
-        tool = run.agent_config.tool(run.tool_call(self.tool_call_id)["name"])
-        schema = tool.schema if tool is not None else None
+        schema = run.tool_schema(run.tool_call(self.tool_call_id)["name"])
         if schema is None:
             return  # (a kind whose schema is not known here: the tool checks its arguments)
-        error = next(iter(Draft202012Validator(schema).iter_errors(arguments)), None)
+        try:
+            Draft202012Validator.check_schema(schema)
+            error = next(iter(Draft202012Validator(schema).iter_errors(arguments)), None)
+        except (SchemaError, Unresolvable):
+            return  # (an MCP server's schema that does not hold: the server checks)
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path)
             at = f" at {where}" if where else ""

@@ -9,9 +9,15 @@ import uuid
 import pytest
 
 from common.errors import FailedPrecondition, InvalidArgument
-from eventstore.agent_config import AgentConfig, ClientToolSettings, ModelSettings, ToolSettings
+from eventstore.agent_config import (
+    AgentConfig,
+    ClientToolSettings,
+    McpServerSettings,
+    ModelSettings,
+    ToolSettings,
+)
 from eventstore.messages import ToolCall, Usage
-from eventstore.run import Run
+from eventstore.run import PinnedTool, Run
 from eventstore.run_commands import (
     RESULT_TIMED_OUT,
     Decide,
@@ -142,3 +148,33 @@ def test_an_approval_comes_first_and_its_edit_is_what_the_client_gets() -> None:
 )
 def test_commands_go_to_a_runs_holder_as_they_are(command: Decide | SubmitResult) -> None:
     assert from_json(json.loads(json.dumps(to_json(command)))) == command
+
+
+def test_an_edit_of_a_server_tools_call_is_checked_against_its_pinned_schema() -> None:
+    """A tool of an MCP server has the schema pinned in the run; an edit is checked against it,
+    unless the server's schema does not hold (then the server checks what it gets)."""
+    server = ToolSettings("", requires_approval=True, kind="mcp", mcp=McpServerSettings("http://h"))
+    agent = AgentConfig(agent_id="a", model=ModelSettings(provider="scripted"), tools=(server,))
+    run = Run(
+        run_id=str(uuid.uuid4()),
+        tenant="t",
+        request_id="",
+        agent=agent.to_json(),
+        input="hello",
+        conversation_id="c",
+        history=[],
+        execution_mode="durable",
+    )
+    pinned: list[PinnedTool] = [
+        {"name": n, "server": 0, "server_name": n, "description": "", "parameters": schema}
+        for n, schema in (("weather", SCHEMA), ("odd", {"type": 5}))
+    ]
+    run.list_tools(pinned)
+    odd: ToolCall = {"id": "c2", "name": "odd", "arguments_json": "{}"}
+    run.record_model_call(1, "", [call("c1"), odd], USAGE)
+    run.require_approval(2, "c1", 100.0)
+    run.require_approval(2, "c2", 100.0)
+    with pytest.raises(InvalidArgument, match="does not fit the tool's JSON Schema"):
+        Decide("c1", True, arguments_json='{"town": "Oslo"}').apply(run)
+    assert Decide("c1", True, arguments_json=OSLO).apply(run)
+    assert Decide("c2", True, arguments_json='{"anything": 1}').apply(run)

@@ -24,6 +24,7 @@ from cli.launcher import free_port
 from tests.client import Client, kinds, rest, until
 from tests.openai_wire_server import Completion, OpenAIWireServer, WireToolCall
 from tests.test_bad_input import status_of
+from tests.test_client_tools import approve_with
 from tests.test_durable_crashes import Reader
 from tests.test_http_tools import (
     CLASSIC,
@@ -313,6 +314,28 @@ async def test_a_server_tool_that_requires_approval_runs_once_approved(
     assert events[-1].run_completed.output == "Done.", kinds(events)
     (result,) = results(events)
     assert (result.output, result.is_error) == ("found Quito", False)
+
+
+@pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
+async def test_an_approval_may_edit_a_server_tools_arguments_within_its_schema(
+    client: Client, mcp: McpServer, mode: agent_pb2.ExecutionMode.ValueType
+) -> None:
+    tool = mcp_tool(mcp.url, requires_approval=True)
+    agent = await client.create_agent(scripted(tool, (("kb_lookup", '{"query": "Quito"}'),), mode))
+    call = client.stream(agent.id, "look Quito up")
+    before = await until(call, "tool_approval_required")
+    run_id, tool_call_id = before[0].run_id, before[-1].tool_approval_required.tool_call.id
+    for bad in ('{"query": 7}', "{}"):  # (the server's schema: query, a string, is required)
+        code, message = await status_of(approve_with(client, run_id, tool_call_id, bad))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (bad, message)
+        assert "decision.edited_arguments_json" in message
+    assert (await client.get_run(run_id)).status == run_pb2.RUN_STATUS_AWAITING_APPROVAL
+    await approve_with(client, run_id, tool_call_id, '{"query": "Lima"}')
+    events = before + await rest(call)
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    (result,) = results(events)
+    assert (result.output, result.is_error) == ("found Lima", False)
+    assert [c["arguments"] for c in await mcp.calls(1)] == [{"query": "Lima"}]
 
 
 async def test_a_long_result_is_cut_with_a_marker(client: Client, mcp: McpServer) -> None:
