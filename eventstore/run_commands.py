@@ -8,6 +8,7 @@ A command also has a JSON form, the body of a control request to the executor ho
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,11 @@ class Decide:
             raise InvalidArgument(
                 field, f"does not fit the tool's JSON Schema{at}: {error.message}"
             )
+
+
+def result_digest(output: str, is_error: bool) -> str:
+    """What the run list keeps of a client's tool result, to recognise its repeat."""
+    return hashlib.sha256(json.dumps([output, is_error]).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ _COLUMNS_SQL = """
     error_retryable BOOLEAN NOT NULL,
     pending_approvals TEXT NOT NULL,
     decisions TEXT NOT NULL,
+    client_results TEXT NOT NULL DEFAULT '{}',
     executor_id TEXT NOT NULL,
     created_at DOUBLE PRECISION NOT NULL,
     updated_at DOUBLE PRECISION NOT NULL,
@@ -111,6 +112,9 @@ class RunRecord:
     error_retryable: bool = False
     pending_approvals: list[ToolCall] = field(default_factory=list)
     decisions: dict[str, bool] = field(default_factory=dict)
+    # The results the client submitted, as digests (eventstore.run_commands.result_digest), by
+    # tool call id: a classic run's repeated result is recognised once the run has ended.
+    client_results: dict[str, str] = field(default_factory=dict)
     executor_id: str = ""
     created_at: float = 0.0
     updated_at: float = 0.0
@@ -122,7 +126,7 @@ class RunRecord:
 
 _FIELD_NAMES = tuple(f.name for f in fields(RunRecord))
 _UPDATABLE = frozenset(_FIELD_NAMES) - {"run_id", "tenant", "created_at"}
-_JSON_FIELDS = frozenset({"pending_approvals", "decisions"})
+_JSON_FIELDS = frozenset({"pending_approvals", "decisions", "client_results"})
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,8 @@ class RunList:
             self._db = _PostgresDatabase(pg.conninfo(), pg.schema, pg.connect_timeout)
         with self._db.cursor() as cur:
             cur.execute(f"CREATE TABLE IF NOT EXISTS agentrun_runs ({_COLUMNS_SQL})")
+            # (A column added since the first version: run lists made before get it.)
+            self._db.add_column(cur, "agentrun_runs", "client_results TEXT NOT NULL DEFAULT '{}'")
             cur.execute(_LIST_INDEX_SQL)
             cur.execute(_ACTIVE_INDEX_SQL)
             cur.execute(_TRACKING_SQL)
@@ -467,12 +473,21 @@ class _Cursor:
     def fetchall(self) -> list[Sequence[Any]]:
         return list(self._cursor.fetchall())
 
+    def columns(self, table: str) -> set[str]:
+        self._cursor.execute(f"SELECT * FROM {table} LIMIT 0")
+        return {d[0] for d in self._cursor.description}
+
 
 class _Database:
     locks_per_key = False  # whether it has advisory locks (else it has one writer at a time)
 
     def cursor(self, transaction: bool = False) -> Any:
         raise NotImplementedError
+
+    def add_column(self, cur: _Cursor, table: str, column_sql: str) -> None:
+        """Adds the column unless the table has it (each one a transaction: one writer)."""
+        if column_sql.split()[0] not in cur.columns(table):
+            cur.execute(f"ALTER TABLE {table} ADD COLUMN {column_sql}")
 
     def close(self) -> None:
         raise NotImplementedError
@@ -507,6 +522,10 @@ class _SqliteDatabase(_Database):
 
 class _PostgresDatabase(_Database):
     locks_per_key = True
+
+    def add_column(self, cur: _Cursor, table: str, column_sql: str) -> None:
+        """(Executors may start together: the statement itself skips a column there is.)"""
+        cur.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column_sql}")
 
     def __init__(self, conninfo: str, schema: str, timeout: float) -> None:
         if schema:

@@ -23,7 +23,7 @@ import nats.errors
 
 from common.errors import AgentrunError, Conflict, FailedPrecondition, NotFound, Unavailable
 from eventstore.run import Run
-from eventstore.run_commands import Command, Decide, SubmitResult
+from eventstore.run_commands import Command, Decide, SubmitResult, result_digest
 from eventstore.run_list import RunRecord
 from eventstore.run_status import TERMINAL_STATUSES
 from executor import control, run_metrics
@@ -119,7 +119,15 @@ class Steering:
 
 
 def _refuse_ended(record: RunRecord, command: Command) -> None:
-    """A command for an ended run: a repeat of its recorded decision is fine, all else fails."""
+    """A command for an ended run: a repeat of its recorded decision or result is fine, all
+    else fails."""
+    if isinstance(command, SubmitResult) and command.tool_call_id in record.client_results:
+        recorded = record.client_results[command.tool_call_id]
+        if recorded == result_digest(command.output, command.is_error):
+            return
+        raise FailedPrecondition(
+            f"tool call {command.tool_call_id!r} already has another result; a result cannot change"
+        )
     if isinstance(command, Decide) and command.tool_call_id in record.decisions:
         if record.decisions[command.tool_call_id] == command.approved:
             return

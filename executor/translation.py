@@ -39,6 +39,7 @@ from eventstore.retry_policy import (
     RetryPolicy,
 )
 from eventstore.run import Run
+from eventstore.run_commands import result_digest
 from eventstore.run_list import RunRecord
 from eventstore.run_store import StoredEvent
 from executor.run_stream import set_time, tool_call_proto
@@ -408,6 +409,11 @@ def record_of(run: Run, executor_id: str = "") -> RunRecord:
         error_retryable=error["retryable"] if error else False,
         pending_approvals=pending,
         decisions={call_id: d["approved"] for call_id, d in run.decisions.items()},
+        client_results={
+            call_id: result_digest(outcome["output"], outcome["is_error"])
+            for call_id, outcome in run.outcomes.items()
+            if call_id in run.client_calls
+        },
         executor_id=executor_id or run.holder,
         created_at=run.created_on.timestamp(),
         updated_at=run.modified_on.timestamp(),

@@ -134,9 +134,12 @@ async def test_a_client_tool_call_waits_for_the_result_from_another_gateway(
     assert (await first.get_run(run_id)).status == run_pb2.RUN_STATUS_COMPLETED
     late = await refused(submit(second, run_id, paris, '{"sky": "grey"}'))
     assert late.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "another result" in (late.details() or "")
+    # What was recorded is kept (a classic run's in the run list): a repeat after the end is
+    # still acknowledged.
+    await submit(second, run_id, paris, '{"sky": "clear"}')
+    await submit(first, run_id, second_call.id, "no such city", is_error=True)
     if mode == DURABLE:
-        # The store keeps what was recorded: a repeat after the end is still acknowledged.
-        await submit(second, run_id, paris, '{"sky": "clear"}')
         history = [e.type for e in await stored(first, run_id)]
         assert history.count("ClientToolCallRequired") == 2
         assert history.count("ToolCallCompleted") == 2

@@ -351,3 +351,18 @@ def test_remove_deletes_the_row(run_list: RunList) -> None:
     # A removed run id can be claimed afresh.
     assert run_list.claim(run("run-1", input="again", created_at=1002.0)) is None
     assert run_list.get(TENANT, "run-1").input == "again"
+
+
+def test_a_run_list_of_an_earlier_version_gets_the_column_it_lacks(store: StoreConfig) -> None:
+    earlier = RunList(store)
+    earlier.claim(run("run-old"))
+    with earlier._db.cursor() as cur:  # as the table was before client_results
+        cur.execute("ALTER TABLE agentrun_runs DROP COLUMN client_results")
+    earlier.close()
+    for _ in range(2):  # (opened again: the column is there, nothing to add)
+        reopened = RunList(store)
+        assert reopened.get(TENANT, "run-old").client_results == {}
+        reopened.claim(run("run-new", client_results={"c1": "digest"}))
+        assert reopened.get(TENANT, "run-new").client_results == {"c1": "digest"}
+        reopened.remove("run-new")
+        reopened.close()
