@@ -46,7 +46,8 @@ SCHEMA = {
 PARIS, OSLO = json.dumps({"city": "Paris"}), json.dumps({"city": "Oslo"})
 
 
-def new_run(requires_approval: bool = False) -> Run:
+def new_run(requires_approval: bool = False, tools: tuple[ToolSettings, ...] = ()) -> Run:
+    """A run of an agent with ``tools``, by default the client's tool "weather"."""
     weather = ToolSettings(
         "weather",
         requires_approval=requires_approval,
@@ -54,7 +55,9 @@ def new_run(requires_approval: bool = False) -> Run:
         kind="client",
         client=ClientToolSettings("The weather.", SCHEMA),
     )
-    agent = AgentConfig(agent_id="a", model=ModelSettings(provider="scripted"), tools=(weather,))
+    agent = AgentConfig(
+        agent_id="a", model=ModelSettings(provider="scripted"), tools=tools or (weather,)
+    )
     return Run(
         run_id=str(uuid.uuid4()),
         tenant="t",
@@ -154,17 +157,7 @@ def test_an_edit_of_a_server_tools_call_is_checked_against_its_pinned_schema() -
     """A tool of an MCP server has the schema pinned in the run; an edit is checked against it,
     unless the server's schema does not hold (then the server checks what it gets)."""
     server = ToolSettings("", requires_approval=True, kind="mcp", mcp=McpServerSettings("http://h"))
-    agent = AgentConfig(agent_id="a", model=ModelSettings(provider="scripted"), tools=(server,))
-    run = Run(
-        run_id=str(uuid.uuid4()),
-        tenant="t",
-        request_id="",
-        agent=agent.to_json(),
-        input="hello",
-        conversation_id="c",
-        history=[],
-        execution_mode="durable",
-    )
+    run = new_run(tools=(server,))
     pinned: list[PinnedTool] = [
         {"name": n, "server": 0, "server_name": n, "description": "", "parameters": schema}
         for n, schema in (("weather", SCHEMA), ("odd", {"type": 5}))

@@ -300,30 +300,16 @@ async def test_a_restarted_server_gets_a_new_session(client: Client, mcp: McpSer
 
 
 @pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
-async def test_a_server_tool_that_requires_approval_runs_once_approved(
+async def test_a_server_tool_that_requires_approval_runs_once_approved_as_edited(
     client: Client, mcp: McpServer, mode: agent_pb2.ExecutionMode.ValueType
 ) -> None:
+    """An approval's edit is checked against the schema the server listed (pinned in the run),
+    and the tool runs with it."""
     tool = mcp_tool(mcp.url, requires_approval=True)
     agent = await client.create_agent(scripted(tool, (("kb_lookup", '{"query": "Quito"}'),), mode))
     call = client.stream(agent.id, "look Quito up")
     before = await until(call, "tool_approval_required")
     assert await mcp.calls(0) == []  # (not called before the approval)
-    required = before[-1].tool_approval_required.tool_call
-    await client.approve(before[0].run_id, required.id)
-    events = before + await rest(call)
-    assert events[-1].run_completed.output == "Done.", kinds(events)
-    (result,) = results(events)
-    assert (result.output, result.is_error) == ("found Quito", False)
-
-
-@pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
-async def test_an_approval_may_edit_a_server_tools_arguments_within_its_schema(
-    client: Client, mcp: McpServer, mode: agent_pb2.ExecutionMode.ValueType
-) -> None:
-    tool = mcp_tool(mcp.url, requires_approval=True)
-    agent = await client.create_agent(scripted(tool, (("kb_lookup", '{"query": "Quito"}'),), mode))
-    call = client.stream(agent.id, "look Quito up")
-    before = await until(call, "tool_approval_required")
     run_id, tool_call_id = before[0].run_id, before[-1].tool_approval_required.tool_call.id
     for bad in ('{"query": 7}', "{}"):  # (the server's schema: query, a string, is required)
         code, message = await status_of(approve_with(client, run_id, tool_call_id, bad))
@@ -385,19 +371,6 @@ async def test_a_hanging_call_times_out_and_is_retried_by_its_policy(
     await assert_still_serving(client, mcp)
 
 
-async def test_a_malformed_response_is_a_tool_error(client: Client, mcp: McpServer) -> None:
-    agent = await client.create_agent(
-        scripted(mcp_tool(f"{mcp.base}/raw/broken/mcp"), (("kb_mangled", "{}"),))
-    )
-    events = await client.run(agent.id, "mangle")
-    assert events[-1].run_completed.output == "Done.", kinds(events)
-    (result,) = results(events)
-    assert result.is_error
-    assert "malformed response" in result.output
-    assert tool_attempts(events) == [1]
-    await assert_still_serving(client, mcp)
-
-
 def retried(tool: agent_pb2.Tool, attempts: int) -> agent_pb2.Tool:
     tool.retry_policy.maximum_attempts = attempts
     tool.retry_policy.initial_interval.FromMilliseconds(50)
@@ -421,23 +394,27 @@ async def test_server_errors_and_broken_connections_are_retried_by_the_tools_pol
 
 
 @pytest.mark.parametrize(
-    ("path", "call"),
-    [("/raw/huge/mcp", ("kb_mangled", "{}")), ("/mcp", ("kb_big", '{"size": 600000}'))],
-    ids=["json", "sse"],
+    ("path", "call", "error"),
+    [
+        ("/raw/broken/mcp", ("kb_mangled", "{}"), "malformed response"),
+        ("/raw/huge/mcp", ("kb_mangled", "{}"), "a response longer than 1,048,576 bytes"),
+        ("/mcp", ("kb_big", '{"size": 600000}'), "a response longer than 1,048,576 bytes"),
+    ],
+    ids=["malformed", "huge-json", "huge-sse"],
 )
-async def test_a_huge_result_is_a_tool_error_read_no_further(
-    client: Client, mcp: McpServer, path: str, call: tuple[str, str]
+async def test_a_malformed_or_huge_response_is_a_tool_error_at_once(
+    client: Client, mcp: McpServer, path: str, call: tuple[str, str], error: str
 ) -> None:
-    """A result far beyond the output limit (10 MB of JSON; 1.2 MB of text and its structured
-    copy in an SSE event) is not read whole: the model gets a tool error, at once (a retry
-    would get the same), and the executor goes on."""
+    """A malformed result, and one far beyond the output limit (10 MB of JSON; 1.2 MB of text
+    and its structured copy in an SSE event), which is not read whole: the model gets a tool
+    error, at once (a retry would get the same), and the executor goes on."""
     tool = retried(mcp_tool(f"{mcp.base}{path}"), 3)
     agent = await client.create_agent(scripted(tool, (call,)))
-    events = await client.run(agent.id, "huge")
+    events = await client.run(agent.id, "try it")
     assert events[-1].run_completed.output == "Done.", kinds(events)
     (result,) = results(events)
     assert result.is_error
-    assert "a response longer than 1,048,576 bytes" in result.output
+    assert error in result.output
     assert tool_attempts(events) == [1]
     await assert_still_serving(client, mcp)
 
