@@ -126,7 +126,12 @@ class Runs:
             except BaseException:
                 await self._withdraw(run)
                 raise
-            started = Started(existing) if existing is not None else await mode.launch(run, config)
+            streamed = watching is not None
+            started = (
+                Started(existing)
+                if existing is not None
+                else await mode.launch(run, config, streamed=streamed)
+            )
             if existing is None:
                 run_metrics.started(run)
         except BaseException:
