@@ -40,7 +40,9 @@ PUBLISH_TIMEOUT = 2.0
 # Seconds of NATS outage after which a closing publisher gives up (its run's end is then taken
 # from the run list by whoever settles the run: see executor.lost_runs).
 GIVE_UP_AFTER = 3600.0
-FRAMING_BYTES = 6  # what an event adds to a message besides itself: its field tag and length
+FRAMING_BYTES = 6
+# How much a tap merges into one read at most (its reader's next message stays bounded).
+TAP_MERGE_BYTES = 1024 * 1024  # what an event adds to a message besides itself: its field tag and length
 
 
 class RunPublisher:
@@ -216,13 +218,14 @@ class RunPublisher:
 
 
 class PublishedTap:
-    """The batches of events a run's publisher stores, as it stores them (each batch one
-    message, or the parts of one); ``next`` gives None once the publisher has stopped (the
-    session let the run go, another executor's events fenced it, or NATS stayed away)."""
+    """The events a run's publisher stores, as it stores them; ``next`` gives None once the
+    publisher has stopped (the session let the run go, another executor's events fenced it, or
+    NATS stayed away)."""
 
     def __init__(self, taps: set[PublishedTap]) -> None:
         self._taps = taps
         self._batches: asyncio.Queue[list[run_pb2.RunEvent] | None] = asyncio.Queue()
+        self._ended = False
 
     def stored(self, events: list[run_pb2.RunEvent]) -> None:
         self._batches.put_nowait(events)
@@ -232,7 +235,22 @@ class PublishedTap:
         self._batches.put_nowait(None)
 
     async def next(self) -> list[run_pb2.RunEvent] | None:
-        return await self._batches.get()
+        """The events of every message stored since the last call (waiting for one); None at
+        the end. (Messages stored while the reader was busy go out together.)"""
+        if self._ended:
+            return None
+        events = await self._batches.get()
+        merged = 0
+        while events is not None and not self._batches.empty() and merged < TAP_MERGE_BYTES:
+            more = self._batches.get_nowait()
+            if more is None:
+                self._ended = True
+                break
+            events = events + more
+            merged += sum(event.ByteSize() for event in more)
+        if events is None:
+            self._ended = True
+        return events
 
     def close(self) -> None:
         """Stops taking batches (its reader is gone)."""
