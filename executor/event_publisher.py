@@ -40,9 +40,9 @@ PUBLISH_TIMEOUT = 2.0
 # Seconds of NATS outage after which a closing publisher gives up (its run's end is then taken
 # from the run list by whoever settles the run: see executor.lost_runs).
 GIVE_UP_AFTER = 3600.0
-FRAMING_BYTES = 6
+FRAMING_BYTES = 6  # what an event adds to a message besides itself: its field tag and length
 # How much a tap merges into one read at most (its reader's next message stays bounded).
-TAP_MERGE_BYTES = 1024 * 1024  # what an event adds to a message besides itself: its field tag and length
+TAP_MERGE_BYTES = 1024 * 1024
 
 
 class RunPublisher:
