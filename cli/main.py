@@ -16,6 +16,7 @@ import grpc
 from cli.certs import add_certs_parser
 from cli.chat import add_chat_parser
 from cli.client import API_KEY_ENV, call_metadata
+from cli.console import add_console_parser
 from cli.health import add_health_parser
 from cli.launcher import Service, start_agentrun, start_nats
 from cli.runs import add_runs_parser
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     add_runs_parser(commands)
     add_health_parser(commands)
     add_certs_parser(commands)
+    add_console_parser(commands)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

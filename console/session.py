@@ -1,0 +1,120 @@
+"""Signing in with an API key, and the CSRF token of every form.
+
+The key lives only in the signed session cookie (HttpOnly: the browser's JavaScript never sees
+it) and in the metadata of the gRPC calls made for its session. A form posted without the
+session's CSRF token is refused before anything else happens.
+"""
+
+from __future__ import annotations
+
+import secrets
+from urllib.parse import quote
+
+import grpc
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from agentrun.v1 import agent_service_pb2
+from console.gateway import CALL_TIMEOUT, GatewayCalls, status_message
+from console.pages import gateway_of, render
+
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "x-csrf-token"
+_KEY = "api_key"
+_SIGNED_IN = "signed_in"
+_CSRF = "csrf"
+
+
+class NotSignedIn(Exception):
+    """The request needs a signed-in session (the app sends the browser to the login page)."""
+
+
+def csrf_token(request: Request) -> str:
+    """The session's CSRF token, made on first use."""
+    token = request.session.get(_CSRF)
+    if not isinstance(token, str):
+        token = secrets.token_urlsafe(32)
+        request.session[_CSRF] = token
+    return token
+
+
+async def checked_form(request: Request) -> FormData:
+    """The posted form, if it carries the session's CSRF token (as a field or, from fetch, as
+    the X-CSRF-Token header); 403 otherwise."""
+    form = await request.form()
+    sent = form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER) or ""
+    expected = request.session.get(_CSRF)
+    if not (isinstance(sent, str) and isinstance(expected, str)):
+        raise HTTPException(403, "refused: the form has no valid CSRF token; reload the page")
+    if not secrets.compare_digest(sent.encode(), expected.encode()):
+        raise HTTPException(403, "refused: the form has no valid CSRF token; reload the page")
+    return form
+
+
+def user_calls(request: Request) -> GatewayCalls:
+    """The gateway's services with the signed-in user's key; NotSignedIn without one."""
+    if not request.session.get(_SIGNED_IN):
+        raise NotSignedIn()
+    key = request.session.get(_KEY)
+    return gateway_of(request).calls(key if isinstance(key, str) else None)
+
+
+def sign_out(request: Request) -> None:
+    request.session.clear()
+
+
+def login_redirect(request: Request) -> RedirectResponse:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+
+
+def safe_next(target: str) -> str:
+    """Only paths of this console (no other site: not //host nor a scheme)."""
+    if target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/runs"
+
+
+async def login_page(request: Request) -> Response:
+    return render(request, "login.html", {"next": safe_next(request.query_params.get("next", ""))})
+
+
+async def login(request: Request) -> Response:
+    form = await checked_form(request)
+    key = str(form.get("api_key", "")).strip()
+    target = safe_next(str(form.get("next", "")))
+    calls = gateway_of(request).calls(key or None)
+    try:
+        # Any call the key must pass: the gateway says whether it knows the key.
+        await calls.agents.ListAgents(
+            agent_service_pb2.ListAgentsRequest(page_size=1),
+            metadata=calls.metadata,
+            timeout=CALL_TIMEOUT,
+        )
+    except grpc.aio.AioRpcError as error:
+        refused = error.code() == grpc.StatusCode.UNAUTHENTICATED
+        message = "The gateway refused this API key." if refused else "The gateway did not answer: "
+        if not refused:
+            message += status_message(error)
+        context = {"next": target, "error": message}
+        return render(request, "login.html", context, status_code=401 if refused else 503)
+    sign_out(request)  # a new session: a fresh CSRF token too
+    request.session[_KEY] = key
+    request.session[_SIGNED_IN] = True
+    return RedirectResponse(target, status_code=303)
+
+
+async def logout(request: Request) -> Response:
+    await checked_form(request)
+    sign_out(request)
+    return RedirectResponse("/login", status_code=303)
+
+
+routes = [
+    Route("/login", login_page, methods=["GET"]),
+    Route("/login", login, methods=["POST"]),
+    Route("/logout", logout, methods=["POST"]),
+]

@@ -1,0 +1,97 @@
+"""A real stack behind a real console process, for the console's HTTP and browser tests: one
+executor, a gateway that requires API keys, and ``agentrun console`` in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import grpc
+import httpx
+import pytest
+
+from agentrun.v1 import run_pb2
+from cli.launcher import Service, start_console
+from tests.client import Client, kinds
+from tests.stack import Stack
+
+API_KEY = "console-test-key"
+API_KEYS = f"console:{API_KEY}"
+GUARD = 60.0  # seconds; only bounds a hang
+
+
+@dataclass
+class ConsoleStack:
+    stack: Stack
+    console: Service
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.console.address}"
+
+    @property
+    def gateway(self) -> str:
+        return self.stack.gateways[0].address
+
+
+@pytest.fixture(scope="session")
+def console_stack(
+    nats_server: Service, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ConsoleStack]:
+    """Shared by the console's tests (HTTP and browser), on PostgreSQL."""
+    from tests.conftest import database_url_for, drop_schema
+
+    tmp = tmp_path_factory.mktemp("console")
+    url = database_url_for("postgres", tmp / "data")
+    stack = Stack(database_url=url, nats=nats_server, tmp=tmp)
+    console = None
+    try:
+        stack.start_executor()
+        gateway = stack.start_gateway(AGENTRUN_API_KEYS=API_KEYS)
+        console = start_console(gateway.address, tmp / "logs")
+        yield ConsoleStack(stack, console)
+    finally:
+        if console is not None:
+            console.stop()
+        stack.stop()
+        drop_schema(url)
+
+
+@pytest.fixture
+async def grpc_client(console_stack: ConsoleStack) -> AsyncIterator[Client]:
+    """A gRPC client of the console's gateway, with the key the console signs in with."""
+    async with grpc.aio.insecure_channel(console_stack.gateway) as channel:
+        yield Client(channel, API_KEY)
+
+
+def csrf_of(page: str) -> str:
+    found = re.search(r'<meta name="csrf-token" content="([^"]+)"', page)
+    assert found, page[:500]
+    return found.group(1)
+
+
+@contextlib.asynccontextmanager
+async def signed_in(base_url: str, api_key: str = API_KEY) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client with a signed-in console session."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=GUARD) as http:
+        login = await http.get("/login")
+        response = await http.post(
+            "/login", data={"api_key": api_key, "csrf_token": csrf_of(login.text), "next": "/runs"}
+        )
+        assert response.status_code == 303, response.text
+        yield http
+
+
+async def wait_for_event(client: Client, run_id: str, kind: str) -> list[run_pb2.RunEvent]:
+    """The run's events from the start up to the first of ``kind`` (WatchRun)."""
+    events: list[run_pb2.RunEvent] = []
+    async with asyncio.timeout(GUARD):
+        async for response in client.watch(run_id):
+            for event in response.events:
+                events.append(event)
+                if event.WhichOneof("kind") == kind:
+                    return events
+    raise AssertionError(f"no {kind}: {kinds(events)}")
