@@ -16,7 +16,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
-from cli.render import error_code_label, format_datetime, mode_label, status_label
+from cli.render import (
+    error_code_label,
+    format_clock,
+    format_datetime,
+    mode_label,
+    status_label,
+)
 from console.gateway import Gateway, status_message
 
 T = TypeVar("T")
@@ -80,10 +86,8 @@ def _when(ts: Timestamp) -> str:
     return format_datetime(ts, UTC)
 
 
-def _iso(ts: Timestamp) -> str:
-    if ts.seconds == 0 and ts.nanos == 0:
-        return ""
-    return ts.ToDatetime(tzinfo=UTC).isoformat()
+def _clock(ts: Timestamp) -> str:
+    return format_clock(ts, UTC)
 
 
 templates.env.filters.update(
@@ -91,7 +95,7 @@ templates.env.filters.update(
     mode=mode_label,
     error_code=error_code_label,
     when=_when,
-    iso=_iso,
+    clock=_clock,
     pretty_json=pretty_json,
     message_json=message_json,
 )

@@ -161,6 +161,8 @@ class Timeline {
     step.text.append(delta.text || "");
   }
 
+  // A call's card lives in the tool calls step that runs it; the model call step that asked
+  // for it says so in one line.
   callCard(call, stepIndex) {
     let card = this.calls.get(call.id);
     if (!card) {
@@ -174,8 +176,10 @@ class Timeline {
   }
 
   on_tool_call_requested(requested, time) {
-    const card = this.callCard(requested.tool_call, requested.step_index || 0);
-    card.prepend(el("div", { class: "event" }, `${clock(time)} the model asked for a call${requested.requires_approval ? ", which needs approval" : ""}${requested.client_executes ? ", executed by the client" : ""}`));
+    const call = requested.tool_call;
+    const notes = [requested.requires_approval ? "needs approval" : "", requested.client_executes ? "executed by the client" : ""].filter(Boolean);
+    this.step(requested.step_index || 0).body.append(el("div", { class: "asked event" },
+      `${clock(time)} asked for `, el("strong", {}, call.name), ` (${call.id})${notes.length ? " · " + notes.join(" · ") : ""}`));
   }
 
   on_tool_approval_required(required, time) {
@@ -243,6 +247,8 @@ class Timeline {
     }
     this.container.append(node);
     this.container.setAttribute("data-ended", status);
+    const cancel = document.getElementById("cancel-form");
+    if (cancel) cancel.remove();
     const badge = document.getElementById("run-status");
     if (badge) { badge.textContent = status.toUpperCase(); badge.className = `status s-${status}`; }
     if (this.onEnd) this.onEnd(status);
