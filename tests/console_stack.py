@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from agentrun.v1 import run_pb2
-from cli.launcher import Service, start_console
+from cli.launcher import Service, free_port, start_console
 from tests.client import Client, kinds
 from tests.stack import Stack
 
@@ -27,6 +27,10 @@ GUARD = 60.0  # seconds; only bounds a hang
 class ConsoleStack:
     stack: Stack
     console: Service
+    # The gateway's one executor listens here: a test that kills it starts another on the port.
+    executor_port: int
+    # Where the gateway serves its metrics (the tests count its WatchRun calls).
+    gateway_metrics: str
 
     @property
     def url(self) -> str:
@@ -49,10 +53,16 @@ def console_stack(
     stack = Stack(database_url=url, nats=nats_server, tmp=tmp)
     console = None
     try:
-        stack.start_executor()
-        gateway = stack.start_gateway(AGENTRUN_API_KEYS=API_KEYS)
+        executor_port = free_port()
+        stack.start_executor(AGENTRUN_EXECUTOR_LISTEN=f"127.0.0.1:{executor_port}")
+        metrics = f"127.0.0.1:{free_port()}"
+        gateway = stack.start_gateway(
+            f"127.0.0.1:{executor_port}",
+            AGENTRUN_API_KEYS=API_KEYS,
+            AGENTRUN_METRICS_LISTEN=metrics,
+        )
         console = start_console(gateway.address, tmp / "logs")
-        yield ConsoleStack(stack, console)
+        yield ConsoleStack(stack, console, executor_port, metrics)
     finally:
         if console is not None:
             console.stop()

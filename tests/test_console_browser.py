@@ -1,22 +1,25 @@
 """The console in a real Chromium (Debian's package, driven by Playwright) against the real
 stack of tests/console_stack.py: approving a durable run from the inbox and watching it stream to
-its end, the playground, an agent edit the API refuses, a wrong API key. One browser for all;
+its end, a run page's one WatchRun, an executor killed under a run page, the playground,
+an agent edit the API refuses, a wrong API key. One browser for all;
 each test has its own browser context (its own cookies). The screenshots of the README's
 Console section are taken here, into docs/images/."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 from agentrun.v1 import agent_pb2, run_service_pb2
 from tests.client import Client, scripted_agent
-from tests.console_stack import API_KEY, ConsoleStack, wait_for_event
+from tests.console_stack import API_KEY, GUARD, ConsoleStack, wait_for_event
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -175,3 +178,96 @@ async def test_a_wrong_api_key_is_refused(
     await expect(page.locator("#login-error")).to_have_text("The gateway refused this API key.")
     await page.goto(f"{console_stack.url}/approvals")
     await expect(page).to_have_url(f"{console_stack.url}/login?next=/approvals")
+
+
+async def watch_runs_ended(console: ConsoleStack) -> int:
+    """WatchRun calls the gateway has ended so far, whatever their status (its metrics)."""
+    async with httpx.AsyncClient(timeout=GUARD) as http:
+        metrics = (await http.get(f"http://{console.gateway_metrics}/metrics")).text
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("agentrun_grpc_server_handled_total{")
+            and "RunService/WatchRun" in line
+        )
+    )
+
+
+async def watch_runs_ended_reach(console: ConsoleStack, count: int) -> bool:
+    """Waits until the gateway has ended ``count`` WatchRun calls; False if it ended more
+    (polling its counter, which says nothing of when they ended)."""
+    async with asyncio.timeout(GUARD):
+        while True:
+            ended = await watch_runs_ended(console)
+            if ended >= count:
+                return ended == count
+            await asyncio.sleep(0.2)
+
+
+async def test_a_run_page_holds_one_watch_run_and_rebuilds_its_timeline_on_reload(
+    console_stack: ConsoleStack, grpc_client: Client, context: BrowserContext
+) -> None:
+    agent = await grpc_client.create_agent(
+        scripted_agent(
+            mode=agent_pb2.EXECUTION_MODE_DURABLE,
+            turns=[("Asking first.", [email_call("bob@example.com")]), ("Done.", [])],
+        )
+    )
+    ended_before = await watch_runs_ended(console_stack)
+    page = await sign_in(context, console_stack)
+    started = await grpc_client.runs.StartRun(
+        run_service_pb2.StartRunRequest(agent_id=agent.id, input="Write to Bob"),
+        metadata=grpc_client.metadata,
+    )
+    run_id = started.run.id
+    page_loads = 3
+    timeline = page.locator("#timeline")
+    for _ in range(page_loads):
+        await page.goto(f"{console_stack.url}/runs/{run_id}")
+        await expect(timeline.locator(".approval.waiting")).to_contain_text("waiting")
+        await expect(timeline.locator("[data-step='1'] .step-text")).to_have_text("Asking first.")
+        await expect(timeline.locator(".step")).to_have_count(2)
+    # Each page load held one WatchRun: those of the pages left by a reload ended while the run
+    # still waits, the last one ends with the run.
+    assert await watch_runs_ended_reach(console_stack, ended_before + page_loads - 1)
+    await timeline.locator("button.approve").click()
+    await expect(timeline).to_have_attribute("data-ended", "completed")
+    await page.close()
+    assert await watch_runs_ended_reach(console_stack, ended_before + page_loads)
+
+
+async def test_a_run_whose_executor_is_killed_shows_attempt_2_and_the_handover(
+    console_stack: ConsoleStack, grpc_client: Client, context: BrowserContext
+) -> None:
+    answer = " ".join(f"word{i}" for i in range(40))
+    agent = await grpc_client.create_agent(
+        scripted_agent(
+            mode=agent_pb2.EXECUTION_MODE_DURABLE, turns=[(answer, [])], token_delay_ms=50
+        )
+    )
+    page = await sign_in(context, console_stack)
+    started = await grpc_client.runs.StartRun(
+        run_service_pb2.StartRunRequest(agent_id=agent.id, input="Say many words"),
+        metadata=grpc_client.metadata,
+    )
+    run_id = started.run.id
+    await page.goto(f"{console_stack.url}/runs/{run_id}")
+    timeline = page.locator("#timeline")
+    step = timeline.locator("[data-step='1']")
+    await expect(step.locator(".step-text")).to_contain_text("word0")
+
+    stack = console_stack.stack
+    killed = stack.executors[0]
+    killed.kill()
+    stack.executors.remove(killed)
+    # Another executor where the gateway looks for one: it takes the run up.
+    listen = f"127.0.0.1:{console_stack.executor_port}"
+    await asyncio.to_thread(stack.start_executor, AGENTRUN_EXECUTOR_LISTEN=listen)
+
+    await expect(step).to_have_attribute("data-attempt", "2")
+    await expect(step.locator(".handover")).to_contain_text("attempt 2 started")
+    await expect(timeline).to_have_attribute("data-ended", "completed")
+    await expect(step.locator(".step-text")).to_have_text(answer)  # attempt 2's text, once
+    history = page.locator("#history table.history")
+    await expect(history.locator("tr[data-type='Resumed']")).to_have_count(1)
