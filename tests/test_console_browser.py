@@ -152,6 +152,32 @@ async def test_the_playground_chats_and_asks_for_approval(
     await page.screenshot(path=str(IMAGES / "console-playground.png"), full_page=True)
 
 
+async def test_the_run_list_filters_and_shows_new_runs_while_open(
+    console_stack: ConsoleStack, grpc_client: Client, context: BrowserContext
+) -> None:
+    agent = await grpc_client.create_agent(scripted_agent())
+    page = await sign_in(context, console_stack)
+    await page.fill("#run-filters input[name=agent]", agent.id)
+    await page.select_option("#run-filters select[name=status]", "completed")
+    await page.click("#run-filters button[type=submit]")
+    rows = page.locator("#runs tbody tr[data-run]")
+    await expect(page.locator("#runs tbody")).to_contain_text("No runs.")
+    waiting = await grpc_client.runs.StartRun(
+        run_service_pb2.StartRunRequest(agent_id=agent.id, input="email bob@example.com"),
+        metadata=grpc_client.metadata,
+    )
+    done = (await grpc_client.run(agent.id, "count to 2"))[0].run_id
+    await expect(rows).to_have_count(1)  # the open page shows the new run, not the waiting one
+    await expect(rows.first).to_have_attribute("data-run", done)
+    await page.select_option("#run-filters select[name=status]", "awaiting_approval")
+    await page.click("#run-filters button[type=submit]")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_have_attribute("data-run", waiting.run.id)
+    await grpc_client.runs.CancelRun(
+        run_service_pb2.CancelRunRequest(run_id=waiting.run.id), metadata=grpc_client.metadata
+    )
+
+
 async def test_an_agent_edit_with_an_invalid_value_shows_the_apis_message(
     console_stack: ConsoleStack, grpc_client: Client, context: BrowserContext
 ) -> None:
