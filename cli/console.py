@@ -10,12 +10,13 @@ import sys
 from cli.client import DEFAULT_TARGET, TARGET_ENV, add_tls_args, client_tls
 from cli.launcher import READY_PREFIX
 
+DEFAULT_LISTEN = "127.0.0.1:8080"
+LISTEN_ENV = "AGENTRUN_CONSOLE_LISTEN"
+
 
 def add_console_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> argparse.ArgumentParser:
-    from console.server import DEFAULT_LISTEN, LISTEN_ENV
-
     parser = subparsers.add_parser(
         "console",
         help="serve the web console (runs, approvals, agents, playground)",
@@ -46,7 +47,7 @@ def add_console_parser(
 
 
 def run(args: argparse.Namespace) -> int:
-    from console.server import run_console
+    from console.server import run_console  # the web stack only for this command
 
     def ready(port: int) -> None:
         print(f"{READY_PREFIX} {port}", flush=True)

@@ -16,6 +16,7 @@ import grpc
 from cli.certs import add_certs_parser
 from cli.chat import add_chat_parser
 from cli.client import API_KEY_ENV, call_metadata
+from cli.console import DEFAULT_LISTEN as CONSOLE_LISTEN
 from cli.console import add_console_parser
 from cli.health import add_health_parser
 from cli.launcher import Service, start_agentrun, start_console, start_nats
@@ -33,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--nats-port", type=int, default=0, help="0 picks a free port")
     up.add_argument(
         "--console-listen",
-        default="127.0.0.1:8080",
+        default=CONSOLE_LISTEN,
         metavar="HOST:PORT",
-        help="where to serve the web console (default: 127.0.0.1:8080; 'off': no console)",
+        help=f"where to serve the web console (default: {CONSOLE_LISTEN}; 'off': no console)",
     )
     up.set_defaults(func=_up)
 

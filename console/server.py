@@ -13,8 +13,6 @@ from cli.client import ClientTls
 from console.app import create_app
 from console.gateway import Gateway
 
-DEFAULT_LISTEN = "127.0.0.1:8080"
-LISTEN_ENV = "AGENTRUN_CONSOLE_LISTEN"
 SECRET_ENV = "AGENTRUN_CONSOLE_SECRET"
 # Open event streams end within this at shutdown.
 SHUTDOWN_GRACE = 3
