@@ -97,5 +97,6 @@ templates.env.filters.update(
     when=_when,
     clock=_clock,
     pretty_json=pretty_json,
+    from_json=json.loads,
     message_json=message_json,
 )

@@ -297,3 +297,4 @@ async def test_a_run_whose_executor_is_killed_shows_attempt_2_and_the_handover(
     await expect(step.locator(".step-text")).to_have_text(answer)  # attempt 2's text, once
     history = page.locator("#history table.history")
     await expect(history.locator("tr[data-type='Resumed']")).to_have_count(1)
+    await expect(step.locator("[data-handover]")).to_contain_text("took the run up at this step")

@@ -270,12 +270,32 @@ class Timeline {
   }
 }
 
+// A durable run's history says which executor took a step up (Resumed) or handed it back
+// (Released): the timeline's steps say so too.
+function markHandovers(history, timeline) {
+  for (const row of history.querySelectorAll("tr[data-type='Resumed'], tr[data-type='Released']")) {
+    const step = timeline.querySelector(`.step[data-step="${CSS.escape(row.dataset.step)}"] .step-body`);
+    const key = `${row.dataset.type}-${row.dataset.version}`;
+    if (!step || step.querySelector(`[data-handover="${key}"]`)) continue;
+    const text = row.dataset.type === "Resumed"
+      ? `${row.dataset.time} handover: ${row.dataset.executor} took the run up at this step`
+      : `${row.dataset.time} handover: ${row.dataset.executor} handed the run back (draining)`;
+    step.append(el("p", { class: "handover", "data-handover": key }, text));
+  }
+}
+
 function runPage(container) {
-  const refresh = () => {
-    for (const box of document.querySelectorAll("#summary-box, #history")) loadFragment(box, box.dataset.src);
-  };
   const history = document.getElementById("history");
-  if (history) loadFragment(history, history.dataset.src);
+  const loadHistory = async () => {
+    await loadFragment(history, history.dataset.src);
+    markHandovers(history, container);
+  };
+  const refresh = () => {
+    const summary = document.getElementById("summary-box");
+    loadFragment(summary, summary.dataset.src);
+    if (history) loadHistory();
+  };
+  if (history) loadHistory();
   new Timeline(container, container.dataset.run, { onEnd: refresh }).follow();
 }
 
