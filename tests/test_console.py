@@ -43,8 +43,10 @@ async def test_signing_in_keeps_the_key_in_an_http_only_cookie(
     async with httpx.AsyncClient(base_url=console_stack.url, timeout=GUARD) as http:
         login = await http.get("/login")
         response = await http.post(
-            "/login", data={"api_key": API_KEY, "csrf_token": csrf_of(login.text)}
+            "/login",
+            data={"api_key": API_KEY, "csrf_token": csrf_of(login.text), "next": "//elsewhere"},
         )
+        assert response.headers["location"] == "/runs"  # never to another site
         set_cookie = response.headers["set-cookie"].lower()
         assert "httponly" in set_cookie
         assert "samesite=lax" in set_cookie
@@ -77,6 +79,18 @@ async def test_a_form_without_its_csrf_token_is_refused(
         )
         assert forked.status_code == 303
         assert forked.headers["location"] != f"/runs/{run_id}"
+
+
+async def first_fragment(http: httpx.AsyncClient, path: str) -> str:
+    """The first fragment a live page's event stream sends (it sends one at once)."""
+    async with http.stream("GET", path) as stream:
+        data: list[str] = []
+        async for line in stream.aiter_lines():
+            if line.startswith("data:"):
+                data.append(line.removeprefix("data:").removeprefix(" "))
+            elif not line and data:
+                return "\n".join(data)
+    raise AssertionError(f"{path} ended without a fragment")
 
 
 def run_ids_in(page: str, candidates: set[str]) -> set[str]:
@@ -129,6 +143,7 @@ async def test_approving_from_the_inbox_lets_the_run_go_on(
     async with signed_in(console_stack.url) as http:
         inbox = await http.get("/approvals")
         assert f'data-call="{call.id}"' in inbox.text
+        assert call.id in await first_fragment(http, "/approvals/live")
         edited = {**json.loads(call.arguments_json), "subject": "from the console"}
         decided = await http.post(
             f"/runs/{run_id}/approvals/{call.id}",

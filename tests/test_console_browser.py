@@ -195,6 +195,9 @@ async def test_an_agent_edit_with_an_invalid_value_shows_the_apis_message(
     await page.wait_for_url(f"**/agents/{agent.id}")
     await expect(page.locator("h1")).to_contain_text("version 2")
     await expect(page.locator("dl.summary")).to_contain_text("Be brief.")
+    await page.click(".versions a:text-is('1')")
+    await expect(page.locator("h1")).to_contain_text("version 1 (latest: 2)")
+    await expect(page.locator("dl.summary")).not_to_contain_text("Be brief.")
 
 
 async def test_a_wrong_api_key_is_refused(
