@@ -4,7 +4,6 @@ own validation messages."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
@@ -16,9 +15,10 @@ from starlette.routing import Route
 
 from agentrun.v1 import agent_pb2, agent_service_pb2
 from cli.render import MODE_CHOICES
+from console.csrf import checked_form
 from console.gateway import CALL_TIMEOUT, status_message
-from console.pages import flash, render
-from console.session import checked_form, user_calls
+from console.pages import flash, message_json, render
+from console.session import user_calls
 
 # What the edit form changes (the API's names, for the update mask); the rest stays.
 EDITED_FIELDS = (
@@ -72,12 +72,6 @@ async def agent_view(request: Request) -> Response:
     return render(request, "agent.html", {"agent": agent, "latest": latest.version})
 
 
-def _json_of(message: Any) -> str:
-    return json.dumps(
-        MessageToDict(message, preserving_proto_field_name=True), indent=2, ensure_ascii=False
-    )
-
-
 def form_of(agent: agent_pb2.Agent) -> dict[str, str]:
     """The edit form's fields for ``agent``."""
     tools = [MessageToDict(t, preserving_proto_field_name=True) for t in agent.tools]
@@ -87,7 +81,7 @@ def form_of(agent: agent_pb2.Agent) -> dict[str, str]:
             (k for k, v in MODE_CHOICES.items() if v == agent.execution_mode), ""
         ),
         "instructions": agent.instructions,
-        "model": _json_of(agent.model),
+        "model": message_json(agent.model),
         "tools": json.dumps(tools, indent=2, ensure_ascii=False),
         "approval_timeout": agent.approval_timeout.ToJsonString()
         if agent.HasField("approval_timeout")

@@ -12,10 +12,11 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from agentrun.v1 import run_pb2, run_service_pb2
+from console.csrf import checked_form, csrf_token
 from console.gateway import CALL_TIMEOUT, status_message
 from console.live import polled_fragment
 from console.pages import flash, render, templates
-from console.session import checked_form, safe_next, user_calls
+from console.session import safe_next, user_calls
 
 # The inbox shows this many waiting runs, the oldest decisions last (newest first).
 INBOX_LIMIT = 500
@@ -44,10 +45,10 @@ async def inbox_live(request: Request) -> Response:
     async def fragment() -> str:
         runs = await _waiting_runs(request)
         return templates.get_template("approval_cards.html").render(
-            runs=runs, csrf_token=request.session.get("csrf", "")
+            runs=runs, csrf_token=csrf_token(request)
         )
 
-    return polled_fragment(request, fragment)
+    return polled_fragment(fragment)
 
 
 def edited_arguments(form: FormData) -> str:

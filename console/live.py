@@ -11,16 +11,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from sse_starlette.sse import EventSourceResponse
-from starlette.requests import Request
 
 from console.gateway import status_message
 
 POLL_INTERVAL = 2.0
 
 
-def polled_fragment(
-    request: Request, fragment: Callable[[], Awaitable[str]]
-) -> EventSourceResponse:
+def polled_fragment(fragment: Callable[[], Awaitable[str]]) -> EventSourceResponse:
     """Sends ``fragment()`` as a ``fragment`` event whenever it differs from the last one sent,
     until the page goes away."""
 

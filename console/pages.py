@@ -23,6 +23,7 @@ from cli.render import (
     mode_label,
     status_label,
 )
+from console.csrf import csrf_token
 from console.gateway import Gateway, status_message
 
 T = TypeVar("T")
@@ -57,8 +58,6 @@ async def refused_or(request: Request, what: str, call: Awaitable[T]) -> T | Non
 def render(
     request: Request, name: str, context: dict[str, Any] | None = None, status_code: int = 200
 ) -> Response:
-    from console.session import csrf_token  # the session module renders pages too
-
     full = {
         "csrf_token": csrf_token(request),
         "flashes": request.session.pop(_FLASH, []),

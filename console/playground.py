@@ -12,11 +12,11 @@ from starlette.routing import Route
 
 from agentrun.v1 import agent_pb2, agent_service_pb2, run_service_pb2
 from cli.render import MODE_CHOICES
+from console.agents import AGENTS_LIMIT
+from console.csrf import checked_form
 from console.gateway import CALL_TIMEOUT, status_message
 from console.pages import render
-from console.session import checked_form, user_calls
-
-AGENTS_LIMIT = 500
+from console.session import user_calls
 
 
 async def playground(request: Request) -> Response:

@@ -15,9 +15,10 @@ from starlette.routing import Route
 
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
 from common.event_streams import is_terminal
+from console.csrf import checked_form, csrf_token
 from console.gateway import CALL_TIMEOUT, status_message
 from console.pages import flash, refused_or, render, templates
-from console.session import checked_form, user_calls
+from console.session import user_calls
 
 # A history longer than this shows in pages of this many versions.
 HISTORY_PAGE = 500
@@ -70,7 +71,7 @@ async def run_history(request: Request) -> Response:
         "events": events[:HISTORY_PAGE],
         "first": first,
         "next_from": first + HISTORY_PAGE if more else None,
-        "csrf_token": request.session.get("csrf", ""),
+        "csrf_token": csrf_token(request),
     }
     return templates.TemplateResponse(request, "run_history.html", context)
 

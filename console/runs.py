@@ -89,7 +89,7 @@ async def runs_live(request: Request) -> Response:
         runs, _ = await _runs_page(request, filters)
         return templates.get_template("run_rows.html").render(runs=runs)
 
-    return polled_fragment(request, fragment)
+    return polled_fragment(fragment)
 
 
 routes = [

@@ -1,57 +1,29 @@
-"""Signing in with an API key, and the CSRF token of every form.
+"""Signing in with an API key, and the calls made with it.
 
 The key lives only in the signed session cookie (HttpOnly: the browser's JavaScript never sees
-it) and in the metadata of the gRPC calls made for its session. A form posted without the
-session's CSRF token is refused before anything else happens.
+it) and in the metadata of the gRPC calls made for its session.
 """
 
 from __future__ import annotations
 
-import secrets
 from urllib.parse import quote
 
 import grpc
-from starlette.datastructures import FormData
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from agentrun.v1 import agent_service_pb2
+from console.csrf import checked_form
 from console.gateway import CALL_TIMEOUT, GatewayCalls, status_message
 from console.pages import gateway_of, render
 
-CSRF_FIELD = "csrf_token"
-CSRF_HEADER = "x-csrf-token"
 _KEY = "api_key"
 _SIGNED_IN = "signed_in"
-_CSRF = "csrf"
 
 
 class NotSignedIn(Exception):
     """The request needs a signed-in session (the app sends the browser to the login page)."""
-
-
-def csrf_token(request: Request) -> str:
-    """The session's CSRF token, made on first use."""
-    token = request.session.get(_CSRF)
-    if not isinstance(token, str):
-        token = secrets.token_urlsafe(32)
-        request.session[_CSRF] = token
-    return token
-
-
-async def checked_form(request: Request) -> FormData:
-    """The posted form, if it carries the session's CSRF token (as a field or, from fetch, as
-    the X-CSRF-Token header); 403 otherwise."""
-    form = await request.form()
-    sent = form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER) or ""
-    expected = request.session.get(_CSRF)
-    if not (isinstance(sent, str) and isinstance(expected, str)):
-        raise HTTPException(403, "refused: the form has no valid CSRF token; reload the page")
-    if not secrets.compare_digest(sent.encode(), expected.encode()):
-        raise HTTPException(403, "refused: the form has no valid CSRF token; reload the page")
-    return form
 
 
 def user_calls(request: Request) -> GatewayCalls:
