@@ -100,4 +100,5 @@ def create_app(gateway: Gateway, secret_key: str, *, https_only: bool = False) -
         lifespan=lifespan,
     )
     app.state.gateway = gateway
+    app.state.key_sealer = session.KeySealer(secret_key)
     return app

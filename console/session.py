@@ -1,14 +1,18 @@
 """Signing in with an API key, and the calls made with it.
 
-The key lives only in the signed session cookie (HttpOnly: the browser's JavaScript never sees
-it) and in the metadata of the gRPC calls made for its session.
+The key lives only in the session cookie, encrypted (whoever reads the cookie cannot read the
+key) and signed, HttpOnly (the browser's JavaScript never sees it), and in the metadata of the
+gRPC calls made for its session.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from urllib.parse import quote
 
 import grpc
+from cryptography.fernet import Fernet, InvalidToken
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
@@ -26,12 +30,36 @@ class NotSignedIn(Exception):
     """The request needs a signed-in session (the app sends the browser to the login page)."""
 
 
+class KeySealer:
+    """Encrypts API keys for the session cookie with a key derived from the console's secret."""
+
+    def __init__(self, secret: str) -> None:
+        digest = hashlib.sha256(b"agentrun-console-api-key\0" + secret.encode()).digest()
+        self._fernet = Fernet(base64.urlsafe_b64encode(digest))
+
+    def seal(self, api_key: str) -> str:
+        return self._fernet.encrypt(api_key.encode()).decode()
+
+    def open(self, sealed: str) -> str:
+        """The key; InvalidToken if it was not sealed with this secret."""
+        return self._fernet.decrypt(sealed.encode()).decode()
+
+
+def _sealer(request: Request) -> KeySealer:
+    sealer: KeySealer = request.app.state.key_sealer
+    return sealer
+
+
 def user_calls(request: Request) -> GatewayCalls:
     """The gateway's services with the signed-in user's key; NotSignedIn without one."""
-    if not request.session.get(_SIGNED_IN):
+    sealed = request.session.get(_KEY)
+    if not request.session.get(_SIGNED_IN) or not isinstance(sealed, str):
         raise NotSignedIn()
-    key = request.session.get(_KEY)
-    return gateway_of(request).calls(key if isinstance(key, str) else None)
+    try:
+        key = _sealer(request).open(sealed)
+    except InvalidToken:
+        raise NotSignedIn() from None
+    return gateway_of(request).calls(key or None)
 
 
 def sign_out(request: Request) -> None:
@@ -74,7 +102,7 @@ async def login(request: Request) -> Response:
         context = {"next": target, "error": message}
         return render(request, "login.html", context, status_code=401 if refused else 503)
     sign_out(request)  # a new session: a fresh CSRF token too
-    request.session[_KEY] = key
+    request.session[_KEY] = _sealer(request).seal(key)
     request.session[_SIGNED_IN] = True
     return RedirectResponse(target, status_code=303)
 

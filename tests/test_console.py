@@ -3,6 +3,7 @@ approvals inbox, a run's event stream. The browser's view is in test_console_bro
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 
@@ -33,7 +34,7 @@ async def test_a_wrong_api_key_is_refused(console_stack: ConsoleStack) -> None:
         assert still_out.headers["location"].startswith("/login")
 
 
-async def test_signing_in_keeps_the_key_in_an_http_only_cookie(
+async def test_signing_in_keeps_the_key_encrypted_in_an_http_only_cookie(
     console_stack: ConsoleStack,
 ) -> None:
     async with signed_in(console_stack.url) as http:
@@ -47,6 +48,10 @@ async def test_signing_in_keeps_the_key_in_an_http_only_cookie(
             data={"api_key": API_KEY, "csrf_token": csrf_of(login.text), "next": "//elsewhere"},
         )
         assert response.headers["location"] == "/runs"  # never to another site
+        cookie = response.cookies["agentrun_console"]
+        payload = base64.b64decode(cookie.split(".")[0] + "==").decode()
+        assert "api_key" in payload
+        assert API_KEY not in payload  # encrypted, not only signed
         set_cookie = response.headers["set-cookie"].lower()
         assert "httponly" in set_cookie
         assert "samesite=lax" in set_cookie
