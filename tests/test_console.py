@@ -187,3 +187,48 @@ async def test_a_run_streams_its_events_and_resumes_after_the_last_one(
         resumed = await http.get(f"/runs/{run_id}/events", headers={"Last-Event-ID": "3"})
         ids = [int(line[3:]) for line in resumed.text.splitlines() if line.startswith("id:")]
         assert ids == [e.sequence for e in events if e.sequence > 3]
+
+
+async def test_an_edit_the_tool_refuses_is_shown_and_the_call_still_waits(
+    console_stack: ConsoleStack, grpc_client: Client
+) -> None:
+    agent = await grpc_client.create_agent(scripted_agent(mode=agent_pb2.EXECUTION_MODE_DURABLE))
+    started = await grpc_client.runs.StartRun(
+        run_service_pb2.StartRunRequest(agent_id=agent.id, input="email bob@example.com"),
+        metadata=grpc_client.metadata,
+    )
+    run_id = started.run.id
+    waiting = await wait_for_event(grpc_client, run_id, "tool_approval_required")
+    call = waiting[-1].tool_approval_required.tool_call
+    async with signed_in(console_stack.url) as http:
+        token = csrf_of((await http.get("/approvals")).text)
+        form = {
+            "csrf_token": token,
+            "decision": "approve",
+            "original_arguments": call.arguments_json,
+            "back": "/approvals",
+        }
+        for arguments, message in [
+            ("{not json", "the edited arguments are not JSON"),
+            (json.dumps({"to": 42}), "INVALID_ARGUMENT: "),
+        ]:
+            refused = await http.post(
+                f"/runs/{run_id}/approvals/{call.id}", data={**form, "arguments": arguments}
+            )
+            assert refused.status_code == 303
+            assert refused.headers["location"] == "/approvals"
+            inbox = await http.get("/approvals")
+            assert message in inbox.text
+            assert f'data-call="{call.id}"' in inbox.text  # still waiting
+        by_fetch = await http.post(
+            f"/runs/{run_id}/approvals/{call.id}",
+            data={**form, "arguments": "{not json"},
+            headers={"X-Console-Fetch": "1"},
+        )
+        assert by_fetch.status_code == 400
+        assert "not JSON" in by_fetch.json()["error"]
+    run = await grpc_client.get_run(run_id)
+    assert run.status == run_pb2.RUN_STATUS_AWAITING_APPROVAL
+    await grpc_client.runs.CancelRun(
+        run_service_pb2.CancelRunRequest(run_id=run_id), metadata=grpc_client.metadata
+    )
