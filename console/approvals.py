@@ -94,7 +94,8 @@ async def decide(request: Request) -> Response:
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.UNAUTHENTICATED and not answered_by_fetch:
             raise
-        error, status = status_message(exc), 409
+        refused = exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        error, status = status_message(exc), 400 if refused else 409
     if answered_by_fetch:
         return JSONResponse({"error": error} if error else {"ok": True}, status_code=status)
     if error:

@@ -69,7 +69,7 @@ async def run_history(request: Request) -> Response:
     context = {
         "run_id": run_id,
         "events": events[:HISTORY_PAGE],
-        "first": first,
+        "previous_from": max(first - HISTORY_PAGE, 1) if first > 1 else None,
         "next_from": first + HISTORY_PAGE if more else None,
         "csrf_token": csrf_token(request),
     }
