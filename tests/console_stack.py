@@ -98,10 +98,14 @@ async def signed_in(base_url: str, api_key: str = API_KEY) -> AsyncIterator[http
 async def wait_for_event(client: Client, run_id: str, kind: str) -> list[run_pb2.RunEvent]:
     """The run's events from the start up to the first of ``kind`` (WatchRun)."""
     events: list[run_pb2.RunEvent] = []
-    async with asyncio.timeout(GUARD):
-        async for response in client.watch(run_id):
-            for event in response.events:
-                events.append(event)
-                if event.WhichOneof("kind") == kind:
-                    return events
+    call = client.watch(run_id)
+    try:
+        async with asyncio.timeout(GUARD):
+            async for response in call:
+                for event in response.events:
+                    events.append(event)
+                    if event.WhichOneof("kind") == kind:
+                        return events
+    finally:
+        call.cancel()  # ends now, not when collected: the tests count the gateway's WatchRuns
     raise AssertionError(f"no {kind}: {kinds(events)}")

@@ -295,7 +295,7 @@ async def test_a_run_whose_executor_is_killed_shows_attempt_2_and_the_handover(
     await asyncio.to_thread(stack.start_executor, AGENTRUN_EXECUTOR_LISTEN=listen)
 
     await expect(step).to_have_attribute("data-attempt", "2")
-    await expect(step.locator(".handover")).to_contain_text("attempt 2 started")
+    await expect(step.locator(".attempt-note")).to_contain_text("attempt 2 started")
     await expect(timeline).to_have_attribute("data-ended", "completed")
     await expect(step.locator(".step-text")).to_have_text(answer)  # attempt 2's text, once
     history = page.locator("#history table.history")

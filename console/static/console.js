@@ -144,7 +144,7 @@ class Timeline {
     if (step.attempt && attempt > step.attempt) {
       // A new attempt: the earlier attempt's text is void.
       if (step.text) { step.text.remove(); step.text = null; }
-      step.body.append(el("p", { class: "handover" }, `${clock(time)} attempt ${attempt} started (attempt ${step.attempt} was abandoned: retried, or handed over to another executor)`));
+      step.body.append(el("p", { class: "attempt-note" }, `${clock(time)} attempt ${attempt} started (attempt ${step.attempt} was abandoned: retried, or handed over to another executor)`));
     }
     step.attempt = Math.max(step.attempt, attempt);
     step.started = time;
