@@ -4,12 +4,15 @@ approvals inbox, a run's event stream. The browser's view is in test_console_bro
 from __future__ import annotations
 
 import base64
+import html
 import json
+import re
 import uuid
 
 import httpx
 
 from agentrun.v1 import agent_pb2, run_pb2, run_service_pb2
+from console.runs import PAGE_SIZE
 from tests.client import Client, kinds, scripted_agent
 from tests.console_stack import (
     API_KEY,
@@ -232,3 +235,21 @@ async def test_an_edit_the_tool_refuses_is_shown_and_the_call_still_waits(
     await grpc_client.runs.CancelRun(
         run_service_pb2.CancelRunRequest(run_id=run_id), metadata=grpc_client.metadata
     )
+
+
+async def test_the_run_list_pages_newest_first(
+    console_stack: ConsoleStack, grpc_client: Client
+) -> None:
+    agent = await grpc_client.create_agent(scripted_agent())
+    started = [
+        (await grpc_client.run(agent.id, "count to 1"))[0].run_id for _ in range(PAGE_SIZE + 2)
+    ]
+    async with signed_in(console_stack.url) as http:
+        first = await http.get("/runs", params={"agent": agent.id})
+        assert run_ids_in(first.text, set(started)) == set(started[2:])
+        older = re.search(r'<a href="/runs\?([^"]+)" id="next-page">', first.text)
+        assert older is not None
+        second = await http.get(f"/runs?{html.unescape(older.group(1))}")
+        assert run_ids_in(second.text, set(started)) == set(started[:2])
+        assert 'id="next-page"' not in second.text
+        assert second.text.index(started[1]) < second.text.index(started[0])
