@@ -3,12 +3,14 @@ stack of tests/console_stack.py: approving a durable run from the inbox and watc
 its end, a run page's one WatchRun, an executor killed under a run page, the playground,
 an agent edit the API refuses, a wrong API key. One browser for all;
 each test has its own browser context (its own cookies). The screenshots of the README's
-Console section are taken here, into docs/images/."""
+Console section are taken here (into docs/images/ with AGENTRUN_UPDATE_SCREENSHOTS=1)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,7 +33,19 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
+README_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
+
+
+def screenshot_path(name: str) -> str:
+    """Where a screenshot goes: the README's images with AGENTRUN_UPDATE_SCREENSHOTS=1, else a
+    temporary folder (a test run leaves the tree as it was)."""
+    if os.environ.get("AGENTRUN_UPDATE_SCREENSHOTS") == "1":
+        return str(README_IMAGES / name)
+    folder = Path(tempfile.gettempdir()) / "agentrun-screenshots"
+    folder.mkdir(exist_ok=True)
+    return str(folder / name)
+
+
 # Bounds a hang (a page that never shows what it should); never a timing assert.
 WAIT_MS = 30_000
 VIEWPORT = {"width": 1280, "height": 900}
@@ -101,7 +115,7 @@ async def test_a_durable_run_approved_in_the_inbox_streams_to_its_end(
     await page.goto(f"{console_stack.url}/approvals")
     card = page.locator(f"article.approval[data-run='{run_id}']")
     await expect(card).to_contain_text("bob@example.com")
-    await page.screenshot(path=str(IMAGES / "console-approvals.png"), full_page=True)
+    await page.screenshot(path=screenshot_path("console-approvals.png"), full_page=True)
     await card.locator("button[value=approve]").click()
 
     await page.wait_for_url(f"**/runs/{run_id}")
@@ -123,7 +137,7 @@ async def test_a_durable_run_approved_in_the_inbox_streams_to_its_end(
     history = page.locator("#history table.history")
     await expect(history.locator("tr[data-type='ToolApprovalDecided']")).to_have_count(2)
     await expect(history.locator("tr[data-type='Completed']")).to_have_count(1)
-    await page.screenshot(path=str(IMAGES / "console-run.png"), full_page=True)
+    await page.screenshot(path=screenshot_path("console-run.png"), full_page=True)
 
 
 async def test_the_playground_chats_and_asks_for_approval(
@@ -149,7 +163,7 @@ async def test_the_playground_chats_and_asks_for_approval(
     await expect(second.locator(".approval.denied")).to_contain_text("not today")
     await expect(second).to_have_attribute("data-ended", "completed")
     await expect(second).to_contain_text("classic")
-    await page.screenshot(path=str(IMAGES / "console-playground.png"), full_page=True)
+    await page.screenshot(path=screenshot_path("console-playground.png"), full_page=True)
 
 
 async def test_the_run_list_filters_and_shows_new_runs_while_open(
