@@ -191,3 +191,12 @@ def start_mcp_example(data_dir: Path, log_dir: Path) -> Service | None:
     port = free_port()
     argv = [sys.executable, str(MCP_EXAMPLE), "--port", str(port), "--data-dir", str(data_dir)]
     return _start("mcp-example", argv, os.environ, log_dir, MCP_EXAMPLE_READY, port)
+
+
+def start_console(
+    target: str, log_dir: Path, listen: str = "127.0.0.1:0", env: Mapping[str, str] | None = None
+) -> Service:
+    """Starts ``agentrun console`` for the gateway at ``target``."""
+    argv = [sys.executable, "-m", "cli.serve", "console", "--listen", listen, "--target", target]
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    return _start("console", argv, full_env, log_dir, READY_PREFIX)

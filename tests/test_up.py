@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import cast
 
 import grpc
+import httpx
 import httpx2
 import pytest
 from mcp import types
@@ -135,6 +136,8 @@ async def start_up(ups: list[Up], data_dir: Path, **env: str) -> Up:
         str(data_dir),
         "--gateway-listen",
         gateway,
+        "--console-listen",
+        "127.0.0.1:0",
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -187,11 +190,18 @@ async def test_up_serves_the_demo_agents_and_stops_with_its_children_on_sigterm(
     gateway, executor, nats = up.addresses()
     assert gateway == up.gateway
     commands = sorted(command_line(pid) for pid in up.children)
-    assert len(commands) == 4, commands
+    assert len(commands) == 5, commands
     assert any("nats-server" in c for c in commands), commands
     assert any("examples/mcp_server.py" in c for c in commands), commands
     assert any("cli.serve executor" in c for c in commands), commands
     assert any("cli.serve gateway" in c for c in commands), commands
+    assert any("cli.serve console" in c for c in commands), commands
+    console = re.search(r"console: (http://\S+)", up.text)
+    assert console is not None, up.text
+    async with httpx.AsyncClient(base_url=console.group(1), timeout=GUARD) as http:
+        login = await http.get("/login")
+        assert login.status_code == 200
+        assert "Sign in" in login.text
 
     async with grpc.aio.insecure_channel(up.gateway) as channel:
         classic = await get_agent(channel, "demo-classic")
@@ -227,7 +237,7 @@ async def test_up_serves_the_demo_agents_and_stops_with_its_children_on_sigterm(
 
     code, err = await up.stop()
     assert code == 0, err
-    for address in (gateway, executor, nats):
+    for address in (gateway, executor, nats, console.group(1).removeprefix("http://")):
         assert await refuses_connections(address), address
     assert not [pid for pid in up.children if alive(pid)], [command_line(p) for p in up.children]
     logs = tmp_path / "data" / "logs"
@@ -472,8 +482,8 @@ async def exited(pid: int) -> None:
 async def test_services_stop_when_up_is_killed(ups: list[Up], tmp_path: Path) -> None:
     up = await start_up(ups, tmp_path / "data")
     services = [p for p in up.children if "cli.serve" in command_line(p)]
-    others = [p for p in up.children if p not in services]
-    assert len(services) == 2, [command_line(p) for p in up.children]
+    others = [p for p in up.children if p not in services]  # (nats-server, the MCP example)
+    assert len(services) == 3, [command_line(p) for p in up.children]
     os.kill(up.process.pid, signal.SIGKILL)
     await up.process.wait()
 
