@@ -4,7 +4,6 @@ latency (a streaming call's latency is its whole life)."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from prometheus_client import Counter, Histogram
 
-from common.interceptors import AnyHandler, HandlerWrapping
+from common.interceptors import AnyHandler, HandlerWrapping, rewrapped
 from common.metrics import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
@@ -41,7 +40,7 @@ class CallMetrics(HandlerWrapping):
         return _measured_handler(handler, method)
 
 
-def _code_of(context: Context, exc: BaseException | None) -> str:
+def status_code_of(context: Context, exc: BaseException | None) -> str:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
@@ -60,7 +59,7 @@ def _measured_handler(handler: AnyHandler, method: str) -> AnyHandler:
 
     def done(context: Context, began: float, exc: BaseException | None) -> None:
         latency.observe(time.perf_counter() - began)
-        code = _code_of(context, exc)
+        code = status_code_of(context, exc)
         counter = calls.get(code)
         if counter is None:
             counter = calls[code] = CALLS.labels(method, code)
@@ -92,28 +91,4 @@ def _measured_handler(handler: AnyHandler, method: str) -> AnyHandler:
 
         return measured
 
-    def wrap(behavior: Any) -> Any:
-        if inspect.isasyncgenfunction(behavior):
-            return streamed(behavior)
-        if inspect.iscoroutinefunction(behavior):
-            return awaited(behavior)
-        return None  # not asynchronous: left as it is
-
-    kinds = (
-        (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
-        (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
-        (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
-        (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
-    )
-    for behavior, make in kinds:
-        if behavior is None:
-            continue
-        measured = wrap(behavior)
-        if measured is None:
-            return handler
-        return make(
-            measured,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    return handler
+    return rewrapped(handler, awaited, streamed)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -43,3 +44,33 @@ class HandlerWrapping(ServerInterceptor):
 
     def wrap(self, handler: AnyHandler, method: str) -> AnyHandler:
         raise NotImplementedError
+
+
+def rewrapped(
+    handler: AnyHandler,
+    awaited: Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]],
+    streamed: Callable[[Callable[..., AsyncIterator[Any]]], Callable[..., AsyncIterator[Any]]],
+) -> AnyHandler:
+    """The handler with its behavior wrapped: by ``awaited`` if it returns one response, by
+    ``streamed`` if it yields them. A behavior that is not asynchronous is left as it is."""
+    kinds = (
+        (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
+    )
+    for behavior, make in kinds:
+        if behavior is None:
+            continue
+        if inspect.isasyncgenfunction(behavior):
+            wrapped: Any = streamed(behavior)
+        elif inspect.iscoroutinefunction(behavior):
+            wrapped = awaited(behavior)
+        else:
+            return handler
+        return make(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
