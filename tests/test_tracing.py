@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +197,9 @@ async def test_a_durable_run_whose_executor_is_killed_mid_tool_call_is_one_trace
 async def test_log_lines_of_a_run_name_its_run_and_its_trace(
     traced: TracedStack, collector: Collector
 ) -> None:
+    traced.stack.executors[-1].stop()
+    traced.env["AGENTRUN_TRACE_CONTENT"] = "on"
+    await asyncio.to_thread(traced.start_executor)
     client = traced.client
     agent = await client.create_agent(
         scripted_agent(turns=CALCULATE, mode=DURABLE, token_delay_ms=200)
@@ -209,3 +214,19 @@ async def test_log_lines_of_a_run_name_its_run_and_its_trace(
     about = [line for line in lines if line.get("run_id") == run_id]
     assert any("handed back" in line["message"] for line in about), lines
     assert {line["trace_id"] for line in about} == {spans[0].trace_id}
+    # AGENTRUN_TRACE_CONTENT=on: the prompt is on the model call's span.
+    (chat,) = named(spans, "chat ")
+    prompt = json.loads(chat.attributes["gen_ai.input.messages"])
+    assert prompt[-1]["content"] == "6*7?"
+
+
+def test_tracing_off_sets_up_no_sdk() -> None:
+    """Without an endpoint (or with OTEL_SDK_DISABLED) the SDK is not even imported."""
+    check = (
+        "import sys; from common import tracing; "
+        "tracing.configure('x', env={'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://127.0.0.1:1', "
+        "'OTEL_SDK_DISABLED': 'true'}); tracing.configure('x', env={}); "
+        "assert not tracing.enabled(); "
+        "assert not [m for m in sys.modules if m.startswith('opentelemetry.sdk')], 'imported'"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).parent.parent)
