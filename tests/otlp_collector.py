@@ -2,6 +2,7 @@
 opentelemetry-proto) that keeps the spans the services export, for tests to look at.
 
     python -m tests.otlp_collector [--port N]   # a receiver process that only counts spans
+                                                # (it prints how many when it is stopped)
 
 Served by a gRPC server in threads of its own, so that it answers whatever the caller's event
 loop is doing.
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
+import sys
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -119,6 +122,12 @@ def main() -> None:
     args = parser.parse_args()
     collector = Collector(keep=False)
     collector.start(args.port)
+
+    def stop(signum: int, frame: object) -> None:
+        print(f"otlp-collector-received {collector.count} spans", flush=True)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     print(f"otlp-collector-ready {collector.port}", flush=True)
     threading.Event().wait()
 
