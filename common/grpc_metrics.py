@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client import Counter, Histogram
 
-from common.interceptors import AnyHandler, HandlerWrapping, rewrapped
+from common.interceptors import AnyHandler, Context, HandlerWrapping, observed
 from common.metrics import LATENCY_BUCKETS
-
-if TYPE_CHECKING:
-    Context = grpc.aio.ServicerContext[Any, Any]
-else:  # not subscriptable at run time
-    Context = grpc.aio.ServicerContext
 
 CALLS = Counter(
     "agentrun_grpc_server_handled",
@@ -57,7 +50,10 @@ def _measured_handler(handler: AnyHandler, method: str) -> AnyHandler:
     calls: dict[str, Counter] = {}  # by code, as they occur: no series for codes never seen
     latency = LATENCY.labels(method)
 
-    def done(context: Context, began: float, exc: BaseException | None) -> None:
+    def began(context: Context) -> float:
+        return time.perf_counter()
+
+    def done(began: float, context: Context, exc: BaseException | None) -> None:
         latency.observe(time.perf_counter() - began)
         code = status_code_of(context, exc)
         counter = calls.get(code)
@@ -65,30 +61,4 @@ def _measured_handler(handler: AnyHandler, method: str) -> AnyHandler:
             counter = calls[code] = CALLS.labels(method, code)
         counter.inc()
 
-    def awaited(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def measured(request: Any, context: Context) -> Any:
-            began = time.perf_counter()
-            try:
-                response = await behavior(request, context)
-            except BaseException as exc:
-                done(context, began, exc)
-                raise
-            done(context, began, None)
-            return response
-
-        return measured
-
-    def streamed(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        async def measured(request: Any, context: Context) -> AsyncIterator[Any]:
-            began = time.perf_counter()
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            except BaseException as exc:
-                done(context, began, exc)
-                raise
-            done(context, began, None)
-
-        return measured
-
-    return rewrapped(handler, awaited, streamed)
+    return observed(handler, began, done)

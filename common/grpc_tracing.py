@@ -8,8 +8,8 @@ a probe every few seconds is not worth a trace.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 
 import grpc
 from opentelemetry import propagate, trace
@@ -17,12 +17,7 @@ from opentelemetry.trace import SpanKind
 
 from common import tracing
 from common.grpc_metrics import status_code_of
-from common.interceptors import AnyHandler, HandlerWrapping, rewrapped
-
-if TYPE_CHECKING:
-    Context = grpc.aio.ServicerContext[Any, Any]
-else:  # not subscriptable at run time
-    Context = grpc.aio.ServicerContext
+from common.interceptors import AnyHandler, Context, HandlerWrapping, observed
 
 TRACED_PACKAGES = ("/agentrun.",)
 EXECUTE_RUN = "/agentrun.internal.v1.ExecutorService/ExecuteRun"
@@ -57,33 +52,7 @@ def _traced_handler(handler: AnyHandler, method: str) -> AnyHandler:
             span.set_status(trace.StatusCode.ERROR, code)
         span.end()
 
-    def awaited(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def traced(request: Any, context: Context) -> Any:
-            span = begin(context)
-            try:
-                with trace.use_span(span, record_exception=False, set_status_on_exception=False):
-                    response = await behavior(request, context)
-            except BaseException as exc:
-                done(span, context, exc)
-                raise
-            done(span, context, None)
-            return response
+    def within(span: trace.Span) -> AbstractContextManager[trace.Span]:
+        return trace.use_span(span, record_exception=False, set_status_on_exception=False)
 
-        return traced
-
-    def streamed(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        async def traced(request: Any, context: Context) -> AsyncIterator[Any]:
-            span = begin(context)
-            # Current for the call's whole life: a streaming handler runs in the call's task.
-            tracing.carry_on(span)
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            except BaseException as exc:
-                done(span, context, exc)
-                raise
-            done(span, context, None)
-
-        return traced
-
-    return rewrapped(handler, awaited, streamed)
+    return observed(handler, begin, done, within)
