@@ -194,6 +194,41 @@ async def test_a_durable_run_whose_executor_is_killed_mid_tool_call_is_one_trace
     assert all(c.attributes["db.system.name"] == "postgresql" for c in commits)
 
 
+CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CLIENT_SPAN = "b7ad6b7169203331"
+
+
+async def test_a_client_that_sends_trace_context_gets_its_calls_in_its_trace(
+    traced: TracedStack, collector: Collector
+) -> None:
+    client = traced.client
+    agent = await client.create_agent(scripted_agent(turns=CALCULATE))
+    client.metadata = (("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"),)
+    events = await client.run(agent.id, "6*7?")
+    assert events[-1].run_completed.output == "42.", kinds(events)
+    await client.get_run(events[0].run_id)
+
+    def found(spans: list[ReceivedSpan]) -> bool:
+        ours = [s for s in spans if s.trace_id == CLIENT_TRACE]
+        return bool(named(ours, "agentrun.v1.RunService/GetRun")) and len(named(ours, "chat ")) == 2
+
+    spans = [s for s in await collector.wait_for(found) if s.trace_id == CLIENT_TRACE]
+    # A classic run: its steps are the start's children, on the executor the gateway called.
+    (streamed,) = named(spans, "agentrun.v1.RunService/StreamRun", GATEWAY)
+    assert streamed.parent_span_id == CLIENT_SPAN
+    (call,) = named(spans, "agentrun.internal.v1.ExecutorService/ExecuteRun", GATEWAY)
+    (start,) = named(spans, "start run")
+    assert (call.parent_span_id, start.parent_span_id) == (streamed.span_id, call.span_id)
+    (tool,) = named(spans, "execute_tool ")
+    assert tool.attributes["gen_ai.tool.name"] == "calculator"
+    assert {s.parent_span_id for s in [*named(spans, "chat "), tool]} == {start.span_id}
+    # A forwarded call: the gateway's span, and the executor's beneath it.
+    (asked,) = named(spans, "agentrun.v1.RunService/GetRun", GATEWAY)
+    (answered,) = named(spans, "agentrun.v1.RunService/GetRun")
+    assert (asked.parent_span_id, answered.parent_span_id) == (CLIENT_SPAN, asked.span_id)
+    assert answered.attributes["rpc.grpc.status_code"] == 0
+
+
 async def test_log_lines_of_a_run_name_its_run_and_its_trace(
     traced: TracedStack, collector: Collector
 ) -> None:
