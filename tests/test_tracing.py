@@ -210,7 +210,13 @@ async def test_a_client_that_sends_trace_context_gets_its_calls_in_its_trace(
 
     def found(spans: list[ReceivedSpan]) -> bool:
         ours = [s for s in spans if s.trace_id == CLIENT_TRACE]
-        return bool(named(ours, "agentrun.v1.RunService/GetRun")) and len(named(ours, "chat ")) == 2
+        return (
+            len(named(ours, "chat ")) == 2
+            and bool(named(ours, "execute_tool "))
+            and bool(named(ours, "agentrun.v1.RunService/GetRun"))
+            and bool(named(ours, "agentrun.v1.RunService/GetRun", GATEWAY))
+            and bool(named(ours, "agentrun.v1.RunService/StreamRun", GATEWAY))
+        )
 
     spans = [s for s in await collector.wait_for(found) if s.trace_id == CLIENT_TRACE]
     # A classic run: its steps are the start's children, on the executor the gateway called.
