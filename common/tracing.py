@@ -87,6 +87,11 @@ def configure(
         attributes["service.name"] = service_name
     if instance_id:
         attributes["service.instance.id"] = instance_id
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
+    )
+    if protocol != "grpc":
+        log.warning("traces are exported over OTLP/gRPC only, not %s: check the endpoint", protocol)
     provider = TracerProvider(resource=Resource.create(attributes))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
