@@ -7,6 +7,9 @@ completes"). Any other run (durable, a repeated start, a resumed stream) streams
 published stream (executor.watching). Approvals, tool results and cancellation that follow on
 the call go through executor.steering, wherever the run is held; a refused one ends the call
 with its error.
+
+The first message carries the gateway's trace context (the call was opened before the run was
+known): a start is the span ``start run`` in the caller's trace, and the run's spans follow it.
 """
 
 from __future__ import annotations
