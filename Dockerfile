@@ -1,4 +1,4 @@
-# The agentrun services (executor, gateway) and the CLI, installed from this repository's own
+# The agentrun services (executor, gateway, console) and the CLI, installed from this repository's own
 # pyproject.toml. docker-compose.yml runs it with NATS and PostgreSQL beside it:
 #   docker build -t agentrun:dev .
 #   docker run --rm agentrun:dev --help
@@ -15,6 +15,7 @@ COPY cli ./cli
 COPY gateway ./gateway
 COPY executor ./executor
 COPY eventstore ./eventstore
+COPY console ./console
 RUN pip wheel --wheel-dir /wheels .
 
 FROM python:3.11-slim
@@ -34,7 +35,8 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 # (a new named volume mounted there takes this folder's owner, so the job may write to it).
 USER agentrun
 WORKDIR /var/lib/agentrun
-# 50051: the gateway (public gRPC); 50052: the executor (internal gRPC).
-EXPOSE 50051 50052
+# 50051: the gateway (public gRPC); 50052: the executor (internal gRPC); 8080: the console
+# (agentrun console --listen 0.0.0.0:8080 --target GATEWAY, to reach it from outside).
+EXPOSE 50051 50052 8080
 ENTRYPOINT ["agentrun"]
 CMD ["--help"]

@@ -177,3 +177,12 @@ def start_agentrun(
     argv = [sys.executable, "-m", "cli.serve", command, *(extra_args or [])]
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     return _start(name or command, argv, full_env, log_dir, READY_PREFIX)
+
+
+def start_console(
+    target: str, log_dir: Path, listen: str = "127.0.0.1:0", env: Mapping[str, str] | None = None
+) -> Service:
+    """Starts ``agentrun console`` for the gateway at ``target``."""
+    argv = [sys.executable, "-m", "cli.serve", "console", "--listen", listen, "--target", target]
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    return _start("console", argv, full_env, log_dir, READY_PREFIX)

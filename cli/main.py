@@ -16,8 +16,10 @@ import grpc
 from cli.certs import add_certs_parser
 from cli.chat import add_chat_parser
 from cli.client import API_KEY_ENV, call_metadata
+from cli.console import DEFAULT_LISTEN as CONSOLE_LISTEN
+from cli.console import add_console_parser
 from cli.health import add_health_parser
-from cli.launcher import Service, start_agentrun, start_nats
+from cli.launcher import Service, start_agentrun, start_console, start_nats
 from cli.runs import add_runs_parser
 from cli.serve import serve
 
@@ -30,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--data-dir", default=os.environ.get("AGENTRUN_DATA_DIR", ".agentrun"))
     up.add_argument("--gateway-listen", default="127.0.0.1:50051")
     up.add_argument("--nats-port", type=int, default=0, help="0 picks a free port")
+    up.add_argument(
+        "--console-listen",
+        default=CONSOLE_LISTEN,
+        metavar="HOST:PORT",
+        help=f"where to serve the web console (default: {CONSOLE_LISTEN}; 'off': no console)",
+    )
     up.set_defaults(func=_up)
 
     for name in ("gateway", "executor"):
@@ -41,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     add_runs_parser(commands)
     add_health_parser(commands)
     add_certs_parser(commands)
+    add_console_parser(commands)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result
@@ -96,10 +105,16 @@ def _up(args: argparse.Namespace) -> int:
         gateway = start_agentrun("gateway", env, logs)
         services.append(gateway)
         demo = _seed_demo_agents(gateway.address)
+        console = ""
+        if args.console_listen != "off":
+            services.append(start_console(gateway.address, logs, args.console_listen))
+            host = args.console_listen.rpartition(":")[0]
+            console = f"console: http://{host}:{services[-1].port}\n"
         print(
             f"agentrun is up: gateway {gateway.address}, executor {executor.address}, "
             f"NATS {nats.address}, data in {data_dir} (logs in {logs})\n"
             f"demo agents: {demo}\n"
+            f"{console}"
             f"try:  agentrun chat --agent demo-classic --target {gateway.address}\n"
             "Ctrl-C stops everything.",
             flush=True,

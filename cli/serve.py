@@ -1,6 +1,6 @@
 """``agentrun gateway`` and ``agentrun executor``: run one service with settings from AGENTRUN_*.
 
-Also runnable as ``python -m cli.serve gateway|executor`` (what the launcher does).
+Also runnable as ``python -m cli.serve gateway|executor|console ...`` (what the launcher does).
 Prints ``agentrun-ready <port>`` once the service listens. Started that way, the service stops
 (as on SIGTERM) when the process that started it is gone: a killed test run or a killed
 ``agentrun up`` must not leave services running on their own.
@@ -78,4 +78,8 @@ def stop_with_parent() -> None:
 
 if __name__ == "__main__":
     stop_with_parent()
+    if sys.argv[1:2] == ["console"]:
+        from cli.main import main
+
+        sys.exit(main(sys.argv[1:]))
     sys.exit(serve(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))

@@ -192,6 +192,7 @@ class Outgoing:
         self._headers = headers  # every message's (the tenant)
         self._marks = marks or {}  # the stream's marks with the events
         self._marks_before = marks_before or {}  # and without them (on parts 1..n-1)
+        self.events = events
         self._last_before = events[0].sequence - 1
         payload, budget = encode(events), message_budget(link)
         self._chunks = [payload[i : i + budget] for i in range(0, len(payload), budget)]

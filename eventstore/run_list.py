@@ -226,17 +226,17 @@ class RunList:
                         limit=quotas.runs_per_minute,
                     )
             if quotas.max_concurrent_runs:
+                # One statement, so one snapshot: a run whose row is written between two
+                # statements (a durable run's row projected, a classic run's claimed) would be
+                # counted by neither its admission nor its row.
                 cur.execute(
-                    f"SELECT count(*) FROM agentrun_runs WHERE tenant = %s AND {_IS_ACTIVE_SQL}",
-                    (tenant, *_ACTIVE),
+                    "SELECT (SELECT count(*) FROM agentrun_runs "
+                    f"WHERE tenant = %s AND {_IS_ACTIVE_SQL}) + "
+                    "(SELECT count(*) FROM agentrun_admissions a WHERE a.tenant = %s AND NOT "
+                    "EXISTS (SELECT 1 FROM agentrun_runs r WHERE r.run_id = a.run_id))",
+                    (tenant, *_ACTIVE, tenant),
                 )
                 active = (cur.fetchone() or (0,))[0]
-                cur.execute(
-                    "SELECT count(*) FROM agentrun_admissions a WHERE a.tenant = %s AND NOT "
-                    "EXISTS (SELECT 1 FROM agentrun_runs r WHERE r.run_id = a.run_id)",
-                    (tenant,),
-                )
-                active += (cur.fetchone() or (0,))[0]
                 if active >= quotas.max_concurrent_runs:
                     raise ResourceExhausted(
                         "TENANT_CONCURRENT_RUNS",

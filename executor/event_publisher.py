@@ -11,6 +11,9 @@ the run over, or the run was declared lost — the publish is refused, the publi
 ``on_fenced`` tells its owner. A failed publish is retried with the same ``Nats-Msg-Id`` (an
 event in parts from its first part not stored), so the stream deduplicates it. The live stream
 never waits for any of this: while NATS is down, events queue here until it is back.
+
+A tap (``tap``) gets the batches as they are stored: the run's published stream without reading
+it back from NATS, for a client of a run held on the same executor.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ PUBLISH_TIMEOUT = 2.0
 # from the run list by whoever settles the run: see executor.lost_runs).
 GIVE_UP_AFTER = 3600.0
 FRAMING_BYTES = 6  # what an event adds to a message besides itself: its field tag and length
+# How much a tap merges into one read at most (its reader's next message stays bounded).
+TAP_MERGE_BYTES = 1024 * 1024
 
 
 class RunPublisher:
@@ -79,7 +84,17 @@ class RunPublisher:
         self.fenced = False
         self._max_queued = max_queued
         self._give_up_after = give_up_after
-        self._task = asyncio.create_task(self._publish_loop(), name=f"publish-{run_id}")
+        self._taps: set[PublishedTap] = set()
+        self._task = asyncio.create_task(self._publish(), name=f"publish-{run_id}")
+
+    def tap(self) -> PublishedTap:
+        """The batches this publisher stores from now on, in order (see PublishedTap)."""
+        tap = PublishedTap(self._taps)
+        if self._task.done():
+            tap.end()
+        else:
+            self._taps.add(tap)
+        return tap
 
     def enqueue(self, events: list[run_pb2.RunEvent], marks: Marks) -> None:
         if not events or self.fenced:
@@ -118,6 +133,13 @@ class RunPublisher:
             return False
         return not self._queue and self._retry is None and not self.fenced and not self._gave_up
 
+    async def _publish(self) -> None:
+        try:
+            await self._publish_loop()
+        finally:
+            for tap in list(self._taps):
+                tap.end()
+
     async def _publish_loop(self) -> None:
         started_waiting: float | None = None
         while True:
@@ -130,6 +152,7 @@ class RunPublisher:
                 continue
             # A failed publish is retried as it was (its id may be stored already).
             message, marks = self._retry or self._take_message()
+            events = message.events
             try:
                 await message.publish(ack_wait=PUBLISH_TIMEOUT, own_retries=True)
             except nats.js.errors.APIError as exc:
@@ -157,6 +180,8 @@ class RunPublisher:
             self._stream_sequence = message.after
             self._published_marks = marks
             started_waiting = None
+            for tap in self._taps:
+                tap.stored(events)
 
     def _take_message(self) -> tuple[Outgoing, Marks]:
         """The next message (or parts of one) and the marks the stream reaches with it."""
@@ -190,6 +215,46 @@ class RunPublisher:
         batch = [event for event, _ in self._queue[:count]]
         del self._queue[:count]
         return batch, marks
+
+
+class PublishedTap:
+    """The events a run's publisher stores, as it stores them; ``next`` gives None once the
+    publisher has stopped (the session let the run go, another executor's events fenced it, or
+    NATS stayed away)."""
+
+    def __init__(self, taps: set[PublishedTap]) -> None:
+        self._taps = taps
+        self._batches: asyncio.Queue[list[run_pb2.RunEvent] | None] = asyncio.Queue()
+        self._ended = False
+
+    def stored(self, events: list[run_pb2.RunEvent]) -> None:
+        self._batches.put_nowait(events)
+
+    def end(self) -> None:
+        self._taps.discard(self)
+        self._batches.put_nowait(None)
+
+    async def next(self) -> list[run_pb2.RunEvent] | None:
+        """The events of every message stored since the last call (waiting for one); None at
+        the end. (Messages stored while the reader was busy go out together.)"""
+        if self._ended:
+            return None
+        events = await self._batches.get()
+        merged = 0
+        while events is not None and not self._batches.empty() and merged < TAP_MERGE_BYTES:
+            more = self._batches.get_nowait()
+            if more is None:
+                self._ended = True
+                break
+            events = events + more
+            merged += sum(event.ByteSize() for event in more)
+        if events is None:
+            self._ended = True
+        return events
+
+    def close(self) -> None:
+        """Stops taking batches (its reader is gone)."""
+        self._taps.discard(self)
 
 
 def marks_headers(marks: Marks) -> dict[str, str]:

@@ -29,6 +29,7 @@ from eventstore.run import Run
 from eventstore.run_list import RunRecord
 from executor.context import ExecutorContext
 from executor.durable.dispatch import Dispatch, WorkQueue
+from executor.event_publisher import PublishedTap
 from executor.session import recording, waiting
 from executor.session.recording import store_attributes
 from executor.session.session import RunSession
@@ -44,12 +45,15 @@ RECENT_RUNS = 1000
 class Started:
     """A run just started (or found again: a repeated request_id). ``session``: it runs here,
     and its live stream can be attached to; ``queued``: a durable run being queued;
-    ``subscribing``: a subscription to the run's published stream, begun while it was stored."""
+    ``subscribing``: a subscription to the run's published stream, begun while it was stored;
+    ``here``: a queued run's events as its session on this executor publishes them, if this
+    executor is the one that takes it up (cancel it to stop waiting)."""
 
     record: RunRecord
     session: RunSession | None = None
     queued: asyncio.Task[None] | None = None
     subscribing: asyncio.Task[Any] | None = None  # to its published stream, begun early
+    here: asyncio.Future[PublishedTap] | None = None
 
 
 class Mode(Protocol):
@@ -63,8 +67,9 @@ class Mode(Protocol):
         """Stores a new run; the existing run instead if its id is taken (a repeat)."""
         ...
 
-    async def launch(self, run: Run, config: AgentConfig) -> Started:
-        """Sets a stored run going (``config``: its agent, as pinned in the run)."""
+    async def launch(self, run: Run, config: AgentConfig, *, streamed: bool = False) -> Started:
+        """Sets a stored run going (``config``: its agent, as pinned in the run; ``streamed``:
+        the caller streams the run's events to its client)."""
         ...
 
 
@@ -82,7 +87,7 @@ class Classic:
         claim = record_of(run, self.ctx.executor_id)
         return await asyncio.to_thread(self.ctx.run_list.claim, claim)
 
-    async def launch(self, run: Run, config: AgentConfig) -> Started:
+    async def launch(self, run: Run, config: AgentConfig, *, streamed: bool = False) -> Started:
         run.collect_events()
         session = RunSession(
             self.ctx, run, recording.InMemory(self.ctx), waiting.InMemory(), config=config
@@ -104,6 +109,9 @@ class Durable:
         # (when another executor takes it, or it changed meanwhile, the store decides: a stale
         # copy's first commit conflicts and the run is taken up again).
         self._recent: dict[str, Run] = {}
+        # Streams waiting for the session of a run stored here, should this executor take it:
+        # its events then reach the client as they are published, not read back from NATS.
+        self._here: dict[str, asyncio.Future[PublishedTap]] = {}
 
     async def store(self, run: Run) -> RunRecord | None:
         store = self.ctx.run_store
@@ -121,11 +129,20 @@ class Durable:
         with tracing.span("store run", attributes=store_attributes(self.ctx, run)):
             return await asyncio.to_thread(create)
 
-    async def launch(self, run: Run, config: AgentConfig) -> Started:
+    async def launch(self, run: Run, config: AgentConfig, *, streamed: bool = False) -> Started:
         self._recent[run.run_id] = run
         while len(self._recent) > RECENT_RUNS:
             del self._recent[next(iter(self._recent))]
-        return Started(record_of(run, ""), queued=asyncio.create_task(self._dispatch(run)))
+        here = self._wait_here(run.run_id) if streamed else None
+        return Started(
+            record_of(run, ""), queued=asyncio.create_task(self._dispatch(run)), here=here
+        )
+
+    def _wait_here(self, run_id: str) -> asyncio.Future[PublishedTap]:
+        here: asyncio.Future[PublishedTap] = asyncio.get_running_loop().create_future()
+        self._here[run_id] = here
+        here.add_done_callback(lambda _: self._here.pop(run_id, None))
+        return here
 
     def recent(self, run_id: str) -> Run | None:
         """A run this executor stored a moment ago (taken: it is not kept after that)."""
@@ -154,9 +171,12 @@ class Durable:
         dispatch: Dispatch,
         stream_state: Published,
         config: AgentConfig,
+        *,
+        fresh: bool,
     ) -> RunSession:
-        """The session of a durable run taken from the queue."""
-        return RunSession(
+        """The session of a durable run taken from the queue (``fresh``: its first taking up,
+        nothing published yet)."""
+        session = RunSession(
             self.ctx,
             run,
             recording.InStore(self.ctx, self.queue, dispatch),
@@ -164,6 +184,10 @@ class Durable:
             config=config,
             stream_state=stream_state,
         )
+        here = self._here.get(run.run_id)
+        if fresh and here is not None and not here.done():
+            here.set_result(session.publisher.tap())
+        return session
 
 
 @dataclass(frozen=True)

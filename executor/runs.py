@@ -120,15 +120,20 @@ class Runs:
             trace_context=tracing.carrier(),
         )
         run.know_agent(config)
-        await self._admit(run)
+        await self._admit(run.tenant, run.run_id)
         subscribing = watching.subscribe(run.run_id) if watching and not mode.streams_live else None
         try:
             try:
                 existing = await mode.store(run)
             except BaseException:
-                await self._withdraw(run)
+                await self._withdraw(run.run_id)
                 raise
-            started = Started(existing) if existing is not None else await mode.launch(run, config)
+            streamed = watching is not None
+            started = (
+                Started(existing)
+                if existing is not None
+                else await mode.launch(run, config, streamed=streamed)
+            )
             if existing is None:
                 run_metrics.started(run)
         except BaseException:
@@ -137,8 +142,8 @@ class Runs:
             raise
         return replace(started, subscribing=subscribing)
 
-    async def _admit(self, run: Run) -> None:
-        """Admits the run under its tenant's quotas (ResourceExhausted if over one)."""
+    async def _admit(self, tenant: str, run_id: str) -> None:
+        """Admits a new run under its tenant's quotas (ResourceExhausted if over one)."""
         quotas = self.ctx.settings.tenant_quotas
         if not quotas.enabled:
             return
@@ -147,16 +152,16 @@ class Runs:
             if quotas.max_concurrent_runs:
                 # Durable runs' rows follow the store: count the runs as they are now.
                 self.projection.catch_up()
-            self.ctx.run_list.admit(run.tenant, run.run_id, quotas)
+            self.ctx.run_list.admit(tenant, run_id, quotas)
 
         await asyncio.to_thread(admit)
 
-    async def _withdraw(self, run: Run) -> None:
+    async def _withdraw(self, run_id: str) -> None:
         """Gives back the admission of a run that was not stored (best effort: a leftover
         counts as a running run for a few minutes)."""
         if self.ctx.settings.tenant_quotas.enabled:
             with contextlib.suppress(AgentrunError):
-                await asyncio.to_thread(self.ctx.run_list.withdraw, run.run_id)
+                await asyncio.to_thread(self.ctx.run_list.withdraw, run_id)
 
     async def _agent(self, spec: RunSpec) -> AgentConfig:
         cache = self.ctx.agent_cache
@@ -240,11 +245,13 @@ class Runs:
 
     async def fork(self, tenant: str, run_id: str, at_version: int, request_id: str) -> RunRecord:
         """A new durable run from a stored run's history up to ``at_version``; queued at once.
-        A repeated request_id returns the fork it made before."""
+        Admitted under the tenant's quotas as a start is; a repeated request_id returns the
+        fork it made before."""
         if at_version < 0:
             raise InvalidArgument("at_version", "must not be negative")
         source = await self._stored(tenant, run_id, "ForkRun forks")
         new_run_id = run_id_for(tenant, request_id)
+        await self._admit(tenant, new_run_id)  # a fork is a new run, under the quotas too
         claim = RunRecord(
             run_id=new_run_id,
             tenant=tenant,
@@ -258,7 +265,11 @@ class Runs:
             forked_from_run_id=source.run_id,
             forked_at_version=at_version,
         )
-        existing = await asyncio.to_thread(self.ctx.run_list.claim, claim)
+        try:
+            existing = await asyncio.to_thread(self.ctx.run_list.claim, claim)
+        except BaseException:
+            await self._withdraw(new_run_id)
+            raise
         if existing is not None:
             return existing
         try:
@@ -274,6 +285,7 @@ class Runs:
         except BaseException:
             with contextlib.suppress(AgentrunError):
                 await asyncio.to_thread(self.ctx.run_list.remove, new_run_id)
+            await self._withdraw(new_run_id)
             raise
         await asyncio.to_thread(
             self.ctx.run_list.update,

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -104,7 +104,7 @@ class Watching:
         probe_first: bool = False,
         subscribing: asyncio.Task[Subscription] | None = None,
         record: RunRecord | None = None,
-    ) -> AsyncIterator[list[run_pb2.RunEvent]]:
+    ) -> AsyncGenerator[list[run_pb2.RunEvent], None]:
         """The run's events after ``after_sequence`` until its terminal event, in batches
         (through ``subscribing``, a ``subscribe`` begun earlier, if given). ``relayed``: events
         a client got from an executor that went away (see LostRuns.settle); ``probe_first``:

@@ -19,6 +19,7 @@ import pytest
 from cli.launcher import Service, start_nats
 from eventstore.persistence import StoreConfig
 from executor.extensions import load_extensions
+from tests.console_stack import console_stack, grpc_client  # noqa: F401 (fixtures)
 from tests.postgres_server import Throwaway
 from tests.stack import Stack, start_stack
 

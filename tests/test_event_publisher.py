@@ -323,6 +323,41 @@ async def test_batches_are_published_in_order_with_their_ids_and_marks(link: Nat
     await reader.close()
 
 
+async def test_a_tap_gets_the_stored_events_in_order_and_then_the_end(link: NatsLink) -> None:
+    run_id = str(uuid.uuid4())
+    pub = publisher(link, run_id)
+    tap = pub.tap()
+    batch = events(run_id, 1, 2)
+    pub.enqueue(batch, Marks(version=2))
+    assert await asyncio.wait_for(tap.next(), WAIT) == batch
+    big = "x" * (MAX_MESSAGE_BYTES // 3)
+    backlog = [tool_result(run_id, s, big) for s in range(3, 8)]
+    pub.enqueue(backlog, Marks(version=7))
+    assert await pub.close(WAIT) is True
+    assert [m.sequences for m in await stored(link, run_id)] == [[1, 2], [3, 4], [5, 6], [7]]
+    assert await asyncio.wait_for(tap.next(), WAIT) == backlog  # stored while it was not read
+    assert await asyncio.wait_for(tap.next(), WAIT) is None
+    assert await asyncio.wait_for(pub.tap().next(), WAIT) is None  # a stopped publisher's
+
+
+async def test_a_fenced_publisher_ends_its_taps_without_what_it_could_not_store(
+    link: NatsLink,
+) -> None:
+    run_id = str(uuid.uuid4())
+    pub = publisher(link, run_id, on_fenced=Fenced())
+    tap = pub.tap()
+    foreign = run_events_pb2.PublishedRunEvents(events=events(run_id, 1, 1))
+    await link.js.publish(
+        link.names.events_subject(run_id),
+        foreign.SerializeToString(),
+        stream=link.names.events_stream,
+        headers={"Nats-Msg-Id": f"{run_id}:1-elsewhere"},
+    )
+    pub.enqueue(events(run_id, 1, 2), Marks(version=2))
+    assert await asyncio.wait_for(tap.next(), WAIT) is None
+    assert pub.fenced
+
+
 async def test_published_reads_back_the_state_of_a_runs_stream(link: NatsLink) -> None:
     run_id, other = str(uuid.uuid4()), str(uuid.uuid4())
     assert await published(link, run_id) == Published()

@@ -17,6 +17,7 @@ from eventstore.run_list import RunFilter, RunList
 from eventstore.run_store import RunStore
 from executor.run_list_projection import (
     NAME,
+    KnownRuns,
     RunListBatch,
     RunListChanges,
     apply_next_batch,
@@ -91,6 +92,41 @@ def test_catching_up_writes_each_runs_row_as_the_run_is(executor: Executor) -> N
     assert not view.has_tracking_id(executor.runs.name, last + 1)
 
 
+def test_a_run_continued_over_batches_has_the_row_of_the_stored_run(
+    store: StoreConfig, executor: Executor
+) -> None:
+    """A batch that continues a run the projection built before builds on it; one that
+    continues a run it knows at an older version (another executor applied the batch between)
+    reads the run from the store. Either way the row is the run as stored."""
+    known = KnownRuns()
+    other = open_executor(store)
+    try:
+        run = started(executor.runs)
+        apply_next_batch(executor.run_list, executor.runs, known=known)
+        run.record_model_call(1, "", [EMAIL], {"input_tokens": 2, "output_tokens": 3})
+        run.require_approval(2, "c1", 1_000_000.0)
+        executor.runs.commit(run)
+        apply_next_batch(executor.run_list, executor.runs, known=known)  # built on the known
+        assert_rows_are_the_runs(executor, [run])
+        run = executor.runs.load(run.run_id)
+        run.decide("c1", True, "", timed_out=False)
+        executor.runs.commit(run)
+        apply_next_batch(other.run_list, other.runs)  # another executor's batch
+        run = executor.runs.load(run.run_id)
+        run.record_tool_outcome(2, "c1", "sent", is_error=False)
+        executor.runs.commit(run)
+        apply_next_batch(executor.run_list, executor.runs, known=known)  # known is stale
+        assert_rows_are_the_runs(executor, [run])
+        run = executor.runs.load(run.run_id)
+        run.complete("done")
+        executor.runs.commit(run)
+        apply_next_batch(executor.run_list, executor.runs, known=known)
+        assert_rows_are_the_runs(executor, [run])
+        assert executor.run_list.get(TENANT, run.run_id).status == "completed"
+    finally:
+        other.close()
+
+
 def test_an_event_of_no_run_only_moves_the_position(executor: Executor) -> None:
     batch = RunListBatch(executor.run_list, executor.runs)
     RunListChanges(batch).process_event(object(), Tracking(executor.runs.name, 3))
@@ -140,9 +176,10 @@ def test_executors_following_at_once_apply_every_notification_in_order(
             writing.clear()
 
     def follow(other: Executor) -> None:
+        known = KnownRuns()  # (as an executor's projection keeps it)
         while writing.is_set():
-            apply_next_batch(other.run_list, other.runs, limit=3)
-        catch_up(other.run_list, other.runs, limit=3)
+            apply_next_batch(other.run_list, other.runs, limit=3, known=known)
+        catch_up(other.run_list, other.runs, limit=3, known=known)
 
     threads = [threading.Thread(target=write)]
     threads += [threading.Thread(target=follow, args=(f,)) for f in followers]

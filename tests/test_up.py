@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from agentrun.v1 import (
@@ -128,6 +129,8 @@ async def start_up(ups: list[Up], data_dir: Path, **env: str) -> Up:
         str(data_dir),
         "--gateway-listen",
         gateway,
+        "--console-listen",
+        "127.0.0.1:0",
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -180,10 +183,17 @@ async def test_up_serves_the_demo_agents_and_stops_with_its_children_on_sigterm(
     gateway, executor, nats = up.addresses()
     assert gateway == up.gateway
     commands = sorted(command_line(pid) for pid in up.children)
-    assert len(commands) == 3, commands
+    assert len(commands) == 4, commands
     assert any("nats-server" in c for c in commands), commands
     assert any("cli.serve executor" in c for c in commands), commands
     assert any("cli.serve gateway" in c for c in commands), commands
+    assert any("cli.serve console" in c for c in commands), commands
+    console = re.search(r"console: (http://\S+)", up.text)
+    assert console is not None, up.text
+    async with httpx.AsyncClient(base_url=console.group(1), timeout=GUARD) as http:
+        login = await http.get("/login")
+        assert login.status_code == 200
+        assert "Sign in" in login.text
 
     async with grpc.aio.insecure_channel(up.gateway) as channel:
         classic = await get_agent(channel, "demo-classic")
@@ -219,7 +229,7 @@ async def test_up_serves_the_demo_agents_and_stops_with_its_children_on_sigterm(
 
     code, err = await up.stop()
     assert code == 0, err
-    for address in (gateway, executor, nats):
+    for address in (gateway, executor, nats, console.group(1).removeprefix("http://")):
         assert await refuses_connections(address), address
     assert not [pid for pid in up.children if alive(pid)], [command_line(p) for p in up.children]
     logs = tmp_path / "data" / "logs"
@@ -399,7 +409,7 @@ async def test_services_stop_when_up_is_killed(ups: list[Up], tmp_path: Path) ->
     up = await start_up(ups, tmp_path / "data")
     services = [p for p in up.children if "cli.serve" in command_line(p)]
     others = [p for p in up.children if p not in services]
-    assert len(services) == 2, [command_line(p) for p in up.children]
+    assert len(services) == 3, [command_line(p) for p in up.children]
     os.kill(up.process.pid, signal.SIGKILL)
     await up.process.wait()
 

@@ -34,6 +34,7 @@ from common.rpc import stream_errors
 from common.side_by_side import ReportError, side_by_side
 from eventstore.run_commands import Cancel, Command
 from executor.api.run_service import decide_of, result_of, spec_of
+from executor.modes import Started
 from executor.runs import Runs, checked_run_id
 from executor.session.session import RunSession
 from executor.steering import Steering
@@ -75,8 +76,12 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
                 async for batch in live:
                     yield pb.ExecuteRunResponse(events=batch)
                 return
-            events = self.watching.watch(
-                tenant, run_id, 0, subscribing=started.subscribing, record=started.record
+            events = (
+                self._held_here_or_published(started, tenant, run_id)
+                if started.here is not None
+                else self.watching.watch(
+                    tenant, run_id, 0, subscribing=started.subscribing, record=started.record
+                )
             )
             cancel_on_disconnect = spec.cancel_on_disconnect
         elif first is not None and first.HasField("resume"):
@@ -125,6 +130,50 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
             if cancel_on_disconnect and not stream.ended:
                 with contextlib.suppress(Exception):
                     session.cancel("the client disconnected")
+
+    async def _held_here_or_published(self, started: Started, tenant: str, run_id: str) -> Batches:
+        """A durable run just queued: if this executor takes it up, its events as its session
+        here publishes them (no reading back from NATS); otherwise, and after that session lets
+        the run go before its end (it suspends, is handed back or taken over), from the run's
+        published stream. Either way the client gets exactly the published events."""
+        here = started.here
+        assert here is not None
+        published = self.watching.watch(
+            tenant, run_id, 0, subscribing=started.subscribing, record=started.record
+        )
+        first = asyncio.ensure_future(anext(published, None))
+        try:
+            await asyncio.wait((here, first), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            here.cancel()  # (no more waiting: a no-op if it came)
+            if not first.done():
+                first.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await first
+        seen = 0
+        if first.cancelled():
+            await published.aclose()
+            tap = here.result()
+            try:
+                while (batch := await tap.next()) is not None:
+                    yield batch
+                    if is_terminal(batch[-1]):
+                        return
+                    seen = batch[-1].sequence
+            finally:
+                tap.close()
+            published = self.watching.watch(tenant, run_id, seen)
+        else:
+            if here.done() and not here.cancelled():
+                here.result().close()
+            batch = first.result()
+            if batch is None:
+                return
+            yield batch
+            if is_terminal(batch[-1]):
+                return
+        async for batch in published:
+            yield batch
 
     def _cancel_later(self, tenant: str, run_id: str) -> None:
         """Cancels a run whose stream ended before it (its start asked for that), off the

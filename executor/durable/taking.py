@@ -211,7 +211,7 @@ class Taker:
                 self.ctx.run_store.recorded_after, run.run_id, state.version
             )
         )
-        session = self.mode.session(run, dispatch, state, config)
+        session = self.mode.session(run, dispatch, state, config, fresh=fresh)
         if self._draining:  # it began while the run was being taken up
             session.hand_back()
         return session, recorded_after

@@ -126,9 +126,15 @@ class RunSession:
 
     async def _hold(self, recorded_after: Sequence[Any]) -> Outcome:
         await self.recording.hold()
-        await self.ctx.link.subscribe_control(
-            self.run_id, answering(self._steer_from_control, self.ctx.executor_id)
-        )
+        try:
+            await self.ctx.link.subscribe_control(
+                self.run_id, answering(self._steer_from_control, self.ctx.executor_id)
+            )
+        except BaseException:  # (NATS went away) nothing was done: stop as if never begun
+            await self.stream.close()
+            await self.publisher.close(0.0)
+            await self.recording.let_go(self.run, Outcome.FAILED, False)
+            raise
         outcome = Outcome.LOST
         try:
             if self._announce_start:
