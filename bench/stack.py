@@ -3,18 +3,21 @@ against PostgreSQL when it is reachable (else SQLite)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import uuid
 from pathlib import Path
 
 import grpc
 import psycopg
 
-from cli.launcher import Service, free_port, start_agentrun, start_nats
+from cli.launcher import Service, _start, free_port, start_agentrun, start_nats
 from common.certs import write_dev_certificates
 from common.tls import channel_credentials
 from eventstore.persistence import StoreConfig
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+COLLECTOR_READY = "otlp-collector-ready"
 
 
 def choose_store(url: str, tmp: Path) -> str:
@@ -41,10 +44,13 @@ class Stack:
         public_tls: bool = False,
         internal_tls: bool = False,
         metrics: bool = False,
+        tracing: bool = False,
     ) -> None:
         """``public_tls``: the gateway serves TLS (clients use ``self.credentials``);
         ``internal_tls``: gateways and executors talk over mTLS. Certificates from common.certs.
-        ``metrics``: every service serves /metrics (their addresses: ``metrics_targets``)."""
+        ``metrics``: every service serves /metrics (their addresses: ``metrics_targets``).
+        ``tracing``: every service exports every span (100% sampling) over OTLP/gRPC to a
+        collector stand-in process (``self.collector``: tests.otlp_collector)."""
         self.url = url
         self.metrics = metrics
         self.metrics_targets: list[str] = []
@@ -81,6 +87,18 @@ class Stack:
         }
         self.services: list[Service] = []
         self._count = 0
+        self.collector: Service | None = None
+        if tracing:
+            port = free_port()
+            argv = [sys.executable, "-m", "tests.otlp_collector", "--port", str(port)]
+            self.collector = _start(
+                "otlp-collector", argv, os.environ, tmp / "logs", COLLECTOR_READY, port
+            )
+            self.env |= {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                "OTEL_TRACES_SAMPLER": "always_on",
+            }
 
     def _metrics_env(self) -> dict[str, str]:
         if not self.metrics:
@@ -124,6 +142,8 @@ class Stack:
         for service in reversed(self.services):
             service.stop()
         self.nats.stop()
+        if self.collector is not None:
+            self.collector.stop()
 
 
 def rss_bytes(service: Service) -> int:

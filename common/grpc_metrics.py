@@ -4,21 +4,13 @@ latency (a streaming call's latency is its whole life)."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client import Counter, Histogram
 
-from common.interceptors import AnyHandler, HandlerWrapping
+from common.interceptors import AnyHandler, Context, HandlerWrapping, observed
 from common.metrics import LATENCY_BUCKETS
-
-if TYPE_CHECKING:
-    Context = grpc.aio.ServicerContext[Any, Any]
-else:  # not subscriptable at run time
-    Context = grpc.aio.ServicerContext
 
 CALLS = Counter(
     "agentrun_grpc_server_handled",
@@ -41,7 +33,7 @@ class CallMetrics(HandlerWrapping):
         return _measured_handler(handler, method)
 
 
-def _code_of(context: Context, exc: BaseException | None) -> str:
+def status_code_of(context: Context, exc: BaseException | None) -> str:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
@@ -58,62 +50,15 @@ def _measured_handler(handler: AnyHandler, method: str) -> AnyHandler:
     calls: dict[str, Counter] = {}  # by code, as they occur: no series for codes never seen
     latency = LATENCY.labels(method)
 
-    def done(context: Context, began: float, exc: BaseException | None) -> None:
+    def began(context: Context) -> float:
+        return time.perf_counter()
+
+    def done(began: float, context: Context, exc: BaseException | None) -> None:
         latency.observe(time.perf_counter() - began)
-        code = _code_of(context, exc)
+        code = status_code_of(context, exc)
         counter = calls.get(code)
         if counter is None:
             counter = calls[code] = CALLS.labels(method, code)
         counter.inc()
 
-    def awaited(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def measured(request: Any, context: Context) -> Any:
-            began = time.perf_counter()
-            try:
-                response = await behavior(request, context)
-            except BaseException as exc:
-                done(context, began, exc)
-                raise
-            done(context, began, None)
-            return response
-
-        return measured
-
-    def streamed(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        async def measured(request: Any, context: Context) -> AsyncIterator[Any]:
-            began = time.perf_counter()
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            except BaseException as exc:
-                done(context, began, exc)
-                raise
-            done(context, began, None)
-
-        return measured
-
-    def wrap(behavior: Any) -> Any:
-        if inspect.isasyncgenfunction(behavior):
-            return streamed(behavior)
-        if inspect.iscoroutinefunction(behavior):
-            return awaited(behavior)
-        return None  # not asynchronous: left as it is
-
-    kinds = (
-        (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
-        (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
-        (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
-        (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
-    )
-    for behavior, make in kinds:
-        if behavior is None:
-            continue
-        measured = wrap(behavior)
-        if measured is None:
-            return handler
-        return make(
-            measured,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    return handler
+    return observed(handler, began, done)

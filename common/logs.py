@@ -3,7 +3,9 @@
 
 A run's session sets ``about_run`` in the task that holds the run; every line logged in that
 task (and in the tasks it starts) then names the run: its run_id, tenant and agent, as JSON
-fields, or ``[run_id=...]`` after a text line.
+fields, or ``[run_id=...]`` after a text line. With tracing on, a line also names its trace
+(``trace_id``: the current span's, or the trace of the run it is about), so that logs and traces
+join.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from common import tracing
+
 LOG_FORMATS = ("text", "json")
 
 
@@ -23,6 +27,7 @@ class RunLabels:
     run_id: str
     tenant: str
     agent: str
+    trace_id: str = ""
 
 
 _about: contextvars.ContextVar[RunLabels | None] = contextvars.ContextVar(
@@ -30,17 +35,22 @@ _about: contextvars.ContextVar[RunLabels | None] = contextvars.ContextVar(
 )
 
 
-def about_run(run_id: str, tenant: str, agent: str) -> None:
-    """Lines logged from here on in this task (and tasks it starts) are about this run."""
-    _about.set(RunLabels(run_id, tenant, agent))
+def about_run(run_id: str, tenant: str, agent: str, trace_id: str = "") -> None:
+    """Lines logged from here on in this task (and tasks it starts) are about this run (whose
+    trace is ``trace_id``, if it is traced)."""
+    _about.set(RunLabels(run_id, tenant, agent, trace_id))
 
 
 class RunFilter(logging.Filter):
-    """Puts the run a line is about on the record (``run``: None when it is about none)."""
+    """Puts the run a line is about on the record (``run``: None when it is about none), and
+    its trace (``trace_id``: "" when there is none)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "run"):
             record.run = _about.get()
+        if not hasattr(record, "trace_id"):
+            run: RunLabels | None = getattr(record, "run", None)
+            record.trace_id = tracing.trace_id() or (run.trace_id if run is not None else "")
         return True
 
 
@@ -54,7 +64,9 @@ class TextFormatter(logging.Formatter):
         if run is None:
             return line
         first, newline, rest = line.partition("\n")  # after the message, before a traceback
-        return f"{first} [run_id={run.run_id}]{newline}{rest}"
+        trace_id = getattr(record, "trace_id", "")
+        traced = f" trace_id={trace_id}" if trace_id else ""
+        return f"{first} [run_id={run.run_id}{traced}]{newline}{rest}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -69,6 +81,9 @@ class JsonFormatter(logging.Formatter):
         run: RunLabels | None = getattr(record, "run", None)
         if run is not None:
             line |= {"run_id": run.run_id, "tenant": run.tenant, "agent": run.agent}
+        trace_id = getattr(record, "trace_id", "")
+        if trace_id:
+            line["trace_id"] = trace_id
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)

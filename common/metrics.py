@@ -8,7 +8,7 @@ and an addition, so the instrumentation stays in place whether or not anyone scr
 Label sets are bounded: modes, agents, providers, tools, error codes and gRPC methods; never a
 run's id. Gauges that describe the whole cluster (suspended runs, the dispatch queue) are
 computed at scrape time by a collector the executor registers (executor.cluster_metrics).
-Traces will sit beside this module, not in it.
+Traces are common.tracing's.
 """
 
 from __future__ import annotations

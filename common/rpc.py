@@ -36,8 +36,9 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common import errors
+from common import errors, tracing
 from common.grpc_metrics import CallMetrics
+from common.grpc_tracing import CallSpans
 from common.interceptors import AnyHandler, HandlerWrapping, ServerInterceptor
 from common.reflection import enable_server_reflection
 
@@ -441,13 +442,15 @@ async def serve(
     streams end with UNAVAILABLE and ``end_streams_with`` if it is given (new ones are
     refused so), ``on_stopping`` runs while in-flight calls still flow, then they get
     ``grace`` seconds. ``request_limits``: the largest requests of some methods (RequestLimit).
-    ``call_metrics``: every call is counted and timed (common.grpc_metrics).
+    ``call_metrics``: every call is counted and timed (common.grpc_metrics). With tracing on,
+    every call gets a span (common.grpc_tracing).
     """
     drain = [StreamDrain(end_streams_with)] if end_streams_with is not None else []
     measured = [CallMetrics()] if call_metrics else []
+    traced = [CallSpans()] if tracing.enabled() else []
     server = grpc.aio.server(
         options=list(options),
-        interceptors=[*measured, *interceptors, *drain, RequestDecoding(request_limits)],
+        interceptors=[*measured, *traced, *interceptors, *drain, RequestDecoding(request_limits)],
     )
     service_names = list(register(server))
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]

@@ -179,6 +179,8 @@ class Settings:
     nats_tls_key: Path | None = None
     tenant_quotas: TenantQuotas = field(default_factory=TenantQuotas)
     metrics_listen: str = ""
+    # Prompts, completions, tool arguments and results on spans (when traces are exported).
+    trace_content: bool = False
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -246,6 +248,7 @@ class Settings:
                 runs_per_minute=_count(get("TENANT_RUNS_PER_MINUTE", "0")),
             ),
             metrics_listen=_host_port("METRICS_LISTEN", get("METRICS_LISTEN", "")),
+            trace_content=_on_off("TRACE_CONTENT", get("TRACE_CONTENT", "off")),
         )
 
     @property

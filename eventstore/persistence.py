@@ -128,6 +128,11 @@ class StoreConfig:
     def is_postgres(self) -> bool:
         return self.postgres is not None
 
+    @property
+    def system(self) -> str:
+        """The database's name in OpenTelemetry's ``db.system.name``."""
+        return "sqlite" if self.postgres is None else "postgresql"
+
     def describe(self) -> str:
         """The store's location, without credentials, for logs."""
         if self.postgres is None:

@@ -102,9 +102,9 @@ class Run(Aggregate):
 
     # Version 2 of a run's state: its agent has retry policies, and ``releases`` is always
     # there. Version 3: ``model_failures``. Version 4: ``tool_failures``. Version 5:
-    # ``client_calls`` and ``edited_arguments``. Version 6: ``pinned_tools``. Snapshots of
-    # earlier versions are upcast when they are read.
-    class_version = 6
+    # ``client_calls`` and ``edited_arguments``. Version 6: ``pinned_tools``. Version 7:
+    # ``trace_context``. Snapshots of earlier versions are upcast when they are read.
+    class_version = 7
 
     @staticmethod
     def upcast_v1_v2(state: dict[str, Any]) -> None:
@@ -128,14 +128,24 @@ class Run(Aggregate):
     def upcast_v5_v6(state: dict[str, Any]) -> None:
         state["pinned_tools"] = None
 
-    class Requested(Aggregate.Created):
-        """Version 2: the agent has retry policies (earlier requests get the defaults)."""
+    @staticmethod
+    def upcast_v6_v7(state: dict[str, Any]) -> None:
+        state["trace_context"] = {}
 
-        class_version = 2
+    class Requested(Aggregate.Created):
+        """Version 2: the agent has retry policies (earlier requests get the defaults). Version
+        3: ``trace_context``, the W3C trace context of the run's trace (empty: not traced), so
+        that whoever takes the run up continues its trace."""
+
+        class_version = 3
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
             _add_v1_retry_policies(state["agent"])
+
+        @staticmethod
+        def upcast_v2_v3(state: dict[str, Any]) -> None:
+            state["trace_context"] = {}
 
         run_id: str
         tenant: str
@@ -147,6 +157,7 @@ class Run(Aggregate):
         execution_mode: str
         forked_from_run_id: str
         forked_at_version: int
+        trace_context: dict[str, str]
 
     class StepResult(Aggregate.Event):
         """What a step recorded (a model call, a tool call, an approval and its decision): a
@@ -276,6 +287,7 @@ class Run(Aggregate):
         execution_mode: str,
         forked_from_run_id: str = "",
         forked_at_version: int = 0,
+        trace_context: dict[str, str] = {},  # noqa: B006 (never changed: copied below)
     ) -> None:
         self.run_id = run_id
         self.tenant = tenant
@@ -306,6 +318,7 @@ class Run(Aggregate):
         self.holder = ""
         self.forked_from_run_id = forked_from_run_id
         self.forked_at_version = forked_at_version
+        self.trace_context = dict(trace_context)
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -127,13 +127,20 @@ class RunStore(Application[UUID]):
 
     @translate_store_errors
     def fork(
-        self, tenant: str, source_id: str, at_version: int, new_run_id: str, request_id: str
+        self,
+        tenant: str,
+        source_id: str,
+        at_version: int,
+        new_run_id: str,
+        request_id: str,
+        trace_context: dict[str, str] | None = None,
     ) -> Run:
         """A new run whose history is the source's up to ``at_version``; it goes on from there.
 
         Recorded step results are applied again (tool calls that completed are not run again);
         executor bookkeeping is not copied. A version at or after the source's end is refused:
-        the fork would have nothing left to do.
+        the fork would have nothing left to do. ``trace_context``: the fork's trace (its own, not
+        its source's).
         """
         source = self.load_for(tenant, source_id)
         version = at_version or source.version
@@ -155,6 +162,7 @@ class RunStore(Application[UUID]):
             execution_mode="durable",
             forked_from_run_id=source_id,
             forked_at_version=version,
+            trace_context=trace_context or {},
         )
         for event in events:
             if isinstance(event, Run.StepResult):

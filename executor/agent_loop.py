@@ -33,6 +33,7 @@ from eventstore.run_steps import (
     Step,
     next_step,
 )
+from executor import step_spans
 from executor.client_events import MODEL_CALL, TOOL_CALLS, Announcements, emit_recorded
 from executor.models import ModelProviders
 from executor.models.base import ModelError, ModelRequest, ToolSpec
@@ -111,7 +112,11 @@ class AgentLoop:
         elif isinstance(step, RequestApprovals):
             await self._request_approvals(step)
         elif isinstance(step, AwaitApprovals | AwaitResults):
-            return await self.host.wait_for_decisions(self.run, step)
+            what = "approval" if isinstance(step, AwaitApprovals) else "client_result"
+            with step_spans.waiting(self.run, step.step_index, step.calls, what) as span:
+                going_on = await self.host.wait_for_decisions(self.run, step)
+                span.set_attribute("agentrun.wait.suspended", not going_on)
+                return going_on
         elif isinstance(step, HandToClient):
             await self._hand_to_client(step)
         elif isinstance(step, RunTool):
@@ -203,14 +208,20 @@ class AgentLoop:
 
         provider_name = config.model.provider
         began = time.perf_counter()
-        try:
-            reply = await provider.complete(request, on_text)
-        except ModelError as exc:
-            metrics.MODEL_CALL_DURATION.labels(provider_name).observe(time.perf_counter() - began)
-            metrics.MODEL_CALL_ERRORS.labels(provider_name, exc.code).inc()
-            await self._model_call_failed(step, exc)
-            return
+        with step_spans.model_call(run, config, request, step.step_index, attempt) as span:
+            try:
+                reply = await provider.complete(request, on_text)
+            except ModelError as exc:
+                step_spans.model_failed(span, exc)
+                error: ModelError | None = exc
+            else:
+                step_spans.model_replied(span, reply)
+                error = None
         metrics.MODEL_CALL_DURATION.labels(provider_name).observe(time.perf_counter() - began)
+        if error is not None:
+            metrics.MODEL_CALL_ERRORS.labels(provider_name, error.code).inc()
+            await self._model_call_failed(step, error)
+            return
         usage = reply.usage
         metrics.model_usage(provider_name, usage["input_tokens"], usage["output_tokens"])
         tool_calls = _unique_ids(reply.tool_calls, self._tool_call_ids(), step.call_index)
@@ -260,7 +271,7 @@ class AgentLoop:
         metrics.STEP_TOOL_CALL.observe(time.perf_counter() - began)
 
     async def _tool_step(self, step: RunTool) -> None:
-        self._announce(step.step_index, TOOL_CALLS)
+        attempt = self._announce(step.step_index, TOOL_CALLS)
         call = step.call
         if step.denial is not None:
             reason = step.denial["reason"]
@@ -270,8 +281,13 @@ class AgentLoop:
         elif step.exhausted:
             output, is_error = _error(step.exhausted), True
         else:
+            tool_attempt = len(self.run.tool_failures_of(call["id"])) + 1
             try:
-                output, is_error = await self._invoke(call)
+                with step_spans.tool_call(
+                    self.run, call, step.step_index, attempt, tool_attempt
+                ) as span:
+                    output, is_error = await self._invoke(call)
+                    step_spans.tool_answered(span, output, is_error)
             except RetryableToolError as exc:
                 await self._tool_call_failed(step, exc)
                 return

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import nats.errors
+from opentelemetry.trace import SpanKind
 
+from common import tracing
 from common.errors import AlreadyExists, NotFound, Unavailable
 from common.event_streams import Published
 from eventstore.agent_config import AgentConfig
@@ -29,6 +31,7 @@ from executor.context import ExecutorContext
 from executor.durable.dispatch import Dispatch, WorkQueue
 from executor.event_publisher import PublishedTap
 from executor.session import recording, waiting
+from executor.session.recording import store_attributes
 from executor.session.session import RunSession
 from executor.session.sessions import Sessions
 from executor.translation import record_of
@@ -123,7 +126,8 @@ class Durable:
                 return record_of(store.load_for(run.tenant, run.run_id, to_change=False), "")
             return None
 
-        return await asyncio.to_thread(create)
+        with tracing.span("store run", attributes=store_attributes(self.ctx, run)):
+            return await asyncio.to_thread(create)
 
     async def launch(self, run: Run, config: AgentConfig, *, streamed: bool = False) -> Started:
         self._recent[run.run_id] = run
@@ -147,8 +151,17 @@ class Durable:
     async def _dispatch(self, run: Run) -> None:
         """Queues a stored run. If NATS is down the run stays stored: the reconciler dispatches
         it once NATS is back."""
+        attributes = {
+            "messaging.system": "nats",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": self.queue.subject,
+            "agentrun.run.id": run.run_id,
+        }
         try:
-            await self.queue.dispatch(run.run_id, run.tenant, run.version)
+            with tracing.span("dispatch run", kind=SpanKind.PRODUCER, attributes=attributes):
+                await self.queue.dispatch(
+                    run.run_id, run.tenant, run.version, trace_context=tracing.carrier()
+                )
         except (TimeoutError, Unavailable, nats.errors.Error) as exc:
             log.warning("run %s stored, not yet dispatched: %s", run.run_id, exc)
 

@@ -83,4 +83,6 @@ class Reconciler:
         run = await asyncio.to_thread(load)
         if not run.is_finished and not run.waits:
             log.info("run %s: no executor holds it; dispatching it again", run.run_id)
-            await self.queue.dispatch(run.run_id, run.tenant, run.version, recovery=True)
+            await self.queue.dispatch(
+                run.run_id, run.tenant, run.version, recovery=True, trace_context=run.trace_context
+            )

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
+from common import tracing
 from common.errors import (
     AgentrunError,
     FailedPrecondition,
@@ -116,6 +117,7 @@ class Runs:
             conversation_id=conversation_id,
             history=cast(list[Any], history),
             execution_mode=mode.name,
+            trace_context=tracing.carrier(),
         )
         run.know_agent(config)
         await self._admit(run.tenant, run.run_id)
@@ -272,7 +274,13 @@ class Runs:
             return existing
         try:
             fork = await asyncio.to_thread(
-                self.ctx.run_store.fork, tenant, source.run_id, at_version, new_run_id, request_id
+                self.ctx.run_store.fork,
+                tenant,
+                source.run_id,
+                at_version,
+                new_run_id,
+                request_id,
+                tracing.carrier(),
             )
         except BaseException:
             with contextlib.suppress(AgentrunError):

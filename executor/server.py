@@ -19,6 +19,7 @@ from agentrun.v1 import (
     run_service_pb2,
     run_service_pb2_grpc,
 )
+from common import tracing
 from common.internal_access import executor_server_security
 from common.metrics import serve_metrics
 from common.rpc import INTERNAL_SERVER_OPTIONS, serve
@@ -133,6 +134,9 @@ async def run_executor(
     """Serves until SIGTERM/SIGINT (or ``stop``); then drains (see Executor.drain)."""
     # Before anything opens: an executor whose port is open to strangers does not start.
     credentials, interceptors = executor_server_security(settings)
+    stop_tracing = tracing.configure(
+        "agentrun-executor", content=settings.trace_content, instance_id=settings.executor_id
+    )
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
     )
@@ -175,3 +179,4 @@ async def run_executor(
     finally:
         metrics.close()
         await ctx.close()
+        await asyncio.to_thread(stop_tracing)  # sends the spans it holds

@@ -104,7 +104,9 @@ class Steering:
         try:
             await publish_recorded(self.ctx.link, run, recorded)
             if not run.is_finished and not run.waits:
-                await self.queue.dispatch(run.run_id, run.tenant, run.version)
+                await self.queue.dispatch(
+                    run.run_id, run.tenant, run.version, trace_context=run.trace_context
+                )
         except (TimeoutError, AgentrunError, nats.errors.Error) as exc:
             log.warning("run %s: recorded, not yet published or dispatched: %s", run.run_id, exc)
 

@@ -18,10 +18,13 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 
 from agentrun.internal.v1 import executor_service_pb2 as pb
 from agentrun.v1 import run_pb2
 from agentrun.v1 import run_service_pb2 as runs
+from common import tracing
 from common.errors import InvalidArgument, Unavailable
 from common.event_streams import is_terminal
 from common.rpc import STATUS_DETAILS_KEY, metadata_pairs, stream_errors
@@ -32,6 +35,7 @@ from gateway.executors import ExecuteRunCall, WarmCalls
 Context = grpc.aio.ServicerContext[Any, Any]
 EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
+EXECUTE_RUN_SPAN = "agentrun.internal.v1.ExecutorService/ExecuteRun"
 RELAYED_TAIL = 1024  # the last events relayed, handed to the executor that resumes a stream
 RESUMES = 3  # resumptions of one stream on other executors before the client is told
 # Seconds a resumption waits for an executor to be reachable (all may be restarting).
@@ -113,6 +117,11 @@ class CarriedRun:
         self._run_id = opening.resume.run_id
         self._seen = opening.resume.after_sequence
         self._relayed: deque[run_pb2.RunEvent] = deque(maxlen=RELAYED_TAIL)
+        # The call's span on this gateway (current while the carrying call runs), and a client
+        # span per ExecuteRun call, whose context the executor gets in the first message.
+        self._trace_parent = otel_context.get_current() if tracing.enabled() else None
+        self._call_span: Span = INVALID_SPAN
+        self._calls_made = 0
 
     async def steer(self, request: runs.ConverseRequest) -> None:
         """Sends an approval, a tool result or a cancellation on the current call."""
@@ -165,6 +174,7 @@ class CarriedRun:
         finally:
             if self._call is not None:
                 self._call.cancel()
+            self._end_call_span()
 
     async def _read(self) -> AsyncIterator[list[run_pb2.RunEvent]]:
         assert self._call is not None
@@ -200,6 +210,7 @@ class CarriedRun:
         seconds: all may be restarting), and sends its first message."""
         if self._call is not None:
             self._call.cancel()
+        self._end_call_span()
         self._call = self._calls.open(wait_for_ready=True)
         try:
             async with asyncio.timeout(RESUME_WAIT):
@@ -212,18 +223,52 @@ class CarriedRun:
             ) from None
         except grpc.aio.AioRpcError:
             return  # it ended already: reading it tells how (see _send)
-        await _send(self._call, first)
+        await _send(self._call, self._traced(first))
 
     async def _open(self, first: pb.ExecuteRunRequest) -> None:
         """Sends a start on a call opened ahead of need. One that broke while it waited in the
         pool (its executor went away) is replaced once by a fresh one: it never delivered the
         start, so starting on the fresh one starts the run once."""
         self._call = self._calls.take()
+        first = self._traced(first)
         if await _send(self._call, first):
             return
         self._call.cancel()
         self._call = self._calls.open()
         await _send(self._call, first)
+
+    def _traced(self, first: pb.ExecuteRunRequest) -> pb.ExecuteRunRequest:
+        """``first`` with the trace context of a new client span for the call it opens (as it
+        is when tracing is off)."""
+        if self._trace_parent is None:
+            return first
+        self._end_call_span()
+        self._calls_made += 1
+        self._call_span = tracing.start_span(
+            EXECUTE_RUN_SPAN,
+            kind=SpanKind.CLIENT,
+            parent=self._trace_parent,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": "agentrun.internal.v1.ExecutorService",
+                "rpc.method": "ExecuteRun",
+                "agentrun.run.id": self._run_id,
+                "agentrun.stream.call": self._calls_made,
+                "agentrun.stream.after_sequence": self._seen,
+            },
+        )
+        traced = pb.ExecuteRunRequest()
+        traced.CopyFrom(first)
+        opening = traced.start if traced.HasField("start") else traced.resume
+        opening.trace_context.update(tracing.carrier(self._call_span))
+        return traced
+
+    def _end_call_span(self) -> None:
+        if self._call_span.is_recording():
+            if self._run_id:
+                self._call_span.set_attribute("agentrun.run.id", self._run_id)
+            self._call_span.set_attribute("agentrun.stream.last_sequence", self._seen)
+            self._call_span.end()
 
 
 async def _send(call: ExecuteRunCall, message: pb.ExecuteRunRequest) -> bool:

@@ -2,7 +2,8 @@
 
 Every method of agentrun.v1.RunService and AgentService that a gateway does not carry itself
 (StreamRun and Converse: gateway.conversations) is forwarded as it came: the request's bytes go
-to the same method of an executor, with the caller's tenant in the call metadata, and the
+to the same method of an executor, with the caller's tenant (and the trace context, when tracing
+is on) in the call metadata, and the
 response's bytes come back. Nothing is decoded or re-encoded, and a new public RPC is forwarded
 without a line of code here. The executor answers every status; a call that finds no executor
 answers UNAVAILABLE.
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
+from common import tracing
 from common.internal_access import Metadata
 from common.rpc import TENANT_METADATA, stream_errors, unary_errors
 from gateway.auth import Authenticate
@@ -60,7 +62,11 @@ class Forwarding:
 
         @unary_errors
         async def forward(request: bytes, context: Context) -> bytes:
-            metadata = ((TENANT_METADATA, self.authenticate(context)), *self.metadata)
+            metadata = (
+                (TENANT_METADATA, self.authenticate(context)),
+                *self.metadata,
+                *tracing.metadata(),
+            )
             response: bytes = await call(request, metadata=metadata, timeout=_timeout(context))
             return response
 
@@ -71,7 +77,11 @@ class Forwarding:
 
         @stream_errors
         async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
-            metadata = ((TENANT_METADATA, self.authenticate(context)), *self.metadata)
+            metadata = (
+                (TENANT_METADATA, self.authenticate(context)),
+                *self.metadata,
+                *tracing.metadata(),
+            )
             async for response in call(request, metadata=metadata):
                 yield response
 

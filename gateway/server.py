@@ -13,6 +13,7 @@ import grpc
 
 from agentrun.v1 import agent_service_pb2, run_service_pb2
 from agentrun.v1 import run_service_pb2 as runs
+from common import tracing
 from common.metrics import serve_metrics
 from common.rpc import serve
 from common.settings import Settings
@@ -92,6 +93,7 @@ async def run_gateway(
             ready(port)
 
     metrics = serve_metrics(settings.metrics_listen)
+    stop_tracing = tracing.configure("agentrun-gateway")
     try:
         await serve(
             settings.gateway_listen,
@@ -108,3 +110,4 @@ async def run_gateway(
         metrics.close()
         await calls.close()
         await executors.channel.close(grace=None)
+        await asyncio.to_thread(stop_tracing)  # sends the spans it holds

@@ -261,6 +261,7 @@ def test_history_gives_versions_types_and_payloads_within_bounds(runs: RunStore)
         "execution_mode": "durable",
         "forked_from_run_id": "",
         "forked_at_version": 0,
+        "trace_context": {},
     }
     assert payloads[1:] == [
         {
@@ -509,8 +510,9 @@ def test_a_run_requested_by_an_earlier_version_gets_the_default_retry_policies(
     (requested,) = run.collect_events()
 
     def to_version_1(data: dict[str, Any]) -> None:
-        assert data.pop("class_version") == 2
+        assert data.pop("class_version") == 3
         without_policies(data["agent"])
+        del data["trace_context"]  # (nor before traces)
 
     runs.recorder.insert_events([as_stored_by_version_1(runs, requested, to_version_1)])
 
@@ -536,6 +538,7 @@ def test_a_snapshot_taken_by_an_earlier_version_is_upcast(
         del data["state"]["client_calls"], data["state"]["edited_arguments"]  # (nor before
         # client tools and approvals that edit)
         del data["state"]["pinned_tools"]  # (nor before MCP servers)
+        del data["state"]["trace_context"]  # (nor before traces)
 
     assert runs.snapshots is not None
     runs.snapshots.recorder.insert_events([as_stored_by_version_1(runs, snapshot, to_version_1)])
@@ -546,6 +549,7 @@ def test_a_snapshot_taken_by_an_earlier_version_is_upcast(
         assert loaded.agent_config.model_retry_policy == DEFAULT_MODEL_RETRY_POLICY
         assert loaded.releases_of(2) == 0
         assert loaded.pinned_tools is None
+        assert loaded.trace_context == {}
     finally:
         fresh.close()
 

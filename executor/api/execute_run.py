@@ -7,6 +7,9 @@ completes"). Any other run (durable, a repeated start, a resumed stream) streams
 published stream (executor.watching). Approvals, tool results and cancellation that follow on
 the call go through executor.steering, wherever the run is held; a refused one ends the call
 with its error.
+
+The first message carries the gateway's trace context (the call was opened before the run was
+known): a start is the span ``start run`` in the caller's trace, and the run's spans follow it.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from agentrun.internal.v1 import executor_service_pb2 as pb
 from agentrun.internal.v1 import executor_service_pb2_grpc
 from agentrun.v1 import run_pb2
+from common import tracing
 from common.background import Background
 from common.errors import AgentrunError, InvalidArgument, Unauthenticated
 from common.event_streams import is_terminal
@@ -56,7 +61,15 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
         if first is not None and first.HasField("start"):
             tenant = _tenant(first.start.tenant)
             spec = spec_of(tenant, first.start.request)
-            started = await self.runs.start(spec, watching=self.watching)
+            with tracing.span(
+                "start run",
+                kind=SpanKind.SERVER,
+                parent=tracing.parent_from(first.start.trace_context),
+                attributes={"agentrun.agent.id": spec.agent_id, "agentrun.tenant": tenant},
+            ) as starting:
+                started = await self.runs.start(spec, watching=self.watching)
+                starting.set_attribute("agentrun.run.id", started.record.run_id)
+                starting.set_attribute("agentrun.run.mode", started.record.execution_mode)
             run_id = started.record.run_id
             if started.session is not None:
                 live = self._live(started.session, request_iterator, spec.cancel_on_disconnect)
@@ -73,6 +86,7 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
             cancel_on_disconnect = spec.cancel_on_disconnect
         elif first is not None and first.HasField("resume"):
             resume = first.resume
+            tracing.carry_on(tracing.parent_from(resume.trace_context))
             tenant = _tenant(resume.tenant)
             run_id = checked_run_id(resume.run_id, "resume.run_id")
             if resume.after_sequence < 0:

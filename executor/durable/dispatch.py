@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import nats.errors
@@ -38,6 +38,7 @@ from common.nats_link import NatsLink
 log = logging.getLogger(__name__)
 
 RECOVERY_HEADER = "Agentrun-Recovery"
+TRACE_HEADERS = ("traceparent", "tracestate")
 FETCH_WAIT = 10.0
 MAX_RETRY_DELAY = 60.0
 
@@ -51,6 +52,7 @@ class Dispatch:
     recovery: bool  # sent by a reconciler: the run's previous executor is gone
     deliveries: int  # how often JetStream has delivered this message (1: first time)
     msg: Msg
+    trace_context: dict[str, str]  # the headers of the W3C trace context, if any
 
 
 class WorkQueue:
@@ -60,13 +62,25 @@ class WorkQueue:
         self._link = link
         self.ack_wait = ack_wait
 
+    @property
+    def subject(self) -> str:
+        return self._link.names.dispatch_subject
+
     async def dispatch(
-        self, run_id: str, tenant: str, version: int, *, recovery: bool = False
+        self,
+        run_id: str,
+        tenant: str,
+        version: int,
+        *,
+        recovery: bool = False,
+        trace_context: Mapping[str, str] | None = None,
     ) -> None:
-        """Queues the run (at ``version``) for an executor. Raises Unavailable without NATS."""
+        """Queues the run (at ``version``) for an executor. Raises Unavailable without NATS.
+        ``trace_context``: the run's trace, for its taker to continue (as message headers)."""
         headers = {"Nats-Msg-Id": f"dispatch:{run_id}:{version}{':recovery' if recovery else ''}"}
         if recovery:
             headers[RECOVERY_HEADER] = "1"
+        headers.update(trace_context or {})
         payload = json.dumps({"run_id": run_id, "tenant": tenant}).encode()
         await self._link.js.publish(self._link.names.dispatch_subject, payload, headers=headers)
 
@@ -186,12 +200,14 @@ async def _run_then_release(
 def _parse(msg: Msg) -> Dispatch | None:
     try:
         body = json.loads(msg.data)
+        headers = msg.headers or {}
         return Dispatch(
             run_id=str(body["run_id"]),
             tenant=str(body["tenant"]),
-            recovery=bool((msg.headers or {}).get(RECOVERY_HEADER)),
+            recovery=bool(headers.get(RECOVERY_HEADER)),
             deliveries=msg.metadata.num_delivered or 1,
             msg=msg,
+            trace_context={k: v for k, v in headers.items() if k in TRACE_HEADERS},
         )
     except (ValueError, KeyError, TypeError):
         log.error("dropping a malformed dispatch message: %r", msg.data[:200])

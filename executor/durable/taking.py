@@ -26,8 +26,9 @@ import logging
 from typing import Any
 
 import nats.errors
+from opentelemetry.trace import SpanKind
 
-from common import metrics
+from common import metrics, tracing
 from common.errors import Conflict, FailedPrecondition, NotFound, Unavailable
 from common.event_streams import Published, published
 from eventstore.run import Run
@@ -39,6 +40,7 @@ from executor.control import answering
 from executor.durable.dispatch import Dispatch, WorkQueue
 from executor.durable.stored_events import publish_recorded
 from executor.modes import Durable
+from executor.session.recording import store_attributes
 from executor.session.session import RunSession
 from executor.session.sessions import Sessions
 
@@ -142,13 +144,26 @@ class Taker:
             return
         holding = False
         try:
-            if claiming:
-                self._claiming.add(run.run_id)
-                if not await self._claim(run, dispatch):
-                    return
-            if run.error is not None and run.error["code"] in DEAD_LETTERED:
-                await self._dead_letter(run, dispatch)  # again if an earlier taker died first
-            session, recorded_after = await self._session(run, dispatch, fresh)
+            with tracing.span(
+                "take run",
+                kind=SpanKind.CONSUMER,
+                parent=tracing.parent_from(dispatch.trace_context)
+                or tracing.parent_from(run.trace_context),
+                attributes=_take_attributes(run, dispatch, self.ctx.executor_id),
+            ) as taking:
+                if claiming:
+                    self._claiming.add(run.run_id)
+                    if not await self._claim(run, dispatch):
+                        return
+                if run.error is not None and run.error["code"] in DEAD_LETTERED:
+                    await self._dead_letter(run, dispatch)  # again if an earlier taker died first
+                session, recorded_after = await self._session(run, dispatch, fresh)
+                step_index = run.steps_completed + 1
+                taking.set_attribute("agentrun.step.index", step_index)
+                taking.set_attribute("agentrun.step.attempt", run.attempt_of(step_index))
+            # The run's spans here are the take's children (it has ended: a span that lasted
+            # as long as the session would be lost with an executor that dies).
+            tracing.carry_on(taking)
             holding = True  # the session answers for the run from here on
             await self.sessions.hold(session, recorded_after)
         finally:
@@ -172,7 +187,8 @@ class Taker:
         else:
             run.fail(poisoned.code, poisoned.message, retryable=False)
         try:
-            await asyncio.to_thread(self.ctx.run_store.commit, run)
+            with tracing.span("commit run events", attributes=store_attributes(self.ctx, run)):
+                await asyncio.to_thread(self.ctx.run_store.commit, run)
         except Conflict:
             await dispatch.msg.ack()
             return False
@@ -317,3 +333,15 @@ class Taker:
                 "deliveries": dispatch.deliveries,
             },
         )
+
+
+def _take_attributes(run: Run, dispatch: Dispatch, executor_id: str) -> dict[str, Any]:
+    return {
+        "messaging.system": "nats",
+        "messaging.operation.type": "process",
+        "messaging.message.delivery_count": dispatch.deliveries,
+        "agentrun.run.id": run.run_id,
+        "agentrun.run.mode": run.execution_mode,
+        "agentrun.executor.id": executor_id,
+        "agentrun.dispatch.recovery": dispatch.recovery,
+    }

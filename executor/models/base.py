@@ -48,6 +48,7 @@ class ModelReply:
     text: str
     tool_calls: list[ToolCall] = field(default_factory=list)
     usage: Usage = field(default_factory=no_usage)
+    finish_reason: str = ""  # as the provider said it ("": it did not say)
 
 
 class ModelError(Exception):

@@ -128,6 +128,7 @@ class _Stream:
         self.calls: dict[int, _PartialCall] = {}
         self.usage: Usage = {"input_tokens": 0, "output_tokens": 0}
         self.finished = False
+        self.finish_reason = ""
 
     def feed(self, data: str) -> None:
         try:
@@ -167,7 +168,8 @@ class _Stream:
         if not chunk.get("choices"):
             return ""
         choice = chunk["choices"][0]
-        self.finished = self.finished or bool(choice.get("finish_reason"))
+        if reason := choice.get("finish_reason"):
+            self.finished, self.finish_reason = True, str(reason)
         delta = choice.get("delta") or {}
         for position, call in enumerate(delta.get("tool_calls") or []):
             partial = self.calls.setdefault(int(call.get("index", position)), _PartialCall())
@@ -187,7 +189,12 @@ class _Stream:
             }
             for index, call in sorted(self.calls.items())
         ]
-        return ModelReply(text="".join(self.text), tool_calls=tool_calls, usage=self.usage)
+        return ModelReply(
+            text="".join(self.text),
+            tool_calls=tool_calls,
+            usage=self.usage,
+            finish_reason=self.finish_reason,
+        )
 
 
 class OpenAIProvider:

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import nats.errors
 
-from common import metrics
+from common import metrics, tracing
 from common.errors import AgentrunError, Conflict
 from eventstore.run import Run
 from executor.context import ExecutorContext
@@ -165,7 +165,8 @@ class InStore:
         self._commit = asyncio.ensure_future(asyncio.to_thread(self.ctx.run_store.commit, run))
         began = time.perf_counter()
         try:
-            await asyncio.shield(self._commit)
+            with tracing.span("commit run events", attributes=store_attributes(self.ctx, run)):
+                await asyncio.shield(self._commit)
         except Conflict:
             raise TakenOver from None
         metrics.STORE_COMMIT.observe(time.perf_counter() - began)
@@ -228,3 +229,13 @@ async def record_turn(ctx: ExecutorContext, run: Run, *, required: bool) -> bool
             raise
         log.error("run %s: could not record its turn: %s", run.run_id, exc.message)
     return True
+
+
+def store_attributes(ctx: ExecutorContext, run: Run) -> dict[str, str | int]:
+    """The attributes of a span that commits a run's events to the store."""
+    return {
+        "db.system.name": ctx.store.system,
+        "agentrun.run.id": run.run_id,
+        "agentrun.run.version": run.version,
+        "agentrun.run.events": len(run.pending_events),
+    }

@@ -24,7 +24,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from common import logs, metrics
+from common import logs, metrics, tracing
 from common.errors import FailedPrecondition, NotFound
 from common.event_streams import Published
 from eventstore.agent_config import AgentConfig
@@ -111,7 +111,12 @@ class RunSession:
         ``recorded_after``: recorded events the run's stream does not show yet (an executor
         that held the run before died between a commit and its publish)."""
         self.task = asyncio.current_task()
-        logs.about_run(self.run_id, self.run.tenant, run_metrics.agent_of(self.run))
+        logs.about_run(
+            self.run_id,
+            self.run.tenant,
+            run_metrics.agent_of(self.run),
+            tracing.trace_id() or tracing.trace_id_of(self.run.trace_context),
+        )
         held = metrics.RUNS_HELD.labels(self.run.execution_mode)
         held.inc()
         try:

@@ -26,21 +26,29 @@ from agentrun.v1 import run_pb2 as agentrun_dot_v1_dot_run__pb2
 from agentrun.v1 import run_service_pb2 as agentrun_dot_v1_dot_run__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+agentrun/internal/v1/executor_service.proto\x12\x14\x61gentrun.internal.v1\x1a\x15\x61gentrun/v1/run.proto\x1a\x1d\x61gentrun/v1/run_service.proto\"\xb5\x02\n\x11\x45xecuteRunRequest\x12\x36\n\x05start\x18\x01 \x01(\x0b\x32%.agentrun.internal.v1.ExecuteRunStartH\x00\x12\x38\n\x06resume\x18\x02 \x01(\x0b\x32&.agentrun.internal.v1.ExecuteRunResumeH\x00\x12:\n\rtool_approval\x18\x03 \x01(\x0b\x32!.agentrun.v1.ToolApprovalDecisionH\x00\x12-\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x1b.agentrun.v1.ConverseCancelH\x00\x12\x38\n\x0btool_result\x18\x05 \x01(\x0b\x32!.agentrun.v1.ToolResultSubmissionH\x00\x42\t\n\x07message\"Q\n\x0f\x45xecuteRunStart\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.agentrun.v1.StreamRunRequest\"r\n\x10\x45xecuteRunResume\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12&\n\x07relayed\x18\x03 \x03(\x0b\x32\x15.agentrun.v1.RunEvent\";\n\x12\x45xecuteRunResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.agentrun.v1.RunEvent2v\n\x0f\x45xecutorService\x12\x63\n\nExecuteRun\x12\'.agentrun.internal.v1.ExecuteRunRequest\x1a(.agentrun.internal.v1.ExecuteRunResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+agentrun/internal/v1/executor_service.proto\x12\x14\x61gentrun.internal.v1\x1a\x15\x61gentrun/v1/run.proto\x1a\x1d\x61gentrun/v1/run_service.proto\"\xb5\x02\n\x11\x45xecuteRunRequest\x12\x36\n\x05start\x18\x01 \x01(\x0b\x32%.agentrun.internal.v1.ExecuteRunStartH\x00\x12\x38\n\x06resume\x18\x02 \x01(\x0b\x32&.agentrun.internal.v1.ExecuteRunResumeH\x00\x12:\n\rtool_approval\x18\x03 \x01(\x0b\x32!.agentrun.v1.ToolApprovalDecisionH\x00\x12-\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x1b.agentrun.v1.ConverseCancelH\x00\x12\x38\n\x0btool_result\x18\x05 \x01(\x0b\x32!.agentrun.v1.ToolResultSubmissionH\x00\x42\t\n\x07message\"\xd6\x01\n\x0f\x45xecuteRunStart\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.agentrun.v1.StreamRunRequest\x12N\n\rtrace_context\x18\x03 \x03(\x0b\x32\x37.agentrun.internal.v1.ExecuteRunStart.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf8\x01\n\x10\x45xecuteRunResume\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12&\n\x07relayed\x18\x03 \x03(\x0b\x32\x15.agentrun.v1.RunEvent\x12O\n\rtrace_context\x18\x05 \x03(\x0b\x32\x38.agentrun.internal.v1.ExecuteRunResume.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x12\x45xecuteRunResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.agentrun.v1.RunEvent2v\n\x0f\x45xecutorService\x12\x63\n\nExecuteRun\x12\'.agentrun.internal.v1.ExecuteRunRequest\x1a(.agentrun.internal.v1.ExecuteRunResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentrun.internal.v1.executor_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_EXECUTERUNSTART_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_EXECUTERUNSTART_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_EXECUTERUNRESUME_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_EXECUTERUNRESUME_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_EXECUTERUNREQUEST']._serialized_start=124
   _globals['_EXECUTERUNREQUEST']._serialized_end=433
-  _globals['_EXECUTERUNSTART']._serialized_start=435
-  _globals['_EXECUTERUNSTART']._serialized_end=516
-  _globals['_EXECUTERUNRESUME']._serialized_start=518
-  _globals['_EXECUTERUNRESUME']._serialized_end=632
-  _globals['_EXECUTERUNRESPONSE']._serialized_start=634
-  _globals['_EXECUTERUNRESPONSE']._serialized_end=693
-  _globals['_EXECUTORSERVICE']._serialized_start=695
-  _globals['_EXECUTORSERVICE']._serialized_end=813
+  _globals['_EXECUTERUNSTART']._serialized_start=436
+  _globals['_EXECUTERUNSTART']._serialized_end=650
+  _globals['_EXECUTERUNSTART_TRACECONTEXTENTRY']._serialized_start=599
+  _globals['_EXECUTERUNSTART_TRACECONTEXTENTRY']._serialized_end=650
+  _globals['_EXECUTERUNRESUME']._serialized_start=653
+  _globals['_EXECUTERUNRESUME']._serialized_end=901
+  _globals['_EXECUTERUNRESUME_TRACECONTEXTENTRY']._serialized_start=599
+  _globals['_EXECUTERUNRESUME_TRACECONTEXTENTRY']._serialized_end=650
+  _globals['_EXECUTERUNRESPONSE']._serialized_start=903
+  _globals['_EXECUTERUNRESPONSE']._serialized_end=962
+  _globals['_EXECUTORSERVICE']._serialized_start=964
+  _globals['_EXECUTORSERVICE']._serialized_end=1082
 # @@protoc_insertion_point(module_scope)
