@@ -24,6 +24,7 @@ from nats.js.api import DeliverPolicy
 
 from agentrun.v1 import run_pb2
 from common.background import Background
+from common.cancelling import raise_if_cancelled
 from common.errors import Conflict, OutOfRange
 from common.event_streams import Reassembly, is_terminal, last_published
 from common.nats_link import NatsLink
@@ -125,6 +126,7 @@ class Watching:
         check_at = time.monotonic() + (0.0 if probe_first else self.liveness_interval)
         try:
             while True:
+                raise_if_cancelled()  # (nats-py's waits may have swallowed it)
                 try:
                     msg = await sub.next_msg(timeout=max(check_at - time.monotonic(), 0.001))
                 except nats.errors.TimeoutError:
