@@ -72,6 +72,9 @@ INTERNAL_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", INTERNAL_KEEPALIVE_MS),
     ("grpc.keepalive_timeout_ms", INTERNAL_KEEPALIVE_MS),
+    # An unanswered ping ends the connection after this long, whatever the keepalive timeout
+    # says (gRPC's default is a minute: a frozen executor went unnoticed that long).
+    ("grpc.http2.ping_timeout_ms", INTERNAL_KEEPALIVE_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
