@@ -21,7 +21,7 @@ from agentrun.v1 import (
 )
 from common.internal_access import executor_server_security
 from common.metrics import serve_metrics
-from common.rpc import INTERNAL_SERVER_OPTIONS, serve
+from common.rpc import internal_server_options, serve
 from common.settings import Settings
 from executor.api.agent_service import REQUEST_LIMITS, AgentService
 from executor.api.execute_run import ExecutorService
@@ -165,7 +165,7 @@ async def run_executor(
             stop=stop,
             grace=SHUTDOWN_GRACE,
             on_stopping=executor.drain,
-            options=INTERNAL_SERVER_OPTIONS,
+            options=internal_server_options(settings.internal_ping_interval),
             credentials=credentials,
             interceptors=interceptors,
             reflection=settings.reflection,

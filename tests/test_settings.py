@@ -41,6 +41,7 @@ def test_defaults() -> None:
     assert settings.max_input_bytes == 65536
     assert settings.liveness_interval == 1.0
     assert settings.reconcile_interval == 5.0
+    assert settings.internal_ping_interval == 5.0
     assert settings.max_dispatch_failures == 5
     assert settings.executor_id.startswith("executor-")
     assert len(settings.executor_id) == len("executor-") + 8
@@ -62,6 +63,7 @@ def test_every_variable() -> None:
             "AGENTRUN_EXECUTOR_ID": "executor-east",
             "AGENTRUN_LIVENESS_INTERVAL": "0.25",
             "AGENTRUN_RECONCILE_INTERVAL": "2.5",
+            "AGENTRUN_INTERNAL_PING_INTERVAL": "1.5",
             "AGENTRUN_MAX_DISPATCH_FAILURES": "3",
             "UNRELATED": "ignored",
         }
@@ -80,6 +82,7 @@ def test_every_variable() -> None:
         executor_id="executor-east",
         liveness_interval=0.25,
         reconcile_interval=2.5,
+        internal_ping_interval=1.5,
         max_dispatch_failures=3,
     )
 
@@ -96,11 +99,24 @@ def test_empty_variables_mean_the_defaults() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["EVENT_RETENTION", "MAX_INPUT_BYTES", "LIVENESS_INTERVAL", "RECONCILE_INTERVAL"]
+    "name",
+    [
+        "EVENT_RETENTION",
+        "MAX_INPUT_BYTES",
+        "LIVENESS_INTERVAL",
+        "RECONCILE_INTERVAL",
+        "INTERNAL_PING_INTERVAL",
+    ],
 )
 def test_a_malformed_number_raises_value_error(name: str) -> None:
     with pytest.raises(ValueError, match="lots"):
         Settings.from_env({f"AGENTRUN_{name}": "lots"})
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_the_internal_ping_interval_is_above_zero(value: str) -> None:
+    with pytest.raises(ConfigurationError, match="INTERNAL_PING_INTERVAL"):
+        Settings.from_env({"AGENTRUN_INTERNAL_PING_INTERVAL": value})
 
 
 def test_blank_nats_url_entries_are_dropped() -> None:
