@@ -42,7 +42,6 @@ from executor.watching import Watching
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE = 10.0
 # The store is synchronous: every commit and read holds a thread while it waits on the database.
 # asyncio's default pool has cpu_count + 4 threads (6 here), too few for the runs one executor
 # drives at once; waiting threads cost little CPU.
@@ -105,8 +104,9 @@ class Executor:
         self.retention.stop()
         self.reconciler.stop()
         await self.taker.stop()
-        await self.sessions.drain(SHUTDOWN_GRACE)
-        await self.taker.wait_taken(SHUTDOWN_GRACE)
+        grace = self.ctx.settings.drain_grace
+        await self.sessions.drain(grace)
+        await self.taker.wait_taken(grace)
         self.projection.stop()
 
     def register(self, server: grpc.aio.Server) -> list[str]:
@@ -163,7 +163,7 @@ async def run_executor(
             executor.register,
             ready=on_ready,
             stop=stop,
-            grace=SHUTDOWN_GRACE,
+            grace=settings.drain_grace,
             on_stopping=executor.drain,
             options=internal_server_options(settings.internal_ping_interval),
             credentials=credentials,

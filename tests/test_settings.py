@@ -42,6 +42,7 @@ def test_defaults() -> None:
     assert settings.liveness_interval == 1.0
     assert settings.reconcile_interval == 5.0
     assert settings.internal_ping_interval == 5.0
+    assert settings.drain_grace == 10.0
     assert settings.max_dispatch_failures == 5
     assert settings.executor_id.startswith("executor-")
     assert len(settings.executor_id) == len("executor-") + 8
@@ -64,6 +65,7 @@ def test_every_variable() -> None:
             "AGENTRUN_LIVENESS_INTERVAL": "0.25",
             "AGENTRUN_RECONCILE_INTERVAL": "2.5",
             "AGENTRUN_INTERNAL_PING_INTERVAL": "1.5",
+            "AGENTRUN_DRAIN_GRACE": "30",
             "AGENTRUN_MAX_DISPATCH_FAILURES": "3",
             "UNRELATED": "ignored",
         }
@@ -83,6 +85,7 @@ def test_every_variable() -> None:
         liveness_interval=0.25,
         reconcile_interval=2.5,
         internal_ping_interval=1.5,
+        drain_grace=30.0,
         max_dispatch_failures=3,
     )
 
@@ -106,6 +109,7 @@ def test_empty_variables_mean_the_defaults() -> None:
         "LIVENESS_INTERVAL",
         "RECONCILE_INTERVAL",
         "INTERNAL_PING_INTERVAL",
+        "DRAIN_GRACE",
     ],
 )
 def test_a_malformed_number_raises_value_error(name: str) -> None:
@@ -117,6 +121,12 @@ def test_a_malformed_number_raises_value_error(name: str) -> None:
 def test_the_internal_ping_interval_is_above_zero(value: str) -> None:
     with pytest.raises(ConfigurationError, match="INTERNAL_PING_INTERVAL"):
         Settings.from_env({"AGENTRUN_INTERNAL_PING_INTERVAL": value})
+
+
+def test_the_drain_grace_may_be_zero_but_not_negative() -> None:
+    assert Settings.from_env({"AGENTRUN_DRAIN_GRACE": "0"}).drain_grace == 0.0
+    with pytest.raises(ConfigurationError, match="DRAIN_GRACE"):
+        Settings.from_env({"AGENTRUN_DRAIN_GRACE": "-1"})
 
 
 def test_blank_nats_url_entries_are_dropped() -> None:
