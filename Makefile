@@ -27,9 +27,11 @@ setup: $(INSTALLED) $(NODE_INSTALLED)
 run: setup
 	$(BIN)/agentrun up
 
-## The tests (PostgreSQL: AGENTRUN_TEST_POSTGRES_URL, or a throwaway server the tests start).
+## The tests (PostgreSQL: AGENTRUN_TEST_POSTGRES_URL, or a throwaway server the tests start),
+## in TEST_WORKERS processes: most tests wait on the servers they start, not on the CPU.
+TEST_WORKERS ?= 4
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
 
 ## Everything CI checks besides the tests.
 check: lint typecheck proto-check proto-lint proto-breaking

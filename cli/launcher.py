@@ -154,20 +154,17 @@ def _start(
 
 
 def start_nats(store_dir: Path, log_dir: Path, port: int = 0, name: str = "nats") -> Service:
-    port = port or free_port()
-    argv = [
-        nats_server_path(),
-        "-a",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-js",
-        "-sd",
-        str(store_dir),
-        "--server_name",
-        name,
-    ]
-    return _start(name, argv, os.environ, log_dir, NATS_READY, port)
+    """``port`` 0: a free port, and another if a process on this machine binds it first."""
+    for _ in range(3):
+        chosen = port or free_port()
+        argv = [nats_server_path(), "-a", "127.0.0.1", "-p", str(chosen), "-js"]
+        argv += ["-sd", str(store_dir), "--server_name", name]
+        try:
+            return _start(name, argv, os.environ, log_dir, NATS_READY, chosen)
+        except RuntimeError as exc:
+            if port or "address already in use" not in str(exc):
+                raise
+    raise RuntimeError(f"{name} found no free port")
 
 
 def start_agentrun(

@@ -64,18 +64,25 @@ STATUS_CODES: dict[type[errors.AgentrunError], grpc.StatusCode] = {
     errors.Internal: grpc.StatusCode.INTERNAL,
 }
 
-# Between a gateway and its executors: a frozen executor (a stopped process, a paused VM) is
-# noticed within about 10 s (a ping every 5 s, unanswered for 5 s), so that the streams it
-# carried resume on another executor; the executors accept pings that often.
-INTERNAL_KEEPALIVE_MS = 5_000
-INTERNAL_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", INTERNAL_KEEPALIVE_MS),
-    ("grpc.keepalive_timeout_ms", INTERNAL_KEEPALIVE_MS),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
+
+def internal_channel_options(ping_interval: float) -> list[tuple[str, Any]]:
+    """A gateway's channel to its executors: a frozen executor (a stopped process, a paused VM)
+    is noticed within twice ``ping_interval`` (a ping, unanswered that long again), so that the
+    streams it carried resume on another executor."""
+    ping_ms = round(ping_interval * 1000)
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", ping_ms),
+        ("grpc.keepalive_timeout_ms", ping_ms),
+        # An unanswered ping ends the connection after this long, whatever the keepalive
+        # timeout says (gRPC's default is a minute: a frozen executor went unnoticed that long).
+        ("grpc.http2.ping_timeout_ms", ping_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -87,10 +94,15 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.so_reuseport", 0),
 ]
-INTERNAL_SERVER_OPTIONS: list[tuple[str, Any]] = [
-    *(option for option in SERVER_OPTIONS if not option[0].endswith("without_data_ms")),
-    ("grpc.http2.min_ping_interval_without_data_ms", INTERNAL_KEEPALIVE_MS - 1_000),
-]
+
+
+def internal_server_options(ping_interval: float) -> list[tuple[str, Any]]:
+    """An executor's server: it accepts its gateways' pings every ``ping_interval`` (with some
+    leeway for timers that fire early)."""
+    return [
+        *(option for option in SERVER_OPTIONS if not option[0].endswith("without_data_ms")),
+        ("grpc.http2.min_ping_interval_without_data_ms", round(ping_interval * 800)),
+    ]
 
 
 def status_code_of(error: errors.AgentrunError) -> grpc.StatusCode:

@@ -29,8 +29,12 @@
 | AGENTRUN_EXECUTOR_ID | (random) | this executor's name in logs and run records |
 | AGENTRUN_LIVENESS_INTERVAL | 1.0 | seconds between watchers' checks that a run's executor lives |
 | AGENTRUN_RECONCILE_INTERVAL | 5.0 | seconds between the executor's sweeps for lost runs |
+| AGENTRUN_INTERNAL_PING_INTERVAL | 5.0 | seconds between a gateway's pings to its executors, and |
+|   |   | how long one has to answer (the same on gateways and executors) |
 | AGENTRUN_DISPATCH_ACK_WAIT | 1.5 | seconds after which a durable run whose executor stopped |
 |   |   | keeping its dispatch message alive is given to another executor |
+| AGENTRUN_DRAIN_GRACE | 10 | seconds a stopping executor gives its classic runs (and its open |
+|   |   | calls) to end before they fail with EXECUTOR_LOST |
 | AGENTRUN_MAX_DURABLE_RUNS | 256 | durable runs one executor holds at once (the rest wait queued) |
 | AGENTRUN_MAX_STEP_ATTEMPTS | 5 | attempts of one durable step (each ended by its executor |
 |   |   | stopping) after which the run fails with ATTEMPTS_EXHAUSTED and is dead-lettered |
@@ -162,6 +166,8 @@ class Settings:
     executor_id: str = ""
     liveness_interval: float = 1.0
     reconcile_interval: float = 5.0
+    internal_ping_interval: float = 5.0
+    drain_grace: float = 10.0
     dispatch_ack_wait: float = 1.5
     max_durable_runs: int = 256
     max_step_attempts: int = 5
@@ -224,6 +230,13 @@ class Settings:
             executor_id=get("EXECUTOR_ID", "") or f"executor-{uuid.uuid4().hex[:8]}",
             liveness_interval=float(get("LIVENESS_INTERVAL", str(defaults.liveness_interval))),
             reconcile_interval=float(get("RECONCILE_INTERVAL", str(defaults.reconcile_interval))),
+            internal_ping_interval=_seconds(
+                "INTERNAL_PING_INTERVAL",
+                get("INTERNAL_PING_INTERVAL", str(defaults.internal_ping_interval)),
+            ),
+            drain_grace=_seconds(
+                "DRAIN_GRACE", get("DRAIN_GRACE", str(defaults.drain_grace)), zero=True
+            ),
             dispatch_ack_wait=float(get("DISPATCH_ACK_WAIT", str(defaults.dispatch_ack_wait))),
             max_durable_runs=int(get("MAX_DURABLE_RUNS", str(defaults.max_durable_runs))),
             max_step_attempts=int(get("MAX_STEP_ATTEMPTS", str(defaults.max_step_attempts))),
@@ -310,6 +323,14 @@ def _host_port(name: str, value: str) -> str:
     if value and not value.rpartition(":")[2].isdigit():
         raise ConfigurationError(f"AGENTRUN_{name} is host:port, not {value!r}")
     return value
+
+
+def _seconds(name: str, value: str, *, zero: bool = False) -> float:
+    seconds = float(value)
+    if not (seconds >= 0 if zero else seconds > 0):
+        bound = "0 or more" if zero else "above 0"
+        raise ConfigurationError(f"AGENTRUN_{name} is a number of seconds {bound}, not {value!r}")
+    return seconds
 
 
 def _count(value: str) -> int:

@@ -35,10 +35,10 @@ log = logging.getLogger(__name__)
 # that has just started may not have its control subscription at the server yet (it is not
 # flushed, to keep a round trip off the first-token path).
 CONFIRM_LOSS_AFTER = 0.25
-# Seconds a lost run's stream stays quiet before a settle that brings no relayed events ends it:
-# longer than a gateway takes to notice its executor gone (a frozen one: 10 s of unanswered pings)
-# and report what it relayed.
-QUIET_BEFORE_LOST = 15.0
+# Internal ping intervals a lost run's stream stays quiet before a settle that brings no relayed
+# events ends it: longer than a gateway takes to notice its executor gone (a frozen one: two
+# intervals of unanswered pings) and report what it relayed.
+QUIET_BEFORE_LOST = 3
 # A classic run this young may not answer its control subject yet: the reconciler and readers
 # leave it be unless its stream has ended.
 SETTLING_TIME = 5.0
@@ -107,15 +107,15 @@ class LostRuns:
             )
         return record
 
-    @staticmethod
     def _may_end(
+        self,
         record: RunRecord,
         last: run_pb2.RunEvent | None,
         min_age: float,
         relayed: Sequence[run_pb2.RunEvent],
     ) -> bool:
         """Whether a run whose stream has no end may be given one now. A settle that brings no
-        relayed events waits until the stream has been quiet for QUIET_BEFORE_LOST seconds: the
+        relayed events waits until the stream has been quiet for QUIET_BEFORE_LOST pings: the
         gateway that was streaming the run to its client (which may have given it events the
         dead executor never published) resumes at once and reports them, and the stream must
         end after what that client saw, not before it."""
@@ -125,7 +125,7 @@ class LostRuns:
         if relayed:
             return True
         last_time = last.time.ToSeconds() if last is not None else record.created_at
-        return now - last_time >= QUIET_BEFORE_LOST
+        return now - last_time >= QUIET_BEFORE_LOST * self.ctx.settings.internal_ping_interval
 
     async def _holder_gone(self, run_id: str) -> bool:
         link = self.ctx.link

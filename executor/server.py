@@ -22,7 +22,7 @@ from agentrun.v1 import (
 from common import tracing
 from common.internal_access import executor_server_security
 from common.metrics import serve_metrics
-from common.rpc import INTERNAL_SERVER_OPTIONS, serve
+from common.rpc import internal_server_options, serve
 from common.settings import Settings
 from executor.api.agent_service import REQUEST_LIMITS, AgentService
 from executor.api.execute_run import ExecutorService
@@ -43,7 +43,6 @@ from executor.watching import Watching
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE = 10.0
 # The store is synchronous: every commit and read holds a thread while it waits on the database.
 # asyncio's default pool has cpu_count + 4 threads (6 here), too few for the runs one executor
 # drives at once; waiting threads cost little CPU.
@@ -106,8 +105,9 @@ class Executor:
         self.retention.stop()
         self.reconciler.stop()
         await self.taker.stop()
-        await self.sessions.drain(SHUTDOWN_GRACE)
-        await self.taker.wait_taken(SHUTDOWN_GRACE)
+        grace = self.ctx.settings.drain_grace
+        await self.sessions.drain(grace)
+        await self.taker.wait_taken(grace)
         self.projection.stop()
 
     def register(self, server: grpc.aio.Server) -> list[str]:
@@ -167,9 +167,9 @@ async def run_executor(
             executor.register,
             ready=on_ready,
             stop=stop,
-            grace=SHUTDOWN_GRACE,
+            grace=settings.drain_grace,
             on_stopping=executor.drain,
-            options=INTERNAL_SERVER_OPTIONS,
+            options=internal_server_options(settings.internal_ping_interval),
             credentials=credentials,
             interceptors=interceptors,
             reflection=settings.reflection,

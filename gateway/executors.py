@@ -12,7 +12,7 @@ import grpc
 
 from agentrun.internal.v1 import executor_service_pb2, executor_service_pb2_grpc
 from common.internal_access import Metadata, internal_channel, internal_metadata
-from common.rpc import INTERNAL_CHANNEL_OPTIONS
+from common.rpc import internal_channel_options
 from common.settings import Settings
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def open_executors(settings: Settings) -> Executors:
         settings,
         channel_target(settings.executor_target),
         options=[
-            *INTERNAL_CHANNEL_OPTIONS,
+            *internal_channel_options(settings.internal_ping_interval),
             ("grpc.lb_policy_name", "round_robin"),
             ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
             ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),

@@ -130,7 +130,7 @@ async def test_a_draining_executor_hands_its_durable_runs_over_at_once(empty_sta
 async def test_a_draining_executor_gives_its_classic_runs_their_grace_then_fails_them(
     empty_stack: Stack,
 ) -> None:
-    stopping = empty_stack.start_executor(AGENTRUN_EXECUTOR_ID="stopping")
+    stopping = empty_stack.start_executor(AGENTRUN_EXECUTOR_ID="stopping", AGENTRUN_DRAIN_GRACE="5")
     staying = empty_stack.start_executor(AGENTRUN_EXECUTOR_ID="staying")
     gateway = empty_stack.start_gateway(stopping.address)
     reader = empty_stack.start_gateway(staying.address)

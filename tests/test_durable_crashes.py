@@ -49,7 +49,12 @@ TURNS = [
     ("All done.", []),
 ]
 TOOLS = (("send_email", False), ("calculator", False))
-CRASH_ENV = {"AGENTRUN_DISPATCH_ACK_WAIT": "1", "AGENTRUN_RECONCILE_INTERVAL": "0.5"}
+CRASH_ENV = {
+    "AGENTRUN_DISPATCH_ACK_WAIT": "1",
+    "AGENTRUN_RECONCILE_INTERVAL": "0.5",
+    # A frozen executor is noticed within 4 s (not 10).
+    "AGENTRUN_INTERNAL_PING_INTERVAL": "2",
+}
 GUARD = 60.0  # seconds; only bounds a hang
 
 

@@ -24,6 +24,8 @@ from tests.stack import Stack, holder_of, published_events
 T = TypeVar("T")
 
 VICTIM = "victim"
+# A lost run's stream is ended after 6 s of quiet (not 15).
+PINGS = {"AGENTRUN_INTERNAL_PING_INTERVAL": "2"}
 SLOW_TURNS: list[tuple[str, list[tuple[str, str]]]] = [(" ".join(["token"] * 5000), [])]
 
 
@@ -34,10 +36,10 @@ async def pair(
     url = database_url_for(request.param, tmp_path / "data")
     stack = Stack(database_url=url, nats=nats_server, tmp=tmp_path)
     try:
-        victim = stack.start_executor(AGENTRUN_EXECUTOR_ID=VICTIM)
-        survivor = stack.start_executor(AGENTRUN_EXECUTOR_ID="survivor")
-        stack.start_gateway(f"{victim.address},{survivor.address}")
-        stack.start_gateway(survivor.address)
+        victim = stack.start_executor(AGENTRUN_EXECUTOR_ID=VICTIM, **PINGS)
+        survivor = stack.start_executor(AGENTRUN_EXECUTOR_ID="survivor", **PINGS)
+        stack.start_gateway(f"{victim.address},{survivor.address}", **PINGS)
+        stack.start_gateway(survivor.address, **PINGS)
         channels = [grpc.aio.insecure_channel(g.address) for g in stack.gateways]
         yield stack, Client(channels[0]), Client(channels[1])
         for channel in channels:

@@ -3,6 +3,8 @@ tests/test_mcp_tools.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 
 from eventstore.agent_config import AgentConfig, McpServerSettings, ModelSettings, ToolSettings
@@ -42,3 +44,18 @@ def test_mcp_servers_round_trip_through_the_api_and_the_store() -> None:
     assert agent_from_proto(proto).tools == config.tools
     assert config.tool("") is None  # (the model cannot call a server by its empty name)
     assert [i for i, _ in config.mcp_servers] == [1, 2]
+
+
+def test_an_executor_starts_without_importing_the_mcp_sdk() -> None:
+    """The SDK takes longer to import than the rest of an executor: it comes with the first
+    agent that uses an MCP server, not with every executor's start."""
+    probe = (
+        "import sys, executor.server, cli.serve\n"
+        "from executor.extensions import load_extensions\n"
+        "load_extensions()\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'mcp', 'mcp_types', 'pydantic'}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]", done.stdout

@@ -41,6 +41,8 @@ def test_defaults() -> None:
     assert settings.max_input_bytes == 65536
     assert settings.liveness_interval == 1.0
     assert settings.reconcile_interval == 5.0
+    assert settings.internal_ping_interval == 5.0
+    assert settings.drain_grace == 10.0
     assert settings.max_dispatch_failures == 5
     assert settings.executor_id.startswith("executor-")
     assert len(settings.executor_id) == len("executor-") + 8
@@ -62,6 +64,8 @@ def test_every_variable() -> None:
             "AGENTRUN_EXECUTOR_ID": "executor-east",
             "AGENTRUN_LIVENESS_INTERVAL": "0.25",
             "AGENTRUN_RECONCILE_INTERVAL": "2.5",
+            "AGENTRUN_INTERNAL_PING_INTERVAL": "1.5",
+            "AGENTRUN_DRAIN_GRACE": "30",
             "AGENTRUN_MAX_DISPATCH_FAILURES": "3",
             "UNRELATED": "ignored",
         }
@@ -80,6 +84,8 @@ def test_every_variable() -> None:
         executor_id="executor-east",
         liveness_interval=0.25,
         reconcile_interval=2.5,
+        internal_ping_interval=1.5,
+        drain_grace=30.0,
         max_dispatch_failures=3,
     )
 
@@ -96,11 +102,31 @@ def test_empty_variables_mean_the_defaults() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["EVENT_RETENTION", "MAX_INPUT_BYTES", "LIVENESS_INTERVAL", "RECONCILE_INTERVAL"]
+    "name",
+    [
+        "EVENT_RETENTION",
+        "MAX_INPUT_BYTES",
+        "LIVENESS_INTERVAL",
+        "RECONCILE_INTERVAL",
+        "INTERNAL_PING_INTERVAL",
+        "DRAIN_GRACE",
+    ],
 )
 def test_a_malformed_number_raises_value_error(name: str) -> None:
     with pytest.raises(ValueError, match="lots"):
         Settings.from_env({f"AGENTRUN_{name}": "lots"})
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_the_internal_ping_interval_is_above_zero(value: str) -> None:
+    with pytest.raises(ConfigurationError, match="INTERNAL_PING_INTERVAL"):
+        Settings.from_env({"AGENTRUN_INTERNAL_PING_INTERVAL": value})
+
+
+def test_the_drain_grace_may_be_zero_but_not_negative() -> None:
+    assert Settings.from_env({"AGENTRUN_DRAIN_GRACE": "0"}).drain_grace == 0.0
+    with pytest.raises(ConfigurationError, match="DRAIN_GRACE"):
+        Settings.from_env({"AGENTRUN_DRAIN_GRACE": "-1"})
 
 
 def test_blank_nats_url_entries_are_dropped() -> None:

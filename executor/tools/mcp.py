@@ -14,11 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
-
-from mcp import types
-from mcp.shared.exceptions import MCPError
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from common.json_values import json_size
 from eventstore.agent_config import MAX_AGENT_BYTES, AgentConfig, McpServerSettings, ToolSettings
@@ -42,6 +38,9 @@ from executor.tools.mcp_sessions import (
     McpSessions,
     McpUnreachable,
 )
+
+if TYPE_CHECKING:  # (the SDK is imported on first use: see executor.tools.mcp_sessions)
+    from mcp import types
 
 # How long a listing is reused for runs of the same agent version.
 LISTING_TTL = 5.0
@@ -130,6 +129,9 @@ class McpListings:
         return pinned
 
     async def _list(self, settings: ToolSettings, server: McpServerSettings) -> list[types.Tool]:
+        from mcp.shared.exceptions import MCPError
+        from pydantic import ValidationError
+
         if not self._runtime.url_allow.allows(server.url):
             raise ToolUnavailable(
                 f"this executor does not allow the MCP server {server.url} "
@@ -192,6 +194,9 @@ class McpTool:
         return self._pinned["parameters"]
 
     async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> str:
+        from mcp.shared.exceptions import MCPError
+        from pydantic import ValidationError
+
         url = self._server.url
         self._runtime.check_allowed(url)
         headers = headers_from_env(self._server.headers_from_env)
@@ -225,6 +230,8 @@ class McpTool:
 def _text_of(result: types.CallToolResult) -> str:
     """What the model reads of a result: its text content; without any, its structured content
     as JSON; other content (images, resources) as their JSON form."""
+    from mcp import types
+
     parts: list[str] = []
     for block in result.content:
         if isinstance(block, types.TextContent):

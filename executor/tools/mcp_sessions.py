@@ -3,6 +3,9 @@ opened on first use and opened again after it breaks.
 
 The SDK's Streamable HTTP transport must be entered and left in one task, so each session is
 held open by a task of its own; calls from any run's task go through it concurrently.
+
+The SDK is imported on first use: importing it takes longer than the rest of an executor's
+start, and most deployments' agents name no MCP server.
 """
 
 from __future__ import annotations
@@ -10,14 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import httpx2
-from mcp import types
-from mcp.client.session import ClientSession
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
-from mcp.types import CONNECTION_CLOSED, INVALID_REQUEST
+if TYPE_CHECKING:
+    from mcp import types
+    from mcp.client.session import ClientSession
 
 from executor.tools.mcp_transport import Exchange, McpHttpTransport, exchange
 
@@ -61,6 +61,10 @@ class _Connection:
         self._task = asyncio.create_task(self._hold(), name=f"mcp session {url}")
 
     async def _hold(self) -> None:
+        import httpx2
+        from mcp.client.session import ClientSession
+        from mcp.client.streamable_http import streamable_http_client
+
         try:
             async with (
                 httpx2.AsyncClient(
@@ -135,6 +139,10 @@ class McpSessions:
         running it. A broken session is dropped (the next request opens another) and raises
         McpUnreachable; HTTP 429 or 5xx raises McpHttpError; a response too long to read,
         McpResponseTooLong."""
+        import httpx2
+        from mcp.shared.exceptions import MCPError
+        from mcp.types import CONNECTION_CLOSED, INVALID_REQUEST
+
         for fresh in (False, True):
             connection = self._connection(url, headers)
             try:
@@ -174,6 +182,7 @@ class McpSessions:
 
     async def list_tools(self, url: str, headers: dict[str, str]) -> list[types.Tool]:
         """Every tool the server lists (all pages)."""
+        from mcp import types
 
         async def listing(session: ClientSession) -> list[types.Tool]:
             tools: list[types.Tool] = []
@@ -192,7 +201,7 @@ class McpSessions:
     async def call_tool(
         self, url: str, headers: dict[str, str], name: str, arguments: dict[str, Any], key: str
     ) -> types.CallToolResult:
-        meta = cast(types.RequestParamsMeta, {IDEMPOTENCY_KEY: key})
+        meta = cast("types.RequestParamsMeta", {IDEMPOTENCY_KEY: key})
 
         async def calling(session: ClientSession) -> types.CallToolResult:
             return await session.call_tool(name, arguments, meta=meta)
