@@ -124,13 +124,16 @@ class Internal(AgentrunError):
 # Exceptions of dependencies' libraries that mean the dependency cannot be reached right now:
 # the module that uses a library registers them, and common.rpc answers them as that
 # dependency's Unavailable wherever they are raised (no call site has to translate them).
-_UNAVAILABLE_WHEN: dict[type[BaseException], str] = {}
+_UNAVAILABLE_WHEN: dict[type[BaseException], tuple[str, str]] = {}
 
 
-def register_unavailable(dependency: str, *types: type[BaseException]) -> None:
-    """Declares that ``types`` raised anywhere mean ``dependency`` is unavailable."""
+def register_unavailable(
+    dependency: str, *types: type[BaseException], named: str | None = None
+) -> None:
+    """Declares that ``types`` raised anywhere mean ``dependency`` is unavailable (``named``:
+    how messages name it; "the <dependency>" by default)."""
     for cls in types:
-        _UNAVAILABLE_WHEN[cls] = dependency
+        _UNAVAILABLE_WHEN[cls] = (dependency, named or f"the {dependency}")
 
 
 def as_agentrun_error(exc: BaseException) -> AgentrunError | None:
@@ -139,7 +142,8 @@ def as_agentrun_error(exc: BaseException) -> AgentrunError | None:
     if isinstance(exc, AgentrunError):
         return exc
     for cls in type(exc).__mro__:
-        dependency = _UNAVAILABLE_WHEN.get(cls)
-        if dependency is not None:
-            return Unavailable(dependency, f"the {dependency} is unavailable: {exc}")
+        registered = _UNAVAILABLE_WHEN.get(cls)
+        if registered is not None:
+            dependency, named = registered
+            return Unavailable(dependency, f"{named} is unavailable: {exc}")
     return None

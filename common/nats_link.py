@@ -48,7 +48,21 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from common.errors import Unavailable
+from common.errors import Unavailable, register_unavailable
+
+# A request that timed out or a connection that is down (a NATS node died and the cluster is
+# electing, say): the caller may try again, so the answer is UNAVAILABLE, not INTERNAL.
+register_unavailable(
+    "nats",
+    nats.errors.TimeoutError,
+    nats.errors.NoServersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+    named="NATS",
+)
 
 log = logging.getLogger(__name__)
 
