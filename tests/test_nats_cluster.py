@@ -16,13 +16,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agentrun.v1 import agent_pb2
+from agentrun.v1 import agent_pb2, run_pb2
 from cli.launcher import NATS_READY, Service, _start, free_port, nats_server_path
 from tests.client import Client, kinds, scripted_agent, text_of
 from tests.conftest import database_url_for, drop_schema
 from tests.stack import Stack
 from tests.test_durable_crashes import CRASH_ENV, TOOLS, TURNS, check_run, stored_history
-from tests.test_scale_out import GUARD, POOLS, Progress, Reader
+from tests.test_scale_out import GUARD, POOLS, RETRY_PAUSE, Progress, Reader
 
 DURABLE_RUNS = 12
 CLASSIC_RUNS = 4
@@ -122,7 +122,7 @@ async def test_runs_complete_when_the_executors_nats_node_dies(
                 assert events[-1].HasField("run_completed"), kinds(events)
                 assert text_of(events) == CLASSIC_TEXT
                 # A classic run's stream is kept for reconnecting clients (in the store).
-                watched = await client.watch_all(events[0].run_id)
+                watched = await watch_as_a_client_would(client, events[0].run_id)
                 assert watched == events
             assert all(r.events[-1].run_completed.output == "All done." for r in readers)
             # Durable runs started after the loss work too.
@@ -132,3 +132,16 @@ async def test_runs_complete_when_the_executors_nats_node_dies(
     finally:
         stack.stop()
         drop_schema(url)
+
+
+async def watch_as_a_client_would(client: Client, run_id: str) -> list[run_pb2.RunEvent]:
+    """WatchRun, asked again (after a pause, as a client should) while it answers UNAVAILABLE:
+    a JetStream request can time out while the cluster replaces the dead node."""
+    for attempt in range(1, 6):
+        try:
+            return await client.watch_all(run_id)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == 5:
+                raise
+            await asyncio.sleep(RETRY_PAUSE * attempt)
+    raise AssertionError("unreachable")
