@@ -31,7 +31,7 @@ from executor.context import ExecutorContext
 from executor.durable.dispatch import Dispatch, WorkQueue
 from executor.event_publisher import PublishedTap
 from executor.session import recording, waiting
-from executor.session.recording import store_attributes
+from executor.session.recording import store_span
 from executor.session.session import RunSession
 from executor.session.sessions import Sessions
 from executor.translation import record_of
@@ -126,7 +126,7 @@ class Durable:
                 return record_of(store.load_for(run.tenant, run.run_id, to_change=False), "")
             return None
 
-        with tracing.span("store run", attributes=store_attributes(self.ctx, run)):
+        with store_span(self.ctx, run, "store run"):
             return await asyncio.to_thread(create)
 
     async def launch(self, run: Run, config: AgentConfig, *, streamed: bool = False) -> Started:

@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from contextlib import AbstractContextManager
 from typing import Any
 
 import nats.errors
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind
 
 from common import metrics, tracing
 from common.errors import Conflict, FailedPrecondition, NotFound, Unavailable
@@ -40,7 +41,7 @@ from executor.control import answering
 from executor.durable.dispatch import Dispatch, WorkQueue
 from executor.durable.stored_events import publish_recorded
 from executor.modes import Durable
-from executor.session.recording import store_attributes
+from executor.session.recording import store_span
 from executor.session.session import RunSession
 from executor.session.sessions import Sessions
 
@@ -144,13 +145,7 @@ class Taker:
             return
         holding = False
         try:
-            with tracing.span(
-                "take run",
-                kind=SpanKind.CONSUMER,
-                parent=tracing.parent_from(dispatch.trace_context)
-                or tracing.parent_from(run.trace_context),
-                attributes=_take_attributes(run, dispatch, self.ctx.executor_id),
-            ) as taking:
+            with _take_span(run, dispatch, self.ctx.executor_id) as taking:
                 if claiming:
                     self._claiming.add(run.run_id)
                     if not await self._claim(run, dispatch):
@@ -158,9 +153,10 @@ class Taker:
                 if run.error is not None and run.error["code"] in DEAD_LETTERED:
                     await self._dead_letter(run, dispatch)  # again if an earlier taker died first
                 session, recorded_after = await self._session(run, dispatch, fresh)
-                step_index = run.steps_completed + 1
-                taking.set_attribute("agentrun.step.index", step_index)
-                taking.set_attribute("agentrun.step.attempt", run.attempt_of(step_index))
+                if taking.is_recording():
+                    step_index = run.steps_completed + 1
+                    taking.set_attribute("agentrun.step.index", step_index)
+                    taking.set_attribute("agentrun.step.attempt", run.attempt_of(step_index))
             # The run's spans here are the take's children (it has ended: a span that lasted
             # as long as the session would be lost with an executor that dies).
             tracing.carry_on(taking)
@@ -187,7 +183,7 @@ class Taker:
         else:
             run.fail(poisoned.code, poisoned.message, retryable=False)
         try:
-            with tracing.span("commit run events", attributes=store_attributes(self.ctx, run)):
+            with store_span(self.ctx, run, "commit run events"):
                 await asyncio.to_thread(self.ctx.run_store.commit, run)
         except Conflict:
             await dispatch.msg.ack()
@@ -335,8 +331,12 @@ class Taker:
         )
 
 
-def _take_attributes(run: Run, dispatch: Dispatch, executor_id: str) -> dict[str, Any]:
-    return {
+def _take_span(run: Run, dispatch: Dispatch, executor_id: str) -> AbstractContextManager[Span]:
+    """The span of taking a run up, a child of the dispatch's (or else the run's) trace; its
+    attributes are built only when tracing is on."""
+    if not tracing.enabled():
+        return tracing.span("take run")
+    attributes = {
         "messaging.system": "nats",
         "messaging.operation.type": "process",
         "messaging.message.delivery_count": dispatch.deliveries,
@@ -345,3 +345,5 @@ def _take_attributes(run: Run, dispatch: Dispatch, executor_id: str) -> dict[str
         "agentrun.executor.id": executor_id,
         "agentrun.dispatch.recovery": dispatch.recovery,
     }
+    parent = tracing.parent_from(dispatch.trace_context) or tracing.parent_from(run.trace_context)
+    return tracing.span("take run", kind=SpanKind.CONSUMER, parent=parent, attributes=attributes)

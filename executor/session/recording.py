@@ -19,9 +19,11 @@ import contextlib
 import enum
 import logging
 import time
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import nats.errors
+from opentelemetry.trace import Span
 
 from common import metrics, tracing
 from common.errors import AgentrunError, Conflict
@@ -165,7 +167,7 @@ class InStore:
         self._commit = asyncio.ensure_future(asyncio.to_thread(self.ctx.run_store.commit, run))
         began = time.perf_counter()
         try:
-            with tracing.span("commit run events", attributes=store_attributes(self.ctx, run)):
+            with store_span(self.ctx, run, "commit run events"):
                 await asyncio.shield(self._commit)
         except Conflict:
             raise TakenOver from None
@@ -231,11 +233,15 @@ async def record_turn(ctx: ExecutorContext, run: Run, *, required: bool) -> bool
     return True
 
 
-def store_attributes(ctx: ExecutorContext, run: Run) -> dict[str, str | int]:
-    """The attributes of a span that commits a run's events to the store."""
-    return {
+def store_span(ctx: ExecutorContext, run: Run, name: str) -> AbstractContextManager[Span]:
+    """The span of a write of the run's events to the store (its attributes are built only
+    when tracing is on: this is on every step's path)."""
+    if not tracing.enabled():
+        return tracing.span(name)
+    attributes = {
         "db.system.name": ctx.store.system,
         "agentrun.run.id": run.run_id,
         "agentrun.run.version": run.version,
         "agentrun.run.events": len(run.pending_events),
     }
+    return tracing.span(name, attributes=attributes)
