@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from common.errors import InvalidArgument
@@ -91,9 +91,14 @@ class RetryPolicy:
             )
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["non_retryable_error_codes"] = list(self.non_retryable_error_codes)  # JSON-native
-        return data
+        # Written out: dataclasses.asdict deep-copies field by field, and this runs per run.
+        return {
+            "maximum_attempts": self.maximum_attempts,
+            "initial_interval": self.initial_interval,
+            "backoff_coefficient": self.backoff_coefficient,
+            "maximum_interval": self.maximum_interval,
+            "non_retryable_error_codes": list(self.non_retryable_error_codes),  # JSON-native
+        }
 
     @staticmethod
     def from_json(data: dict[str, Any], default: RetryPolicy) -> RetryPolicy:
