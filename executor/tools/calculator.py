@@ -8,14 +8,13 @@ magnitudes are bounded so no input can exhaust CPU or memory.
 from __future__ import annotations
 
 import ast
-import copy
 import json
 import math
 import operator
 from collections.abc import Callable
 from typing import Any
 
-from executor.tools.base import ToolContext, ToolError, register_tool
+from executor.tools.base import SchemaText, ToolContext, ToolError, register_tool
 
 MAX_EXPRESSION_LENGTH = 500
 MAX_NODES = 300
@@ -90,6 +89,7 @@ _PARAMETERS: dict[str, Any] = {
     "required": ["expression"],
     "additionalProperties": False,
 }
+_SCHEMA = SchemaText(_PARAMETERS)
 
 
 class CalculatorTool:
@@ -108,7 +108,7 @@ class CalculatorTool:
 
     @property
     def parameters(self) -> dict[str, Any]:
-        return copy.deepcopy(_PARAMETERS)
+        return _SCHEMA.copy()
 
     async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> str:
         unknown = sorted(set(arguments) - {"expression"})

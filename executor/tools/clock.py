@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from executor.tools.base import ToolContext, ToolError, register_tool
+from executor.tools.base import SchemaText, ToolContext, ToolError, register_tool
 
 _MAX_ZONE_LENGTH = 64
 
@@ -24,6 +23,7 @@ _PARAMETERS: dict[str, Any] = {
     "required": [],
     "additionalProperties": False,
 }
+_SCHEMA = SchemaText(_PARAMETERS)
 
 
 class ClockTool:
@@ -42,7 +42,7 @@ class ClockTool:
 
     @property
     def parameters(self) -> dict[str, Any]:
-        return copy.deepcopy(_PARAMETERS)
+        return _SCHEMA.copy()
 
     async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> str:
         unknown = sorted(set(arguments) - {"timezone"})

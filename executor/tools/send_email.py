@@ -11,7 +11,6 @@ worker thread so the event loop never blocks.
 from __future__ import annotations
 
 import asyncio
-import copy
 import fcntl
 import hashlib
 import json
@@ -24,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from executor.tools.base import ToolContext, ToolError, register_tool
+from executor.tools.base import SchemaText, ToolContext, ToolError, register_tool
 
 OUTBOX_NAME = "outbox.jsonl"
 ATTEMPTS_NAME = "attempts.jsonl"
@@ -61,6 +60,7 @@ _PARAMETERS: dict[str, Any] = {
     "required": ["to", "subject", "body"],
     "additionalProperties": False,
 }
+_SCHEMA = SchemaText(_PARAMETERS)
 
 
 class SendEmailTool:
@@ -79,7 +79,7 @@ class SendEmailTool:
 
     @property
     def parameters(self) -> dict[str, Any]:
-        return copy.deepcopy(_PARAMETERS)
+        return _SCHEMA.copy()
 
     async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> str:
         to, subject, body = _validate(arguments)
