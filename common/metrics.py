@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
@@ -110,43 +111,64 @@ STORE_COMMIT = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+_CHILDREN: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def labelled(metric: _Metric, *values: str) -> _Metric:
+    """``metric.labels(*values)``, kept: prometheus-client takes a lock and checks the values
+    on every ``labels()`` call, and a run makes about a dozen. (Children are never removed.)"""
+    key = (metric, values)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(*values)
+    return child
+
+
 STEP_MODEL_CALL = STEP_DURATION.labels("model_call")
 STEP_TOOL_CALL = STEP_DURATION.labels("tool_call")
+
+
+def model_call(provider: str, seconds: float, error_code: str | None) -> None:
+    """Times a model call (``error_code``: its failure's, None if it replied)."""
+    labelled(MODEL_CALL_DURATION, provider).observe(seconds)
+    if error_code is not None:
+        labelled(MODEL_CALL_ERRORS, provider, error_code).inc()
 
 
 def model_usage(provider: str, tokens_in: int, tokens_out: int) -> None:
     """Counts the tokens of a model call (nothing if the model reported none)."""
     if tokens_in:
-        MODEL_TOKENS.labels(provider, "in").inc(tokens_in)
+        labelled(MODEL_TOKENS, provider, "in").inc(tokens_in)
     if tokens_out:
-        MODEL_TOKENS.labels(provider, "out").inc(tokens_out)
+        labelled(MODEL_TOKENS, provider, "out").inc(tokens_out)
 
 
 def first_token(mode: str, started_at: float) -> None:
-    FIRST_TOKEN.labels(mode).observe(max(0.0, time.time() - started_at))
+    labelled(FIRST_TOKEN, mode).observe(max(0.0, time.time() - started_at))
 
 
 def tool_call(tool: str, seconds: float, *, failed: bool) -> None:
-    TOOL_CALL_DURATION.labels(tool).observe(seconds)
+    labelled(TOOL_CALL_DURATION, tool).observe(seconds)
     if failed:
-        TOOL_CALL_ERRORS.labels(tool).inc()
+        labelled(TOOL_CALL_ERRORS, tool).inc()
 
 
 def run_started(mode: str, agent: str) -> None:
-    RUNS_STARTED.labels(mode, agent).inc()
+    labelled(RUNS_STARTED, mode, agent).inc()
 
 
 def run_ended(mode: str, agent: str, status: str, code: str, started_at: float) -> None:
     """A run ended (``status``: completed, failed or cancelled; ``code``: a failure's)."""
     if status == "completed":
-        RUNS_COMPLETED.labels(mode, agent).inc()
+        labelled(RUNS_COMPLETED, mode, agent).inc()
     elif status == "failed":
-        RUNS_FAILED.labels(mode, agent, code).inc()
+        labelled(RUNS_FAILED, mode, agent, code).inc()
     elif status == "cancelled":
-        RUNS_CANCELLED.labels(mode, agent).inc()
+        labelled(RUNS_CANCELLED, mode, agent).inc()
     else:
         return
-    RUN_DURATION.labels(mode).observe(max(0.0, time.time() - started_at))
+    labelled(RUN_DURATION, mode).observe(max(0.0, time.time() - started_at))
 
 
 # -- the scrape endpoint -------------------------------------------------------------------------

@@ -217,9 +217,9 @@ class AgentLoop:
             else:
                 step_spans.model_replied(span, reply)
                 error = None
-        metrics.MODEL_CALL_DURATION.labels(provider_name).observe(time.perf_counter() - began)
+        seconds = time.perf_counter() - began
+        metrics.model_call(provider_name, seconds, error.code if error else None)
         if error is not None:
-            metrics.MODEL_CALL_ERRORS.labels(provider_name, error.code).inc()
             await self._model_call_failed(step, error)
             return
         usage = reply.usage

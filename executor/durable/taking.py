@@ -189,7 +189,7 @@ class Taker:
             await dispatch.msg.ack()
             return False
         if poisoned is None:
-            metrics.HANDOVERS.labels("resumed").inc()
+            metrics.labelled(metrics.HANDOVERS, "resumed").inc()
         else:
             run_metrics.ended(run)
         return True
@@ -317,7 +317,7 @@ class Taker:
         assert run.error is not None
         step_index = run.steps_completed + 1
         log.error("run %s: dead-lettered: %s", run.run_id, run.error["message"])
-        metrics.HANDOVERS.labels("dead_lettered").inc()
+        metrics.labelled(metrics.HANDOVERS, "dead_lettered").inc()
         await self.queue.dead_letter(
             run.run_id,
             run.tenant,

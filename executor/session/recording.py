@@ -190,7 +190,7 @@ class InStore:
             await self._release(run)
             with contextlib.suppress(nats.errors.Error):
                 await msg.nak()
-            metrics.HANDOVERS.labels("released").inc()
+            metrics.labelled(metrics.HANDOVERS, "released").inc()
             log.info("run %s: handed back for another executor", run.run_id)
             return
         if outcome is Outcome.FAILED:

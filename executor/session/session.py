@@ -117,7 +117,7 @@ class RunSession:
             run_metrics.agent_of(self.run),
             tracing.trace_id() or tracing.trace_id_of(self.run.trace_context),
         )
-        held = metrics.RUNS_HELD.labels(self.run.execution_mode)
+        held = metrics.labelled(metrics.RUNS_HELD, self.run.execution_mode)
         held.inc()
         try:
             return await self._hold(recorded_after)
