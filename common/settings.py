@@ -35,7 +35,8 @@
 |   |   | keeping its dispatch message alive is given to another executor |
 | AGENTRUN_DRAIN_GRACE | 10 | seconds a stopping executor gives its classic runs (and its open |
 |   |   | calls) to end before they fail with EXECUTOR_LOST |
-| AGENTRUN_MAX_DURABLE_RUNS | 256 | durable runs one executor holds at once (the rest wait queued) |
+| AGENTRUN_MAX_DURABLE_RUNS | 256 | durable runs one executor holds at once (the rest wait queued; |
+|   |   | 0: it takes none, and only serves the API) |
 | AGENTRUN_MAX_STEP_ATTEMPTS | 5 | attempts of one durable step (each ended by its executor |
 |   |   | stopping) after which the run fails with ATTEMPTS_EXHAUSTED and is dead-lettered |
 | AGENTRUN_MAX_DISPATCH_FAILURES | 5 | deliveries of a durable run's dispatch message after which |

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import nats.errors
 from opentelemetry.trace import SpanKind
@@ -36,6 +36,9 @@ from executor.session.session import RunSession
 from executor.session.sessions import Sessions
 from executor.translation import record_of
 
+if TYPE_CHECKING:
+    from executor.watching import FirstPublished
+
 log = logging.getLogger(__name__)
 
 RECENT_RUNS = 1000
@@ -45,15 +48,16 @@ RECENT_RUNS = 1000
 class Started:
     """A run just started (or found again: a repeated request_id). ``session``: it runs here,
     and its live stream can be attached to; ``queued``: a durable run being queued;
-    ``subscribing``: a subscription to the run's published stream, begun while it was stored;
     ``here``: a queued run's events as its session on this executor publishes them, if this
-    executor is the one that takes it up (cancel it to stop waiting)."""
+    executor is the one that takes it up (cancel it to stop waiting); ``published``: notices
+    the first message published to the run's subject, to tell when another executor took it
+    up (close it when done)."""
 
     record: RunRecord
     session: RunSession | None = None
     queued: asyncio.Task[None] | None = None
-    subscribing: asyncio.Task[Any] | None = None  # to its published stream, begun early
     here: asyncio.Future[PublishedTap] | None = None
+    published: FirstPublished | None = None
 
 
 class Mode(Protocol):

@@ -88,8 +88,8 @@ class Runs:
 
     async def start(self, spec: RunSpec, *, watching: Watching | None = None) -> Started:
         """Starts a run, or finds the run of a repeated request_id. ``watching``: the caller
-        streams the run; a run whose events reach it through its published stream is
-        subscribed to while it is stored (off the first event's path)."""
+        streams the run; for a run it may have to read from its published stream, the first
+        message published is noticed (see watching.FirstPublished)."""
         self._validate(spec)
         conversation_id = spec.conversation_id or str(uuid.uuid4())
         agent, history = await asyncio.gather(
@@ -121,7 +121,11 @@ class Runs:
         )
         run.know_agent(config)
         await self._admit(run.tenant, run.run_id)
-        subscribing = watching.subscribe(run.run_id) if watching and not mode.streams_live else None
+        published = (
+            await watching.first_published(run.run_id)
+            if watching and not mode.streams_live
+            else None
+        )
         try:
             try:
                 existing = await mode.store(run)
@@ -137,10 +141,13 @@ class Runs:
             if existing is None:
                 run_metrics.started(run)
         except BaseException:
-            if subscribing is not None and watching is not None:
-                watching.drop(subscribing)
+            if published is not None:
+                published.close()
             raise
-        return replace(started, subscribing=subscribing)
+        if started.here is None and published is not None:
+            published.close()  # (a repeat: its watch reads the run's subject)
+            published = None
+        return replace(started, published=published)
 
     async def _admit(self, tenant: str, run_id: str) -> None:
         """Admits a new run under its tenant's quotas (ResourceExhausted if over one)."""

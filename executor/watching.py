@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js.api import DeliverPolicy
 
 from agentrun.v1 import run_pb2
 from common.background import Background
 from common.cancelling import raise_if_cancelled
-from common.errors import Conflict, OutOfRange
+from common.errors import Conflict, OutOfRange, Unavailable
 from common.event_streams import Reassembly, is_terminal, last_published
 from common.nats_link import NatsLink
 from eventstore.run_list import RunRecord
@@ -75,7 +77,7 @@ class Watching:
 
     def subscribe(self, run_id: str) -> asyncio.Task[Subscription]:
         """Starts subscribing to the run's events, all of them (``watch`` takes the
-        subscription, or ``drop`` it)."""
+        subscription)."""
         return asyncio.ensure_future(
             self.link.js.subscribe(
                 self.link.names.events_subject(run_id),
@@ -86,14 +88,24 @@ class Watching:
             )
         )
 
-    def drop(self, subscribing: asyncio.Task[Subscription]) -> None:
-        """Ends a subscription that ``watch`` did not take (or stops it being made)."""
+    async def first_published(self, run_id: str) -> FirstPublished:
+        """Notices the first message published to the run's subject from now on (see
+        FirstPublished)."""
+        arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        async def unsubscribe() -> None:
-            with contextlib.suppress(Exception):
-                await (await subscribing).unsubscribe()
+        async def on_message(msg: Msg) -> None:
+            if not arrived.done():
+                arrived.set_result(None)
 
-        self._background.start(unsubscribe())
+        try:
+            sub = await self.link.nc.subscribe(
+                self.link.names.events_subject(run_id), cb=on_message
+            )
+        except (Unavailable, nats.errors.Error) as exc:  # let a watch try (and report it)
+            log.debug("run %s: not subscribed to its subject: %r", run_id, exc)
+            arrived.set_result(None)
+            return FirstPublished(arrived, None, self._background)
+        return FirstPublished(arrived, sub, self._background)
 
     async def watch(
         self,
@@ -103,23 +115,17 @@ class Watching:
         *,
         relayed: Sequence[run_pb2.RunEvent] = (),
         probe_first: bool = False,
-        subscribing: asyncio.Task[Subscription] | None = None,
         record: RunRecord | None = None,
     ) -> AsyncGenerator[list[run_pb2.RunEvent], None]:
-        """The run's events after ``after_sequence`` until its terminal event, in batches
-        (through ``subscribing``, a ``subscribe`` begun earlier, if given). ``relayed``: events
+        """The run's events after ``after_sequence`` until its terminal event, in batches.
+        ``relayed``: events
         a client got from an executor that went away (see LostRuns.settle); ``probe_first``:
         check the holder at once (the client's stream from it broke); ``record``: the run's
         row as the caller has it (a run it started a moment ago), instead of reading it."""
-        sub = None
-        try:
-            record = record or await self.record_of(tenant, run_id)
-            if not await self._may_follow(record, after_sequence):
-                return
-            sub = await (subscribing or self.subscribe(run_id))
-        finally:
-            if sub is None and subscribing is not None:
-                self.drop(subscribing)
+        record = record or await self.record_of(tenant, run_id)
+        if not await self._may_follow(record, after_sequence):
+            return
+        sub = await self.subscribe(run_id)
         check_holder = not self.movable(record.execution_mode)
         seen = after_sequence
         reassembly = Reassembly()  # the subscription reads every message, from the first
@@ -187,6 +193,38 @@ class Watching:
         except nats.js.errors.NotFoundError:
             return True  # removed meanwhile: the stream is discarding
         return oldest.time is not None and oldest.time.timestamp() > record.updated_at
+
+
+class FirstPublished:
+    """Whether anything has been published to a run's subject since a moment: a plain NATS
+    subscription, which costs NATS and the executor far less than the JetStream consumer a
+    watch reads through. A durable run stored here is watched only once it turns out that
+    another executor took it up; taken up here, its stream comes from its session (the usual
+    case, and the only one with one executor). The subscription is made before the run is
+    dispatched, over the same connection, so NATS has it before any taker publishes.
+
+    ``arrived``: resolved by the first message (at once if the subscription failed: a watch
+    then finds out why)."""
+
+    def __init__(
+        self, arrived: asyncio.Future[None], sub: NatsSubscription | None, background: Background
+    ) -> None:
+        self.arrived = arrived
+        self._sub = sub
+        self._background = background
+
+    def close(self) -> None:
+        """Unsubscribes (in the background: nothing waits for it)."""
+        sub, self._sub = self._sub, None
+        if not self.arrived.done():
+            self.arrived.cancel()
+        if sub is not None:
+
+            async def unsubscribe() -> None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+            self._background.start(unsubscribe())
 
 
 def _check_not_diverged(run_id: str, events: Sequence[run_pb2.RunEvent], seen: int) -> None:

@@ -79,9 +79,7 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
             events = (
                 self._held_here_or_published(started, tenant, run_id)
                 if started.here is not None
-                else self.watching.watch(
-                    tenant, run_id, 0, subscribing=started.subscribing, record=started.record
-                )
+                else self.watching.watch(tenant, run_id, 0, record=started.record)
             )
             cancel_on_disconnect = spec.cancel_on_disconnect
         elif first is not None and first.HasField("resume"):
@@ -133,26 +131,19 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
 
     async def _held_here_or_published(self, started: Started, tenant: str, run_id: str) -> Batches:
         """A durable run just queued: if this executor takes it up, its events as its session
-        here publishes them (no reading back from NATS); otherwise, and after that session lets
+        here publishes them (no reading back from NATS); otherwise (something is published to
+        the run's subject first: another executor took it up), and after that session lets
         the run go before its end (it suspends, is handed back or taken over), from the run's
         published stream. Either way the client gets exactly the published events."""
-        here = started.here
+        here, published = started.here, started.published
         assert here is not None
-        published = self.watching.watch(
-            tenant, run_id, 0, subscribing=started.subscribing, record=started.record
-        )
-        first = asyncio.ensure_future(anext(published, None))
+        assert published is not None
         try:
-            await asyncio.wait((here, first), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((here, published.arrived), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            here.cancel()  # (no more waiting: a no-op if it came)
-            if not first.done():
-                first.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await first
+            published.close()
         seen = 0
-        if first.cancelled():
-            await published.aclose()
+        if here.done() and not here.cancelled():
             tap = here.result()
             try:
                 while (batch := await tap.next()) is not None:
@@ -162,17 +153,9 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
                     seen = batch[-1].sequence
             finally:
                 tap.close()
-            published = self.watching.watch(tenant, run_id, seen)
         else:
-            if here.done() and not here.cancelled():
-                here.result().close()
-            batch = first.result()
-            if batch is None:
-                return
-            yield batch
-            if is_terminal(batch[-1]):
-                return
-        async for batch in published:
+            here.cancel()  # (no more waiting)
+        async for batch in self.watching.watch(tenant, run_id, seen, record=started.record):
             yield batch
 
     def _cancel_later(self, tenant: str, run_id: str) -> None:
