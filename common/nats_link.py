@@ -284,7 +284,22 @@ class NatsLink:
         if self._nc is not None and subject not in self._subscriptions:
             await self._subscribe(subject)
             if flush:
-                await self._nc.flush()
+                await self.flush()
+
+    async def flush(self, wait: int = 10) -> None:
+        """Returns once the server has processed everything sent on this connection before (one
+        round trip): a subscription made, a subscription removed, a message published.
+
+        nats-py's own ``flush`` is not that: it writes its PING to the socket at once, ahead of
+        the commands still in its pending buffer (SUB, UNSUB, PUB wait there until its flusher
+        task runs), so its PONG can come back before the server has seen them. Here the pending
+        buffer is written out first, then the PING follows it."""
+        nc = self.nc
+        try:
+            await asyncio.wait_for(nc._flush_pending(force_flush=True), wait)
+        except TimeoutError:
+            raise nats.errors.FlushTimeoutError from None
+        await nc.flush(wait)
 
     def on_reconnected(self, callback: Callable[[], None]) -> None:
         """Calls ``callback`` after each reconnection (messages may have been missed)."""

@@ -66,7 +66,7 @@ class AgentCache:
         notice = json.dumps({"tenant": tenant, "agent_id": agent_id}).encode()
         with contextlib.suppress(Unavailable, nats.errors.Error, TimeoutError):
             await self._link.nc.publish(self._link.names.agent_changes_subject, notice)
-            await self._link.nc.flush(timeout=1)
+            await self._link.flush(wait=1)
 
     async def _on_notice(self, msg: Msg) -> None:
         self._notices += 1

@@ -36,7 +36,7 @@ async def connected_cache(link: NatsLink) -> AgentCache:
     cache = AgentCache(link)
     await cache.start()
     await link.start()
-    await link.nc.flush()  # the notice subscription is in place
+    await link.flush()  # the notice subscription is in place
     return cache
 
 

@@ -887,16 +887,50 @@ async def test_holder_answers_tells_whether_a_process_answers_for_the_run(
 
     try:
         await holder.subscribe_control(run_id, answer)
-        await holder.nc.flush()
+        await holder.flush()
         assert await link.holder_answers(run_id, wait=WAIT) is True
         assert requests == [b'{"op": "ping"}']
         assert await link.holder_answers(str(uuid.uuid4()), wait=WAIT) is False  # another run
 
         await holder.unsubscribe_control(run_id)
-        await holder.nc.flush()
+        await holder.flush()
         assert await link.holder_answers(run_id, wait=WAIT) is False
     finally:
         await holder.close()
+
+
+async def test_a_flush_comes_back_after_the_server_has_what_was_sent_before_it(
+    link: NatsLink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush's PING goes out after the subscriptions made and removed before it, so its PONG
+    means the server has them. (nats-py's own flush writes its PING straight to the socket,
+    ahead of the SUB and UNSUB still in its pending buffer: a holder's ping right after could
+    still reach the removed subscription, and go unanswered, or miss the new one.)"""
+    written: list[bytes] = []
+    transport = link.nc._transport
+    assert transport is not None
+    write, writelines = transport.write, transport.writelines
+
+    def record(data: bytes) -> None:
+        written.append(bytes(data))
+        write(data)
+
+    def record_lines(lines: list[bytes]) -> None:
+        written.extend(bytes(line) for line in lines)
+        writelines(lines)
+
+    monkeypatch.setattr(transport, "write", record)
+    monkeypatch.setattr(transport, "writelines", record_lines)
+
+    async def answer(msg: Msg) -> None:
+        await msg.respond(b"{}")
+
+    run_id = str(uuid.uuid4())
+    await link.subscribe_control(run_id, answer)
+    await link.unsubscribe_control(run_id)
+    await link.flush()
+    sent = [line.split(b" ")[0].strip() for line in written]
+    assert sent == [b"SUB", b"UNSUB", b"PING"], written
 
 
 async def test_holder_answers_cannot_tell_when_nobody_answers_in_time_or_nats_is_down(
@@ -908,7 +942,7 @@ async def test_holder_answers_cannot_tell_when_nobody_answers_in_time_or_nats_is
         return None
 
     await link.subscribe_control(run_id, silent)
-    await link.nc.flush()
+    await link.flush()
     assert await link.holder_answers(run_id, wait=0.2) is None
     await link.unsubscribe_control(run_id)
 
@@ -941,7 +975,7 @@ async def test_a_runs_holder_in_another_namespace_does_not_answer(
 
     try:
         await elsewhere.subscribe_control(run_id, answer)
-        await elsewhere.nc.flush()
+        await elsewhere.flush()
         assert await elsewhere.holder_answers(run_id) is True
         assert await link.holder_answers(run_id) is False
     finally:

@@ -5,7 +5,9 @@ one nats-server.
   moments (a seeded choice of how many streamed events to wait for) and one gateway is killed:
   the clients of the dead gateway reconnect to the other one and resume with WatchRun after the
   last sequence they saw. Every run ends with exactly the output of an uninterrupted run, no
-  recorded tool call runs again, and every client's stream is gap-free without repeats.
+  recorded tool call runs again, and every client's stream is gap-free without repeats. The
+  gateway dies while a run is known to be streaming through it: a witness run, waiting for an
+  approval that its client has received through that gateway, is approved only after the kill.
 - Classic runs are spread over the executors by the gateway (client-side round robin over the
   target list), and those on an executor that is killed fail with EXECUTOR_LOST while the
   others complete.
@@ -16,11 +18,12 @@ PostgreSQL only: several executors share one store.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +53,9 @@ MAX_SPREAD_RUNS = 12
 RETRY_PAUSE = 0.05
 PING_RETRY = 0.05
 GUARD = 60.0  # seconds: a bound on waiting for what must happen, never a pace
+# The witness of the gateway kill: a run that waits for an approval, then ends.
+WITNESS_EMAIL = json.dumps({"to": "w@example.com", "subject": "w", "body": "witness"})
+WITNESS_TURNS = [("Asking.", [("send_email", WITNESS_EMAIL)]), ("Witnessed.", [])]
 
 
 @dataclass
@@ -127,6 +133,11 @@ class Progress:
             self.finished += finished
             self._changed.notify_all()
 
+    async def until(self, condition: Callable[[], bool]) -> None:
+        """Waits until ``condition`` holds (checked whenever a client received something)."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(condition), GUARD)
+
     async def reach(self, events: int, runs: int) -> bool:
         """Waits until ``events`` events were received (True), or all ``runs`` finished first."""
         async with self._changed:
@@ -141,12 +152,20 @@ class Reader:
     """A client streaming one durable run through its home gateway. When its call fails with
     UNAVAILABLE (its gateway died, or something behind it), it goes to the other gateway and
     resumes with WatchRun after the last sequence it saw, or repeats its start with the same
-    request_id if it saw nothing yet."""
+    request_id if it saw nothing yet. While ``pinned``, it asks its home gateway again instead."""
 
-    def __init__(self, clients: list[Client], home: int, agent_id: str, progress: Progress) -> None:
+    def __init__(
+        self,
+        clients: list[Client],
+        home: int,
+        agent_id: str,
+        progress: Progress,
+        pinned: bool = False,
+    ) -> None:
         self.events: list[run_pb2.RunEvent] = []
         self.home = home
         self.gateway = home
+        self.pinned = pinned
         self.resumed_on: list[tuple[int, int]] = []  # (gateway, after sequence) of each resume
         self._clients = clients
         self._agent_id = agent_id
@@ -171,7 +190,8 @@ class Reader:
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() != grpc.StatusCode.UNAVAILABLE:
                         raise
-                    self.gateway = 1 - self.gateway
+                    if not self.pinned:
+                        self.gateway = 1 - self.gateway
                     after = self.events[-1].sequence if self.events else 0
                     self.resumed_on.append((self.gateway, after))
                     failures += 1
@@ -199,6 +219,9 @@ async def test_durable_runs_complete_exactly_once_while_executors_and_a_gateway_
     agent = await clients[0].create_agent(
         scripted_agent(turns=TURNS, tools=TOOLS, mode=DURABLE, token_delay_ms=100)
     )
+    gated = await clients[0].create_agent(
+        scripted_agent(turns=WITNESS_TURNS, tools=(("send_email", True),), mode=DURABLE)
+    )
     # An undisturbed run: how many events a run has, for choosing moments.
     calm = await clients[1].run(agent.id, "work")
     check_run(calm, cluster.stack.data_dir, await stored_history(clients[1], calm[0].run_id))
@@ -210,16 +233,24 @@ async def test_durable_runs_complete_exactly_once_while_executors_and_a_gateway_
     gateway_moment = int(total * rng.uniform(0.15, 0.4))
     plan = sorted([(m, "executor") for m in moments] + [(gateway_moment, "gateway")])
     done: list[tuple[int, str]] = []
-    streaming_through_killed: list[Reader] = []
+    witness: Reader | None = None
+    resumed_before_kill = 0
     restarts: dict[int, asyncio.Task[Service]] = {}
     for moment, what in plan:
-        if not await progress.reach(moment, RUNS):
+        if not await progress.reach(moment, RUNS + (witness is not None)):
             break  # every run ended first
         if what == "gateway":
+            # The witness streams through gateway 0 (only, until the kill) and stops at an
+            # approval: once its client has that event, its run cannot end until approved, so
+            # its call through gateway 0 is open when the gateway dies.
+            witness = Reader(clients, 0, gated.id, progress, pinned=True)
+            await progress.until(functools.partial(asked_or_ended, witness))
+            pending = asking(witness)
+            assert pending is not None, describe(witness.events)
+            witness.pinned = False
+            resumed_before_kill = len(witness.resumed_on)
             cluster.stack.gateways[0].kill()
-            streaming_through_killed = [
-                r for r in readers if r.home == 0 and not (r.events and is_terminal(r.events[-1]))
-            ]
+            await approve(clients[1], pending)
         else:
             # A victim among the executors that are up, as long as another one stays up; it is
             # killed now and comes back in the background (starting takes a while).
@@ -246,10 +277,47 @@ async def test_durable_runs_complete_exactly_once_while_executors_and_a_gateway_
         e.step_started.attempt for run in finished for e in run if e.HasField("step_started")
     ]
     assert max(attempts) > 1, done
-    # The dead gateway's clients that were mid-run went on through the other gateway.
-    assert streaming_through_killed, "no run was streaming through the gateway when it died"
-    for reader in streaming_through_killed:
-        assert any(gateway == 1 for gateway, _ in reader.resumed_on), reader.resumed_on
+    # The witness, streaming through gateway 0 when it died, went on through gateway 1 from
+    # where it was (at least its approval request) to the end, without a gap or a repeat.
+    assert witness is not None, done
+    seen = await witness.result()
+    assert [e.sequence for e in seen] == list(range(1, len(seen) + 1)), kinds(seen)
+    assert seen[-1].HasField("run_completed"), describe(seen)
+    assert seen[-1].run_completed.output == "Witnessed."
+    asked = asking(witness)
+    assert asked is not None
+    after_kill = witness.resumed_on[resumed_before_kill:]
+    assert after_kill, "the witness's call through the killed gateway did not fail"
+    gateway, after = after_kill[0]
+    assert gateway == 1, witness.resumed_on
+    assert after >= asked.sequence, witness.resumed_on
+
+
+def asking(reader: Reader) -> run_pb2.RunEvent | None:
+    """The first approval request the reader received."""
+    return next((e for e in reader.events if e.HasField("tool_approval_required")), None)
+
+
+def asked_or_ended(reader: Reader) -> bool:
+    return asking(reader) is not None or reader.task.done()
+
+
+async def approve(client: Client, asked: run_pb2.RunEvent) -> None:
+    """Approves the tool call of an approval request. While the gateway answers UNAVAILABLE (the
+    executor it asked is down: killed, not back yet), asks again after a pause, as a client
+    should (bounded by GUARD)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + GUARD
+    failures = 0
+    while True:
+        try:
+            await client.approve(asked.run_id, asked.tool_approval_required.tool_call.id)
+            return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or loop.time() > deadline:
+                raise
+            failures += 1
+            await asyncio.sleep(RETRY_PAUSE * min(failures, 10))
 
 
 async def holder_of(nc: NatsClient, names: NatsNames, run_id: str) -> str:
