@@ -72,6 +72,25 @@ async def remove(link: NatsLink) -> None:
     await link.close()
 
 
+@pytest.fixture
+async def streamless(nats_server: Service) -> AsyncIterator[NatsLink]:
+    """A link to a namespace whose streams do not exist (until a test ensures them). Not made
+    by deleting streams: nats-server can fail to create a stream it has just deleted ("error
+    creating store for stream") while it still removes the old one's store."""
+    bare = NatsLink(
+        [f"nats://{nats_server.address}"],
+        name="streamless",
+        event_retention=RETENTION,
+        names=new_names(),
+        manage_streams=False,
+    )
+    opened = await started(bare)
+    yield opened
+    for close in reversed(_opened.pop(opened, [])):
+        await close()
+    await remove(opened)
+
+
 # What each test's link opened (publishers, readers), closed after the test even if it fails.
 _opened: dict[NatsLink, list[Callable[[], Awaitable[object]]]] = {}
 
@@ -550,16 +569,15 @@ async def test_when_the_backlog_is_full_the_oldest_events_are_dropped(link: Nats
 
 
 async def test_events_wait_while_the_stream_is_missing_and_go_once_it_is_back(
-    link: NatsLink,
+    streamless: NatsLink,
 ) -> None:
     run_id = str(uuid.uuid4())
-    await link.js.delete_stream(link.names.events_stream)
-    pub = publisher(link, run_id)
+    pub = publisher(streamless, run_id)
     batch = events(run_id, 1, 3)
     pub.enqueue(batch, Marks(version=3))
-    await link.ensure_streams()
+    await streamless.ensure_streams()
     assert await pub.close(WAIT) is True
-    assert [m.events for m in await stored(link, run_id)] == [batch]
+    assert [m.events for m in await stored(streamless, run_id)] == [batch]
 
 
 async def test_a_link_that_does_not_manage_streams_leaves_their_settings(
@@ -580,23 +598,21 @@ async def test_a_link_that_does_not_manage_streams_leaves_their_settings(
         await observer.close()
 
 
-async def test_close_reports_what_it_could_not_publish_in_time(link: NatsLink) -> None:
+async def test_close_reports_what_it_could_not_publish_in_time(streamless: NatsLink) -> None:
     run_id = str(uuid.uuid4())
-    await link.js.delete_stream(link.names.events_stream)
-    pub = publisher(link, run_id)
+    pub = publisher(streamless, run_id)
     pub.enqueue(events(run_id, 1, 3), Marks(version=3))
     assert await pub.close(0.5) is False
     assert not pub.fenced
-    await link.ensure_streams()
-    assert await stored(link, run_id) == []
+    await streamless.ensure_streams()
+    assert await stored(streamless, run_id) == []
 
 
 async def test_a_publisher_that_gives_up_does_not_report_everything_published(
-    link: NatsLink,
+    streamless: NatsLink,
 ) -> None:
     run_id = str(uuid.uuid4())
-    await link.js.delete_stream(link.names.events_stream)
-    pub = RunPublisher(link, run_id, TENANT, give_up_after=0.0)
+    pub = RunPublisher(streamless, run_id, TENANT, give_up_after=0.0)
     pub.enqueue(events(run_id, 1, 3), Marks(version=3))
     assert await pub.close(WAIT) is False
 
