@@ -16,7 +16,8 @@ that of all of the cluster's processes (background ones too), and the statements
 time grew from the first window to the last are listed (the view is reset at every window's
 start). With ``--database-url`` PostgreSQL's CPU is that of the backends serving the stack's
 connections (as bench.scale measures it), and statements are listed only if the database has
-pg_stat_statements.
+pg_stat_statements. A statement's time is its execution's wall time: waits for locks
+included. WAL kB and full-page images per run come from pg_stat_wal.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class Window:
     cpu_ms: dict[str, float]  # part -> CPU ms per run
     rss_mb: dict[str, float]  # service -> MB at the window's end
     rows: int  # rows of the run list at the window's end
+    wal: tuple[float, float]  # WAL kB and full-page images per run (pg_stat_wal)
     statements: dict[int, Statement] = field(default_factory=dict)
 
 
@@ -122,9 +124,14 @@ class Statements:
         rows = self._conn.execute(
             "SELECT queryid, query, calls, mean_exec_time, total_exec_time "
             "FROM pg_stat_statements WHERE queryid IS NOT NULL "
-            "AND query NOT LIKE '%pg_stat_statements%'"
+            "AND query NOT LIKE '%pg_stat%'"
         ).fetchall()
         return {row[0]: Statement(row[1], row[2], row[3], row[4]) for row in rows}
+
+    def wal(self) -> tuple[int, int]:
+        """WAL bytes and full-page images written so far (pg_stat_wal)."""
+        row = self._conn.execute("SELECT wal_bytes, wal_fpi FROM pg_stat_wal").fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     def run_list_rows(self) -> int:
         row = self._conn.execute(
@@ -153,7 +160,7 @@ async def soak(url: str, tmp: Path, runs: int, window: int, clients: int, postma
         await under_load(gateway.address, agent_id, 4 * clients, clients)
         print(
             f"| window | runs | runs/s | CPU ms/run: {PARTS_HEADER} | RSS MB: executor, gateway "
-            "| run list rows |",
+            "| WAL kB/run, FPI/run | run list rows |",
             flush=True,
         )
         services = {"executor": executor, "gateway": gateway}
@@ -165,6 +172,7 @@ async def soak(url: str, tmp: Path, runs: int, window: int, clients: int, postma
             meter.start()
             pg_before = cluster_cpu(postmaster) if postmaster else 0.0
             statements.reset()
+            wal_before = statements.wal()
             before = resource.getrusage(resource.RUSAGE_SELF)
             load = await under_load(gateway.address, agent_id, size, clients)
             after = resource.getrusage(resource.RUSAGE_SELF)
@@ -173,12 +181,18 @@ async def soak(url: str, tmp: Path, runs: int, window: int, clients: int, postma
                 spent["postgres"] = cluster_cpu(postmaster) - pg_before
             spent["client"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             done += size
+            wal_after = statements.wal()
+            wal = (
+                (wal_after[0] - wal_before[0]) / 1024 / size,
+                (wal_after[1] - wal_before[1]) / size,
+            )
             current = Window(
                 size,
                 load.runs_per_second,
                 {part: spent[part] * 1000 / size for part in PARTS},
                 {name: rss_bytes(service) / MB for name, service in services.items()},
                 statements.run_list_rows(),
+                wal,
                 statements.read(),
             )
             windows.append(current)
@@ -196,7 +210,8 @@ PARTS_HEADER = ", ".join(PARTS)
 def window_line(number: int, done: int, w: Window) -> str:
     cpu = ", ".join(f"{w.cpu_ms[part]:.2f}" for part in PARTS)
     rss = f"{w.rss_mb['executor']:.0f}, {w.rss_mb['gateway']:.0f}"
-    return f"| {number} | {done} | {w.runs_per_second:.1f} | {cpu} | {rss} | {w.rows} |"
+    wal = f"{w.wal[0]:.1f}, {w.wal[1]:.2f}"
+    return f"| {number} | {done} | {w.runs_per_second:.1f} | {cpu} | {rss} | {wal} | {w.rows} |"
 
 
 def verdict(first: float, last: float, higher_is_worse: bool) -> str:
@@ -215,8 +230,8 @@ def report(windows: list[Window], runs: int, clients: int, seconds: float, clust
         f"CPU in ms per run (PostgreSQL: {scope}); RSS in MB at the window's end.",
         "",
         f"| window | runs | runs/s | CPU ms/run: {PARTS_HEADER} | RSS MB: executor, gateway "
-        "| run list rows |",
-        "|---|---|---|---|---|---|",
+        "| WAL kB/run, FPI/run | run list rows |",
+        "|---|---|---|---|---|---|---|",
     ]
     done = 0
     for number, w in enumerate(windows, 1):
@@ -237,12 +252,14 @@ def report(windows: list[Window], runs: int, clients: int, seconds: float, clust
     for name in first.rss_mb:
         a, b = first.rss_mb[name], last.rss_mb[name]
         lines.append(f"| RSS {name} MB | {a:.0f} | {b:.0f} | {verdict(a, b, True)} |")
-    lines += ["", *grown_statements(first, last)]
+    lines += ["", *grown_statements(windows)]
     return "\n".join(lines)
 
 
-def grown_statements(first: Window, last: Window) -> list[str]:
-    """The statements whose mean time grew most from the first window to the last."""
+def grown_statements(windows: list[Window]) -> list[str]:
+    """The statements whose time per run grew most from the first window to the last, with
+    their mean time in every window."""
+    first, last = windows[0], windows[-1]
     if not first.statements or not last.statements:
         return ["(no pg_stat_statements: statements not compared)"]
     both = first.statements.keys() & last.statements.keys()
@@ -257,16 +274,19 @@ def grown_statements(first: Window, last: Window) -> list[str]:
         "Statements by the growth of their time per run, first window to last "
         "(pg_stat_statements, reset at each window's start):",
         "",
-        "| statement | calls/run first, last | mean ms first, last | ms/run first, last |",
+        "| statement | calls/run first, last | ms/run first, last | mean ms by window |",
         "|---|---|---|---|",
     ]
     for queryid in grown[:TOP_STATEMENTS]:
         a, b = first.statements[queryid], last.statements[queryid]
         text = shortened(b.query)
+        means = ", ".join(
+            f"{w.statements[queryid].mean_ms:.3f}" if queryid in w.statements else "-"
+            for w in windows
+        )
         lines.append(
             f"| `{text}` | {a.calls / first.runs:.2f}, {b.calls / last.runs:.2f} | "
-            f"{a.mean_ms:.3f}, {b.mean_ms:.3f} | "
-            f"{a.total_ms / first.runs:.3f}, {b.total_ms / last.runs:.3f} |"
+            f"{a.total_ms / first.runs:.3f}, {b.total_ms / last.runs:.3f} | {means} |"
         )
     return lines
 
