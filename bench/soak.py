@@ -46,6 +46,7 @@ from tests.postgres_server import PostgresUnavailable, Server, candidate_bindirs
 
 TOLERANCE = 0.15
 TOP_STATEMENTS = 10
+MIN_CALLS = 5  # in the first window and the last, for a statement to be compared
 MB = 1024 * 1024
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -257,37 +258,48 @@ def report(windows: list[Window], runs: int, clients: int, seconds: float, clust
 
 
 def grown_statements(windows: list[Window]) -> list[str]:
-    """The statements whose time per run grew most from the first window to the last, with
-    their mean time in every window."""
+    """The statements whose time per run grew most from the first window to the last, and
+    those whose mean time grew most (a statement run every few seconds costs little per run
+    but may show what grows with the tables), with their mean time in every window."""
     first, last = windows[0], windows[-1]
     if not first.statements or not last.statements:
         return ["(no pg_stat_statements: statements not compared)"]
-    both = first.statements.keys() & last.statements.keys()
-    grown = sorted(
-        both,
-        key=lambda q: (
-            last.statements[q].total_ms / last.runs - first.statements[q].total_ms / first.runs
-        ),
-        reverse=True,
-    )
-    lines = [
-        "Statements by the growth of their time per run, first window to last "
-        "(pg_stat_statements, reset at each window's start):",
-        "",
-        "| statement | calls/run first, last | ms/run first, last | mean ms by window |",
-        "|---|---|---|---|",
-    ]
-    for queryid in grown[:TOP_STATEMENTS]:
-        a, b = first.statements[queryid], last.statements[queryid]
-        text = shortened(b.query)
-        means = ", ".join(
-            f"{w.statements[queryid].mean_ms:.3f}" if queryid in w.statements else "-"
-            for w in windows
-        )
-        lines.append(
-            f"| `{text}` | {a.calls / first.runs:.2f}, {b.calls / last.runs:.2f} | "
-            f"{a.total_ms / first.runs:.3f}, {b.total_ms / last.runs:.3f} | {means} |"
-        )
+    both = {
+        q
+        for q in first.statements.keys() & last.statements.keys()
+        if min(first.statements[q].calls, last.statements[q].calls) >= MIN_CALLS
+    }
+
+    def per_run(q: int) -> float:
+        return last.statements[q].total_ms / last.runs - first.statements[q].total_ms / first.runs
+
+    def mean_ratio(q: int) -> float:
+        return last.statements[q].mean_ms / max(first.statements[q].mean_ms, 1e-6)
+
+    lines: list[str] = []
+    for title, key, count in (
+        ("time per run", per_run, TOP_STATEMENTS),
+        ("mean time", mean_ratio, TOP_STATEMENTS // 2),
+    ):
+        lines += [
+            f"Statements by the growth of their {title}, first window to last "
+            "(pg_stat_statements, reset at each window's start):",
+            "",
+            "| statement | calls/run first, last | ms/run first, last | mean ms by window |",
+            "|---|---|---|---|",
+        ]
+        for queryid in sorted(both, key=key, reverse=True)[:count]:
+            a, b = first.statements[queryid], last.statements[queryid]
+            means = ", ".join(
+                f"{w.statements[queryid].mean_ms:.3f}" if queryid in w.statements else "-"
+                for w in windows
+            )
+            lines.append(
+                f"| `{shortened(b.query)}` | {a.calls / first.runs:.2f}, "
+                f"{b.calls / last.runs:.2f} | {a.total_ms / first.runs:.3f}, "
+                f"{b.total_ms / last.runs:.3f} | {means} |"
+            )
+        lines.append("")
     return lines
 
 
