@@ -15,9 +15,11 @@ the tests do: tests.postgres_server) with pg_stat_statements preloaded: PostgreS
 that of all of the cluster's processes (background ones too), and the statements whose mean
 time grew from the first window to the last are listed (the view is reset at every window's
 start). With ``--database-url`` PostgreSQL's CPU is that of the backends serving the stack's
-connections (as bench.scale measures it), and statements are listed only if the database has
-pg_stat_statements. A statement's time is its execution's wall time: waits for locks
-included. WAL kB and full-page images per run come from pg_stat_wal.
+connections (as bench.scale measures it), in a schema of its own that it drops at the end;
+statements are listed only if the server preloads pg_stat_statements (the soak then resets the
+view at every window), and they and the WAL figures include whatever else the server runs.
+A statement's time is its execution's wall time: waits for locks included. WAL kB and
+full-page images per run come from pg_stat_wal.
 """
 
 from __future__ import annotations
@@ -104,16 +106,17 @@ class Window:
 
 
 class Statements:
-    """pg_stat_statements of the database at ``conninfo`` (none if it lacks the extension)."""
+    """pg_stat_statements of the database at ``conninfo`` (none unless the server preloads it),
+    and the server's WAL and the run list's rows in ``schema``."""
 
-    def __init__(self, conninfo: str) -> None:
+    def __init__(self, conninfo: str, schema: str) -> None:
         self._conn = psycopg.connect(conninfo, autocommit=True)
-        try:
+        self._schema = schema or "public"
+        preloaded = self._conn.execute("SHOW shared_preload_libraries").fetchone()
+        self.available = preloaded is not None and "pg_stat_statements" in str(preloaded[0])
+        if self.available:
             self._conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             self._conn.execute("SELECT pg_stat_statements_reset()")
-            self.available = True
-        except psycopg.Error:
-            self.available = False
 
     def reset(self) -> None:
         if self.available:
@@ -137,9 +140,13 @@ class Statements:
     def run_list_rows(self) -> int:
         row = self._conn.execute(
             "SELECT coalesce(sum(n_live_tup), 0) FROM pg_stat_user_tables "
-            "WHERE relname = 'agentrun_runs'"
+            "WHERE relname = 'agentrun_runs' AND schemaname = %s",
+            (self._schema,),
         ).fetchone()
         return int(row[0]) if row else 0
+
+    def drop_schema(self, schema: str) -> None:
+        self._conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
     def close(self) -> None:
         self._conn.close()
@@ -149,7 +156,7 @@ async def soak(url: str, tmp: Path, runs: int, window: int, clients: int, postma
     """Serves the runs and returns the report (markdown)."""
     postgres = StoreConfig.from_url(url).postgres
     assert postgres is not None, "the soak needs PostgreSQL"
-    statements = Statements(postgres.conninfo())
+    statements = Statements(postgres.conninfo(), postgres.schema)
     stack = Stack(url, tmp)
     windows: list[Window] = []
     started = time.monotonic()
@@ -200,6 +207,8 @@ async def soak(url: str, tmp: Path, runs: int, window: int, clients: int, postma
             print(window_line(len(windows), done, current), flush=True)
     finally:
         stack.stop()
+        if postgres.schema and not postmaster:  # a schema of its own in the given database
+            statements.drop_schema(postgres.schema)
         statements.close()
     return report(windows, runs, clients, time.monotonic() - started, postmaster != 0)
 
