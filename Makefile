@@ -9,7 +9,7 @@ BUF := node_modules/.bin/buf
 # buf for the contract checks, and the packages of the Node.js example (an npm workspace).
 NODE_INSTALLED := node_modules/.installed
 
-.PHONY: setup run test check lint typecheck proto proto-check proto-lint proto-breaking bench bench-smoke clean
+.PHONY: setup run test check lint typecheck proto proto-check proto-lint proto-breaking bench bench-smoke soak clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,14 @@ bench: setup
 
 bench-smoke: setup
 	$(BIN)/python -m bench.run --smoke
+
+## The soak (minutes, not in CI): SOAK_RUNS durable runs against one long-lived stack and a
+## PostgreSQL server of its own; does the cost of a run grow with the work done?
+SOAK_RUNS ?= 100000
+SOAK_WINDOW ?= 10000
+soak: setup
+	$(BIN)/python -m bench.soak --runs $(SOAK_RUNS) --window $(SOAK_WINDOW) \
+		--output bench/results/soak-latest.md
 
 clean:
 	rm -rf $(VENV) node_modules .agentrun .mypy_cache .ruff_cache .pytest_cache

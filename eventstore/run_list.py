@@ -69,10 +69,15 @@ _LIST_INDEX_SQL = (
     "CREATE INDEX IF NOT EXISTS agentrun_runs_by_tenant "
     "ON agentrun_runs (tenant, created_at DESC, run_id DESC)"
 )
-_ACTIVE = tuple(sorted(ACTIVE_STATUSES))
-_IS_ACTIVE_SQL = f"status IN ({', '.join(['%s'] * len(_ACTIVE))})"
+# The active statuses as literals, not parameters: the planner uses a partial index only for
+# a condition it can prove implies the index's, and a parameter proves nothing.
+_IS_ACTIVE_SQL = f"status IN ({', '.join(repr(s) for s in sorted(ACTIVE_STATUSES))})"
+# Active runs only: most rows are of ended runs, which the reconciler, the metrics and quota
+# admission never look for. An index of every row grew with the table (so did its upkeep and
+# the scans of its entries dead since their run ended); this one holds only the active runs.
 _ACTIVE_INDEX_SQL = (
-    "CREATE INDEX IF NOT EXISTS agentrun_runs_active ON agentrun_runs (execution_mode, status)"
+    "CREATE INDEX IF NOT EXISTS agentrun_runs_active_only "
+    f"ON agentrun_runs (execution_mode, status) WHERE {_IS_ACTIVE_SQL}"
 )
 # One row per start admitted under a quota, kept a while: the rate window counts them, and a
 # run not in the run list yet (a durable run's row is projected a moment after it is stored)
@@ -86,8 +91,11 @@ _ADMISSIONS_INDEX_SQL = (
     "ON agentrun_admissions (tenant, admitted_at)"
 )
 _TENANT_ACTIVE_INDEX_SQL = (
-    "CREATE INDEX IF NOT EXISTS agentrun_runs_by_tenant_status ON agentrun_runs (tenant, status)"
+    "CREATE INDEX IF NOT EXISTS agentrun_runs_active_by_tenant "
+    f"ON agentrun_runs (tenant) WHERE {_IS_ACTIVE_SQL}"
 )
+# The indexes of every row the two above replace, dropped from run lists made before.
+_REPLACED_INDEXES = ("agentrun_runs_active", "agentrun_runs_by_tenant_status")
 ADMISSIONS_KEPT = 5 * RATE_WINDOW
 
 
@@ -161,6 +169,8 @@ class RunList:
             cur.execute(_ADMISSIONS_SQL)
             cur.execute(_ADMISSIONS_INDEX_SQL)
             cur.execute(_TENANT_ACTIVE_INDEX_SQL)
+            for index in _REPLACED_INDEXES:
+                cur.execute(f"DROP INDEX IF EXISTS {index}")
 
     def close(self) -> None:
         self._db.close()
@@ -240,7 +250,7 @@ class RunList:
                     f"WHERE tenant = %s AND {_IS_ACTIVE_SQL}) + "
                     "(SELECT count(*) FROM agentrun_admissions a WHERE a.tenant = %s AND NOT "
                     "EXISTS (SELECT 1 FROM agentrun_runs r WHERE r.run_id = a.run_id))",
-                    (tenant, *_ACTIVE, tenant),
+                    (tenant, tenant),
                 )
                 active = (cur.fetchone() or (0,))[0]
                 if active >= quotas.max_concurrent_runs:
@@ -282,11 +292,11 @@ class RunList:
         for name in _JSON_FIELDS & changes.keys():
             changes[name] = json.dumps(changes[name])
         assignments = ", ".join(f"{name} = %s" for name in changes)
-        condition, params = (f" AND {_IS_ACTIVE_SQL}", _ACTIVE) if active_only else ("", ())
+        condition = f" AND {_IS_ACTIVE_SQL}" if active_only else ""
         with self._db.cursor() as cur:
             cur.execute(
                 f"UPDATE agentrun_runs SET {assignments} WHERE run_id = %s{condition}",
-                (*changes.values(), run_id, *params),
+                (*changes.values(), run_id),
             )
             updated: bool = cur.rowcount == 1
             return updated
@@ -390,7 +400,7 @@ class RunList:
         with self._db.cursor() as cur:
             cur.execute(
                 f"SELECT {', '.join(_FIELD_NAMES)} FROM agentrun_runs "
-                "WHERE execution_mode = 'durable' AND ("
+                f"WHERE execution_mode = 'durable' AND {_IS_ACTIVE_SQL} AND ("
                 "(status = 'running' AND updated_at < %s) OR "
                 "(status IN ('awaiting_approval', 'awaiting_tool_result') "
                 "AND approval_deadline > 0 AND approval_deadline <= %s))",
@@ -403,7 +413,8 @@ class RunList:
         with self._db.cursor() as cur:
             cur.execute(
                 "SELECT count(*) FROM agentrun_runs "
-                "WHERE execution_mode = 'durable' AND status = 'awaiting_approval'"
+                f"WHERE execution_mode = 'durable' AND {_IS_ACTIVE_SQL} "
+                "AND status = 'awaiting_approval'"
             )
             row = cur.fetchone()
             return int(row[0]) if row is not None else 0
@@ -413,8 +424,7 @@ class RunList:
         with self._db.cursor() as cur:
             cur.execute(
                 f"SELECT {', '.join(_FIELD_NAMES)} FROM agentrun_runs "
-                f"WHERE execution_mode = 'classic' AND {_IS_ACTIVE_SQL}",
-                _ACTIVE,
+                f"WHERE execution_mode = 'classic' AND {_IS_ACTIVE_SQL}"
             )
             return [_from_row(r) for r in cur.fetchall()]
 

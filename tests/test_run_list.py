@@ -366,3 +366,59 @@ def test_a_run_list_of_an_earlier_version_gets_the_column_it_lacks(store: StoreC
         assert reopened.get(TENANT, "run-new").client_results == {"c1": "digest"}
         reopened.remove("run-new")
         reopened.close()
+
+
+def test_durable_runs_due_and_suspended_durable_runs(run_list: RunList) -> None:
+    run_list.claim(run("stalled", execution_mode="durable"))
+    run_list.claim(run("fresh", execution_mode="durable"))
+    run_list.claim(run("late", execution_mode="durable", status="awaiting_approval"))
+    run_list.update("late", approval_deadline=50.0)
+    run_list.claim(run("not-yet", execution_mode="durable", status="awaiting_tool_result"))
+    run_list.update("not-yet", approval_deadline=10_000.0)
+    run_list.claim(run("no-deadline", execution_mode="durable", status="awaiting_approval"))
+    run_list.claim(run("ended", execution_mode="durable", status="completed"))
+    run_list.update("ended", approval_deadline=50.0)
+    run_list.claim(run("classic", status="running"))
+    with run_list._db.cursor() as cur:  # stalled: unchanged for a long time
+        cur.execute(
+            "UPDATE agentrun_runs SET updated_at = 100 WHERE run_id IN ('stalled', 'ended')"
+        )
+
+    due = run_list.durable_runs_due(stalled_before=1000.0, deadline_before=1000.0)
+
+    assert sorted(r.run_id for r in due) == ["late", "stalled"]
+    assert run_list.suspended_durable_runs() == 2
+
+
+def test_a_run_list_of_an_earlier_version_gets_its_indexes_of_active_runs(
+    store: StoreConfig,
+) -> None:
+    earlier = RunList(store)
+    earlier.claim(run("run-old"))
+    with earlier._db.cursor() as cur:  # the indexes of every row it had before
+        cur.execute("DROP INDEX agentrun_runs_active_only")
+        cur.execute("DROP INDEX agentrun_runs_active_by_tenant")
+        cur.execute("CREATE INDEX agentrun_runs_active ON agentrun_runs (execution_mode, status)")
+        cur.execute("CREATE INDEX agentrun_runs_by_tenant_status ON agentrun_runs (tenant, status)")
+    earlier.close()
+    for _ in range(2):  # (opened again: nothing left to change)
+        reopened = RunList(store)
+        with reopened._db.cursor() as cur:
+            if store.postgres is None:
+                cur.execute(
+                    "SELECT name FROM sqlite_master "
+                    "WHERE type = 'index' AND tbl_name = 'agentrun_runs' AND sql IS NOT NULL"
+                )
+            else:
+                cur.execute(
+                    "SELECT indexname FROM pg_indexes WHERE tablename = 'agentrun_runs' "
+                    "AND schemaname = current_schema() AND indexname <> 'agentrun_runs_pkey'"
+                )
+            indexes = sorted(str(row[0]) for row in cur.fetchall())
+        assert indexes == [
+            "agentrun_runs_active_by_tenant",
+            "agentrun_runs_active_only",
+            "agentrun_runs_by_tenant",
+        ]
+        assert [r.run_id for r in reopened.active_classic_runs()] == ["run-old"]
+        reopened.close()
