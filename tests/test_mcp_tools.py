@@ -261,6 +261,20 @@ async def test_calls_keep_one_connection_to_the_server(client: Client, mcp: McpS
     assert await mcp.connections() == 1
 
 
+async def test_calls_keep_one_connection_to_a_server_that_ends_its_streams_late(
+    client: Client, mcp: McpServer
+) -> None:
+    """The server ends each call's SSE stream a while after the result (LATE_END), longer than
+    the executor takes to make its next call: a call returns once its stream has ended, so the
+    next goes over the same connection rather than open another."""
+    calls = tuple(("kb_mangled", "{}") for _ in range(4))
+    agent = await client.create_agent(scripted(mcp_tool(f"{mcp.base}/raw/lateend/mcp"), calls))
+    events = await client.run(agent.id, "four calls")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    assert [(r.output, r.is_error) for r in results(events)] == [("started", False)] * 4
+    assert await mcp.connections() == 1
+
+
 @pytest.mark.parametrize("mode", [CLASSIC, DURABLE], ids=["classic", "durable"])
 async def test_the_openai_provider_is_offered_the_servers_tools_and_calls_one(
     client: Client,
