@@ -245,10 +245,6 @@ async def test_a_run_calls_an_mcp_servers_tools_with_the_idempotency_key(
         assert sorted(t["name"] for t in listed["tools"]) == sorted(ALL_TOOLS)
 
 
-@pytest.mark.xfail(
-    reason="2 connections in two clean-clone CI runs under xdist (passes alone); cause not found",
-    strict=False,
-)
 async def test_calls_keep_one_connection_to_the_server(client: Client, mcp: McpServer) -> None:
     """The server answers each call with an SSE stream that it ends after the result: the
     executor reads it to its end, so the next call goes over the same connection."""
