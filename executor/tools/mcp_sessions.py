@@ -166,9 +166,15 @@ class McpSessions:
                     # (the SDK returns the result before the stream that carried it ends: the
                     # next request would find its connection still taken and open another. A
                     # server that does not end its streams costs that wait once, then its
-                    # connections)
-                    if connection.ends_streams and not await seen.settled():
-                        connection.ends_streams = False
+                    # connections; so does a caller's timeout that ends the wait)
+                    if connection.ends_streams:
+                        try:
+                            kept = await seen.settled()
+                        except BaseException:
+                            connection.ends_streams = False
+                            raise
+                        if not kept:
+                            connection.ends_streams = False
                     return result
             except (httpx2.TransportError, OSError, McpUnreachable) as exc:
                 await self._drop(connection)
