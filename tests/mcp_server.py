@@ -13,6 +13,7 @@ are N, GET /control/connections how many client connections (address and port) t
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -121,6 +122,7 @@ async def connections_used(request: Request) -> Response:
 slow_starts: list[int] = []
 tool_calls_by_mode: dict[str, int] = {}
 HUGE_BYTES = 10 * 1024 * 1024
+LATE_END = 0.3  # seconds: how long ``lateend`` keeps a response's stream open after the result
 
 
 async def raw(request: Request) -> Response:
@@ -129,7 +131,8 @@ async def raw(request: Request) -> Response:
     initialize (later ones at once); ``many`` lists 200 tools; ``badlist`` answers tools/list with
     a malformed result; ``flaky`` answers its first two tools/call with HTTP 503; ``dropped``
     breaks the connection in the middle of its first tools/call's response; ``huge`` answers
-    tools/call with a text of HUGE_BYTES."""
+    tools/call with a text of HUGE_BYTES; ``lateend`` answers tools/call with an SSE stream that
+    it ends LATE_END after the result. The connections of tools/call requests are counted."""
     if request.method != "POST":
         return Response(status_code=405)
     mode = request.path_params["mode"]
@@ -137,6 +140,8 @@ async def raw(request: Request) -> Response:
     method = message.get("method")
     if "id" not in message:  # a notification
         return Response(status_code=202)
+    if method == "tools/call" and request.client is not None:
+        connections.add((request.client.host, request.client.port))
     result: dict[str, Any]
     if method == "initialize":
         if mode == "slowstart" and not slow_starts:
@@ -169,6 +174,10 @@ async def raw(request: Request) -> Response:
         if mode == "dropped" and calls_before < 1:
             return StreamingResponse(_broken_body(), media_type="application/json")
         result = {"content": [{"type": "text", "text": "started"}]}
+    elif method == "tools/call" and mode == "lateend":
+        result = {"content": [{"type": "text", "text": "started"}]}
+        answer = {"jsonrpc": "2.0", "id": message["id"], "result": result}
+        return StreamingResponse(_ended_late(answer), media_type="text/event-stream")
     elif method == "tools/call" and mode == "huge":
         result = {"content": [{"type": "text", "text": "x" * HUGE_BYTES}]}
     elif method == "tools/call" and mode == "broken":
@@ -178,6 +187,11 @@ async def raw(request: Request) -> Response:
     else:
         result = {}
     return JSONResponse({"jsonrpc": "2.0", "id": message["id"], "result": result})
+
+
+async def _ended_late(answer: dict[str, Any]) -> AsyncIterator[bytes]:
+    yield f"event: message\ndata: {json.dumps(answer)}\n\n".encode()
+    await asyncio.sleep(LATE_END)
 
 
 async def _broken_body() -> AsyncIterator[bytes]:

@@ -245,10 +245,6 @@ async def test_a_run_calls_an_mcp_servers_tools_with_the_idempotency_key(
         assert sorted(t["name"] for t in listed["tools"]) == sorted(ALL_TOOLS)
 
 
-@pytest.mark.xfail(
-    reason="2 connections in two clean-clone CI runs under xdist (passes alone); cause not found",
-    strict=False,
-)
 async def test_calls_keep_one_connection_to_the_server(client: Client, mcp: McpServer) -> None:
     """The server answers each call with an SSE stream that it ends after the result: the
     executor reads it to its end, so the next call goes over the same connection."""
@@ -258,6 +254,20 @@ async def test_calls_keep_one_connection_to_the_server(client: Client, mcp: McpS
     assert events[-1].run_completed.output == "Done.", kinds(events)
     assert [r.output for r in results(events)] == [f"found {i}" for i in range(4)]
     assert len(await mcp.calls(4)) == 4
+    assert await mcp.connections() == 1
+
+
+async def test_calls_keep_one_connection_to_a_server_that_ends_its_streams_late(
+    client: Client, mcp: McpServer
+) -> None:
+    """The server ends each call's SSE stream a while after the result (LATE_END), longer than
+    the executor takes to make its next call: a call returns once its stream has ended, so the
+    next goes over the same connection rather than open another."""
+    calls = tuple(("kb_mangled", "{}") for _ in range(4))
+    agent = await client.create_agent(scripted(mcp_tool(f"{mcp.base}/raw/lateend/mcp"), calls))
+    events = await client.run(agent.id, "four calls")
+    assert events[-1].run_completed.output == "Done.", kinds(events)
+    assert [(r.output, r.is_error) for r in results(events)] == [("started", False)] * 4
     assert await mcp.connections() == 1
 
 

@@ -58,6 +58,9 @@ class _Connection:
         self._session: asyncio.Future[ClientSession] = asyncio.get_running_loop().create_future()
         self._closing = asyncio.Event()
         self.broken = False
+        # Whether the server ends a POST's SSE stream right after its response (see _request):
+        # until one is not read to its end within the transport's bound.
+        self.ends_streams = True
         self._task = asyncio.create_task(self._hold(), name=f"mcp session {url}")
 
     async def _hold(self) -> None:
@@ -134,11 +137,12 @@ class McpSessions:
         return connection
 
     async def _request(self, url: str, headers: dict[str, str], call: Any) -> Any:
-        """Runs ``call(session)``. A session the server no longer knows (it restarted) is
-        replaced and the request made once more on the new one: the server refused it without
-        running it. A broken session is dropped (the next request opens another) and raises
-        McpUnreachable; HTTP 429 or 5xx raises McpHttpError; a response too long to read,
-        McpResponseTooLong."""
+        """Runs ``call(session)``, and returns once the responses it read are closed (their
+        connection back in the pool, for the next request). A session the server no longer
+        knows (it restarted) is replaced and the request made once more on the new one: the
+        server refused it without running it. A broken session is dropped (the next request
+        opens another) and raises McpUnreachable; HTTP 429 or 5xx raises McpHttpError; a
+        response too long to read, McpResponseTooLong."""
         import httpx2
         from mcp.shared.exceptions import MCPError
         from mcp.types import CONNECTION_CLOSED, INVALID_REQUEST
@@ -155,10 +159,23 @@ class McpSessions:
             try:
                 with exchange() as seen:
                     try:
-                        return await call(session)
+                        result = await call(session)
                     except Exception:
                         _raise_what_http_saw(seen, self._max_response_bytes)
                         raise
+                    # (the SDK returns the result before the stream that carried it ends: the
+                    # next request would find its connection still taken and open another. A
+                    # server that does not end its streams costs that wait once, then its
+                    # connections; so does a caller's timeout that ends the wait)
+                    if connection.ends_streams:
+                        try:
+                            kept = await seen.settled()
+                        except BaseException:
+                            connection.ends_streams = False
+                            raise
+                        if not kept:
+                            connection.ends_streams = False
+                    return result
             except (httpx2.TransportError, OSError, McpUnreachable) as exc:
                 await self._drop(connection)
                 raise McpUnreachable(_reason(exc)) from None

@@ -6,7 +6,11 @@
   closed before its end takes its connection with it: every call would open a new TCP
   connection (a connect, the server's accept, and a socket left in TIME_WAIT, which at a few
   hundred calls a second runs out of ports). Such a stream is read to its end first, for a
-  short bounded time, so that the connection goes back to the pool.
+  short bounded time, so that the connection goes back to the pool. The SDK hands the
+  response to its caller before it closes the stream, so the stream's end may still be on its
+  way when the caller sends its next request, which would then find the connection still
+  taken and open another: the request's Exchange tells when its responses are closed
+  (``settled``), and the sessions return a result only then.
 - The HTTP status. The SDK turns an HTTP 429 or 5xx into an MCP error like any other; the
   request's Exchange (set by whoever sends it, see ``exchange``) keeps the status and its
   Retry-After, for the tool's retry policy.
@@ -19,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 import httpx2
@@ -39,6 +43,18 @@ class Exchange:
     status: int = 0
     retry_after: float = 0.0
     too_long: bool = False
+    bodies: list[_Bounded] = field(default_factory=list, repr=False)
+
+    async def settled(self) -> bool:
+        """Waits until the POSTs' response bodies are closed, their connections back in the
+        pool or closed; whether each was read to its end (its connection kept). A body's
+        close is bounded by DRAIN_TIMEOUT; the wait here too, should one never be closed."""
+        kept = True
+        with anyio.move_on_after(DRAIN_TIMEOUT + 1.0) as scope:
+            for body in self.bodies:
+                await body.closed.wait()
+                kept = kept and body.kept
+        return kept and not scope.cancelled_caught
 
 
 _current: contextvars.ContextVar[Exchange | None] = contextvars.ContextVar(
@@ -73,6 +89,8 @@ class _Bounded(httpx2.AsyncByteStream):
         self._seen = seen
         self._drain = drain
         self._read = 0
+        self.closed = anyio.Event()
+        self.kept = not drain  # (an SSE stream's connection is kept once it is read to its end)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._inner:
@@ -93,10 +111,15 @@ class _Bounded(httpx2.AsyncByteStream):
                         drained += len(chunk)
                         if drained > DRAIN_BYTES:
                             break
+                    else:
+                        self.kept = True
         except Exception:  # (the connection broke: closing it below is all there is to do)
-            pass
+            self.kept = False
         finally:
-            await self._inner.aclose()
+            try:
+                await self._inner.aclose()
+            finally:
+                self.closed.set()
 
 
 class McpHttpTransport(httpx2.AsyncBaseTransport):
@@ -117,7 +140,10 @@ class McpHttpTransport(httpx2.AsyncBaseTransport):
                 seen.retry_after = retry_after_seconds(response.headers.get("retry-after"))
         assert isinstance(response.stream, httpx2.AsyncByteStream)
         sse = response.headers.get("content-type", "").startswith("text/event-stream")
-        response.stream = _Bounded(response.stream, self._limit, seen, drain=sse)
+        body = _Bounded(response.stream, self._limit, seen, drain=sse)
+        if seen is not None:
+            seen.bodies.append(body)
+        response.stream = body
         return response
 
     async def aclose(self) -> None:
