@@ -59,3 +59,24 @@ def test_an_executor_starts_without_importing_the_mcp_sdk() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_mcp_sdk_is_imported_off_the_event_loop() -> None:
+    """Its first use imports the SDK in a worker thread: every run on the executor goes on
+    while it loads (seconds on a loaded machine)."""
+    probe = (
+        "import asyncio, sys, threading\n"
+        "on_main = set()\n"
+        "def hook(event, args):\n"
+        "    if event == 'import' and str(args[0]).split('.')[0] == 'mcp':\n"
+        "        if threading.current_thread() is threading.main_thread():\n"
+        "            on_main.add(args[0])\n"
+        "sys.addaudithook(hook)\n"
+        "from executor.tools.mcp_sessions import load_sdk\n"
+        "asyncio.run(load_sdk())\n"
+        "print(sorted(on_main), 'mcp.client.session' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[] True", done.stdout

@@ -37,6 +37,7 @@ from executor.tools.mcp_sessions import (
     McpResponseTooLong,
     McpSessions,
     McpUnreachable,
+    load_sdk,
 )
 
 if TYPE_CHECKING:  # (the SDK is imported on first use: see executor.tools.mcp_sessions)
@@ -129,6 +130,7 @@ class McpListings:
         return pinned
 
     async def _list(self, settings: ToolSettings, server: McpServerSettings) -> list[types.Tool]:
+        await load_sdk()
         from mcp.shared.exceptions import MCPError
         from pydantic import ValidationError
 
@@ -194,6 +196,7 @@ class McpTool:
         return self._pinned["parameters"]
 
     async def invoke(self, arguments: dict[str, Any], context: ToolContext) -> str:
+        await load_sdk()
         from mcp.shared.exceptions import MCPError
         from pydantic import ValidationError
 

@@ -4,15 +4,18 @@ opened on first use and opened again after it breaks.
 The SDK's Streamable HTTP transport must be entered and left in one task, so each session is
 held open by a task of its own; calls from any run's task go through it concurrently.
 
-The SDK is imported on first use: importing it takes longer than the rest of an executor's
-start, and most deployments' agents name no MCP server.
+The SDK is imported on first use (``load_sdk``), in a worker thread: importing it takes longer
+than the rest of an executor's start (seconds on a loaded machine), most deployments' agents
+name no MCP server, and the event loop must not stop for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
+import sys
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -25,6 +28,32 @@ log = logging.getLogger(__name__)
 
 IDEMPOTENCY_KEY = "agentrun/idempotency_key"
 """The key, in an MCP tools/call request's ``_meta``, of ``<run id>:<tool call id>``."""
+
+
+SDK_MODULES = (
+    "pydantic",
+    "mcp.types",
+    "mcp.shared.exceptions",
+    "mcp.client.session",
+    "mcp.client.streamable_http",
+)
+_loading: asyncio.Future[None] | None = None
+
+
+async def load_sdk() -> None:
+    """Imports the MCP SDK, the first time in a worker thread (callers start their timeouts
+    after it: an import is not the server's slowness)."""
+    global _loading
+    if SDK_MODULES[-1] in sys.modules:
+        return
+    if _loading is None or (_loading.done() and _loading.exception() is not None):
+        _loading = asyncio.ensure_future(asyncio.to_thread(_import_sdk))
+    await asyncio.shield(_loading)
+
+
+def _import_sdk() -> None:
+    for name in SDK_MODULES:
+        importlib.import_module(name)
 
 
 class McpUnreachable(Exception):
