@@ -8,6 +8,7 @@ the victim dies, A carries its client's stream on to executor 2, which settles t
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from tests.stack import Stack, holder_of, published_events
 T = TypeVar("T")
 
 VICTIM = "victim"
+GUARD = 60.0  # seconds: a bound on waiting for what must happen, never a pace
 # A lost run's stream is ended after 6 s of quiet (not 15).
 PINGS = {"AGENTRUN_INTERNAL_PING_INTERVAL": "2"}
 SLOW_TURNS: list[tuple[str, list[tuple[str, str]]]] = [(" ".join(["token"] * 5000), [])]
@@ -52,12 +54,15 @@ async def pair(
 async def on_the_victim(
     stack: Stack, start: Callable[[], Awaitable[T]], run_id_of: Callable[[T], Awaitable[str]]
 ) -> T:
-    """Starts runs until one is held by the victim (the gateway spreads them over both)."""
-    for _ in range(10):
+    """Starts runs until one is held by the victim (the gateway spreads them over the
+    executors it is connected to: until its connection to the victim is ready, over the
+    survivor alone; on a loaded machine that can take more than a few starts)."""
+    give_up = time.monotonic() + GUARD
+    while time.monotonic() < give_up:
         started = await start()
         if await holder_of(stack, await run_id_of(started)) == VICTIM:
             return started
-    raise AssertionError("no run landed on the victim")
+    raise AssertionError(f"no run landed on the victim in {GUARD:g} s")
 
 
 def assert_lost(event: run_pb2.RunEvent) -> None:
