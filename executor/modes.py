@@ -154,7 +154,8 @@ class Durable:
 
     async def _dispatch(self, run: Run) -> None:
         """Queues a stored run. If NATS is down the run stays stored: the reconciler dispatches
-        it once NATS is back."""
+        it once NATS is back. Its span is not made current: the message carries it as the
+        parent of the run's take-up."""
         attributes = {
             "messaging.system": "nats",
             "messaging.operation.type": "send",
@@ -162,9 +163,11 @@ class Durable:
             "agentrun.run.id": run.run_id,
         }
         try:
-            with tracing.span("dispatch run", kind=SpanKind.PRODUCER, attributes=attributes):
+            with tracing.leaf(
+                "dispatch run", kind=SpanKind.PRODUCER, attributes=attributes
+            ) as dispatching:
                 await self.queue.dispatch(
-                    run.run_id, run.tenant, run.version, trace_context=tracing.carrier()
+                    run.run_id, run.tenant, run.version, trace_context=tracing.carrier(dispatching)
                 )
         except (TimeoutError, Unavailable, nats.errors.Error) as exc:
             log.warning("run %s stored, not yet dispatched: %s", run.run_id, exc)
