@@ -156,12 +156,16 @@ class Durable:
         """Queues a stored run. If NATS is down the run stays stored: the reconciler dispatches
         it once NATS is back. Its span is not made current: the message carries it as the
         parent of the run's take-up."""
-        attributes = {
-            "messaging.system": "nats",
-            "messaging.operation.type": "send",
-            "messaging.destination.name": self.queue.subject,
-            "agentrun.run.id": run.run_id,
-        }
+        attributes = (
+            {
+                "messaging.system": "nats",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": self.queue.subject,
+                "agentrun.run.id": run.run_id,
+            }
+            if tracing.enabled()
+            else None
+        )
         try:
             with tracing.leaf(
                 "dispatch run", kind=SpanKind.PRODUCER, attributes=attributes
