@@ -53,6 +53,6 @@ def _traced_handler(handler: AnyHandler, method: str) -> AnyHandler:
         span.end()
 
     def within(span: trace.Span) -> AbstractContextManager[trace.Span]:
-        return trace.use_span(span, record_exception=False, set_status_on_exception=False)
+        return tracing.current(span)
 
     return observed(handler, begin, done, within)

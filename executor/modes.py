@@ -154,17 +154,24 @@ class Durable:
 
     async def _dispatch(self, run: Run) -> None:
         """Queues a stored run. If NATS is down the run stays stored: the reconciler dispatches
-        it once NATS is back."""
-        attributes = {
-            "messaging.system": "nats",
-            "messaging.operation.type": "send",
-            "messaging.destination.name": self.queue.subject,
-            "agentrun.run.id": run.run_id,
-        }
+        it once NATS is back. Its span is not made current: the message carries it as the
+        parent of the run's take-up."""
+        attributes = (
+            {
+                "messaging.system": "nats",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": self.queue.subject,
+                "agentrun.run.id": run.run_id,
+            }
+            if tracing.enabled()
+            else None
+        )
         try:
-            with tracing.span("dispatch run", kind=SpanKind.PRODUCER, attributes=attributes):
+            with tracing.leaf(
+                "dispatch run", kind=SpanKind.PRODUCER, attributes=attributes
+            ) as dispatching:
                 await self.queue.dispatch(
-                    run.run_id, run.tenant, run.version, trace_context=tracing.carrier()
+                    run.run_id, run.tenant, run.version, trace_context=tracing.carrier(dispatching)
                 )
         except (TimeoutError, Unavailable, nats.errors.Error) as exc:
             log.warning("run %s stored, not yet dispatched: %s", run.run_id, exc)

@@ -235,13 +235,14 @@ async def record_turn(ctx: ExecutorContext, run: Run, *, required: bool) -> bool
 
 def store_span(ctx: ExecutorContext, run: Run, name: str) -> AbstractContextManager[Span]:
     """The span of a write of the run's events to the store (its attributes are built only
-    when tracing is on: this is on every step's path)."""
+    when tracing is on: this is on every step's path). Not made current: a write starts no
+    spans."""
     if not tracing.enabled():
-        return tracing.span(name)
+        return tracing.leaf(name)
     attributes = {
         "db.system.name": ctx.store.system,
         "agentrun.run.id": run.run_id,
         "agentrun.run.version": run.version,
         "agentrun.run.events": len(run.pending_events),
     }
-    return tracing.span(name, attributes=attributes)
+    return tracing.leaf(name, attributes=attributes)
