@@ -71,7 +71,7 @@ def emit_recorded(
     """
     emitter = _Emitter(run, stream, announce, catching_up)
     for event in events:
-        emitter.emit(event)
+        _emit_of(type(event))(emitter, event)
         stream.mark_version(event.originator_version)
 
 
@@ -143,3 +143,11 @@ class _Emitter:
     def _failed(self, event: Run.Failed) -> None:
         code = ERROR_ENUMS.get(event.code, run_pb2.RUN_ERROR_CODE_INTERNAL)
         self.stream.run_failed(code, event.message, event.retryable)
+
+
+# The handler of an event class, looked up in the registry directly: going through the method
+# (``emitter.emit(event)``) makes singledispatchmethod build a wrapper on every call (Python
+# 3.11), for every event of every run.
+_emit_of: Callable[[type], Callable[[_Emitter, Any], None]] = vars(_Emitter)[
+    "emit"
+].dispatcher.dispatch
