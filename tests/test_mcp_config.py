@@ -46,6 +46,14 @@ def test_mcp_servers_round_trip_through_the_api_and_the_store() -> None:
     assert [i for i, _ in config.mcp_servers] == [1, 2]
 
 
+def printed_by(probe: str) -> str:
+    """What ``probe`` prints, run in a fresh interpreter (its imports are its own)."""
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    return done.stdout.strip()
+
+
 def test_an_executor_starts_without_importing_the_mcp_sdk() -> None:
     """The SDK takes longer to import than the rest of an executor: it comes with the first
     agent that uses an MCP server, not with every executor's start."""
@@ -55,10 +63,7 @@ def test_an_executor_starts_without_importing_the_mcp_sdk() -> None:
         "load_extensions()\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'mcp', 'mcp_types', 'pydantic'}))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert done.stdout.strip() == "[]", done.stdout
+    assert printed_by(probe) == "[]"
 
 
 def test_the_mcp_sdk_is_imported_off_the_event_loop() -> None:
@@ -76,7 +81,4 @@ def test_the_mcp_sdk_is_imported_off_the_event_loop() -> None:
         "asyncio.run(load_sdk())\n"
         "print(sorted(on_main), 'mcp.client.session' in sys.modules)"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert done.stdout.strip() == "[] True", done.stdout
+    assert printed_by(probe) == "[] True"
