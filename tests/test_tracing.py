@@ -135,8 +135,11 @@ async def test_a_durable_run_whose_executor_is_killed_mid_tool_call_is_one_trace
     agent = await client.create_agent(scripted(http_tool("weather", url), mode=DURABLE))
     reader = Reader(client, agent.id, kill_after=1_000_000)
     await server.wait_for("/weather", 1)  # the tool call is in flight on the first executor
-    # What the first executor did before the call (the model's answer, its commit) is exported.
-    await collector.wait_for(lambda spans: bool(named(spans, "chat ")))
+    # What the first executor did before the call (the model's answer, its commit) is exported
+    # (the two spans may go out in different batches).
+    await collector.wait_for(
+        lambda spans: bool(named(spans, "chat ")) and bool(named(spans, "commit run events"))
+    )
     first = traced.stack.executors[-1]
     first.kill()
     await asyncio.to_thread(traced.start_executor)  # takes the run up
