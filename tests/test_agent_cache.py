@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from executor.agent_cache import AgentCache
 from tests.client import Client, scripted_agent
 from tests.stack import Stack
 
+NOTICE_GUARD = 10.0  # seconds, far below the cache's 30 s expiry: a bound, never a pace
 CONFIG = AgentConfig(agent_id="helper", version=1, model=ModelSettings(provider="scripted"))
 
 
@@ -74,8 +76,17 @@ async def test_a_run_on_another_executor_uses_the_agent_as_updated(
             assert (await runner.run(agent.id, "hi"))[-1].run_completed.output == "version one"
             changed = scripted_agent(turns=[("version two", [])], agent_id=agent.id)
             await updater.agents.UpdateAgent(agent_service_pb2.UpdateAgentRequest(agent=changed))
+            # The notice crosses NATS to the other executor in about a millisecond, which a
+            # loaded machine stretches: runs may start on the old version until it lands, but
+            # well before the cache's entries expire (30 s).
+            give_up = time.monotonic() + NOTICE_GUARD
             events = await runner.run(agent.id, "hi")
+            while events[0].run_started.run.agent_version == 1:
+                assert time.monotonic() < give_up, "the change notice never arrived"
+                events = await runner.run(agent.id, "hi")
+            after = await runner.run(agent.id, "hi")
         assert events[0].run_started.run.agent_version == 2
         assert events[-1].run_completed.output == "version two"
+        assert after[0].run_started.run.agent_version == 2
     finally:
         stack.stop()
