@@ -142,6 +142,7 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
             await asyncio.wait((here, published.arrived), return_when=asyncio.FIRST_COMPLETED)
         finally:
             published.close()
+            here.cancel()  # (no more waiting, even if the client left meanwhile: no-op if it came)
         seen = 0
         if here.done() and not here.cancelled():
             tap = here.result()
@@ -153,8 +154,6 @@ class ExecutorService(executor_service_pb2_grpc.ExecutorServiceServicer):
                     seen = batch[-1].sequence
             finally:
                 tap.close()
-        else:
-            here.cancel()  # (no more waiting)
         async for batch in self.watching.watch(tenant, run_id, seen, record=started.record):
             yield batch
 
