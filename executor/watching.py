@@ -75,17 +75,14 @@ class Watching:
         self.event_retention = event_retention
         self._background = Background()
 
-    def subscribe(self, run_id: str) -> asyncio.Task[Subscription]:
-        """Starts subscribing to the run's events, all of them (``watch`` takes the
-        subscription)."""
-        return asyncio.ensure_future(
-            self.link.js.subscribe(
-                self.link.names.events_subject(run_id),
-                stream=self.link.names.events_stream,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL,
-                idle_heartbeat=WATCH_HEARTBEAT,
-            )
+    async def _subscribe(self, run_id: str) -> Subscription:
+        """A subscription to the run's events, all of them, through an ordered consumer."""
+        return await self.link.js.subscribe(
+            self.link.names.events_subject(run_id),
+            stream=self.link.names.events_stream,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+            idle_heartbeat=WATCH_HEARTBEAT,
         )
 
     async def first_published(self, run_id: str) -> FirstPublished:
@@ -118,14 +115,14 @@ class Watching:
         record: RunRecord | None = None,
     ) -> AsyncGenerator[list[run_pb2.RunEvent], None]:
         """The run's events after ``after_sequence`` until its terminal event, in batches.
-        ``relayed``: events
-        a client got from an executor that went away (see LostRuns.settle); ``probe_first``:
-        check the holder at once (the client's stream from it broke); ``record``: the run's
-        row as the caller has it (a run it started a moment ago), instead of reading it."""
+        ``relayed``: events a client got from an executor that went away (see
+        LostRuns.settle); ``probe_first``: check the holder at once (the client's stream from
+        it broke); ``record``: the run's row as the caller has it (a run it started a moment
+        ago), instead of reading it."""
         record = record or await self.record_of(tenant, run_id)
         if not await self._may_follow(record, after_sequence):
             return
-        sub = await self.subscribe(run_id)
+        sub = await self._subscribe(run_id)
         check_holder = not self.movable(record.execution_mode)
         seen = after_sequence
         reassembly = Reassembly()  # the subscription reads every message, from the first
