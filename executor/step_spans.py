@@ -46,9 +46,7 @@ def model_call(
         "gen_ai.system": provider,  # the older name of gen_ai.provider.name
         "gen_ai.request.model": model,
         "gen_ai.conversation.id": run.conversation_id,
-        "agentrun.run.id": run.run_id,
-        "agentrun.step.index": step_index,
-        "agentrun.step.attempt": attempt,
+        **_step(run, step_index, attempt),
     }
     if tracing.content_enabled():
         attributes["gen_ai.system_instructions"] = json.dumps(
@@ -91,9 +89,7 @@ def tool_call(
         "gen_ai.tool.call.id": call["id"],
         "gen_ai.tool.type": "function",
         "agentrun.tool.attempt": tool_attempt,
-        "agentrun.run.id": run.run_id,
-        "agentrun.step.index": step_index,
-        "agentrun.step.attempt": attempt,
+        **_step(run, step_index, attempt),
     }
     if tracing.content_enabled():
         attributes["gen_ai.tool.call.arguments"] = run.arguments_of(call)
